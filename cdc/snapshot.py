@@ -1,0 +1,62 @@
+"""Reading tables under an exported snapshot (DESIGN.md rule 4).
+
+A snapshot exported by ``CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`` is imported with
+``SET TRANSACTION SNAPSHOT`` as the first statement of a REPEATABLE READ transaction (Postgres
+docs, "SET TRANSACTION"); every row committed before the slot's consistent point is visible,
+nothing after it. Rows are streamed with ``COPY (SELECT …) TO STDOUT`` in text format and
+converted with the same value model as the stream (:mod:`cdc.values`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import psycopg
+from psycopg import sql
+
+from .changes import Row
+from .values import converter
+
+__all__ = ["snapshot_connection", "read_table"]
+
+
+@contextmanager
+def snapshot_connection(dsn: str, snapshot_name: str | None) -> Iterator[psycopg.Connection]:
+    """A connection inside a REPEATABLE READ, READ ONLY transaction on ``snapshot_name``.
+
+    With ``snapshot_name`` None the transaction takes its own snapshot (used by verify).
+    Raises :class:`psycopg.Error` if the snapshot no longer exists (its exporting replication
+    connection moved on or closed).
+    """
+    with psycopg.connect(dsn, application_name="pgderive-snapshot") as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if snapshot_name is not None:
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+
+
+def read_table(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str, str]],
+               *, chunk_rows: int = 5000) -> Iterator[list[Row]]:
+    """Yield the rows of ``table`` (``schema.name``) in chunks of up to ``chunk_rows``.
+
+    ``columns``: ``(name, format_type type name)`` pairs to read. Each row is a dict
+    column → value in the stream's value model. Memory is bounded by one chunk.
+    """
+    schema, _, name = table.partition(".")
+    names = [c for c, _ in columns]
+    convs = [converter(t) for _, t in columns]
+    query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in names), sql.Identifier(schema, name))
+    chunk: list[Row] = []
+    with conn.cursor().copy(query) as copy:
+        for values in copy.rows():
+            chunk.append({c: (None if v is None else conv(v))
+                          for c, conv, v in zip(names, convs, values)})
+            if len(chunk) >= chunk_rows:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk

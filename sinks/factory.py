@@ -1,0 +1,37 @@
+"""Build a sink from its YAML spec (the ``sinks:`` section of the config)."""
+from __future__ import annotations
+
+from typing import Any
+
+from sinks.base import Sink
+
+__all__ = ["make_sink"]
+
+
+def make_sink(name: str, spec: dict[str, Any]) -> Sink:
+    """Create the sink ``name`` from ``spec``.
+
+    ``spec`` is ``{"type": "redis", "url": "redis://host:port/db"}`` (optional ``batch_size``)
+    or ``{"type": "opensearch", "hosts": ["http://host:port", ...]}`` (optional ``bulk_docs``).
+    Raises ``ValueError`` naming the sink for an unknown type or a missing/invalid setting.
+    """
+    kind = spec.get("type")
+    if kind == "redis":
+        from sinks.redis import RedisSink
+
+        url = spec.get("url")
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"sink {name!r}: redis sink needs a 'url'")
+        kwargs = {"batch_size": int(spec["batch_size"])} if "batch_size" in spec else {}
+        return RedisSink(name, url, **kwargs)
+    if kind == "opensearch":
+        from sinks.opensearch import OpenSearchSink
+
+        hosts = spec.get("hosts")
+        if isinstance(hosts, str):
+            hosts = [hosts]
+        if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+            raise ValueError(f"sink {name!r}: opensearch sink needs 'hosts' (a list of URLs)")
+        kwargs = {"bulk_docs": int(spec["bulk_docs"])} if "bulk_docs" in spec else {}
+        return OpenSearchSink(name, hosts, **kwargs)
+    raise ValueError(f"sink {name!r}: unknown sink type {kind!r} (expected 'redis' or 'opensearch')")

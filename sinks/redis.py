@@ -1,0 +1,469 @@
+"""Redis sink: one Redis database serving several views, idempotent by compare-and-set in Lua.
+
+Layout of one view ``V``:
+
+* record keys: the view's own keys (``Op.key``, e.g. ``account:42``). Format ``hash``: one Redis
+  hash per record, one field per output field; format ``json``: one string holding the JSON doc.
+* version hash ``pgderive:V:versions``: record key → stored version, as
+  :func:`cdc.lsn.version_hex` (16 lowercase hex digits). A **tombstone** (the record was deleted
+  at that version) is the same 16 digits followed by ``"d"`` (17 characters). Tombstones keep an
+  older upsert from resurrecting a deleted key; they are removed by :meth:`RedisSink.
+  commit_generation` once older than the committed generation.
+
+An Op applies when the key has no stored version or when ``op.version`` is strictly greater than
+the stored one (tombstones included); an equal version is the same Op replayed and is skipped.
+Versions are compared in Lua numerically, falling back to two 32-bit halves when both round to
+the same double (exact, and independent of the server's ``LC_COLLATE``, which Lua's string
+comparison would use).
+
+Each Lua call handles up to ``batch_size`` Ops of one view (one HMGET of their versions, the
+record writes, one HSET of the new versions); all calls of one :meth:`RedisSink.apply` are
+pipelined on one connection. Durability is Redis' own: an acknowledged write survives a Redis
+crash only with ``appendonly yes`` and ``appendfsync always`` (``everysec`` may lose ~1 s).
+
+Hash field values: ``str`` as is, ``int`` in decimal, ``float`` via ``repr``, ``bool`` as
+``"true"``/``"false"``, ``dict``/``list`` as JSON, ``None`` → field absent. A full upsert replaces
+the whole hash; a partial Op (``Op.partial``) sets the given fields and deletes those given as
+``None``, and only applies to a live record: a partial Op for a missing or deleted record is
+skipped (the cache must not hold an incomplete record) and counted in ``stats["partial_missed"]``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable, Iterator, Sequence
+
+import hiredis
+import orjson
+import redis
+from redis import exceptions as rx
+
+from cdc.lsn import version_hex
+from sinks.base import Op, SinkError, ViewTarget
+
+__all__ = ["RedisSink", "versions_key", "TOMBSTONE_SUFFIX"]
+
+TOMBSTONE_SUFFIX = b"d"
+_VERSION_LEN = 16
+_MAX_ARGS_PER_CALL = 50_000  # bounds one Lua call for views with very wide documents
+_SCAN_COUNT = 1000
+
+# Shared Lua helpers. ``older(a, b)``: is version ``a`` < ``b`` (16 hex digits each)? Exact:
+# whole-number compare first, then 32-bit halves when both round to the same double. (Lua's
+# string ``<`` uses strcoll and Redis sets LC_COLLATE from the environment: e.g. da_DK sorts
+# "aa" after "ab", so string comparison is not safe.)
+# ``call_spread(cmd, key, t, i, j)``: ``cmd key t[i] .. t[j]`` in slices (Lua's unpack is bounded).
+_LUA_HELPERS = """
+local function older(a, b)
+  if a == b then return false end
+  local x, y = tonumber(a, 16), tonumber(b, 16)  -- doubles: rounding is monotonic, so
+  if x ~= y then return x < y end                -- distinct doubles order correctly
+  local ah = tonumber(string.sub(a, 1, 8), 16)
+  local bh = tonumber(string.sub(b, 1, 8), 16)
+  if ah ~= bh then return ah < bh end
+  return tonumber(string.sub(a, 9, 16), 16) < tonumber(string.sub(b, 9, 16), 16)
+end
+local function call_spread(cmd, key, t, i, j)
+  while i <= j do
+    local k = math.min(i + 999, j)
+    redis.call(cmd, key, unpack(t, i, k))
+    i = k + 1
+  end
+end
+"""
+
+# KEYS[1] = version hash, KEYS[2..] = record keys (may repeat).
+# ARGV, per record key in order: version (16 hex), kind, payload:
+#   'h' n f1 v1 ..                    full hash upsert (n = 2 * fields)
+#   'p' n f1 v1 .. m d1 .. dm         partial hash update (m = fields to delete)
+#   'j' json                          json upsert
+#   'd'                               delete (leaves the tombstone "<version>d")
+# Stored versions are read with one HMGET and written back with one HSET at the end.
+# Returns {applied, skipped, partial_missed}.
+_APPLY_LUA = _LUA_HELPERS + """
+local vh = KEYS[1]
+local stored = redis.call('HMGET', vh, unpack(KEYS, 2))
+local latest = {}          -- key -> version entry written by this call (repeated keys)
+local out = {}             -- HSET arguments for the version hash
+local a = 1
+local applied, skipped, missed = 0, 0, 0
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local ver = ARGV[a]
+  local kind = ARGV[a + 1]
+  a = a + 2
+  local cur = latest[key]
+  if cur == nil then cur = stored[i - 1] end
+  local newer = (not cur) or older(string.sub(cur, 1, 16), ver)
+  local entry = ver
+  if kind == 'h' then
+    local n = tonumber(ARGV[a])
+    if newer then
+      if cur then redis.call('DEL', key) end
+      if n > 0 then call_spread('HSET', key, ARGV, a + 1, a + n) end
+    end
+    a = a + 1 + n
+  elseif kind == 'j' then
+    if newer then redis.call('SET', key, ARGV[a]) end
+    a = a + 1
+  elseif kind == 'd' then
+    if newer then
+      redis.call('DEL', key)
+      entry = ver .. 'd'
+    end
+  elseif kind == 'p' then
+    local n = tonumber(ARGV[a])
+    local m = tonumber(ARGV[a + 1 + n])
+    if newer and cur and #cur == 16 then
+      if n > 0 then call_spread('HSET', key, ARGV, a + 1, a + n) end
+      if m > 0 then call_spread('HDEL', key, ARGV, a + 2 + n, a + 1 + n + m) end
+    elseif newer then
+      missed = missed + 1
+      newer = false
+    end
+    a = a + 2 + n + m
+  else
+    return redis.error_reply('pgderive: unknown op kind ' .. tostring(kind))
+  end
+  if newer then
+    applied = applied + 1
+    latest[key] = entry
+    out[#out + 1] = key
+    out[#out + 1] = entry
+  else
+    skipped = skipped + 1
+  end
+end
+if #out > 0 then call_spread('HSET', vh, out, 1, #out) end
+return {applied, skipped, missed}
+"""
+
+# KEYS[1] = version hash, KEYS[2..] = candidate record keys; ARGV[1] = generation version (hex).
+# Deletes each record (and its version entry, tombstones included) still older than ARGV[1].
+# Returns the number of records (not tombstones) deleted.
+_SWEEP_LUA = _LUA_HELPERS + """
+local vh = KEYS[1]
+local stored = redis.call('HMGET', vh, unpack(KEYS, 2))
+local removed = 0
+for i = 2, #KEYS do
+  local cur = stored[i - 1]
+  if cur and older(string.sub(cur, 1, 16), ARGV[1]) then
+    if #cur == 16 then
+      redis.call('DEL', KEYS[i])
+      removed = removed + 1
+    end
+    redis.call('HDEL', vh, KEYS[i])
+  end
+end
+return removed
+"""
+
+_RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def versions_key(view: str) -> str:
+    """Name of the version hash of ``view``: ``pgderive:{view}:versions``."""
+    return f"pgderive:{view}:versions"
+
+
+def encode_field(value: Any) -> str | bytes | int:
+    """Encode one non-None hash field value (see the module docstring for the rules)."""
+    t = type(value)
+    if t is str or t is int:  # hiredis packs int as decimal
+        return value
+    if t is bool:
+        return "true" if value else "false"
+    if t is float:
+        return repr(value)
+    if t is dict or t is list:
+        return orjson.dumps(value)
+    if t is bytes:
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+class RedisSink:
+    """Sink writing views into one Redis database (see the module docstring for the layout).
+
+    Args:
+        name: the sink's name in the YAML (for error messages).
+        url: a redis-py URL, e.g. ``redis://127.0.0.1:6380/0``.
+        batch_size: maximum Ops per Lua call (1..4000); all calls of one :meth:`apply` share
+            one pipeline. A call blocks Redis for roughly ``batch_size`` x 2-10 us.
+
+    Attributes:
+        stats: running counters ``applied``, ``skipped`` (older or equal version),
+            ``partial_missed`` (partial Op for a missing or deleted record).
+
+    Every method raises :class:`SinkError`: ``retryable=True`` for connection, timeout and
+    transient server states, ``retryable=False`` for rejected input (unregistered view, partial
+    Op on a ``json`` view, document not encodable, wrong key type).
+    """
+
+    def __init__(self, name: str, url: str, *, batch_size: int = 1000) -> None:
+        if not 1 <= batch_size <= 4000:
+            raise ValueError("batch_size must be within 1..4000 (Lua unpack limit)")
+        self.name = name
+        self.batch_size = batch_size
+        self._client = redis.Redis.from_url(
+            url, decode_responses=False, socket_timeout=60, socket_connect_timeout=10
+        )
+        self._apply_script = self._client.register_script(_APPLY_LUA)
+        self._sweep_script = self._client.register_script(_SWEEP_LUA)
+        self._targets: dict[str, ViewTarget] = {}
+        self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
+
+    # --- protocol -------------------------------------------------------------------------
+
+    def register(self, target: ViewTarget) -> None:
+        """Declare a view; its ``format`` must be ``"hash"`` or ``"json"`` (default ``hash``)."""
+        fmt = target.format or "hash"
+        if fmt not in ("hash", "json"):
+            raise ValueError(f"sink {self.name}: view {target.view}: unknown format {fmt!r}")
+        self._targets[target.view] = target
+
+    def apply(self, ops: Sequence[Op]) -> None:
+        """Write ``ops`` (any views) with compare-and-set; return once Redis replied to all.
+
+        Raises :class:`SinkError` (see the class docstring).
+        """
+        if not ops:
+            return
+        by_view: dict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            by_view[op.view].append(op)
+        calls = [call for view, vops in by_view.items() for call in self._encode(view, vops)]
+        with self._errors("apply"):
+            results = self._run(self._apply_script, calls)
+        for applied, skipped, missed in results:
+            self.stats["applied"] += applied
+            self.stats["skipped"] += skipped
+            self.stats["partial_missed"] += missed
+
+    def begin_generation(self, view: str, version: int) -> str:
+        """Redis keys are shared by all generations: returns ``view`` as the generation id."""
+        self._target(view)
+        return view
+
+    def load(self, view: str, generation: str, ops: Sequence[Op]) -> None:
+        """Write snapshot Ops: the same compare-and-set as :meth:`apply`."""
+        for op in ops:
+            if op.view != view:
+                raise SinkError(
+                    f"sink {self.name}: load into {view!r} got an Op of view {op.view!r}",
+                    retryable=False,
+                )
+        self.apply(ops)
+
+    def commit_generation(self, view: str, generation: str, version: int) -> None:
+        """Sweep: delete every record of ``view`` (and its version entry, tombstones included)
+        whose stored version is < ``version`` (int LSN), with compare-and-set in Lua."""
+        self._target(view)
+        vkey = versions_key(view).encode()
+        vhex = version_hex(version)
+        vhex_b = vhex.encode()
+        with self._errors("commit_generation"):
+            cursor = 0
+            while True:
+                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                stale = [k for k, v in page.items() if v[:_VERSION_LEN] < vhex_b]
+                calls = [
+                    ([vkey, *stale[i : i + self.batch_size]], [vhex])
+                    for i in range(0, len(stale), self.batch_size)
+                ]
+                if calls:
+                    self._run(self._sweep_script, calls)
+                if cursor == 0:
+                    break
+
+    def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(key, doc)`` for every live record: hash views give ``{field: str}``, json
+        views the parsed document. Tombstones are skipped."""
+        fmt = self._format(view)
+        vkey = versions_key(view).encode()
+        cursor = 0
+        while True:
+            with self._errors("scan"):
+                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                keys = [k for k, v in page.items() if len(v) == _VERSION_LEN]
+                pipe = self._client.pipeline(transaction=False)
+                for k in keys:
+                    if fmt == "hash":
+                        pipe.hgetall(k)
+                    else:
+                        pipe.get(k)
+                values = pipe.execute() if keys else []
+            for k, raw in zip(keys, values):
+                if fmt == "hash":
+                    yield k.decode(), {f.decode(): v.decode() for f, v in raw.items()}
+                elif raw is not None:
+                    yield k.decode(), orjson.loads(raw)
+            if cursor == 0:
+                return
+
+    def count(self, view: str) -> int:
+        """Number of live records of ``view`` (version entries that are not tombstones)."""
+        self._target(view)
+        vkey = versions_key(view).encode()
+        n, cursor = 0, 0
+        with self._errors("count"):
+            while True:
+                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                n += sum(1 for v in page.values() if len(v) == _VERSION_LEN)
+                if cursor == 0:
+                    return n
+
+    def drop_view(self, view: str) -> None:
+        """Delete every record key listed in the version hash, then the version hash."""
+        vkey = versions_key(view).encode()
+        with self._errors("drop_view"):
+            cursor = 0
+            while True:
+                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                if page:
+                    self._client.unlink(*page.keys())
+                if cursor == 0:
+                    break
+            self._client.unlink(vkey)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _target(self, view: str) -> ViewTarget:
+        try:
+            return self._targets[view]
+        except KeyError:
+            raise SinkError(
+                f"sink {self.name}: view {view!r} is not registered", retryable=False
+            ) from None
+
+    def _format(self, view: str) -> str:
+        return self._target(view).format or "hash"
+
+    def _encode(self, view: str, ops: list[Op]) -> Iterator[tuple[list[Any], list[Any]]]:
+        """Encode the Ops of one view into Lua calls ``(keys, argv)`` of <= batch_size Ops."""
+        is_json = self._format(view) == "json"
+        vkey = versions_key(view).encode()
+        hex_cache: dict[int, str] = {}
+        keys: list[Any] = [vkey]
+        args: list[Any] = []
+        for op in ops:
+            ver = hex_cache.get(op.version)
+            if ver is None:
+                ver = hex_cache[op.version] = version_hex(op.version)
+            doc = op.doc
+            keys.append(op.key)
+            if doc is None:
+                args += (ver, "d")
+            elif is_json:
+                if op.partial:
+                    raise SinkError(
+                        f"sink {self.name}: view {view}: key {op.key}: "
+                        "partial updates of json views are not supported yet",
+                        retryable=False,
+                    )
+                try:
+                    payload = orjson.dumps(doc)
+                except TypeError as e:
+                    raise SinkError(
+                        f"sink {self.name}: view {view}: key {op.key}: not JSON-encodable: {e}",
+                        retryable=False,
+                    ) from e
+                args += (ver, "j", payload)
+            elif op.partial:
+                sets: list[Any] = []
+                dels: list[str] = []
+                for f, v in doc.items():
+                    if v is None:
+                        dels.append(f)
+                    else:
+                        sets += (f, encode_field(v))
+                args += (ver, "p", len(sets), *sets, len(dels), *dels)
+            else:
+                pairs: list[Any] = []
+                for f, v in doc.items():
+                    if v is not None:
+                        pairs += (f, encode_field(v))
+                args += (ver, "h", len(pairs), *pairs)
+            if len(keys) > self.batch_size or len(args) >= _MAX_ARGS_PER_CALL:
+                yield keys, args
+                keys, args = [vkey], []
+        if len(keys) > 1:
+            yield keys, args
+
+    def _run(self, script: Any, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per ``(keys, argv)`` with EVALSHA, pipelined on one connection;
+        return the replies in order. Raises redis-py exceptions (mapped by the caller).
+
+        The scripts are idempotent: on NOSCRIPT the script is loaded and every call re-run, and
+        a broken connection is retried once on a new one.
+        """
+        for attempt in (0, 1):
+            try:
+                replies = self._pipeline(
+                    ("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls
+                )
+            except (rx.ConnectionError, rx.TimeoutError):
+                if attempt:
+                    raise
+                continue
+            errors = [r for r in replies if isinstance(r, rx.ResponseError)]
+            if not errors:
+                return replies
+            if attempt or not isinstance(errors[0], rx.NoScriptError):
+                raise errors[0]
+            self._client.script_load(script.script)  # same sha
+        raise AssertionError("unreachable")
+
+    def _pipeline(self, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
+        """Pack each command with hiredis and send it at once (Redis executes it while the next
+        one is packed), then read one reply per command; error replies are returned as
+        exception objects, not raised. redis-py's own pipeline packs per argument in Python,
+        which costs more than the Lua work."""
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            sent = 0
+            for command in commands:
+                conn.send_packed_command([hiredis.pack_command(command)], check_health=sent == 0)
+                sent += 1
+            replies: list[Any] = []
+            for _ in range(sent):
+                try:
+                    replies.append(conn.read_response())
+                except rx.ResponseError as e:
+                    replies.append(e)
+            return replies
+        except BaseException:
+            conn.disconnect()  # replies may still be pending on it: never reuse
+            raise
+        finally:
+            pool.release(conn)
+
+    def _errors(self, what: str) -> "_ErrorMap":
+        return _ErrorMap(self.name, what)
+
+
+class _ErrorMap:
+    """Context manager translating redis-py exceptions into :class:`SinkError`."""
+
+    def __init__(self, sink: str, what: str) -> None:
+        self.prefix = f"sink {sink}: {what}"
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type | None, e: BaseException | None, tb: Any) -> bool:
+        if e is None or isinstance(e, SinkError) or not isinstance(e, rx.RedisError):
+            return False
+        if isinstance(e, (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError)):
+            raise SinkError(f"{self.prefix}: Redis unavailable: {e}", retryable=True) from e
+        text = str(e)
+        retryable = any(text.startswith(p) or f" {p} " in text for p in _RETRYABLE_REPLIES)
+        raise SinkError(f"{self.prefix}: Redis error: {text}", retryable=retryable) from e

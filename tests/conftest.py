@@ -1,0 +1,24 @@
+"""Shared pytest fixtures: where the real services are (see scripts/services.sh)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Redis URL; override with PGDERIVE_TEST_REDIS_URL."""
+    return os.environ.get("PGDERIVE_TEST_REDIS_URL", "redis://127.0.0.1:6380/0")
+
+
+@pytest.fixture(scope="session")
+def opensearch_hosts() -> list[str]:
+    """OpenSearch node URLs; override with PGDERIVE_TEST_OPENSEARCH_URL (one URL)."""
+    return [os.environ.get("PGDERIVE_TEST_OPENSEARCH_URL", "http://127.0.0.1:9201")]
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """Postgres admin DSN; override with PGDERIVE_TEST_PG_DSN."""
+    return os.environ.get("PGDERIVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5433/postgres")

@@ -1,0 +1,152 @@
+"""Helpers for end-to-end tests: scratch databases, YAML configs, the daemon as a subprocess."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+
+from cdc.lsn import parse_lsn
+from sinks.factory import make_sink
+from views.engine import build_views
+from views.spec import load_spec
+from views.verify import diff_view
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = os.environ.get("PGDERIVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5433/postgres")
+REDIS_URL = os.environ.get("PGDERIVE_TEST_REDIS_URL", "redis://127.0.0.1:6380/0")
+OPENSEARCH_URL = os.environ.get("PGDERIVE_TEST_OPENSEARCH_URL", "http://127.0.0.1:9201")
+
+
+def db_dsn(dbname: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
+    return f"{base}/{dbname}"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def create_database(name: str) -> str:
+    """Create a fresh database ``name``; returns its DSN."""
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return db_dsn(name)
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        for (slot,) in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)).fetchall():
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            except psycopg.Error:
+                pass
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Daemon:
+    """``pgderive run`` as a subprocess with its log in ``log_path``."""
+
+    def __init__(self, config: Path, log_path: Path, *extra: str) -> None:
+        self.config, self.log_path, self.extra = config, log_path, extra
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *more: str) -> "Daemon":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "views.cli", "run", "-c", str(self.config), *self.extra, *more],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def slot_caught_up(dsn: str, slot: str, target: int) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                           (slot,)).fetchone()
+    return row is not None and row[0] is not None and parse_lsn(row[0]) >= target
+
+
+def current_lsn(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return parse_lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+
+
+def streaming(dsn: str, slot: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('pgderive.slot_state')").fetchone()[0] is None:
+            return False
+        row = conn.execute("SELECT status FROM pgderive.slot_state WHERE slot = %s", (slot,)).fetchone()
+    return row is not None and row[0] == "streaming"
+
+
+def diffs(config: Path) -> dict[str, object]:
+    """View name → :class:`views.verify.ViewDiff` for every view of ``config``."""
+    spec = load_spec(config)
+    out = {}
+    with psycopg.connect(spec.source.dsn, autocommit=True) as conn:
+        views = build_views(spec, conn)
+    sinks = {}
+    try:
+        for v in views:
+            if v.sink not in sinks:
+                sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump())
+            sinks[v.sink].register(v.target)
+            if hasattr(sinks[v.sink], "refresh"):
+                sinks[v.sink].refresh(v.name)
+            out[v.name] = diff_view(spec.source.dsn, v, sinks[v.sink])
+    finally:
+        for s in sinks.values():
+            s.close()
+    return out
+
+
+def assert_views_equal(config: Path, timeout: float = 60.0) -> None:
+    """Wait until every view of ``config`` equals its source; fail with examples otherwise."""
+    last: dict[str, object] = {}
+
+    def ok() -> bool:
+        nonlocal last
+        last = diffs(config)
+        return all(d.mismatches == 0 for d in last.values())  # type: ignore[attr-defined]
+
+    try:
+        wait_until(ok, timeout=timeout, interval=0.5, what="views to equal the source")
+    except AssertionError:
+        detail = "; ".join(f"{n}: missing={d.missing} extra={d.extra} different={d.different} {d.examples}"  # type: ignore[attr-defined]
+                           for n, d in last.items())
+        raise AssertionError(f"views differ from the source: {detail}") from None

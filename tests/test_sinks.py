@@ -1,0 +1,355 @@
+"""Sinks against the real Redis and OpenSearch (scripts/services.sh up)."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterator
+
+import pytest
+import redis
+
+from sinks.base import Op, SinkError, ViewTarget
+from sinks.factory import make_sink
+from sinks.opensearch import OpenSearchSink, generation_index
+from sinks.redis import RedisSink, versions_key
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rsink(redis_url: str) -> Iterator[RedisSink]:
+    sink = RedisSink("cache", redis_url)
+    yield sink
+    for view in list(sink._targets):
+        sink.drop_view(view)
+    sink.close()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def hview(rsink: RedisSink) -> str:
+    view = _name("t_hash")
+    rsink.register(ViewTarget(view, format="hash"))
+    return view
+
+
+@pytest.fixture
+def jview(rsink: RedisSink) -> str:
+    view = _name("t_json")
+    rsink.register(ViewTarget(view, format="json"))
+    return view
+
+
+@pytest.fixture
+def ossink(opensearch_hosts: list[str]) -> Iterator[OpenSearchSink]:
+    sink = OpenSearchSink("search", opensearch_hosts)
+    yield sink
+    for view in list(sink._targets):
+        sink.drop_view(view)
+    sink.close()
+
+
+@pytest.fixture
+def osview(ossink: OpenSearchSink) -> str:
+    view = _name("t_os")
+    ossink.register(ViewTarget(view, index=f"pgd-test-{uuid.uuid4().hex[:10]}"))
+    return view
+
+
+def _k(view: str, i: int) -> str:
+    return f"{view}:{i}"
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+
+def test_redis_hash_upserts_read_back_with_encoded_values(rsink, rclient, hview):
+    doc = {"s": "x y", "i": -42, "f": 0.1, "b": True, "b2": False, "j": {"a": [1, 2]}, "n": None}
+    rsink.apply([Op(hview, _k(hview, 1), 100, doc), Op(hview, _k(hview, 2), 100, {"i": 7})])
+    assert rclient.hgetall(_k(hview, 1)) == {
+        b"s": b"x y", b"i": b"-42", b"f": b"0.1", b"b": b"true", b"b2": b"false",
+        b"j": b'{"a":[1,2]}',
+    }
+    assert dict(rsink.scan(hview)) == {
+        _k(hview, 1): {"s": "x y", "i": "-42", "f": "0.1", "b": "true", "b2": "false",
+                       "j": '{"a":[1,2]}'},
+        _k(hview, 2): {"i": "7"},
+    }
+    assert rsink.count(hview) == 2
+    assert rclient.hget(versions_key(hview), _k(hview, 1)) == b"%016x" % 100
+
+
+def test_redis_json_upserts_read_back(rsink, rclient, jview):
+    rsink.apply([Op(jview, _k(jview, 1), 5, {"a": 1, "b": [True, None], "c": "é"})])
+    assert rclient.get(_k(jview, 1)) == '{"a":1,"b":[true,null],"c":"é"}'.encode()
+    assert list(rsink.scan(jview)) == [(_k(jview, 1), {"a": 1, "b": [True, None], "c": "é"})]
+
+
+def test_redis_replay_leaves_state_unchanged(rsink, hview):
+    ops = [Op(hview, _k(hview, i), 1000 + i, {"v": i}) for i in range(50)]
+    ops += [Op(hview, _k(hview, 3), 2000, None), Op(hview, _k(hview, 4), 2001, {"v": "new"})]
+    rsink.apply(ops)
+    before = dict(rsink.scan(hview))
+    applied = rsink.stats["applied"]
+    rsink.apply(ops)
+    rsink.apply(ops[10:])  # any suffix
+    assert dict(rsink.scan(hview)) == before
+    assert rsink.stats["applied"] == applied
+    assert rsink.count(hview) == 49
+
+
+@pytest.mark.parametrize("fmt", ["hash", "json"])
+def test_redis_older_op_after_newer_is_ignored(rsink, fmt):
+    view = _name(f"t_{fmt}")
+    rsink.register(ViewTarget(view, format=fmt))
+    key = _k(view, 1)
+    rsink.apply([Op(view, key, 200, {"v": "new"})])
+    rsink.apply([Op(view, key, 199, {"v": "old"})])
+    # also inside one batch, newer first
+    rsink.apply([Op(view, _k(view, 2), 20, {"v": "new"}), Op(view, _k(view, 2), 10, {"v": "old"})])
+    expect = {"v": "new"}
+    assert dict(rsink.scan(view)) == {key: expect, _k(view, 2): expect}
+
+
+def test_redis_versions_compare_exactly_above_2_pow_53(rsink, hview):
+    base = 2**60 + 1  # 2**60 and 2**60 + 1 are the same double
+    key = _k(hview, 1)
+    rsink.apply([Op(hview, key, base, {"v": "new"})])
+    rsink.apply([Op(hview, key, base - 1, {"v": "old"})])
+    assert dict(rsink.scan(hview)) == {key: {"v": "new"}}
+    rsink.apply([Op(hview, key, base + 1, {"v": "newer"})])
+    assert dict(rsink.scan(hview)) == {key: {"v": "newer"}}
+
+
+def test_redis_delete_leaves_tombstone_that_blocks_older_upsert(rsink, rclient, hview):
+    key = _k(hview, 1)
+    rsink.apply([Op(hview, key, 10, {"v": 1}), Op(hview, _k(hview, 2), 10, {"v": 2})])
+    rsink.apply([Op(hview, key, 30, None)])
+    assert rclient.exists(key) == 0
+    assert rclient.hget(versions_key(hview), key) == b"%016xd" % 30
+    rsink.apply([Op(hview, key, 20, {"v": "zombie"})])
+    assert rclient.exists(key) == 0
+    assert dict(rsink.scan(hview)) == {_k(hview, 2): {"v": "2"}}
+    assert rsink.count(hview) == 1
+    rsink.apply([Op(hview, key, 31, {"v": "back"})])  # a newer insert does come back
+    assert rsink.count(hview) == 2
+
+
+def test_redis_full_upsert_removes_fields_that_became_null(rsink, rclient, hview):
+    key = _k(hview, 1)
+    rsink.apply([Op(hview, key, 1, {"a": 1, "b": "x", "c": 3})])
+    rsink.apply([Op(hview, key, 2, {"a": 1, "b": None, "c": 4})])
+    assert rclient.hgetall(key) == {b"a": b"1", b"c": b"4"}
+
+
+def test_redis_partial_update_keeps_other_fields(rsink, rclient, hview):
+    key = _k(hview, 1)
+    rsink.apply([Op(hview, key, 1, {"a": 1, "big": "toast" * 100, "c": 3})])
+    rsink.apply([Op(hview, key, 2, {"a": 2, "c": None}, partial=True)])
+    assert rclient.hgetall(key) == {b"a": b"2", b"big": b"toast" * 100}
+    rsink.apply([Op(hview, key, 1, {"a": 9}, partial=True)])  # older: ignored
+    assert rclient.hget(key, "a") == b"2"
+
+
+def test_redis_partial_update_of_missing_record_is_skipped(rsink, rclient, hview):
+    rsink.apply([Op(hview, _k(hview, 1), 5, {"a": 1}, partial=True)])
+    rsink.apply([Op(hview, _k(hview, 2), 5, None), Op(hview, _k(hview, 2), 6, {"a": 1}, partial=True)])
+    assert rsink.count(hview) == 0
+    assert rclient.exists(_k(hview, 1), _k(hview, 2)) == 0
+    assert rsink.stats["partial_missed"] == 2
+
+
+def test_redis_partial_update_of_json_view_is_rejected(rsink, jview):
+    with pytest.raises(SinkError, match="partial updates of json views") as ei:
+        rsink.apply([Op(jview, _k(jview, 1), 5, {"a": 1}, partial=True)])
+    assert ei.value.retryable is False
+
+
+def test_redis_generation_commit_sweeps_stale_keys(rsink, rclient, hview):
+    live = [Op(hview, _k(hview, i), 100, {"v": "old"}) for i in range(10)]
+    live.append(Op(hview, _k(hview, 50), 100, None))  # old tombstone
+    rsink.apply(live)
+    x = 500  # the snapshot's consistent point
+    gen = rsink.begin_generation(hview, x)
+    rsink.apply([Op(hview, _k(hview, 1), 600, {"v": "stream"}),   # stream beats the snapshot
+                 Op(hview, _k(hview, 2), 601, None)])             # deleted after X
+    rsink.load(hview, gen, [Op(hview, _k(hview, i), x, {"v": "snap"}) for i in (0, 1, 2, 3, 20)])
+    rsink.commit_generation(hview, gen, x)
+    assert dict(rsink.scan(hview)) == {
+        _k(hview, 0): {"v": "snap"}, _k(hview, 1): {"v": "stream"},
+        _k(hview, 3): {"v": "snap"}, _k(hview, 20): {"v": "snap"},
+    }
+    assert rclient.exists(*[_k(hview, i) for i in range(4, 10)]) == 0
+    versions = rclient.hgetall(versions_key(hview))
+    assert _k(hview, 50).encode() not in versions  # old tombstone swept
+    assert versions[_k(hview, 2).encode()] == b"%016xd" % 601  # newer tombstone kept
+
+
+def test_redis_drop_view_removes_records_and_versions(rsink, rclient, hview):
+    rsink.apply([Op(hview, _k(hview, i), 1, {"v": i}) for i in range(5)])
+    rsink.drop_view(hview)
+    assert rclient.exists(versions_key(hview), *[_k(hview, i) for i in range(5)]) == 0
+    assert rsink.count(hview) == 0
+
+
+def test_redis_unregistered_view_and_connection_errors():
+    sink = RedisSink("cache", "redis://127.0.0.1:1/0")
+    with pytest.raises(SinkError) as ei:
+        sink.apply([Op("nope", "k", 1, {"a": 1})])
+    assert ei.value.retryable is False
+    sink.register(ViewTarget("v", format="hash"))
+    with pytest.raises(SinkError) as ei:
+        sink.apply([Op("v", "k", 1, {"a": 1})])
+    assert ei.value.retryable is True
+    sink.close()
+
+
+def test_redis_throughput_sanity(rsink, hview):
+    n = 100_000
+    ops = [Op(hview, _k(hview, i), 1000 + i // 10, {"aid": i, "bid": i % 10, "abalance": -5,
+                                                   "filler": "x" * 20}) for i in range(n)]
+    t = time.perf_counter()
+    rsink.apply(ops)
+    dt = time.perf_counter() - t
+    print(f"\nRedis: {n} hash upserts in {dt:.2f}s = {n / dt:,.0f} ops/s")
+    assert rsink.count(hview) == n
+
+
+# --- OpenSearch -----------------------------------------------------------------------------
+
+
+def _docs(sink: OpenSearchSink, view: str) -> dict[str, dict]:
+    sink.refresh(view)
+    return dict(sink.scan(view))
+
+
+def test_opensearch_upserts_read_back_and_alias_exists(ossink, osview):
+    ossink.apply([Op(osview, "1", 10, {"a": 1, "s": "x"}), Op(osview, "2", 10, {"a": 2})])
+    assert _docs(ossink, osview) == {"1": {"a": 1, "s": "x"}, "2": {"a": 2}}
+    assert ossink.count(osview) == 2
+    alias = ossink._alias(osview)
+    assert list(ossink._client.indices.get_alias(name=alias)) == [generation_index(alias, 0)]
+
+
+def test_opensearch_replay_and_same_version_conflicts_count_as_success(ossink, osview):
+    ops = [Op(osview, str(i), 100 + i, {"v": i}) for i in range(20)]
+    ops.append(Op(osview, "5", 300, None))
+    ossink.apply(ops)
+    before = _docs(ossink, osview)
+    ossink.apply(ops)  # every item is a 409 (or a 404 delete): success
+    ossink.apply(ops[7:])
+    assert _docs(ossink, osview) == before
+    assert len(before) == 19
+
+
+def test_opensearch_older_op_after_newer_is_ignored(ossink, osview):
+    ossink.apply([Op(osview, "1", 200, {"v": "new"})])
+    ossink.apply([Op(osview, "1", 199, {"v": "old"})])
+    ossink.apply([Op(osview, "2", 20, {"v": "new"}), Op(osview, "2", 10, {"v": "old"})])
+    assert _docs(ossink, osview) == {"1": {"v": "new"}, "2": {"v": "new"}}
+
+
+def test_opensearch_delete_then_older_upsert_does_not_resurrect(ossink, osview):
+    ossink.apply([Op(osview, "1", 10, {"v": "one"}), Op(osview, "2", 10, {"v": "two"})])
+    ossink.apply([Op(osview, "1", 30, None), Op(osview, "missing", 30, None)])
+    ossink.apply([Op(osview, "1", 20, {"v": "zombie"})])
+    assert _docs(ossink, osview) == {"2": {"v": "two"}}
+
+
+def test_opensearch_rejected_document_names_the_key(ossink, osview):
+    ossink.apply([Op(osview, "good", 1, {"n": 1})])  # maps n as long
+    with pytest.raises(SinkError) as ei:
+        ossink.apply([Op(osview, "good2", 2, {"n": 2}), Op(osview, "bad-1", 2, {"n": "abc"})])
+    assert ei.value.retryable is False
+    assert "bad-1" in str(ei.value) and osview in str(ei.value)
+    assert "mapper_parsing_exception" in str(ei.value)
+    assert "good2" in _docs(ossink, osview)
+
+
+def test_opensearch_partial_update_is_rejected(ossink, osview):
+    with pytest.raises(SinkError, match="partial updates not supported") as ei:
+        ossink.apply([Op(osview, "1", 2, {"n": 2}, partial=True)])
+    assert ei.value.retryable is False
+
+
+def test_opensearch_generation_commit_swaps_alias_and_deletes_old_index(ossink, osview):
+    alias = ossink._alias(osview)
+    client = ossink._client
+    ossink.apply([Op(osview, str(i), 100, {"v": "old"}) for i in range(5)])
+    x = 0x1_0000_0500
+    gen = ossink.begin_generation(osview, x)
+    assert gen == generation_index(alias, x) == f"{alias}-g0000000100000500"
+    assert ossink.begin_generation(osview, x) == gen  # reuse an existing generation index
+    # the live stream keeps writing both generations while the load runs
+    ossink.apply([Op(osview, "1", x + 10, {"v": "stream"}), Op(osview, "2", x + 11, None)])
+    ossink.load(osview, gen, [Op(osview, str(i), x, {"v": "snap"}) for i in (0, 1, 2, 3, 9)])
+    assert list(client.indices.get_alias(name=alias)) == [generation_index(alias, 0)]
+    ossink.commit_generation(osview, gen, x)
+    assert list(client.indices.get_alias(name=alias)) == [gen]
+    assert not client.indices.exists(index=generation_index(alias, 0))
+    assert _docs(ossink, osview) == {
+        "0": {"v": "snap"}, "1": {"v": "stream"}, "3": {"v": "snap"}, "9": {"v": "snap"},
+    }
+    settings = client.indices.get_settings(index=gen)[gen]["settings"]["index"]
+    assert "gc_deletes" not in settings  # back to the default once live
+    ossink.apply([Op(osview, "0", x + 20, {"v": "after"})])
+    assert _docs(ossink, osview)["0"] == {"v": "after"}
+
+
+def test_opensearch_refuses_a_legacy_concrete_index(ossink, osview):
+    alias = ossink._alias(osview)
+    ossink._client.indices.create(index=alias)
+    try:
+        with pytest.raises(SinkError, match="concrete index") as ei:
+            ossink.apply([Op(osview, "1", 1, {"a": 1})])
+        assert ei.value.retryable is False
+        with pytest.raises(SinkError, match="concrete index"):
+            ossink.begin_generation(osview, 5)
+    finally:
+        ossink._client.indices.delete(index=alias)
+
+
+def test_opensearch_connection_error_is_retryable():
+    sink = OpenSearchSink("search", ["http://127.0.0.1:1"])
+    sink._client.transport.max_retries = 0
+    sink.register(ViewTarget("v", index="pgd-test-unreachable"))
+    with pytest.raises(SinkError) as ei:
+        sink.apply([Op("v", "1", 1, {"a": 1})])
+    assert ei.value.retryable is True
+    sink.close()
+
+
+def test_opensearch_throughput_sanity(ossink, osview):
+    n = 20_000
+    ops = [Op(osview, str(i), 1000 + i // 10, {"aid": i, "bid": i % 10, "abalance": -5,
+                                               "filler": "x" * 20}) for i in range(n)]
+    t = time.perf_counter()
+    ossink.apply(ops)
+    dt = time.perf_counter() - t
+    print(f"\nOpenSearch: {n} index actions in {dt:.2f}s = {n / dt:,.0f} ops/s")
+    assert ossink.count(osview) == n
+
+
+# --- factory --------------------------------------------------------------------------------
+
+
+def test_make_sink(redis_url, opensearch_hosts):
+    r = make_sink("cache", {"type": "redis", "url": redis_url})
+    o = make_sink("search", {"type": "opensearch", "hosts": opensearch_hosts})
+    assert isinstance(r, RedisSink) and r.name == "cache"
+    assert isinstance(o, OpenSearchSink) and o.name == "search"
+    r.close()
+    o.close()
+    with pytest.raises(ValueError, match="'weird'.*'kafka'"):
+        make_sink("weird", {"type": "kafka"})

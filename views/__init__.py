@@ -1,0 +1,1 @@
+"""Views: YAML spec, derivations, the engine loop and the CLI."""

@@ -1,0 +1,51 @@
+"""A batch of Ops between two flushes, collapsed per sink key.
+
+DESIGN.md rule 1: within a transaction only the last Op per sink key matters. Across the
+transactions of one batch the same holds, because the batch is acknowledged as a whole before
+the slot is confirmed, and later commits carry higher versions. Partial upserts (unchanged
+TOAST values omitted) are merged into what the batch already holds for the key.
+"""
+from __future__ import annotations
+
+from sinks.base import Op
+
+__all__ = ["Batch"]
+
+
+class Batch:
+    """Pending Ops per sink, plus the end LSN of the last transaction they cover."""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, dict[tuple[str, str], Op]] = {}
+        self.end_lsn = 0
+        self.transactions = 0
+        self.changes = 0
+        self.commit_times: list[float] = []  # commit timestamps (Unix s) of its transactions
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.ops.values())
+
+    def add(self, sink: str, op: Op) -> None:
+        """Add ``op`` for ``sink``, collapsing it with an earlier Op on the same key."""
+        per_sink = self.ops.get(sink)
+        if per_sink is None:
+            per_sink = self.ops[sink] = {}
+        k = (op.view, op.key)
+        prev = per_sink.get(k)
+        if prev is not None and op.partial and prev.doc is not None:
+            # A partial update on top of a pending upsert: merge the fields it carries.
+            op = Op(op.view, op.key, op.version, {**prev.doc, **op.doc}, partial=prev.partial)
+        per_sink[k] = op
+
+    def drop_view(self, sink: str, view: str) -> None:
+        """Forget pending Ops of ``view`` (superseded by a TRUNCATE later in the stream)."""
+        per_sink = self.ops.get(sink)
+        if per_sink:
+            for k in [k for k in per_sink if k[0] == view]:
+                del per_sink[k]
+
+    def clear(self) -> None:
+        self.ops.clear()
+        self.transactions = 0
+        self.changes = 0
+        self.commit_times = []

@@ -1,0 +1,249 @@
+"""Source checks against the live database: server settings, the output plugin, the views' tables.
+
+:func:`check_source` is what ``pgderive validate`` (and the daemon at start) runs after the YAML
+itself is valid: every problem is reported at the YAML path it concerns, all at once.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from views.spec import Spec, ViewSpec
+from views.template import KeyTemplate
+
+__all__ = ["TableInfo", "table_info", "check_source", "resolve_key", "output_fields", "PLUGIN"]
+
+PLUGIN = "wal2json"
+
+_RELKIND = {"v": "a view", "m": "a materialized view", "f": "a foreign table",
+            "S": "a sequence", "i": "an index", "I": "an index", "c": "a composite type",
+            "t": "a TOAST table", "p": "a partitioned table"}
+
+
+@dataclass
+class TableInfo:
+    """What pgderive needs to know about one source table.
+
+    Attributes:
+        qualified: ``"schema.name"`` (unquoted).
+        columns: column name → type (``format_type``, e.g. ``"character(84)"``), in attnum order.
+        primary_key: primary key columns in key order; ``()`` without one.
+        replica_identity: ``pg_class.relreplident``: ``d`` default, ``f`` full, ``i`` index,
+            ``n`` nothing.
+        identity_columns: the columns wal2json sends as the old key of updates/deletes: the
+            primary key for ``d``, the index's columns for ``i``, every column for ``f``, ``()``
+            for ``n`` (and for ``d`` without a primary key, ``i`` without its index).
+    """
+
+    qualified: str
+    columns: dict[str, str]
+    primary_key: tuple[str, ...]
+    replica_identity: str
+    identity_columns: tuple[str, ...]
+
+
+def _index_columns(conn: psycopg.Connection, oid: int, flag: str) -> tuple[str, ...]:
+    """Columns of the table's index with ``pg_index.<flag>`` set, in index order."""
+    query = sql.SQL("""
+        SELECT a.attname
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = %s AND i.{}
+         ORDER BY k.ord""").format(sql.Identifier(flag))
+    return tuple(r[0] for r in conn.execute(query, (oid,)))
+
+
+def _relation(conn: psycopg.Connection, schema: str, name: str) -> tuple[int, str, str] | None:
+    """``(oid, relkind, relreplident)`` of ``schema.name``, or ``None``."""
+    return conn.execute(
+        """SELECT c.oid, c.relkind::text, c.relreplident::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = %s AND c.relname = %s""", (schema, name)).fetchone()
+
+
+def table_info(conn: psycopg.Connection, schema: str, name: str) -> TableInfo | None:
+    """Catalog facts about the ordinary table ``schema.name`` (exact catalog names).
+
+    Returns ``None`` if there is no such relation or it is not an ordinary table.
+    """
+    rel = _relation(conn, schema, name)
+    if rel is None or rel[1] != "r":
+        return None
+    oid, _, replident = rel
+    columns = dict(conn.execute(
+        """SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+            WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
+        (oid,)).fetchall())
+    primary_key = _index_columns(conn, oid, "indisprimary")
+    if replident == "d":
+        identity = primary_key
+    elif replident == "i":
+        identity = _index_columns(conn, oid, "indisreplident")
+    elif replident == "f":
+        identity = tuple(columns)
+    else:
+        identity = ()
+    return TableInfo(f"{schema}.{name}", columns, primary_key, replident, identity)
+
+
+def resolve_key(view: ViewSpec, info: TableInfo) -> KeyTemplate:
+    """The view's key template: its ``key``, or the primary key columns joined by ``:``.
+
+    Raises:
+        ValueError: no ``key`` and the table has no primary key.
+    """
+    if view.key_template is not None:
+        return view.key_template
+    if not info.primary_key:
+        raise ValueError(f"table {info.qualified} has no primary key: declare a key template"
+                         " over columns that identify a row, e.g. key: \"{id}\"")
+    return KeyTemplate.from_columns(info.primary_key)
+
+
+def output_fields(view: ViewSpec, info: TableInfo) -> dict[str, str]:
+    """Output name → column: the view's ``fields``, or every column under its own name."""
+    mapping = view.field_map
+    return dict(mapping) if mapping is not None else {c: c for c in info.columns}
+
+
+def _unknown(column: str, info: TableInfo) -> str:
+    message = f"unknown column {column!r} in table {info.qualified}"
+    close = difflib.get_close_matches(column, list(info.columns), n=1)
+    return message + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _probe_plugin(conn: psycopg.Connection, plugin: str, wait: float = 15.0) -> str | None:
+    """Create and drop a temporary logical slot with ``plugin``; the error message, or None.
+
+    Creating a logical slot waits for the transactions running at that moment to end; ``wait``
+    seconds bound that wait (via ``lock_timeout``, restored afterwards).
+    """
+    slot = f"pgderive_probe_{conn.info.backend_pid}"
+    try:
+        with conn.transaction():
+            previous = conn.execute("SHOW lock_timeout").fetchone()[0]
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(wait * 1000)}ms",))
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, true)", (slot, plugin))
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
+    except psycopg.errors.LockNotAvailable:
+        return (f"no slot could be created within {wait:g}s: a logical slot waits for the"
+                " transactions running when it is created to end (look for long-running or idle"
+                " in transaction sessions in pg_stat_activity)")
+    except psycopg.Error as e:
+        return e.diag.message_primary or str(e).strip()
+    return None
+
+
+def _view_problems(view: ViewSpec, path: str, info: TableInfo,
+                   conn: psycopg.Connection) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    table = sql.Identifier(view.schema, view.name)
+    fix = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table).as_string(conn)
+
+    # rows must be identifiable in the stream: updates/deletes carry the replica identity
+    if not info.identity_columns:
+        if info.replica_identity == "n":
+            why, remedy = "has REPLICA IDENTITY NOTHING", f"run {fix}"
+            if info.primary_key:
+                default = sql.SQL("ALTER TABLE {} REPLICA IDENTITY DEFAULT").format(table)
+                remedy = f"run {default.as_string(conn)} (or {fix})"
+        elif info.replica_identity == "i":
+            why, remedy = "has REPLICA IDENTITY USING INDEX but that index is gone", f"run {fix}"
+        else:
+            why, remedy = "has no primary key", f"add a primary key or run {fix}"
+        problems.append((f"{path}.table", f"table {info.qualified} {why}: its updates and deletes"
+                                          f" cannot be streamed; {remedy}"))
+
+    # key columns: must exist, and be part of the replica identity (a delete carries only it)
+    if view.key_template is not None:
+        for column in view.key_template.columns:
+            if column not in info.columns:
+                problems.append((f"{path}.key", _unknown(column, info)))
+            elif info.identity_columns and column not in info.identity_columns:
+                problems.append((
+                    f"{path}.key",
+                    f"key column {column!r} is not in the replica identity of {info.qualified}"
+                    f" ({', '.join(info.identity_columns)}): deletes and key changes could not be"
+                    f" applied; key on those columns or run {fix}"))
+    elif not info.primary_key:
+        problems.append((f"{path}.key", f"required: table {info.qualified} has no primary key to"
+                                        " default to; declare a key template over columns that"
+                                        " identify a row"))
+
+    if isinstance(view.fields, list):
+        for i, column in enumerate(view.fields):
+            if column not in info.columns:
+                problems.append((f"{path}.fields[{i}]", _unknown(column, info)))
+    elif isinstance(view.fields, dict):
+        for out, column in view.fields.items():
+            if column not in info.columns:
+                problems.append((f"{path}.fields.{out}", _unknown(column, info)))
+    return problems
+
+
+def check_source(spec: Spec, conn: psycopg.Connection) -> dict[str, TableInfo]:
+    """Check the source database against the spec; collect every problem.
+
+    Checks: ``wal_level`` is ``logical``; the wal2json output plugin can create a slot (a
+    temporary slot is created and dropped: needs REPLICATION or superuser and a free slot);
+    each view's table exists and is an ordinary table; its key and fields name existing
+    columns; its updates/deletes are identifiable (primary key or REPLICA IDENTITY FULL/USING
+    INDEX) and the key columns are part of that identity; opensearch views without ``key``
+    have a primary key to default to.
+
+    Args:
+        spec: a validated spec (from :func:`views.spec.load_spec`).
+        conn: a connection to the source database (not in a failed transaction; its
+            transaction state is left as found).
+
+    Returns:
+        ``TableInfo`` by qualified table name, for every view's table.
+
+    Raises:
+        views.spec.SpecError: every problem, each at its YAML path (``source.dsn``, ``views.X.table``, ...).
+    """
+    problems: list[tuple[str, str]] = []
+    with conn.transaction():
+        infos = _check(spec, conn, problems)
+    if problems:
+        raise spec.errors(problems)
+    return infos
+
+
+def _check(spec: Spec, conn: psycopg.Connection,
+           problems: list[tuple[str, str]]) -> dict[str, TableInfo]:
+    where = spec.source.redacted_dsn()
+    wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+    if wal_level != "logical":
+        problems.append(("source.dsn", f"wal_level is {wal_level!r} on {where}: set"
+                                       " wal_level=logical in postgresql.conf and restart the"
+                                       " server"))
+    else:
+        error = _probe_plugin(conn, PLUGIN)
+        if error:
+            major = (conn.info.server_version or 0) // 10000
+            problems.append(("source.dsn", f"cannot create a logical replication slot with"
+                                           f" {PLUGIN} on {where}: {error} (install it, e.g."
+                                           f" Debian postgresql-{major}-{PLUGIN}, and check the"
+                                           " role has REPLICATION and max_replication_slots"
+                                           " has room)"))
+
+    infos: dict[str, TableInfo] = {}
+    for name, view in spec.views.items():
+        path = f"views.{name}"
+        if view.qualified not in infos:
+            info = table_info(conn, view.schema, view.name)
+            if info is None:
+                rel = _relation(conn, view.schema, view.name)
+                what = "does not exist" if rel is None else \
+                    f"is {_RELKIND.get(rel[1], f'of relkind {rel[1]!r}')}, not an ordinary table"
+                problems.append((f"{path}.table", f"table {view.qualified} {what}"))
+                continue
+            infos[view.qualified] = info
+        problems += _view_problems(view, path, infos[view.qualified], conn)
+    return infos

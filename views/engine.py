@@ -1,0 +1,376 @@
+"""The engine loop: slot → Transaction → view → Op → sink → flush.
+
+One daemon, one slot. The loop reads what the slot has (:meth:`cdc.slot.SlotReader.read`),
+derives Ops per view, collapses them in a :class:`~views.batch.Batch`, applies the batch to
+every sink and only then confirms the last transaction's end LSN to the slot (DESIGN.md rule
+3). With nothing pending, keepalives advance the slot so idle or unwatched traffic never makes
+Postgres retain WAL. A dropped replication connection is retried with capped backoff and
+resumes from the slot's confirmed position; a failing sink is retried the same way while the
+stream waits (backpressure: nothing is read meanwhile).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import orjson
+import psycopg
+
+from cdc.changes import Transaction
+from cdc.lsn import format_lsn
+from cdc.slot import Keepalive, ReplicationError, SlotReader, slot_info
+from cdc.snapshot import snapshot_connection
+from sinks.base import Sink, SinkError
+from sinks.factory import make_sink
+
+from .batch import Batch
+from .bootstrap import Interrupted, load_snapshot
+from .catalog import check_source
+from .derive import View
+from .spec import Spec
+from .state import StateStore
+
+__all__ = ["Engine", "EngineError", "build_views", "open_sinks", "view_fingerprint", "Backoff"]
+
+log = logging.getLogger("pgderive.engine")
+
+
+class EngineError(RuntimeError):
+    """A condition the daemon will not resolve by itself (needs an operator decision)."""
+
+
+def build_views(spec: Spec, conn: psycopg.Connection, names: Iterable[str] | None = None) -> list[View]:
+    """Check the spec against the source catalog and bind every (or the named) view.
+
+    Raises :class:`~views.spec.SpecError` naming the YAML path of each problem.
+    """
+    infos = check_source(spec, conn)
+    wanted = set(names) if names is not None else None
+    views: list[View] = []
+    problems: list[tuple[str, str]] = []
+    for name, vspec in spec.views.items():
+        if wanted is not None and name not in wanted:
+            continue
+        try:
+            views.append(View(name, vspec, infos[vspec.qualified]))
+        except ValueError as e:
+            problems.append((f"views.{name}.key", str(e)))
+    if problems:
+        raise spec.errors(problems)
+    return views
+
+
+def open_sinks(spec: Spec, views: Sequence[View]) -> dict[str, Sink]:
+    """Connect the sinks the views use and register each view's target layout."""
+    sinks: dict[str, Sink] = {}
+    for v in views:
+        if v.sink not in sinks:
+            sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump())
+        sinks[v.sink].register(v.target)
+    return sinks
+
+
+def view_fingerprint(view: View) -> str:
+    """A short hash of what a view derives; a change means its sink data must be rebuilt."""
+    raw = orjson.dumps({"table": view.table, "key": view.key.text, "fields": view.fields,
+                        "sink": view.sink, "target": [view.target.format, view.target.index]},
+                       option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class Backoff:
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s … up to ``cap`` seconds."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.cap, self.delay * 2)
+        return d
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+@dataclass
+class Stats:
+    """Counters of a run; ``lag_ms`` holds commit → sink-acknowledged latencies (ms)."""
+
+    transactions: int = 0
+    changes: int = 0
+    ops: int = 0
+    flushes: int = 0
+    confirmed_lsn: int = 0
+    lag_ms: deque = field(default_factory=lambda: deque(maxlen=200_000))
+    started: float = field(default_factory=time.time)
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        lags = sorted(self.lag_ms)
+        pct = lambda p: round(lags[min(len(lags) - 1, int(p * len(lags)))], 2) if lags else None  # noqa: E731
+        elapsed = time.time() - self.started
+        return {"transactions": self.transactions, "changes": self.changes, "ops": self.ops,
+                "flushes": self.flushes, "confirmed_lsn": format_lsn(self.confirmed_lsn),
+                "elapsed_s": round(elapsed, 1),
+                "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0) if lags else None,
+                           "samples": len(lags)},
+                "snapshot": self.snapshot}
+
+
+class Engine:
+    """The daemon behind ``pgderive run``.
+
+    Args:
+        spec: the loaded YAML spec.
+        stop: set it (e.g. from a signal handler) to stop gracefully after flushing.
+        stats_file: if given, a JSON summary of :class:`Stats` is written there every few
+            seconds and at exit.
+    """
+
+    def __init__(self, spec: Spec, *, stop: threading.Event | None = None,
+                 stats_file: str | None = None, batch_ops: int = 20_000) -> None:
+        self.spec = spec
+        self.dsn = spec.source.dsn
+        self.slot = spec.source.slot
+        self.stop = stop or threading.Event()
+        self.stats_file = stats_file
+        self.batch_ops = batch_ops
+        self.stats = Stats()
+        self.state = StateStore(self.dsn)
+        self.views: list[View] = []
+        self.by_table: dict[str, list[View]] = {}
+        self.sinks: dict[str, Sink] = {}
+        self.reader: SlotReader | None = None
+        self._last_stats_write = 0.0
+
+    # -- startup -----------------------------------------------------------------------------
+    def run(self, *, resnapshot: bool = False) -> None:
+        """Bootstrap if needed, then stream until :attr:`stop` is set.
+
+        Raises :class:`EngineError` for conditions that need an operator (slot vanished,
+        another daemon active, views changed), :class:`~views.spec.SpecError` for bad YAML.
+        """
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self.views = build_views(self.spec, conn)
+        by_table: dict[str, list[View]] = defaultdict(list)
+        for v in self.views:
+            by_table[v.table].append(v)
+        self.by_table = dict(by_table)
+        self.sinks = open_sinks(self.spec, self.views)
+        self.reader = SlotReader(self.dsn, self.slot, tables=self.by_table)
+        try:
+            start_lsn = self._prepare(resnapshot)
+            if start_lsn is None:
+                return
+            self._stream(start_lsn)
+        finally:
+            self._write_stats(force=True)
+            self.reader.close()
+            for s in self.sinks.values():
+                s.close()
+
+    def _fingerprints(self) -> dict[str, str]:
+        return {v.name: view_fingerprint(v) for v in self.views}
+
+    def _prepare(self, resnapshot: bool) -> int | None:
+        """Decide between bootstrap and resume; returns the LSN to stream from (0 = slot's)."""
+        self.state.ensure_schema()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            info = slot_info(conn, self.slot)
+            state = self.state.get(self.slot)
+            if info is not None and info.active:
+                raise EngineError(f"slot {self.slot} is in use by another process (pid {info.active_pid}); "
+                                  "is another pgderive running?")
+            if resnapshot:
+                if info is not None:
+                    log.warning("--resnapshot: dropping slot %s", self.slot)
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                self.state.delete(self.slot)
+                info = state = None
+            if info is None:
+                if state is not None and state.status == "streaming":
+                    raise EngineError(
+                        f"slot {self.slot} vanished (pgderive bootstrapped it at "
+                        f"{format_lsn(state.consistent_point)}); changes since then may be lost. "
+                        "Run `pgderive run --resnapshot` to rebuild every view from a new snapshot.")
+                return self._bootstrap()
+            if state is None:
+                raise EngineError(
+                    f"slot {self.slot} exists but pgderive has no record of bootstrapping it "
+                    "(pgderive.slot_state); refusing to stream from an unknown position. "
+                    "Run `pgderive run --resnapshot` to start over.")
+            if state.status == "bootstrapping":
+                log.warning("a previous bootstrap of slot %s did not finish; starting it again", self.slot)
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                return self._bootstrap()
+        changed = [n for n, fp in self._fingerprints().items() if state.views.get(n) != fp]
+        if changed:
+            raise EngineError(
+                f"view(s) {', '.join(changed)} are new or changed since slot {self.slot} was "
+                "bootstrapped; run `pgderive rebuild -c FILE VIEW` for each (daemon stopped) "
+                "or `pgderive run --resnapshot`.")
+        log.info("resuming slot %s from its confirmed position %s", self.slot,
+                 format_lsn(info.confirmed_flush_lsn or 0))
+        return 0
+
+    def _bootstrap(self) -> int | None:
+        """Create the slot with an exported snapshot, load every view, record the state."""
+        assert self.reader is not None
+        fps = self._fingerprints()
+        self.state.set(self.slot, "bootstrapping", 0, fps)
+        self.reader.connect()
+        consistent_point, snapshot = self.reader.create_slot()
+        self.state.set(self.slot, "bootstrapping", consistent_point, fps)
+        try:
+            with snapshot_connection(self.dsn, snapshot) as conn:
+                stats = load_snapshot(conn, self.views, self.sinks, consistent_point,
+                                      should_stop=self.stop.is_set)
+        except Interrupted as e:
+            log.warning("%s; the next start redoes the bootstrap", e)
+            return None
+        self.stats.snapshot = {
+            "consistent_point": format_lsn(consistent_point),
+            "tables": {t: {"rows": n, "seconds": round(stats.seconds[t], 2),
+                           "rows_per_s": round(stats.rows_per_second(t))} for t, n in stats.rows.items()},
+        }
+        self.state.set(self.slot, "streaming", consistent_point, fps)
+        log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
+        return consistent_point
+
+    # -- streaming ---------------------------------------------------------------------------
+    def _stream(self, start_lsn: int) -> None:
+        reader = self.reader
+        assert reader is not None
+        backoff = Backoff()
+        connected = reader.conn is not None
+        while not self.stop.is_set():
+            try:
+                if not connected:
+                    reader.connect()
+                    self._check_slot()
+                    start_lsn = 0  # resume from the slot's confirmed position
+                reader.start(start_lsn)
+                connected = True
+                backoff.reset()
+                self._loop(reader)
+            except (ReplicationError, psycopg.OperationalError) as e:
+                if self.stop.is_set():
+                    break
+                delay = backoff.next()
+                log.warning("replication connection lost (%s); reconnecting in %.1f s", _one_line(e), delay)
+                connected = False
+                reader.close()
+                self.stop.wait(delay)
+        log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn))
+
+    def _check_slot(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            if slot_info(conn, self.slot) is None:
+                raise EngineError(f"slot {self.slot} vanished while pgderive was streaming; "
+                                  "run `pgderive run --resnapshot` to rebuild from a new snapshot")
+
+    def _loop(self, reader: SlotReader) -> None:
+        batch = Batch()
+        while not self.stop.is_set():
+            for event in reader.read(max_wait=0.5, max_events=self.batch_ops):
+                if isinstance(event, Keepalive):
+                    if not len(batch) and not batch.transactions and reader.at_transaction_boundary:
+                        reader.confirm(event.wal_end)
+                    continue
+                self._add_transaction(batch, event)
+                if len(batch) >= self.batch_ops:
+                    break
+            if batch.transactions:
+                self._flush(batch, reader)
+            self._write_stats()
+        if batch.transactions:
+            self._flush(batch, reader)
+        reader.send_status()
+
+    def _add_transaction(self, batch: Batch, tx: Transaction) -> None:
+        version = tx.commit_lsn
+        for change in tx.changes:
+            views = self.by_table.get(change.table)
+            if not views:
+                continue
+            if change.kind == "truncate":
+                self._truncate(batch, views, version)
+                continue
+            for v in views:
+                for op in v.change_ops(change, version):
+                    batch.add(v.sink, op)
+        batch.changes += len(tx.changes)
+        batch.transactions += 1
+        batch.end_lsn = tx.end_lsn
+        if tx.commit_time is not None:
+            batch.commit_times.append(tx.commit_time.timestamp())
+
+    def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
+        """A TRUNCATE empties its views: a barrier that flushes earlier Ops, then an empty
+        generation at the commit LSN replaces the view (everything older is dropped)."""
+        for v in views:
+            batch.drop_view(v.sink, v.name)
+        self._apply(batch)
+        for v in views:
+            sink = self.sinks[v.sink]
+            gen = sink.begin_generation(v.name, version)
+            sink.commit_generation(v.name, gen, version)
+            log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
+        batch.ops.clear()
+
+    def _apply(self, batch: Batch) -> None:
+        """Apply every pending Op, retrying retryable sink failures with capped backoff."""
+        for sink_name, ops in batch.ops.items():
+            if not ops:
+                continue
+            sink = self.sinks[sink_name]
+            backoff = Backoff()
+            while True:
+                try:
+                    sink.apply(list(ops.values()))
+                    break
+                except SinkError as e:
+                    if not e.retryable:
+                        raise
+                    delay = backoff.next()
+                    log.warning("sink %s failed (%s); retrying in %.1f s", sink_name, _one_line(e), delay)
+                    if self.reader is not None:
+                        self.reader.send_status()  # keep the walsender from timing out
+                    time.sleep(delay)
+            self.stats.ops += len(ops)
+
+    def _flush(self, batch: Batch, reader: SlotReader) -> None:
+        self._apply(batch)
+        reader.confirm(batch.end_lsn)
+        now = time.time()
+        self.stats.lag_ms.extend((now - t) * 1000.0 for t in batch.commit_times)
+        self.stats.transactions += batch.transactions
+        self.stats.changes += batch.changes
+        self.stats.flushes += 1
+        self.stats.confirmed_lsn = reader.confirmed_lsn
+        batch.clear()
+
+    def _write_stats(self, force: bool = False) -> None:
+        if not self.stats_file:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_stats_write < 2.0:
+            return
+        self._last_stats_write = now
+        if self.reader is not None:
+            self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, self.reader.confirmed_lsn)
+        tmp = f"{self.stats_file}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(self.stats.summary(), option=orjson.OPT_INDENT_2))
+        os.replace(tmp, self.stats_file)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]

@@ -108,6 +108,9 @@ class Sink(Protocol):
     def count(self, view: str) -> int:
         """Number of live records of ``view``."""
 
+    def stored_form(self, view: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """What :meth:`scan` yields for a record written with ``doc`` (used to diff views)."""
+
     def drop_view(self, view: str) -> None:
         """Remove every record and all bookkeeping of ``view`` (used by re-snapshot and tests)."""
 

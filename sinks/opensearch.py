@@ -147,6 +147,10 @@ class OpenSearchSink:
             ):
                 yield hit["_id"], hit["_source"]
 
+    def stored_form(self, view: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` as :meth:`scan` returns it: the ``_source`` JSON round trip."""
+        return orjson.loads(orjson.dumps(doc))
+
     def count(self, view: str) -> int:
         """Number of documents behind the alias, after a refresh (0 if there is no alias)."""
         alias = self._alias(view)

@@ -298,11 +298,24 @@ class RedisSink:
                 values = pipe.execute() if keys else []
             for k, raw in zip(keys, values):
                 if fmt == "hash":
-                    yield k.decode(), {f.decode(): v.decode() for f, v in raw.items()}
+                    if raw:  # a version entry whose key vanished (e.g. evicted) is not a record
+                        yield k.decode(), {f.decode(): v.decode() for f, v in raw.items()}
                 elif raw is not None:
                     yield k.decode(), orjson.loads(raw)
             if cursor == 0:
                 return
+
+    def stored_form(self, view: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` as :meth:`scan` returns it: hash views ``{field: str}`` without NULL fields,
+        json views the JSON round trip."""
+        if self._format(view) == "hash":
+            out: dict[str, Any] = {}
+            for f, v in doc.items():
+                if v is not None:
+                    e = encode_field(v)
+                    out[f] = e.decode() if isinstance(e, bytes) else str(e)
+            return out
+        return orjson.loads(orjson.dumps(doc))
 
     def count(self, view: str) -> int:
         """Number of live records of ``view`` (version entries that are not tombstones)."""

@@ -105,8 +105,8 @@ def seed(env: Env, n: int, start: int = 1) -> None:
     with psycopg.connect(env.dsn, autocommit=True) as conn:
         conn.execute(
             """INSERT INTO items (id, name, qty, price, tags, meta)
-               SELECT g, 'item ' || g, g % 100, (g * 1.25)::numeric(12,2),
-                      ARRAY['a' || (g % 3), 'b'], jsonb_build_object('g', g, 'even', g % 2 = 0)
+               SELECT g, 'item ' || g, g %% 100, (g * 1.25)::numeric(12,2),
+                      ARRAY['a' || (g %% 3), 'b'], jsonb_build_object('g', g, 'even', g %% 2 = 0)
                  FROM generate_series(%s::int, %s::int) g""", (start, start + n - 1))
 
 
@@ -226,9 +226,10 @@ def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):
     reader = SlotReader(env.dsn, replay_slot, tables=["public.items"])
     reader.connect()
     reader.start(0)
+    target = current_lsn(env.dsn)
     batch, seen = Batch(), 0
     deadline = time.monotonic() + 60
-    while seen < 1500 and time.monotonic() < deadline:
+    while reader.received_lsn < target and time.monotonic() < deadline:
         for ev in reader.read(max_wait=1.0):
             if hasattr(ev, "changes"):
                 engine._add_transaction(batch, ev)
@@ -236,9 +237,10 @@ def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):
         engine._apply(batch)
         batch.clear()
     reader.close()
+    env.sql("SELECT pg_drop_replication_slot(%s)", (replay_slot,))
     for s in engine.sinks.values():
         s.close()
-    assert seen >= 1500
+    assert reader.received_lsn >= target and seen > 1000
     after = diffs(env.config)
     assert {n: x.sink_records for n, x in after.items()} == before
     assert all(x.mismatches == 0 for x in after.values()), {n: x.examples for n, x in after.items()}

@@ -14,7 +14,10 @@ import redis
 
 from cdc.slot import SlotReader
 from views.batch import Batch
+from sinks.base import ViewTarget
+from sinks.factory import make_sink
 from views.engine import Engine
+from views.flusher import Flusher
 from views.spec import load_spec
 
 from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
@@ -93,12 +96,13 @@ class Env:
 def env(tmp_path):
     e = Env(tmp_path)
     yield e
+    spec = load_spec(e.config)
+    for name, vspec in spec.views.items():
+        sink = make_sink(vspec.sink, spec.sinks[vspec.sink].model_dump())
+        sink.register(ViewTarget(view=name, format=vspec.format, index=vspec.index))
+        sink.drop_view(name)
+        sink.close()
     drop_database(e.db)
-    r = redis.Redis.from_url(REDIS_URL)
-    for key in r.scan_iter(f"{e.prefix}*"):
-        r.delete(key)
-    for key in r.scan_iter(f"pgderive:{e.prefix}*"):
-        r.delete(key)
 
 
 def seed(env: Env, n: int, start: int = 1) -> None:
@@ -226,6 +230,7 @@ def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):
     reader = SlotReader(env.dsn, replay_slot, tables=["public.items"])
     reader.connect()
     reader.start(0)
+    flusher = Flusher(engine.sinks, threading.Event(), lambda b: None)
     target = current_lsn(env.dsn)
     batch, seen = Batch(), 0
     deadline = time.monotonic() + 60
@@ -234,9 +239,10 @@ def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):
             if hasattr(ev, "changes"):
                 engine._add_transaction(batch, ev)
                 seen += 1
-        engine._apply(batch)
-        batch.clear()
+        flusher.apply_now(batch)
+        batch = Batch()
     reader.close()
+    flusher.close()
     env.sql("SELECT pg_drop_replication_slot(%s)", (replay_slot,))
     for s in engine.sinks.values():
         s.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -58,28 +59,37 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     for v in views:
         by_table[v.table].append(v)
     generations = {v.name: sinks[v.sink].begin_generation(v.name, version) for v in views}
-    for table, tviews in by_table.items():
-        columns = list(dict.fromkeys(ct for v in tviews for ct in v.column_types))
-        t0 = last_log = time.monotonic()
-        rows = 0
-        log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
-                 ", ".join(v.name for v in tviews))
-        for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows):
-            if should_stop():
-                raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
-            for v in tviews:
-                ops = [v.row_op(r, version) for r in chunk]
-                sinks[v.sink].load(v.name, generations[v.name], ops)
-                stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)
-            rows += len(chunk)
-            now = time.monotonic()
-            if now - last_log >= 5:
-                log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
-                last_log = now
-        secs = time.monotonic() - t0
-        stats.rows[table], stats.seconds[table] = rows, secs
-        log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
-                 rows / secs if secs else 0.0)
+    # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
+    # read and derived while the previous one is being written (at most 2 chunks in memory).
+    with ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-load") as pool:
+        for table, tviews in by_table.items():
+            columns = list(dict.fromkeys(ct for v in tviews for ct in v.column_types))
+            t0 = last_log = time.monotonic()
+            rows = 0
+            log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
+                     ", ".join(v.name for v in tviews))
+            in_flight: list[Future] = []
+            for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows):
+                if should_stop():
+                    raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
+                work = [(v, [v.row_op(r, version) for r in chunk]) for v in tviews]
+                for f in in_flight:
+                    f.result()
+                in_flight = [pool.submit(sinks[v.sink].load, v.name, generations[v.name], ops)
+                             for v, ops in work]
+                for v, ops in work:
+                    stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)
+                rows += len(chunk)
+                now = time.monotonic()
+                if now - last_log >= 5:
+                    log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
+                    last_log = now
+            for f in in_flight:
+                f.result()
+            secs = time.monotonic() - t0
+            stats.rows[table], stats.seconds[table] = rows, secs
+            log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
+                     rows / secs if secs else 0.0)
     for v in views:
         sinks[v.sink].commit_generation(v.name, generations[v.name], version)
     return stats

@@ -33,10 +33,11 @@ from .batch import Batch
 from .bootstrap import Interrupted, load_snapshot
 from .catalog import check_source
 from .derive import View
+from .flusher import Backoff, Flusher
 from .spec import Spec
 from .state import StateStore
 
-__all__ = ["Engine", "EngineError", "build_views", "open_sinks", "view_fingerprint", "Backoff"]
+__all__ = ["Engine", "EngineError", "build_views", "open_sinks", "view_fingerprint"]
 
 log = logging.getLogger("pgderive.engine")
 
@@ -82,21 +83,6 @@ def view_fingerprint(view: View) -> str:
                         "sink": view.sink, "target": [view.target.format, view.target.index]},
                        option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()[:16]
-
-
-class Backoff:
-    """Capped exponential backoff: 0.5 s, 1 s, 2 s … up to ``cap`` seconds."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
-        self.first, self.cap, self.delay = first, cap, first
-
-    def next(self) -> float:
-        d = self.delay
-        self.delay = min(self.cap, self.delay * 2)
-        return d
-
-    def reset(self) -> None:
-        self.delay = self.first
 
 
 @dataclass
@@ -148,6 +134,7 @@ class Engine:
         self.by_table: dict[str, list[View]] = {}
         self.sinks: dict[str, Sink] = {}
         self.reader: SlotReader | None = None
+        self.flusher: Flusher | None = None
         self._last_stats_write = 0.0
 
     # -- startup -----------------------------------------------------------------------------
@@ -277,22 +264,48 @@ class Engine:
                                   "run `pgderive run --resnapshot` to rebuild from a new snapshot")
 
     def _loop(self, reader: SlotReader) -> None:
+        """Read, derive and hand batches to the flusher until stopped or the stream fails."""
+        flusher = Flusher(self.sinks, self.stop, self._applied)
+        self.flusher = flusher
         batch = Batch()
-        while not self.stop.is_set():
-            for event in reader.read(max_wait=0.5, max_events=self.batch_ops):
-                if isinstance(event, Keepalive):
-                    if not len(batch) and not batch.transactions and reader.at_transaction_boundary:
-                        reader.confirm(event.wal_end)
-                    continue
-                self._add_transaction(batch, event)
-                if len(batch) >= self.batch_ops:
+        try:
+            while True:
+                if flusher.error is not None:
+                    raise flusher.error
+                if flusher.idle:
+                    reader.confirm(flusher.acked_lsn)
+                    if batch.transactions:
+                        flusher.submit(batch)
+                        batch = Batch()
+                if self.stop.is_set():
                     break
-            if batch.transactions:
-                self._flush(batch, reader)
-            self._write_stats()
-        if batch.transactions:
-            self._flush(batch, reader)
-        reader.send_status()
+                if len(batch) >= self.batch_ops:
+                    # Backpressure: the next batch is full; wait for the sinks, keep the
+                    # walsender informed meanwhile.
+                    if not flusher.wait_idle(1.0):
+                        reader.send_status()
+                    continue
+                idle = flusher.idle and not batch.transactions
+                for event in reader.read(max_wait=0.5 if idle else 0.002, max_events=self.batch_ops):
+                    if isinstance(event, Keepalive):
+                        if flusher.idle and not batch.transactions and reader.at_transaction_boundary:
+                            reader.confirm(max(event.wal_end, flusher.acked_lsn))
+                        continue
+                    self._add_transaction(batch, event)
+                    if len(batch) >= self.batch_ops:
+                        break
+                self._write_stats()
+            # Graceful stop: apply what was read, then confirm it.
+            flusher.wait_idle()
+            if flusher.error is None and batch.transactions:
+                flusher.submit(batch)
+                flusher.wait_idle()
+            if flusher.error is not None:
+                raise flusher.error
+            reader.confirm(flusher.acked_lsn)
+            reader.send_status()
+        finally:
+            flusher.close()
 
     def _add_transaction(self, batch: Batch, tx: Transaction) -> None:
         version = tx.commit_lsn
@@ -313,49 +326,30 @@ class Engine:
             batch.commit_times.append(tx.commit_time.timestamp())
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
-        """A TRUNCATE empties its views: a barrier that flushes earlier Ops, then an empty
+        """A TRUNCATE empties its views: a barrier that applies earlier Ops, then an empty
         generation at the commit LSN replaces the view (everything older is dropped)."""
         for v in views:
             batch.drop_view(v.sink, v.name)
-        self._apply(batch)
+        self.flusher.wait_idle()
+        if self.flusher.error is not None:
+            raise self.flusher.error
+        self.flusher.apply_now(batch)
+        batch.ops.clear()
         for v in views:
             sink = self.sinks[v.sink]
             gen = sink.begin_generation(v.name, version)
             sink.commit_generation(v.name, gen, version)
             log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
-        batch.ops.clear()
 
-    def _apply(self, batch: Batch) -> None:
-        """Apply every pending Op, retrying retryable sink failures with capped backoff."""
-        for sink_name, ops in batch.ops.items():
-            if not ops:
-                continue
-            sink = self.sinks[sink_name]
-            backoff = Backoff()
-            while True:
-                try:
-                    sink.apply(list(ops.values()))
-                    break
-                except SinkError as e:
-                    if not e.retryable:
-                        raise
-                    delay = backoff.next()
-                    log.warning("sink %s failed (%s); retrying in %.1f s", sink_name, _one_line(e), delay)
-                    if self.reader is not None:
-                        self.reader.send_status()  # keep the walsender from timing out
-                    time.sleep(delay)
-            self.stats.ops += len(ops)
-
-    def _flush(self, batch: Batch, reader: SlotReader) -> None:
-        self._apply(batch)
-        reader.confirm(batch.end_lsn)
+    def _applied(self, batch: Batch) -> None:
+        """Flusher callback: every sink acknowledged ``batch``."""
         now = time.time()
         self.stats.lag_ms.extend((now - t) * 1000.0 for t in batch.commit_times)
         self.stats.transactions += batch.transactions
         self.stats.changes += batch.changes
+        self.stats.ops += len(batch)
         self.stats.flushes += 1
-        self.stats.confirmed_lsn = reader.confirmed_lsn
-        batch.clear()
+        self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, batch.end_lsn)
 
     def _write_stats(self, force: bool = False) -> None:
         if not self.stats_file:

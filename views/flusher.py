@@ -1,0 +1,142 @@
+"""Applying batches to the sinks off the reading thread.
+
+The engine's thread reads the slot and derives Ops while the flusher applies the previous
+batch: under load each batch naturally grows to what arrived during one flush (no timer, no
+added latency when idle), and Redis and OpenSearch are written in parallel, one thread per
+sink. Only one batch is in flight at a time, and the engine stops reading once its next batch
+is full (backpressure: memory stays bounded by two batches).
+
+A retryable :class:`~sinks.base.SinkError` is retried with capped backoff inside the flusher;
+anything else is kept in :attr:`Flusher.error` for the engine thread to raise.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping
+
+from sinks.base import Sink, SinkError
+
+from .batch import Batch
+
+__all__ = ["Flusher", "apply_with_retry", "Backoff"]
+
+log = logging.getLogger("pgderive.flusher")
+
+
+class Backoff:
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s … up to ``cap`` seconds."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.cap, self.delay * 2)
+        return d
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> None:
+    """``sink.apply(ops)``, retrying retryable failures with capped backoff until ``stop``.
+
+    Raises the :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            sink.apply(ops)
+            return
+        except SinkError as e:
+            if not e.retryable or stop.is_set():
+                raise
+            delay = backoff.next()
+            log.warning("sink %s failed (%s); retrying in %.1f s", sink.name,
+                        " ".join(str(e).split())[:300], delay)
+            stop.wait(delay)
+
+
+class Flusher:
+    """Applies one :class:`Batch` at a time on a background thread.
+
+    Args:
+        sinks: sink name → sink.
+        stop: shared stop event; retries give up when it is set.
+        on_applied: called on the flusher thread with each batch once every sink acknowledged.
+    """
+
+    def __init__(self, sinks: Mapping[str, Sink], stop: threading.Event,
+                 on_applied: Callable[[Batch], None]) -> None:
+        self.sinks = sinks
+        self.stop = stop
+        self.on_applied = on_applied
+        self.acked_lsn = 0  # end LSN of the last batch every sink acknowledged
+        self.error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-sink")
+        self._cond = threading.Condition()
+        self._batch: Batch | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pgderive-flusher", daemon=True)
+        self._thread.start()
+
+    @property
+    def idle(self) -> bool:
+        """True when no batch is in flight."""
+        return self._batch is None
+
+    def submit(self, batch: Batch) -> None:
+        """Hand ``batch`` over; the caller must not touch it afterwards. Requires :attr:`idle`."""
+        with self._cond:
+            if self._batch is not None:
+                raise RuntimeError("a batch is already in flight")
+            self._batch = batch
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no batch is in flight (or ``timeout`` seconds); returns :attr:`idle`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._batch is None, timeout)
+            return self._batch is None
+
+    def apply_now(self, batch: Batch) -> None:
+        """Apply ``batch`` synchronously on the calling thread (the flusher must be idle)."""
+        self._apply(batch)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._batch is not None or self._closed)
+                if self._batch is None:
+                    return
+                batch = self._batch
+            try:
+                if self.error is None:
+                    self._apply(batch)
+                    self.acked_lsn = max(self.acked_lsn, batch.end_lsn)
+                    self.on_applied(batch)
+            except BaseException as e:  # handed to the engine thread
+                self.error = e
+            with self._cond:
+                self._batch = None
+                self._cond.notify_all()
+
+    def _apply(self, batch: Batch) -> None:
+        work = [(self.sinks[name], list(ops.values())) for name, ops in batch.ops.items() if ops]
+        if len(work) == 1:
+            apply_with_retry(work[0][0], work[0][1], self.stop)
+        elif work:
+            futures = [self._pool.submit(apply_with_retry, s, ops, self.stop) for s, ops in work]
+            for f in futures:
+                f.result()
+        time.sleep(0)  # let the reading thread run between batches

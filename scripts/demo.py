@@ -39,7 +39,7 @@ SCALE = int(os.environ.get("PGDERIVE_DEMO_SCALE", "10"))
 SECONDS = int(os.environ.get("PGDERIVE_DEMO_SECONDS", "30"))
 CLIENTS = int(os.environ.get("PGDERIVE_DEMO_CLIENTS", "4"))
 OUT = ROOT / ".services" / "demo"
-console = Console()
+console = Console(width=int(os.environ.get("COLUMNS", "120")))
 
 
 def step(msg: str) -> None:
@@ -61,8 +61,10 @@ def main() -> int:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(SCALE), dbname], env=pg_env,
-                   check=True, stdout=subprocess.DEVNULL)
+    init = subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(SCALE), dbname], env=pg_env,
+                          capture_output=True, text=True)
+    if init.returncode != 0:
+        raise SystemExit(f"pgbench -i failed:\n{init.stderr}")
 
     step("starting pgderive run (bootstrap from an exported snapshot, then streaming)")
     stats_file = OUT / "stats.json"
@@ -113,7 +115,8 @@ def main() -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         views = build_views(spec, conn)
     table = Table(title=f"pgderive demo: pgbench scale {SCALE}, {CLIENTS} clients × {SECONDS} s")
-    for col in ("view", "sink", "source rows", "sink records", "mismatches", "snapshot rows/s"):
+    for col in ("view", "sink", "source rows", "sink records", "mismatches", "snapshot rows/s",
+                "sink write rows/s"):
         table.add_column(col, justify="right" if col != "view" else "left")
     failed = False
     sinks: dict = {}
@@ -127,9 +130,10 @@ def main() -> int:
         d = diff_view(dsn, v, sink)
         failed |= d.mismatches > 0
         snap = stats.get("snapshot", {}).get("tables", {}).get(v.table, {})
-        table.add_row(v.name, v.sink, str(d.source_rows), str(d.sink_records),
+        vsnap = stats.get("snapshot", {}).get("views", {}).get(v.name, {})
+        table.add_row(v.name, v.sink, f"{d.source_rows:,}", f"{d.sink_records:,}",
                       f"[{'red' if d.mismatches else 'green'}]{d.mismatches}[/]",
-                      f"{snap.get('rows_per_s', 0):,}")
+                      f"{snap.get('rows_per_s', 0):,}", f"{vsnap.get('sink_records_per_s') or 0:,}")
         for ex in d.examples:
             console.print(f"    [red]{v.name}: {ex}[/]")
     for s in sinks.values():

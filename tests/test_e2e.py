@@ -114,8 +114,11 @@ def seed(env: Env, n: int, start: int = 1) -> None:
                  FROM generate_series(%s::int, %s::int) g""", (start, start + n - 1))
 
 
-def random_writes(env: Env, n: int, seed_: int, max_id: int, stop: threading.Event | None = None) -> int:
-    """Random inserts/updates/deletes (incl. NULLs and key moves), one per transaction."""
+def random_writes(env: Env, n: int, seed_: int, max_id: int, stop: threading.Event | None = None,
+                  progress: list[int] | None = None) -> int:
+    """Random inserts/updates/deletes (incl. NULLs and key moves), one per transaction.
+
+    ``progress[0]`` (if given) counts the statements done so far."""
     rnd = random.Random(seed_)
     done = 0
     with psycopg.connect(env.dsn, autocommit=True) as conn:
@@ -137,6 +140,8 @@ def random_writes(env: Env, n: int, seed_: int, max_id: int, stop: threading.Eve
                 conn.execute("UPDATE items SET id = %s WHERE id = %s AND NOT EXISTS "
                              "(SELECT 1 FROM items WHERE id = %s)", (j, i, j))
             done += 1
+            if progress is not None:
+                progress[0] = done
     return done
 
 
@@ -170,14 +175,18 @@ def test_writes_during_bootstrap_all_arrive(env: Env):
     seed(env, 150_000)
     stop = threading.Event()
     d = env.daemon().start()
-    writer = threading.Thread(target=random_writes, args=(env, 100_000, 1, 150_000, stop))
+    progress = [0]
+    writer = threading.Thread(target=random_writes, args=(env, 100_000, 1, 150_000, stop, progress))
     try:
         # Start writing as soon as the slot exists, i.e. while the snapshot is being loaded.
         wait_until(lambda: slot_caught_up(env.dsn, env.slot, 0) or not d.alive(), 60, 0.05, "slot creation")
         writer.start()
         env.wait_streaming(d, timeout=300)
+        during = progress[0]
+        time.sleep(1)  # and a little more while streaming
         stop.set()
         writer.join()
+        assert during > 100, f"only {during} writes happened during the bootstrap"
         env.caught_up(120)
         assert_views_equal(env.config, timeout=120)
     finally:
@@ -312,3 +321,24 @@ def test_vanished_slot_stops_with_a_clear_error(env: Env):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "vanished" in out.stderr and "--resnapshot" in out.stderr
+
+
+def test_dropped_replication_connection_is_retried_and_resumes(env: Env):
+    seed(env, 100)
+    d = env.daemon().start()
+    try:
+        env.wait_streaming(d)
+        for round_ in range(2):
+            with psycopg.connect(env.dsn, autocommit=True) as conn:
+                pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                                   (env.slot,)).fetchone()[0]
+                assert pid is not None
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            env.sql("UPDATE items SET qty = %s WHERE id <= 50", (1000 + round_,))
+            env.sql("DELETE FROM items WHERE id = %s", (90 + round_,))
+            env.caught_up(60)
+            assert_views_equal(env.config)
+        assert d.alive()
+        assert "reconnecting" in d.output()
+    finally:
+        d.stop()

@@ -38,6 +38,13 @@ class SnapshotStats:
     rows: dict[str, int] = field(default_factory=dict)
     records: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    sink_seconds: dict[str, float] = field(default_factory=dict)  # per view: time inside load()
+
+    def _timed_load(self, sink: Sink, view: str, generation: str, ops: list) -> None:
+        t0 = time.monotonic()
+        sink.load(view, generation, ops)
+        dt = time.monotonic() - t0
+        self.sink_seconds[view] = self.sink_seconds.get(view, 0.0) + dt
 
     def rows_per_second(self, table: str) -> float:
         secs = self.seconds.get(table) or 0.0
@@ -75,7 +82,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                 work = [(v, [v.row_op(r, version) for r in chunk]) for v in tviews]
                 for f in in_flight:
                     f.result()
-                in_flight = [pool.submit(sinks[v.sink].load, v.name, generations[v.name], ops)
+                in_flight = [pool.submit(stats._timed_load, sinks[v.sink], v.name, generations[v.name], ops)
                              for v, ops in work]
                 for v, ops in work:
                     stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)

@@ -226,6 +226,11 @@ class Engine:
             "consistent_point": format_lsn(consistent_point),
             "tables": {t: {"rows": n, "seconds": round(stats.seconds[t], 2),
                            "rows_per_s": round(stats.rows_per_second(t))} for t, n in stats.rows.items()},
+            # Per view: records written and the time its sink spent writing them (loads of
+            # different sinks overlap, so these rates are each sink's own throughput).
+            "views": {v: {"records": n, "sink_seconds": round(stats.sink_seconds.get(v, 0.0), 2),
+                          "sink_records_per_s": round(n / stats.sink_seconds[v]) if stats.sink_seconds.get(v) else None}
+                      for v, n in stats.records.items()},
         }
         self.state.set(self.slot, "streaming", consistent_point, fps)
         log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
@@ -322,7 +327,7 @@ class Engine:
         batch.changes += len(tx.changes)
         batch.transactions += 1
         batch.end_lsn = tx.end_lsn
-        if tx.commit_time is not None:
+        if tx.commit_time is not None and tx.changes:
             batch.commit_times.append(tx.commit_time.timestamp())
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:

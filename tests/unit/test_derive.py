@@ -1,0 +1,72 @@
+"""Derivation of Ops from Changes and their collapse in a batch (no services needed)."""
+from __future__ import annotations
+
+import pytest
+
+from cdc.changes import Change
+from views.batch import Batch
+from views.catalog import TableInfo
+from views.derive import DerivationError, View
+from views.spec import parse_spec
+
+SPEC = """
+source: {dsn: "postgresql://x@127.0.0.1/db", slot: s}
+sinks: {cache: {type: redis}}
+views:
+  v:
+    table: public.t
+    sink: cache
+    key: "t:{id}"
+    fields: {ident: id, label: name, body: big}
+"""
+INFO = TableInfo("public.t", {"id": "integer", "name": "text", "big": "text"}, ("id",), "d", ("id",))
+
+
+@pytest.fixture
+def view() -> View:
+    return View("v", parse_spec(SPEC).views["v"], INFO)
+
+
+def test_insert_update_delete(view: View):
+    [op] = view.change_ops(Change("insert", "public.t", new={"id": 1, "name": "a", "big": "x"}), 10)
+    assert (op.key, op.version, op.doc, op.partial) == ("t:1", 10, {"ident": 1, "label": "a", "body": "x"}, False)
+    [op] = view.change_ops(Change("delete", "public.t", old_key={"id": 1}), 11)
+    assert op.key == "t:1" and op.doc is None and op.version == 11
+
+
+def test_key_change_deletes_the_old_key(view: View):
+    ops = view.change_ops(Change("update", "public.t", new={"id": 2, "name": "a", "big": "x"},
+                                 old_key={"id": 1}), 12)
+    assert [(o.key, o.doc is None) for o in ops] == [("t:1", True), ("t:2", False)]
+
+
+def test_unchanged_toast_becomes_a_partial_update(view: View):
+    # wal2json omits an unchanged TOASTed column ("big") from the update.
+    [op] = view.change_ops(Change("update", "public.t", new={"id": 1, "name": "b"}), 13)
+    assert op.partial and op.doc == {"ident": 1, "label": "b"}
+
+
+def test_null_key_is_a_derivation_error(view: View):
+    with pytest.raises(DerivationError, match="NULL"):
+        view.change_ops(Change("insert", "public.t", new={"id": None, "name": "a", "big": None}), 1)
+
+
+def test_key_outside_replica_identity_is_refused():
+    spec = parse_spec(SPEC.replace('"t:{id}"', '"t:{name}"')).views["v"]
+    with pytest.raises(ValueError, match="replica identity"):
+        View("v", spec, INFO)
+
+
+def test_batch_collapses_per_key_and_merges_partials(view: View):
+    b = Batch()
+    for op in view.change_ops(Change("insert", "public.t", new={"id": 1, "name": "a", "big": "x"}), 10):
+        b.add("cache", op)
+    for op in view.change_ops(Change("update", "public.t", new={"id": 1, "name": "b"}), 20):
+        b.add("cache", op)
+    [op] = b.ops["cache"].values()
+    assert not op.partial and op.version == 20 and op.doc == {"ident": 1, "label": "b", "body": "x"}
+    for op in view.change_ops(Change("delete", "public.t", old_key={"id": 1}), 30):
+        b.add("cache", op)
+    [op] = b.ops["cache"].values()
+    assert op.doc is None and op.version == 30
+    assert len(b) == 1

@@ -50,7 +50,8 @@ apt_install() {
   local missing=()
   local pkg
   for pkg in "$@"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    # "deinstall ok config-files" (removed, configuration kept) counts as missing.
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   [ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]} (run as root or install them)"
@@ -177,10 +178,12 @@ EOF
 }
 
 os_down() {
-  if [ -f "$SVC/opensearch-run/opensearch.pid" ] && kill -0 "$(cat "$SVC/opensearch-run/opensearch.pid")" 2>/dev/null; then
-    kill "$(cat "$SVC/opensearch-run/opensearch.pid")"
-    local i
-    for ((i = 0; i < 60; i++)); do kill -0 "$(cat "$SVC/opensearch-run/opensearch.pid")" 2>/dev/null || break; sleep 0.5; done
+  local pidfile=$SVC/opensearch-run/opensearch.pid pid i
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for ((i = 0; i < 60; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     log "opensearch stopped"
   fi
 }
@@ -196,7 +199,7 @@ cmd=${1:-up}
 case "$cmd" in
   up)
     mkdir -p "$SVC"
-    apt_install postgresql-15 postgresql-15-wal2json postgresql-contrib-15 redis-server \
+    apt_install postgresql-15 postgresql-15-wal2json redis-server \
       openjdk-17-jre-headless curl unzip
     ensure_user
     pg_up

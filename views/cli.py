@@ -69,6 +69,7 @@ def _fail(e: BaseException) -> None:
               help="Write a JSON summary (changes, ops, lag percentiles) here every 2 s.")
 def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     """Run the daemon: bootstrap on first run, then stream. SIGTERM/SIGINT stop after a flush."""
+    from .derive import DerivationError
     from .engine import Engine, EngineError
     from sinks.base import SinkError
 
@@ -90,7 +91,7 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     except SpecError as e:
         click.echo(str(e), err=True)
         sys.exit(2)
-    except (EngineError, SinkError, psycopg.Error) as e:
+    except (EngineError, SinkError, DerivationError, psycopg.Error) as e:
         _fail(e)
 
 

@@ -52,6 +52,9 @@ class Transaction:
             confirm to the slot once every Op of this transaction is acknowledged.
         commit_time: commit timestamp (timezone-aware) from wal2json ``include-timestamp``.
         changes: row changes of watched tables, in WAL order.
+        final: False for a leading chunk of a large transaction (the decoder hands changes over
+            every ``chunk_changes`` so memory stays bounded); the chunk with ``final=True``
+            closes the transaction. Only a final chunk may be confirmed to the slot.
     """
 
     xid: int
@@ -59,3 +62,4 @@ class Transaction:
     end_lsn: int
     commit_time: datetime | None
     changes: list[Change] = field(default_factory=list)
+    final: bool = True

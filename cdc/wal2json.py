@@ -71,11 +71,15 @@ class Wal2JsonDecoder:
     """Assembles format-2 messages into committed transactions.
 
     Call :meth:`feed` with each XLogData payload in order; it returns a finished
-    :class:`Transaction` on the ``C`` message and ``None`` otherwise. Raises
+    :class:`Transaction` on the ``C`` message and ``None`` otherwise. A transaction with more
+    than ``chunk_changes`` changes is handed over in chunks (``final=False``, same xid and
+    commit LSN — wal2json's ``B`` already carries the commit LSN since decoding happens at
+    commit), so one huge transaction never sits in memory whole. Raises
     :class:`DecodeError` on messages out of order (e.g. ``I`` outside a transaction).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_changes: int = 5000) -> None:
+        self.chunk_changes = chunk_changes
         self._tx: Transaction | None = None
         self._converters: dict[str, Converter] = {}
 
@@ -107,7 +111,12 @@ class Wal2JsonDecoder:
             self._tx = None
             return tx
         if action in ("I", "U", "D", "T"):
-            self._require_tx(msg).changes.append(self._change(action, msg))
+            tx = self._require_tx(msg)
+            tx.changes.append(self._change(action, msg))
+            if len(tx.changes) >= self.chunk_changes:
+                self._tx = Transaction(tx.xid, tx.commit_lsn, tx.end_lsn, tx.commit_time)
+                tx.final = False
+                return tx
             return None
         if action == "M":
             return None

@@ -7,13 +7,21 @@ twice, or an older Op after a newer one, leaves the newer state.
 A *generation* is one physical copy of a view (an OpenSearch index behind the view's alias; for
 Redis the keys themselves, swept by version). Bootstrap and rebuild load a new generation at the
 snapshot's consistent point X and then commit it, which removes everything older than X.
+
+Writes never fail a whole batch for one bad record: :meth:`Sink.apply` and :meth:`Sink.load`
+return the Ops the sink refused for data reasons as :class:`Rejected` (for a dead-letter record)
+and apply all the others. :class:`SinkError` is for everything else.
+
+A *checkpoint* is the LSN up to which a view is known to be complete in its sink, stored in the
+sink itself (:meth:`Sink.write_checkpoint`). Comparing it with pgderive's own record detects a
+sink that lost data (e.g. Redis restarted without its AOF) or a slot that moved on without us.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Protocol, Sequence
 
-__all__ = ["Op", "ViewTarget", "Sink", "SinkError"]
+__all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError"]
 
 
 @dataclass(slots=True)
@@ -28,7 +36,8 @@ class Op:
         doc: the derived document (output field → value, values in the model of
             :mod:`cdc.changes`), or ``None`` for a delete.
         partial: ``doc`` holds only some fields (unchanged TOAST values were omitted by
-            wal2json): merge them into the stored record instead of replacing it.
+            wal2json): merge them into the stored record instead of replacing it. A partial Op
+            for a record the sink does not hold (missing or deleted) is skipped and counted.
     """
 
     view: str
@@ -40,6 +49,23 @@ class Op:
     @property
     def is_delete(self) -> bool:
         return self.doc is None
+
+
+@dataclass(slots=True, frozen=True)
+class Rejected:
+    """An Op the sink refused for a data reason; every other Op of the call was applied.
+
+    Attributes:
+        op: the refused Op as it was passed in (for a merged partial update: the partial Op).
+        error: the sink's reason, e.g. ``"mapper_parsing_exception: failed to parse field [n]
+            of type [long] ..."`` or ``"not JSON-encodable: ..."``.
+    """
+
+    op: Op
+    error: str
+
+    def __str__(self) -> str:
+        return f"view {self.op.view}: key {self.op.key}: {self.error}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,9 +84,12 @@ class ViewTarget:
 
 
 class SinkError(RuntimeError):
-    """A sink failed to acknowledge a batch (connection, server error, rejected document).
+    """A sink failed to acknowledge a call (connection, timeout, server error, misuse).
 
-    ``retryable`` is True for transport/availability failures, False for rejected input.
+    ``retryable`` is True for transport/availability failures (retry the same call: sinks are
+    idempotent), False for what a retry cannot fix (unregistered view, an index name taken by a
+    foreign index, an unexpected server reply). Records refused for data reasons are not errors:
+    they come back as :class:`Rejected`.
     """
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
@@ -76,11 +105,13 @@ class Sink(Protocol):
     def register(self, target: ViewTarget) -> None:
         """Declare a view this sink serves; must be called before any Op for it."""
 
-    def apply(self, ops: Sequence[Op]) -> None:
+    def apply(self, ops: Sequence[Op]) -> list[Rejected]:
         """Write Ops to the live generation; return only once the sink acknowledged them all.
 
         Ops may belong to several views. Idempotent and order-insensitive per key thanks to
-        versions. Raises :class:`SinkError`.
+        versions (partial Ops are merged into the stored record, in version order). Returns the
+        Ops refused for data reasons (all others are applied, or skipped as older). Raises
+        :class:`SinkError`; after a retryable one the whole call may be repeated.
         """
 
     def begin_generation(self, view: str, version: int) -> str:
@@ -89,15 +120,27 @@ class Sink(Protocol):
         Returns a generation id to pass to :meth:`load` and :meth:`commit_generation`.
         """
 
-    def load(self, view: str, generation: str, ops: Sequence[Op]) -> None:
-        """Write snapshot Ops into a generation that is not live yet. Raises :class:`SinkError`."""
+    def load(self, view: str, generation: str, ops: Sequence[Op]) -> list[Rejected]:
+        """Write snapshot Ops into a generation that is not live yet; returns the refused Ops
+        like :meth:`apply`. Raises :class:`SinkError`."""
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Make ``generation`` the live one and drop every record older than ``version``.
 
         Redis: deletes the view's keys whose stored version is < ``version``.
         OpenSearch: atomically points the alias at the generation's index, deletes older ones.
+        Checkpoints are not touched.
         """
+
+    def write_checkpoint(self, views: Sequence[str], lsn: int) -> None:
+        """Record that every view in ``views`` is complete up to ``lsn`` (int LSN), in one cheap
+        call. Forward only: a checkpoint already at or past ``lsn`` is kept. Call it after the
+        Ops up to ``lsn`` were acknowledged. Raises :class:`SinkError`."""
+
+    def read_checkpoint(self, view: str) -> int | None:
+        """The checkpoint LSN of ``view``, or None if the sink holds none (never written, dropped,
+        or lost by the sink). Reads the latest write (no refresh needed). Raises
+        :class:`SinkError`."""
 
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, doc)`` for every live record of ``view`` (for verify/demo/tests).
@@ -112,7 +155,8 @@ class Sink(Protocol):
         """What :meth:`scan` yields for a record written with ``doc`` (used to diff views)."""
 
     def drop_view(self, view: str) -> None:
-        """Remove every record and all bookkeeping of ``view`` (used by re-snapshot and tests)."""
+        """Remove every record and all bookkeeping of ``view``, its checkpoint included (used by
+        re-snapshot and tests)."""
 
     def close(self) -> None:
         """Release connections."""

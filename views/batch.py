@@ -15,12 +15,19 @@ __all__ = ["Batch"]
 class Batch:
     """Pending Ops per sink, plus the end LSN of the last transaction they cover."""
 
-    def __init__(self) -> None:
+    def __init__(self, end_lsn: int = 0) -> None:
         self.ops: dict[str, dict[tuple[str, str], Op]] = {}
-        self.end_lsn = 0
-        self.transactions = 0
+        self.end_lsn = end_lsn  # end LSN of the last COMPLETE transaction covered (confirmable)
+        self.transactions = 0  # complete transactions
+        self.open_chunks = 0  # leading chunks of a large transaction not yet committed here
         self.changes = 0
         self.commit_times: list[float] = []  # commit timestamps (Unix s) of its transactions
+        self.dead_letters: list = []  # views.deadletters.DeadLetter for rows views could not derive
+
+    @property
+    def pending(self) -> bool:
+        """True when the batch has something to apply (complete transactions or chunks)."""
+        return bool(self.transactions or self.open_chunks or self.ops or self.dead_letters)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.ops.values())
@@ -47,5 +54,7 @@ class Batch:
     def clear(self) -> None:
         self.ops.clear()
         self.transactions = 0
+        self.open_chunks = 0
         self.changes = 0
         self.commit_times = []
+        self.dead_letters = []

@@ -20,7 +20,8 @@ from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
 from sinks.base import Sink
 
-from .derive import View
+from .deadletters import DeadLetter
+from .derive import DerivationError, View
 
 __all__ = ["load_snapshot", "SnapshotStats", "Interrupted"]
 
@@ -40,11 +41,12 @@ class SnapshotStats:
     seconds: dict[str, float] = field(default_factory=dict)
     sink_seconds: dict[str, float] = field(default_factory=dict)  # per view: time inside load()
 
-    def _timed_load(self, sink: Sink, view: str, generation: str, ops: list) -> None:
+    def _timed_load(self, sink: Sink, view: str, generation: str, ops: list) -> list:
         t0 = time.monotonic()
-        sink.load(view, generation, ops)
+        rejected = list(sink.load(view, generation, ops) or [])
         dt = time.monotonic() - t0
         self.sink_seconds[view] = self.sink_seconds.get(view, 0.0) + dt
+        return rejected
 
     def rows_per_second(self, table: str) -> float:
         secs = self.seconds.get(table) or 0.0
@@ -53,14 +55,37 @@ class SnapshotStats:
 
 def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
                   version: int, *, chunk_rows: int = 5000,
-                  should_stop: Callable[[], bool] = lambda: False) -> SnapshotStats:
+                  should_stop: Callable[[], bool] = lambda: False,
+                  on_dead_letters: Callable[[list[DeadLetter]], None] | None = None) -> SnapshotStats:
     """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
 
     Each table is read once (``COPY``) for all views over it. Progress is logged every 5 s
-    with rows/s. Raises :class:`Interrupted` when ``should_stop()`` turns true (checked per
-    chunk), :class:`~sinks.base.SinkError` when a sink fails, and
-    :class:`~views.derive.DerivationError` for a row a view cannot derive.
+    with rows/s. Rows a view cannot derive and documents a sink rejects become dead letters
+    passed to ``on_dead_letters`` (without it, the first one raises). Raises
+    :class:`Interrupted` when ``should_stop()`` turns true (checked per chunk) and
+    :class:`~sinks.base.SinkError` when a sink fails.
     """
+    def dead(entries: list[DeadLetter]) -> None:
+        if not entries:
+            return
+        if on_dead_letters is None:
+            raise DerivationError(entries[0].view, entries[0].table, entries[0].row, entries[0].error)
+        on_dead_letters(entries)
+
+    def derive(v: View, chunk: list) -> list:
+        ops, bad = [], []
+        for r in chunk:
+            try:
+                ops.append(v.row_op(r, version))
+            except DerivationError as e:
+                bad.append(DeadLetter.from_derivation_error(e, version))
+        dead(bad)
+        return ops
+
+    def settle(futures: list[tuple[View, Future]]) -> None:
+        for v, f in futures:
+            dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
+
     stats = SnapshotStats()
     by_table: dict[str, list[View]] = defaultdict(list)
     for v in views:
@@ -75,14 +100,13 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             rows = 0
             log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
                      ", ".join(v.name for v in tviews))
-            in_flight: list[Future] = []
+            in_flight: list[tuple[View, Future]] = []
             for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows):
                 if should_stop():
                     raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
-                work = [(v, [v.row_op(r, version) for r in chunk]) for v in tviews]
-                for f in in_flight:
-                    f.result()
-                in_flight = [pool.submit(stats._timed_load, sinks[v.sink], v.name, generations[v.name], ops)
+                work = [(v, derive(v, chunk)) for v in tviews]
+                settle(in_flight)
+                in_flight = [(v, pool.submit(stats._timed_load, sinks[v.sink], v.name, generations[v.name], ops))
                              for v, ops in work]
                 for v, ops in work:
                     stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)
@@ -91,8 +115,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                 if now - last_log >= 5:
                     log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
                     last_log = now
-            for f in in_flight:
-                f.result()
+            settle(in_flight)
             secs = time.monotonic() - t0
             stats.rows[table], stats.seconds[table] = rows, secs
             log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,

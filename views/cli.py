@@ -1,6 +1,7 @@
 """The ``pgderive`` command line (click).
 
-Commands: ``run`` (the daemon), ``validate``, ``status``, ``rebuild VIEW``. Every command takes
+Commands: ``run`` (the daemon), ``validate``, ``status``, ``rebuild VIEW``, ``dead-letters
+list|retry|discard`` (rows a view could not derive, see :mod:`views.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
 1 operational error (message on stderr), 2 usage or configuration error.
 """
@@ -117,6 +118,7 @@ def validate(config: str) -> None:
 @config_option
 def status(config: str) -> None:
     """Show the slot, its confirmed LSN, lag in bytes (and seconds while streaming), per-view state."""
+    from .deadletters import DeadLetterStore
     from .engine import build_views, open_sinks
     from .state import StateStore
 
@@ -148,8 +150,14 @@ def status(config: str) -> None:
     t.add_row("state", "none" if state is None else
               f"{state.status} (consistent point {format_lsn(state.consistent_point)})")
     _console.print(t)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            dead: dict[str, int] | None = store.count(spec.source.slot)
+    except psycopg.Error as e:  # still show the rest
+        log.warning("cannot count dead letters: %s", e)
+        dead = None
     vt = Table(title="views")
-    for col in ("view", "table", "sink", "records", "state"):
+    for col in ("view", "table", "sink", "records", "state", "dead letters"):
         vt.add_column(col)
     sinks = open_sinks(spec, views)
     try:
@@ -159,7 +167,7 @@ def status(config: str) -> None:
             except Exception as e:  # sink down: still show the rest
                 n = f"? ({type(e).__name__})"
             vstate = "not bootstrapped" if state is None or v.name not in state.views else state.status
-            vt.add_row(v.name, v.table, v.sink, n, vstate)
+            vt.add_row(v.name, v.table, v.sink, n, vstate, "?" if dead is None else str(dead.get(v.name, 0)))
     finally:
         for s in sinks.values():
             s.close()
@@ -185,6 +193,120 @@ def rebuild(config: str, view: str) -> None:
         _fail(e)
     rows = sum(stats.rows.values())
     click.echo(f"rebuilt {view} at {format_lsn(lsn)}: {rows} rows")
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Rows a view could not derive and documents a sink rejected (table pgderive.dead_letters
+    in the source database): list them, retry them after fixing the cause, or discard them."""
+
+
+def _short(text: str, width: int = 80) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= width else one[:width - 1] + "…"
+
+
+@dead_letters.command("list")
+@config_option
+@click.option("--view", help="Only this view's dead letters.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Show at most this many (oldest first).")
+def dead_letters_list(config: str, view: str | None, limit: int) -> None:
+    """List the dead letters of the config's slot, oldest first."""
+    from .deadletters import DeadLetterStore
+
+    spec = _load(config)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            records = store.list(spec.source.slot, view=view, limit=limit)
+            total = sum(n for v, n in store.count(spec.source.slot).items() if view is None or v == view)
+    except psycopg.Error as e:
+        _fail(f"cannot read dead letters from {spec.source.redacted_dsn()}: {e}")
+    if not records:
+        click.echo(f"no dead letters for slot {spec.source.slot}" + (f", view {view}" if view else ""))
+        return
+    t = Table(title=f"dead letters of slot {spec.source.slot}"
+                    + (f" ({len(records)} of {total})" if total > len(records) else ""))
+    t.add_column("id", no_wrap=True, justify="right")
+    t.add_column("view", no_wrap=True)
+    t.add_column("table")
+    t.add_column("key")
+    t.add_column("commit LSN", no_wrap=True)
+    t.add_column("error")
+    t.add_column("retries", justify="right")
+    t.add_column("created", no_wrap=True)
+    for r in records:
+        t.add_row(str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
+                  _short(r.error), str(r.retries), r.created_at.strftime("%Y-%m-%d %H:%M:%S %z"))
+    _console.print(t)
+
+
+@dead_letters.command("retry")
+@config_option
+@click.option("--view", help="Only this view's dead letters.")
+@click.argument("ids", nargs=-1, type=int)
+def dead_letters_retry(config: str, view: str | None, ids: tuple[int, ...]) -> None:
+    """Derive the CURRENT source row of each dead letter again and apply it at the dead
+    letter's commit LSN (newer stream writes keep winning); a row that no longer exists is
+    deleted at that LSN. Applied ones are removed; ones that fail again are kept (retries + 1).
+
+    Without IDS and --view, every dead letter of the slot is retried. Exit code 1 if any
+    still fails.
+    """
+    from .deadletters import DeadLetterStore, retry_dead_letters
+    from sinks.base import SinkError
+
+    spec = _load(config)
+    resolved = failed = 0
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            records = store.take_for_retry(spec.source.slot, ids=list(ids) or None, view=view)
+            for missing in sorted(set(ids) - {r.id for r in records}):
+                click.echo(f"{missing}: no such dead letter" + (f" of view {view}" if view else ""))
+                failed += 1
+            if not records and not ids:
+                click.echo(f"no dead letters to retry for slot {spec.source.slot}"
+                           + (f", view {view}" if view else ""))
+                return
+            for outcome in retry_dead_letters(spec, store, records):
+                rec = outcome.record
+                if outcome.resolved:
+                    resolved += 1
+                    click.echo(f"{rec.id} ({rec.view}): {outcome.message}; dead letter removed")
+                else:
+                    failed += 1
+                    click.echo(f"{rec.id} ({rec.view}): still failing: {_short(outcome.message, 200)}"
+                               f" (kept, retries {rec.retries + 1})")
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+    except (SinkError, psycopg.Error) as e:
+        _fail(f"retry stopped: {e} ({resolved} applied so far; the rest are kept)")
+    click.echo(f"{resolved} applied, {failed} still failing")
+    if failed:
+        sys.exit(1)
+
+
+@dead_letters.command("discard")
+@config_option
+@click.option("--view", help="Discard this view's dead letters (with IDS: only those of this view).")
+@click.option("--all", "all_", is_flag=True, help="Discard every dead letter of the slot.")
+@click.argument("ids", nargs=-1, type=int)
+def dead_letters_discard(config: str, view: str | None, all_: bool, ids: tuple[int, ...]) -> None:
+    """Delete dead letters for good: IDS, every one of --view, or --all."""
+    from .deadletters import DeadLetterStore
+
+    if not ids and view is None and not all_:
+        raise click.UsageError("name the dead letters to discard: IDS, --view VIEW or --all")
+    if all_ and (ids or view is not None):
+        raise click.UsageError("--all cannot be combined with IDS or --view")
+    spec = _load(config)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            n = store.discard(spec.source.slot, ids=list(ids) or None, view=view)
+    except psycopg.Error as e:
+        _fail(f"cannot discard dead letters in {spec.source.redacted_dsn()}: {e}")
+    click.echo(f"discarded {n} dead letter(s) of slot {spec.source.slot}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,15 @@ class DerivationError(ValueError):
         self.view, self.table, self.row, self.reason = view, table, row, reason
 
 
+_FIXED_WIDTH = {"smallint", "integer", "bigint", "real", "double precision", "boolean", "date",
+                "time without time zone", "time with time zone", "timestamp without time zone",
+                "timestamp with time zone", "uuid", "money", "oid", "interval", "macaddr", "point"}
+
+
+def _fixed_width(type_name: str) -> bool:
+    return type_name.split("(", 1)[0].strip() in _FIXED_WIDTH or type_name.startswith(("timestamp", "time"))
+
+
 class View:
     """One declared view over one table, bound to its sink.
 
@@ -60,6 +69,9 @@ class View:
         self.column_types: list[tuple[str, str]] = [(c, info.columns[c]) for c in self.columns]
         self.target = ViewTarget(view=name, format=spec.format, index=spec.index)
         self._items = tuple(self.fields.items())
+        self._columns_set = tuple(dict.fromkeys(self.fields.values()))
+        # Fixed-width types are never TOASTed, so wal2json always sends them.
+        self._fixed_width = frozenset(c for c, t in self.column_types if _fixed_width(t))
 
     def __repr__(self) -> str:
         return f"View({self.name!r}, table={self.table!r}, sink={self.sink!r})"
@@ -94,9 +106,18 @@ class View:
             old = self._key({**new, **change.old_key})
             if old != key:
                 ops.append(Op(self.name, old, version, None))
-        if all(c in new for c in self.fields.values()):
+        missing = [c for c in self._columns_set if c not in new]
+        if not missing:
             ops.append(Op(self.name, key, version, self.doc(new)))
-        else:
-            doc = {out: new[col] for out, col in self._items if col in new}
-            ops.append(Op(self.name, key, version, doc, partial=True))
+            return ops
+        # Only an UPDATE may omit a column, and only a TOASTable one whose value did not change
+        # (wal2json omits unchanged TOAST values). Anything else means the column was dropped
+        # or renamed under the view: a clear error (dead letter), never a silent partial write.
+        hard = [c for c in missing if kind != "update" or c in self._fixed_width]
+        if hard:
+            raise DerivationError(self.name, self.table, new,
+                                  f"column(s) {', '.join(hard)} missing from the {kind}: dropped or "
+                                  "renamed since the view was declared?")
+        doc = {out: new[col] for out, col in self._items if col in new}
+        ops.append(Op(self.name, key, version, doc, partial=True))
         return ops

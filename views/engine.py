@@ -32,7 +32,8 @@ from sinks.factory import make_sink
 from .batch import Batch
 from .bootstrap import Interrupted, load_snapshot
 from .catalog import check_source
-from .derive import View
+from .deadletters import DeadLetter, DeadLetterStore
+from .derive import DerivationError, View
 from .flusher import Backoff, Flusher
 from .spec import Spec
 from .state import StateStore
@@ -130,6 +131,7 @@ class Engine:
         self.batch_ops = batch_ops
         self.stats = Stats()
         self.state = StateStore(self.dsn)
+        self.dead_letters = DeadLetterStore(self.dsn)
         self.views: list[View] = []
         self.by_table: dict[str, list[View]] = {}
         self.sinks: dict[str, Sink] = {}
@@ -218,7 +220,8 @@ class Engine:
         try:
             with snapshot_connection(self.dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point,
-                                      should_stop=self.stop.is_set)
+                                      should_stop=self.stop.is_set,
+                                      on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
             log.warning("%s; the next start redoes the bootstrap", e)
             return None
@@ -270,7 +273,7 @@ class Engine:
 
     def _loop(self, reader: SlotReader) -> None:
         """Read, derive and hand batches to the flusher until stopped or the stream fails."""
-        flusher = Flusher(self.sinks, self.stop, self._applied)
+        flusher = Flusher(self.sinks, self.stop, self._applied, self._rejected)
         self.flusher = flusher
         batch = Batch()
         try:
@@ -279,9 +282,9 @@ class Engine:
                     raise flusher.error
                 if flusher.idle:
                     reader.confirm(flusher.acked_lsn)
-                    if batch.transactions:
+                    if batch.pending:
                         flusher.submit(batch)
-                        batch = Batch()
+                        batch = Batch(end_lsn=batch.end_lsn)
                 if self.stop.is_set():
                     break
                 if len(batch) >= self.batch_ops:
@@ -290,10 +293,10 @@ class Engine:
                     if not flusher.wait_idle(1.0):
                         reader.send_status()
                     continue
-                idle = flusher.idle and not batch.transactions
+                idle = flusher.idle and not batch.pending
                 for event in reader.read(max_wait=0.5 if idle else 0.002, max_events=self.batch_ops):
                     if isinstance(event, Keepalive):
-                        if flusher.idle and not batch.transactions and reader.at_transaction_boundary:
+                        if flusher.idle and not batch.pending and reader.at_transaction_boundary:
                             reader.confirm(max(event.wal_end, flusher.acked_lsn))
                         continue
                     self._add_transaction(batch, event)
@@ -302,7 +305,7 @@ class Engine:
                 self._write_stats()
             # Graceful stop: apply what was read, then confirm it.
             flusher.wait_idle()
-            if flusher.error is None and batch.transactions:
+            if flusher.error is None and batch.pending:
                 flusher.submit(batch)
                 flusher.wait_idle()
             if flusher.error is not None:
@@ -322,12 +325,20 @@ class Engine:
                 self._truncate(batch, views, version)
                 continue
             for v in views:
-                for op in v.change_ops(change, version):
+                try:
+                    ops = v.change_ops(change, version)
+                except DerivationError as e:
+                    batch.dead_letters.append(DeadLetter.from_derivation_error(e, version))
+                    continue
+                for op in ops:
                     batch.add(v.sink, op)
         batch.changes += len(tx.changes)
+        if not tx.final:
+            batch.open_chunks += 1  # a chunk of a large transaction: applied, not confirmable
+            return
         batch.transactions += 1
         batch.end_lsn = tx.end_lsn
-        if tx.commit_time is not None and tx.changes:
+        if tx.commit_time is not None and (tx.changes or batch.open_chunks):
             batch.commit_times.append(tx.commit_time.timestamp())
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
@@ -345,6 +356,20 @@ class Engine:
             gen = sink.begin_generation(v.name, version)
             sink.commit_generation(v.name, gen, version)
             log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
+
+    def _rejected(self, batch: Batch, rejected: list) -> None:
+        """Flusher callback: store dead letters (rows views could not derive, documents sinks
+        refused) in ``pgderive.dead_letters`` before the batch is confirmed (rule 5)."""
+        tables = {v.name: v.table for v in self.views}
+        entries = list(batch.dead_letters)
+        entries += [DeadLetter(r.op.view, tables.get(r.op.view, "?"), r.op.key, r.op.version, r.error, r.op.doc)
+                    for r in rejected]
+        self.dead_letters.record(self.slot, entries)
+        for e in entries[:5]:
+            log.warning("dead letter: view %s, %s, key %s, at %s: %s", e.view, e.table, e.key,
+                        format_lsn(e.lsn), e.error)
+        if len(entries) > 5:
+            log.warning("… and %d more dead letters (see `pgderive dead-letters list`)", len(entries) - 5)
 
     def _applied(self, batch: Batch) -> None:
         """Flusher callback: every sink acknowledged ``batch``."""

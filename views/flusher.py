@@ -41,16 +41,17 @@ class Backoff:
         self.delay = self.first
 
 
-def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> None:
+def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> list:
     """``sink.apply(ops)``, retrying retryable failures with capped backoff until ``stop``.
 
-    Raises the :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
+    Returns the sink's rejected Ops (``list[sinks.base.Rejected]``: data it refused, e.g. a
+    document OpenSearch cannot map). Raises the :class:`SinkError` if it is not retryable, or
+    if ``stop`` is set meanwhile.
     """
     backoff = Backoff()
     while True:
         try:
-            sink.apply(ops)
-            return
+            return list(sink.apply(ops) or [])
         except SinkError as e:
             if not e.retryable or stop.is_set():
                 raise
@@ -70,10 +71,12 @@ class Flusher:
     """
 
     def __init__(self, sinks: Mapping[str, Sink], stop: threading.Event,
-                 on_applied: Callable[[Batch], None]) -> None:
+                 on_applied: Callable[[Batch], None],
+                 on_rejected: Callable[[Batch, list], None] | None = None) -> None:
         self.sinks = sinks
         self.stop = stop
         self.on_applied = on_applied
+        self.on_rejected = on_rejected
         self.acked_lsn = 0  # end LSN of the last batch every sink acknowledged
         self.error: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-sink")
@@ -132,11 +135,16 @@ class Flusher:
                 self._cond.notify_all()
 
     def _apply(self, batch: Batch) -> None:
+        """Apply every sink's Ops (in parallel), then hand rejects and the batch's dead
+        letters to ``on_rejected`` — all before the batch counts as acknowledged."""
         work = [(self.sinks[name], list(ops.values())) for name, ops in batch.ops.items() if ops]
+        rejected: list = []
         if len(work) == 1:
-            apply_with_retry(work[0][0], work[0][1], self.stop)
+            rejected = apply_with_retry(work[0][0], work[0][1], self.stop)
         elif work:
             futures = [self._pool.submit(apply_with_retry, s, ops, self.stop) for s, ops in work]
             for f in futures:
-                f.result()
+                rejected.extend(f.result())
+        if (rejected or batch.dead_letters) and self.on_rejected is not None:
+            self.on_rejected(batch, rejected)
         time.sleep(0)  # let the reading thread run between batches

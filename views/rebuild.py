@@ -19,6 +19,7 @@ from cdc.slot import SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
 
 from .bootstrap import SnapshotStats, load_snapshot
+from .deadletters import DeadLetterStore
 from .engine import EngineError, build_views, open_sinks, view_fingerprint
 from .spec import Spec
 from .state import StateStore
@@ -50,7 +51,9 @@ def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
         consistent_point, snapshot = reader.create_slot(temporary=True)
         log.info("rebuilding view %s from a snapshot at %s", name, format_lsn(consistent_point))
         with snapshot_connection(dsn, snapshot) as conn:
-            stats = load_snapshot(conn, views, sinks, consistent_point)
+            dead = DeadLetterStore(dsn)
+            stats = load_snapshot(conn, views, sinks, consistent_point,
+                                  on_dead_letters=lambda e: dead.record(slot, e))
     finally:
         reader.close()
         for s in sinks.values():

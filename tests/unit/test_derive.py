@@ -70,3 +70,20 @@ def test_batch_collapses_per_key_and_merges_partials(view: View):
     [op] = b.ops["cache"].values()
     assert op.doc is None and op.version == 30
     assert len(b) == 1
+
+
+def test_dropped_column_is_an_error_not_a_partial_write():
+    info = TableInfo("public.t", {"id": "integer", "name": "text", "big": "text"}, ("id",), "d", ("id",))
+    spec = parse_spec(SPEC.replace("body: big", "body: big, n: id")).views["v"]
+    v = View("v", spec, info)
+    # An INSERT without a projected column: the column was dropped/renamed.
+    with pytest.raises(DerivationError, match="missing from the insert"):
+        v.change_ops(Change("insert", "public.t", new={"id": 1, "name": "a"}), 1)
+
+
+def test_update_missing_a_fixed_width_column_is_an_error():
+    info = TableInfo("public.t", {"id": "integer", "name": "text", "qty": "integer"}, ("id",), "d", ("id",))
+    spec = parse_spec(SPEC.replace("{ident: id, label: name, body: big}", "{ident: id, label: name, q: qty}")).views["v"]
+    v = View("v", spec, info)
+    with pytest.raises(DerivationError, match="qty"):
+        v.change_ops(Change("update", "public.t", new={"id": 1, "name": "a"}), 1)

@@ -5,34 +5,64 @@ output), the stream reads wal2json JSON, where wal2json prints integer, float an
 as bare JSON numbers, booleans as JSON booleans and every other type as a JSON string holding
 the type's text output (wal2json README, "format-version 2"). Both are converted here by the
 column's type name (``format_type`` spelling, e.g. ``"integer"``, ``"character(84)"``,
-``"numeric(12,2)"``) into the model documented in :mod:`cdc.changes`.
+``"numeric(12,2)"``) into the model documented in :mod:`cdc.changes` and in the README table
+"What lands in the sinks":
 
-Lossless numerics: wal2json 2.5 has no ``numeric-data-types-as-string`` option in format 2, so
-a message with a numeric column is parsed with the stdlib JSON parser keeping number literals
-as text (see :func:`cdc.wal2json.loads_message`). numeric ``NaN``/``±Infinity`` are printed as
-``null`` by wal2json 2.5: a known loss, documented in the README.
+* ``smallint``/``integer``/``bigint``/``oid``/``xid``: ``int``.
+* ``real``/``double precision``: ``float`` (the double nearest Postgres' shortest text, so
+  ``'1e-300'`` from COPY and the JSON number ``1e-300`` from wal2json give the same float; ``-0``
+  stays ``-0.0``); ``NaN``/``Infinity``/``-Infinity`` stay their Postgres text (``str``): JSON has
+  no such numbers and a ``null`` would read as SQL NULL.
+* ``numeric``: its exact text (``str``), never rounded through float.
+* ``boolean``: ``bool``.
+* ``jsonb``: the parsed JSON value; a number inside it that neither a 64-bit integer nor a double
+  holds exactly (jsonb numbers are ``numeric``) is kept as its exact text (``str``), like
+  ``numeric`` itself, instead of being rounded (or failing, e.g. ``1e400``).
+* ``json``: its text as stored (``str``): ``json`` keeps whitespace, key order and duplicate
+  keys, which any parsed form would lose.
+* everything else (text, char(n) with its padding, dates and times, uuid, arrays, enums,
+  domains, ...): Postgres' text output (``str``).
+
+Lossless numerics on the stream: wal2json 2.5 has no ``numeric-data-types-as-string`` option, so
+a message with a numeric column (or a float ``-0``) is parsed with the stdlib JSON parser keeping
+number literals as text (see :func:`cdc.wal2json.loads_message`); the converters below accept
+both forms. wal2json 2.5 prints numeric and float ``NaN``/``±Infinity`` as ``null``: that is lost
+before it reaches pgderive (README, "Known limitations").
 """
 from __future__ import annotations
 
+import json
+import math
+import re
+from decimal import Decimal
 from typing import Any, Callable
 
 import orjson
 
-__all__ = ["converter", "Converter"]
+__all__ = ["converter", "Converter", "is_numeric_type", "NONFINITE"]
 
 Converter = Callable[[Any], Any]
 
 _INT_TYPES = {"smallint", "integer", "bigint", "oid", "xid"}
 _FLOAT_TYPES = {"real", "double precision"}
-_JSON_TYPES = {"json", "jsonb"}
+
+#: Postgres' text for the non-finite float/numeric values; kept as ``str`` in the model.
+NONFINITE = frozenset(("NaN", "Infinity", "-Infinity"))
 
 
 def _to_int(v: Any) -> Any:
-    return v if isinstance(v, int) else int(v)
+    return v if type(v) is int else int(v)
 
 
 def _to_float(v: Any) -> Any:
-    return v if isinstance(v, float) else float(v)
+    t = type(v)
+    if t is float:
+        return v
+    if t is int:  # wal2json prints integral floats without a fraction, e.g. 100000
+        return float(v)
+    if v in NONFINITE:  # snapshot text
+        return v
+    return float(v)
 
 
 def _to_numeric(v: Any) -> Any:
@@ -46,8 +76,34 @@ def _to_bool(v: Any) -> Any:
     return v in ("t", "true")
 
 
-def _to_json(v: Any) -> Any:
-    return orjson.loads(v) if isinstance(v, (str, bytes)) else v
+# A jsonb number orjson could round: 16+ digits in a row (Postgres prints jsonb numbers in plain
+# notation, so 1e-300 is a run of 300 zeros) or an exponent of 3+ digits. False positives (long
+# digit runs inside strings) only take the exact path below.
+_RISKY_NUMBER = re.compile(r"[0-9.]{16}|[0-9][eE][+-]?[0-9]{3}")
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what orjson reads and writes as integers
+
+
+def _exact_float(s: str) -> Any:
+    f = float(s)
+    if math.isfinite(f) and Decimal(repr(f)) == Decimal(s):
+        return f
+    return s
+
+
+def _exact_int(s: str) -> Any:
+    if len(s) <= 20:
+        i = int(s)
+        if _INT_MIN <= i <= _INT_MAX:
+            return i
+    return _exact_float(s)
+
+
+def _to_jsonb(v: Any) -> Any:
+    if not isinstance(v, str):
+        return v
+    if _RISKY_NUMBER.search(v) is None:
+        return orjson.loads(v)
+    return json.loads(v, parse_float=_exact_float, parse_int=_exact_int)
 
 
 def _identity(v: Any) -> Any:
@@ -55,8 +111,7 @@ def _identity(v: Any) -> Any:
 
 
 def _base_type(type_name: str) -> str:
-    base = type_name.split("(", 1)[0].strip()
-    return base
+    return type_name.split("(", 1)[0].strip()
 
 
 _BY_BASE: dict[str, Converter] = {
@@ -64,7 +119,7 @@ _BY_BASE: dict[str, Converter] = {
     **{t: _to_float for t in _FLOAT_TYPES},
     "numeric": _to_numeric,
     "boolean": _to_bool,
-    **{t: _to_json for t in _JSON_TYPES},
+    "jsonb": _to_jsonb,
 }
 
 

@@ -16,27 +16,52 @@ default when committed) so a snapshot row cannot resurrect a document deleted me
 While a generation begun by this sink instance is not committed yet, :meth:`OpenSearchSink.apply`
 writes every Op to both the alias and that generation (DESIGN.md "Online rebuild").
 
-Partial Ops are rejected: the ``update`` API does not support external versioning.
+Partial Ops (``Op.partial``): the ``update`` API does not support external versioning, so they
+are a read-modify-write relying on one writer per key (the daemon applies batches one after the
+other): after the full Ops of the call, one ``mget`` (realtime) reads the current ``_source`` of
+the partial keys from every target index (the alias and generations being loaded), the newest
+copy is the base, the partial docs are merged in version order, and the result is sent as a
+full ``index`` action with the partial Op's external version. A partial Op for a document found
+nowhere is skipped and counted in ``stats["partial_missed"]``.
+
+Rejected Ops (:class:`sinks.base.Rejected`): a document that is not JSON-encodable, a bulk item
+refused with 400 (``mapper_parsing_exception``, ``illegal_argument_exception``, ...) or 413, and a
+document too large for the server's ``http.max_content_length`` (the request is split until the
+offending document is alone). Other documents of the same request are applied regardless.
+Requests hold at most ``bulk_docs`` actions and about ``bulk_bytes`` bytes.
+
+Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes`` 0), one document
+``{"lsn": <int>}`` per view with ``_id`` = view name, written with ``version`` = LSN
+(``external``: a checkpoint only moves forward) and without refresh; read with a realtime GET.
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import orjson
 from opensearchpy import OpenSearch, helpers
 from opensearchpy import exceptions as ox
 
 from cdc.lsn import version_hex
-from sinks.base import Op, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, ViewTarget
 
-__all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES"]
+__all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX"]
 
 LOAD_GC_DELETES = "6h"
 _GEN_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
 _BULK_FILTER = "errors,items.*._id,items.*._index,items.*.status,items.*.error.type,items.*.error.reason"
 _MAX_REPORTED = 3
+CHECKPOINT_INDEX = "pgderive-checkpoints"
+_CHECKPOINT_BODY = {
+    "settings": {"index": {"number_of_shards": 1, "number_of_replicas": 0, "gc_deletes": "0s"}},
+    "mappings": {"dynamic": "strict", "properties": {"lsn": {"type": "long"}}},
+}
+_REJECT_STATUS = (400, 413)  # bulk item statuses meaning "this document", not "this cluster"
+
+# one bulk action: (the Op to report, action line, source line or None for a delete)
+_Action = tuple[Op, bytes, Optional[bytes]]
 
 
 def generation_index(alias: str, version: int) -> str:
@@ -55,18 +80,26 @@ class OpenSearchSink:
         name: the sink's name in the YAML (for error messages).
         hosts: node URLs, e.g. ``["http://127.0.0.1:9201"]``.
         bulk_docs: maximum actions per ``_bulk`` request.
+        bulk_bytes: a ``_bulk`` request is sent once its body reaches this many bytes.
+
+    Attributes:
+        stats: running counter ``partial_missed`` (partial Op for a document found nowhere).
 
     Every method raises :class:`SinkError`: ``retryable=True`` for connection failures, timeouts,
-    HTTP 429/5xx and items rejected with 429/5xx; ``retryable=False`` for rejected documents
-    (naming the view, key and OpenSearch's reason), partial Ops, unregistered views and an alias
-    name taken by a concrete (legacy) index.
+    HTTP 429/5xx and items failed with 429/5xx; ``retryable=False`` for unregistered views, an
+    alias name taken by a concrete (legacy) index and other unexpected errors. Refused documents
+    are returned as :class:`~sinks.base.Rejected` instead (see the module docstring).
     """
 
-    def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000) -> None:
-        if bulk_docs < 1:
-            raise ValueError("bulk_docs must be >= 1")
+    def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000,
+                 bulk_bytes: int = 16 << 20) -> None:
+        if bulk_docs < 1 or bulk_bytes < 1:
+            raise ValueError("bulk_docs and bulk_bytes must be >= 1")
         self.name = name
         self.bulk_docs = bulk_docs
+        self.bulk_bytes = bulk_bytes
+        self.stats = {"partial_missed": 0}
+        self._checkpoint_index_ready = False
         self._client = OpenSearch(hosts, http_compress=False, timeout=60)
         self._targets: dict[str, ViewTarget] = {}
         self._has_alias: set[str] = set()  # views whose alias is known to exist
@@ -80,17 +113,20 @@ class OpenSearchSink:
             raise ValueError(f"sink {self.name}: view {target.view}: no index (alias) given")
         self._targets[target.view] = target
 
-    def apply(self, ops: Sequence[Op]) -> None:
+    def apply(self, ops: Sequence[Op]) -> list[Rejected]:
         """Write ``ops`` (any views) to their aliases, plus to generations being loaded by this
-        instance; return once OpenSearch acknowledged every action. Creates the first
-        generation and the alias of a view that has none. Raises :class:`SinkError`."""
+        instance; return once OpenSearch acknowledged every action, with the refused Ops.
+        Creates the first generation and the alias of a view that has none. Raises
+        :class:`SinkError`."""
         by_view: dict[str, list[Op]] = defaultdict(list)
         for op in ops:
             by_view[op.view].append(op)
+        rejected: list[Rejected] = []
         for view, vops in by_view.items():
             alias = self._alias(view)
             self._ensure_alias(view, alias)
-            self._bulk(view, [alias, *sorted(self._loading.get(view, ()))], vops)
+            rejected += self._write(view, [alias, *sorted(self._loading.get(view, ()))], vops)
+        return rejected
 
     def begin_generation(self, view: str, version: int) -> str:
         """Create (or reuse) index ``alias-g<version hex>`` for a load at ``version`` (int LSN)
@@ -104,15 +140,16 @@ class OpenSearchSink:
         self._loading[view].add(index)
         return index
 
-    def load(self, view: str, generation: str, ops: Sequence[Op]) -> None:
-        """Write snapshot Ops into the generation index only. Raises :class:`SinkError`."""
+    def load(self, view: str, generation: str, ops: Sequence[Op]) -> list[Rejected]:
+        """Write snapshot Ops into the generation index only; returns the refused Ops. Raises
+        :class:`SinkError`."""
         for op in ops:
             if op.view != view:
                 raise SinkError(
                     f"sink {self.name}: load into {view!r} got an Op of view {op.view!r}",
                     retryable=False,
                 )
-        self._bulk(view, [generation], ops)
+        return self._write(view, [generation], ops)
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Move the alias to ``generation`` in one ``_aliases`` call, restore the default delete
@@ -169,14 +206,46 @@ class OpenSearchSink:
             if names:
                 self._client.indices.refresh(index=",".join(sorted(set(names))))
 
+    def write_checkpoint(self, views: Sequence[str], lsn: int) -> None:
+        """Raise the checkpoint of each of ``views`` to ``lsn`` (int LSN, < 2**63) in one
+        ``_bulk`` request without refresh; a checkpoint at or past ``lsn`` is kept (409).
+        Creates :data:`CHECKPOINT_INDEX` on first use. Raises :class:`SinkError`."""
+        if not views:
+            return
+        self._ensure_checkpoint_index()
+        source = orjson.dumps({"lsn": lsn})
+        lines: list[bytes] = []
+        for view in views:
+            meta = {"_index": CHECKPOINT_INDEX, "_id": view, "version": lsn,
+                    "version_type": "external"}
+            lines += (orjson.dumps({"index": meta}), source)
+        with self._errors("write_checkpoint"):
+            resp = self._client.bulk(body=b"\n".join(lines) + b"\n", refresh="false",
+                                     filter_path=_BULK_FILTER)
+        for item in resp.get("items", []) if resp.get("errors") else []:
+            (result,) = item.values()
+            status = int(result.get("status", 0))
+            if status >= 300 and status != 409:  # 409: already at or past lsn
+                raise SinkError(f"sink {self.name}: write_checkpoint {result.get('_id')}: "
+                                f"{result.get('error')}", retryable=status == 429 or status >= 500)
+
+    def read_checkpoint(self, view: str) -> int | None:
+        """The checkpoint LSN (int) of ``view`` by a realtime GET, or None if there is none.
+        Raises :class:`SinkError`."""
+        with self._errors("read_checkpoint"):  # 404: no such document, or no index yet
+            doc = self._client.get(index=CHECKPOINT_INDEX, id=view, _source_includes="lsn",
+                                   ignore=404)
+        return int(doc["_source"]["lsn"]) if doc.get("found") else None
+
     def drop_view(self, view: str) -> None:
         """Delete the alias' indices and every generation index of the view (never a legacy
-        concrete index named like the alias)."""
+        concrete index named like the alias), and its checkpoint."""
         alias = self._alias(view)
         with self._errors(f"drop_view {view}"):
             names = set(self._alias_indices(alias)) | set(self._generations(alias))
             if names:
                 self._client.indices.delete(index=",".join(sorted(names)), ignore_unavailable=True)
+            self._client.delete(index=CHECKPOINT_INDEX, id=view, refresh="false", ignore=404)
         self._has_alias.discard(view)
         self._loading.pop(view, None)
 
@@ -241,62 +310,150 @@ class OpenSearchSink:
         )
         return sorted(i for i in (found or {}) if _is_generation_of(alias, i))
 
-    def _bulk(self, view: str, indices: list[str], ops: Sequence[Op]) -> None:
-        """Send ``ops`` as index/delete actions to each of ``indices``, ``bulk_docs`` actions
-        per request, and check every item."""
-        lines: list[bytes] = []
-        keys: list[str] = []
+    def _ensure_checkpoint_index(self) -> None:
+        if self._checkpoint_index_ready:
+            return
+        with self._errors(f"create index {CHECKPOINT_INDEX}"):
+            try:
+                self._client.indices.create(index=CHECKPOINT_INDEX, body=_CHECKPOINT_BODY)
+            except ox.RequestError as e:
+                if e.error != "resource_already_exists_exception":
+                    raise
+        self._checkpoint_index_ready = True
+
+    def _write(self, view: str, indices: list[str], ops: Sequence[Op]) -> list[Rejected]:
+        """Write ``ops`` to each of ``indices``: full Ops and deletes first, then partial Ops
+        merged by :meth:`_merge`. Returns the refused Ops."""
+        full = [op for op in ops if not op.partial or op.doc is None]
+        rejected = self._bulk(view, indices, full)
+        if len(full) < len(ops):
+            partial = [op for op in ops if op.partial and op.doc is not None]
+            merged, origin = self._merge(view, indices, partial, rejected)
+            for r in self._bulk(view, indices, merged):
+                rejected.append(Rejected(origin[id(r.op)], r.error))
+        return rejected
+
+    def _merge(self, view: str, indices: list[str], ops: list[Op],
+               rejected: list[Rejected]) -> tuple[list[Op], dict[int, Op]]:
+        """Read-modify-write step for partial Ops: ``mget`` (realtime, ``bulk_docs`` keys per
+        request) each key from every index in ``indices``, take the copy with the highest
+        version, merge the key's partial docs in version order (skipping those not newer) and
+        return one full upsert per key, plus ``id(upsert) -> last merged partial Op`` to report
+        a rejection. Appends unencodable partial docs to ``rejected``. Raises
+        :class:`SinkError`."""
+        by_key: dict[str, list[Op]] = defaultdict(list)
         for op in ops:
-            if op.partial:
-                raise SinkError(
-                    f"sink {self.name}: view {view}: key {op.key}: "
-                    "partial updates not supported yet",
-                    retryable=False,
-                )
+            by_key[op.key].append(op)
+        keys = list(by_key)
+        base: dict[str, tuple[int, dict[str, Any]]] = {}
+        for i in range(0, len(keys), self.bulk_docs):
+            docs = [{"_index": ix, "_id": k} for k in keys[i : i + self.bulk_docs] for ix in indices]
+            with self._errors(f"apply {view} (read for partial update)"):
+                resp = self._client.mget(body={"docs": docs}, realtime="true",
+                                         filter_path="docs._id,docs.found,docs._version,docs._source,docs.error")
+            for d in resp.get("docs", []):
+                if d.get("found") and d["_version"] > base.get(d["_id"], (-1,))[0]:
+                    base[d["_id"]] = (d["_version"], d["_source"])
+        out: list[Op] = []
+        origin: dict[int, Op] = {}
+        for key in keys:
+            if key not in base:
+                self.stats["partial_missed"] += len(by_key[key])
+                continue
+            ver, doc = base[key]
+            last: Op | None = None
+            for op in sorted(by_key[key], key=lambda o: o.version):
+                if op.version > ver:
+                    try:
+                        orjson.dumps(op.doc)
+                    except TypeError as e:
+                        rejected.append(Rejected(op, f"partial update: not JSON-encodable: {e}"))
+                        continue
+                    doc.update(op.doc)  # type: ignore[arg-type]
+                    ver, last = op.version, op
+            if last is not None:
+                merged = Op(view, key, ver, doc)
+                origin[id(merged)] = last
+                out.append(merged)
+        return out, origin
+
+    def _bulk(self, view: str, indices: list[str], ops: Sequence[Op]) -> list[Rejected]:
+        """Send ``ops`` as index/delete actions to each of ``indices`` in requests of at most
+        ``bulk_docs`` actions and about ``bulk_bytes`` bytes; return the refused Ops (each once)."""
+        rejected: list[Rejected] = []
+        actions: list[_Action] = []
+        size = 0
+        for op in ops:
+            source: bytes | None = None
             if op.doc is not None:
                 try:
                     source = orjson.dumps(op.doc)
                 except TypeError as e:
-                    raise SinkError(
-                        f"sink {self.name}: view {view}: key {op.key}: not JSON-encodable: {e}",
-                        retryable=False,
-                    ) from e
-            action = "delete" if op.doc is None else "index"
+                    rejected.append(Rejected(op, f"not JSON-encodable: {e}"))
+                    continue
+            action = "delete" if source is None else "index"
             for index in indices:
-                meta = {"_index": index, "_id": op.key, "version": op.version,
-                        "version_type": "external"}
-                lines.append(orjson.dumps({action: meta}))
-                if op.doc is not None:
-                    lines.append(source)
-                keys.append(op.key)
-                if len(keys) >= self.bulk_docs:
-                    self._send(view, lines, keys)
-                    lines, keys = [], []
-        if keys:
-            self._send(view, lines, keys)
+                meta = orjson.dumps({action: {"_index": index, "_id": op.key, "version": op.version,
+                                              "version_type": "external"}})
+                n = len(meta) + (len(source) + 2 if source is not None else 1)
+                if actions and size + n > self.bulk_bytes:
+                    rejected += self._send(view, actions)
+                    actions, size = [], 0
+                actions.append((op, meta, source))
+                size += n
+                if len(actions) >= self.bulk_docs:
+                    rejected += self._send(view, actions)
+                    actions, size = [], 0
+        if actions:
+            rejected += self._send(view, actions)
+        if len(indices) > 1:  # an Op refused by several indices is reported once
+            seen: set[int] = set()
+            rejected = [r for r in rejected if id(r.op) not in seen and not seen.add(id(r.op))]
+        return rejected
 
-    def _send(self, view: str, lines: list[bytes], keys: list[str]) -> None:
-        body = b"\n".join(lines) + b"\n"
+    def _send(self, view: str, actions: list[_Action]) -> list[Rejected]:
+        """One ``_bulk`` request; returns the items refused for data reasons, raises
+        :class:`SinkError` for any other failed item. A request refused as too large (413) is
+        split in halves; a single action refused so is rejected."""
+        parts: list[bytes] = []
+        for _, meta, source in actions:
+            parts += (meta, b"\n") if source is None else (meta, b"\n", source, b"\n")
         with self._errors(f"apply {view}"):
-            resp = self._client.bulk(body=body, filter_path=_BULK_FILTER)
+            try:
+                resp = self._client.bulk(body=b"".join(parts), filter_path=_BULK_FILTER)
+            except ox.TransportError as e:
+                if e.status_code != 413:
+                    raise
+                resp = None
+        if resp is None:
+            if len(actions) == 1:
+                return [Rejected(actions[0][0], "document too large: HTTP 413 (the request "
+                                 "exceeds the server's http.max_content_length)")]
+            half = len(actions) // 2
+            return self._send(view, actions[:half]) + self._send(view, actions[half:])
         if not resp.get("errors"):
-            return
+            return []
+        rejected: list[Rejected] = []
         failed: list[tuple[str, str, int, str]] = []
-        for key, item in zip(keys, resp["items"]):
+        for (op, _, _), item in zip(actions, resp["items"]):
             (action, result), = item.items()
             status = int(result.get("status", 0))
             if status < 300 or status == 409 or (action == "delete" and status == 404):
                 continue
             err = result.get("error") or {}
             reason = f"{err.get('type', status)}: {err.get('reason', '')}"
-            failed.append((key, result.get("_index", "?"), status, reason))
+            index = result.get("_index", "?")
+            if status in _REJECT_STATUS:
+                rejected.append(Rejected(op, f"index {index}: {reason}"))
+            else:
+                failed.append((op.key, index, status, reason))
         if not failed:
-            return
+            return rejected
         retryable = all(s == 429 or s >= 500 for _, _, s, _ in failed)
         shown = "; ".join(f"key {k} (index {i}): {r}" for k, i, _, r in failed[:_MAX_REPORTED])
         more = f" (+{len(failed) - _MAX_REPORTED} more)" if len(failed) > _MAX_REPORTED else ""
         raise SinkError(
-            f"sink {self.name}: view {view}: {len(failed)} document(s) rejected: {shown}{more}",
+            f"sink {self.name}: view {view}: {len(failed)} document(s) failed: {shown}{more}",
             retryable=retryable,
         )
 

@@ -23,9 +23,23 @@ crash only with ``appendonly yes`` and ``appendfsync always`` (``everysec`` may 
 
 Hash field values: ``str`` as is, ``int`` in decimal, ``float`` via ``repr``, ``bool`` as
 ``"true"``/``"false"``, ``dict``/``list`` as JSON, ``None`` → field absent. A full upsert replaces
-the whole hash; a partial Op (``Op.partial``) sets the given fields and deletes those given as
-``None``, and only applies to a live record: a partial Op for a missing or deleted record is
-skipped (the cache must not hold an incomplete record) and counted in ``stats["partial_missed"]``.
+the whole hash/JSON document.
+
+Partial Ops (``Op.partial``) only apply to a live record: a partial Op for a missing or deleted
+record is skipped (the cache must not hold an incomplete record) and counted in
+``stats["partial_missed"]``. ``hash`` views: Lua sets the given fields and deletes those given as
+``None``. ``json`` views: read-modify-write, relying on one writer per key (the daemon applies
+batches one after the other): after the full Ops of the call are written, the current JSON and
+version of the partial keys are read (one pipelined round trip), the partial docs are merged in
+Python in version order (a ``None`` field becomes JSON ``null``, as in a full upsert), and the
+result is written through the same compare-and-set as a full upsert with the partial Op's version.
+
+Rejected Ops (:class:`sinks.base.Rejected`): a document that cannot be encoded (not
+JSON-serializable, e.g. a ``set`` or a non-string dict key), and a record key that holds a
+foreign Redis type (``WRONGTYPE``). They get no version entry; everything else is applied.
+
+Checkpoints: string key ``pgderive:V:checkpoint`` holding :func:`cdc.lsn.version_hex` of the LSN,
+raised (never lowered) by one Lua call for all views.
 """
 from __future__ import annotations
 
@@ -38,9 +52,9 @@ import redis
 from redis import exceptions as rx
 
 from cdc.lsn import version_hex
-from sinks.base import Op, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, ViewTarget
 
-__all__ = ["RedisSink", "versions_key", "TOMBSTONE_SUFFIX"]
+__all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX"]
 
 TOMBSTONE_SUFFIX = b"d"
 _VERSION_LEN = 16
@@ -69,6 +83,19 @@ local function call_spread(cmd, key, t, i, j)
     i = k + 1
   end
 end
+-- like call_spread on a record key; returns the error of a WRONGTYPE reply (other errors raise)
+local function try_spread(cmd, key, t, i, j)
+  while i <= j do
+    local k = math.min(i + 999, j)
+    local r = redis.pcall(cmd, key, unpack(t, i, k))
+    if type(r) == 'table' and r.err then
+      if string.sub(r.err, 1, 9) == 'WRONGTYPE' then return r.err end
+      error(r)
+    end
+    i = k + 1
+  end
+  return nil
+end
 """
 
 # KEYS[1] = version hash, KEYS[2..] = record keys (may repeat).
@@ -78,7 +105,8 @@ end
 #   'j' json                          json upsert
 #   'd'                               delete (leaves the tombstone "<version>d")
 # Stored versions are read with one HMGET and written back with one HSET at the end.
-# Returns {applied, skipped, partial_missed}.
+# Returns {applied, skipped, partial_missed, {i1, err1, i2, err2, ..}}: i = 1-based position of a
+# record key whose write failed with WRONGTYPE (rejected: no version entry is written for it).
 _APPLY_LUA = _LUA_HELPERS + """
 local vh = KEYS[1]
 local stored = redis.call('HMGET', vh, unpack(KEYS, 2))
@@ -86,6 +114,8 @@ local latest = {}          -- key -> version entry written by this call (repeate
 local out = {}             -- HSET arguments for the version hash
 local a = 1
 local applied, skipped, missed = 0, 0, 0
+local rejected = {}
+local err
 for i = 2, #KEYS do
   local key = KEYS[i]
   local ver = ARGV[a]
@@ -95,11 +125,12 @@ for i = 2, #KEYS do
   if cur == nil then cur = stored[i - 1] end
   local newer = (not cur) or older(string.sub(cur, 1, 16), ver)
   local entry = ver
+  err = nil
   if kind == 'h' then
     local n = tonumber(ARGV[a])
     if newer then
       if cur then redis.call('DEL', key) end
-      if n > 0 then call_spread('HSET', key, ARGV, a + 1, a + n) end
+      if n > 0 then err = try_spread('HSET', key, ARGV, a + 1, a + n) end
     end
     a = a + 1 + n
   elseif kind == 'j' then
@@ -114,8 +145,8 @@ for i = 2, #KEYS do
     local n = tonumber(ARGV[a])
     local m = tonumber(ARGV[a + 1 + n])
     if newer and cur and #cur == 16 then
-      if n > 0 then call_spread('HSET', key, ARGV, a + 1, a + n) end
-      if m > 0 then call_spread('HDEL', key, ARGV, a + 2 + n, a + 1 + n + m) end
+      if n > 0 then err = try_spread('HSET', key, ARGV, a + 1, a + n) end
+      if m > 0 and not err then err = try_spread('HDEL', key, ARGV, a + 2 + n, a + 1 + n + m) end
     elseif newer then
       missed = missed + 1
       newer = false
@@ -124,7 +155,10 @@ for i = 2, #KEYS do
   else
     return redis.error_reply('pgderive: unknown op kind ' .. tostring(kind))
   end
-  if newer then
+  if err then
+    rejected[#rejected + 1] = i - 1
+    rejected[#rejected + 1] = err
+  elseif newer then
     applied = applied + 1
     latest[key] = entry
     out[#out + 1] = key
@@ -134,7 +168,7 @@ for i = 2, #KEYS do
   end
 end
 if #out > 0 then call_spread('HSET', vh, out, 1, #out) end
-return {applied, skipped, missed}
+return {applied, skipped, missed, rejected}
 """
 
 # KEYS[1] = version hash, KEYS[2..] = candidate record keys; ARGV[1] = generation version (hex).
@@ -157,12 +191,26 @@ end
 return removed
 """
 
+# KEYS = checkpoint keys; ARGV[1] = LSN (16 hex). Raises each key to ARGV[1], never lowers it.
+_CHECKPOINT_LUA = _LUA_HELPERS + """
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if (not cur) or older(cur, ARGV[1]) then redis.call('SET', KEYS[i], ARGV[1]) end
+end
+return #KEYS
+"""
+
 _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
 def versions_key(view: str) -> str:
     """Name of the version hash of ``view``: ``pgderive:{view}:versions``."""
     return f"pgderive:{view}:versions"
+
+
+def checkpoint_key(view: str) -> str:
+    """Name of the checkpoint key of ``view``: ``pgderive:{view}:checkpoint``."""
+    return f"pgderive:{view}:checkpoint"
 
 
 def encode_field(value: Any) -> str | bytes | int:
@@ -199,8 +247,9 @@ class RedisSink:
             ``partial_missed`` (partial Op for a missing or deleted record).
 
     Every method raises :class:`SinkError`: ``retryable=True`` for connection, timeout and
-    transient server states, ``retryable=False`` for rejected input (unregistered view, partial
-    Op on a ``json`` view, document not encodable, wrong key type).
+    transient server states (OOM, LOADING, BUSY, READONLY, ...), ``retryable=False`` for misuse
+    (unregistered view, a load with Ops of another view) and other error replies. Refused
+    records are returned as :class:`~sinks.base.Rejected` instead (see the module docstring).
     """
 
     def __init__(self, name: str, url: str, *, batch_size: int = 1000) -> None:
@@ -213,6 +262,7 @@ class RedisSink:
         )
         self._apply_script = self._client.register_script(_APPLY_LUA)
         self._sweep_script = self._client.register_script(_SWEEP_LUA)
+        self._checkpoint_script = self._client.register_script(_CHECKPOINT_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
 
@@ -225,38 +275,46 @@ class RedisSink:
             raise ValueError(f"sink {self.name}: view {target.view}: unknown format {fmt!r}")
         self._targets[target.view] = target
 
-    def apply(self, ops: Sequence[Op]) -> None:
+    def apply(self, ops: Sequence[Op]) -> list[Rejected]:
         """Write ``ops`` (any views) with compare-and-set; return once Redis replied to all.
 
-        Raises :class:`SinkError` (see the class docstring).
+        Partial Ops of ``json`` views are merged after the other Ops (one more round trip to
+        read, one to write). Returns the refused Ops; raises :class:`SinkError` (see the class
+        docstring).
         """
+        rejected: list[Rejected] = []
         if not ops:
-            return
+            return rejected
         by_view: dict[str, list[Op]] = defaultdict(list)
+        json_partial: dict[str, list[Op]] = defaultdict(list)
         for op in ops:
-            by_view[op.view].append(op)
-        calls = [call for view, vops in by_view.items() for call in self._encode(view, vops)]
-        with self._errors("apply"):
-            results = self._run(self._apply_script, calls)
-        for applied, skipped, missed in results:
-            self.stats["applied"] += applied
-            self.stats["skipped"] += skipped
-            self.stats["partial_missed"] += missed
+            if op.partial and op.doc is not None and self._format(op.view) == "json":
+                json_partial[op.view].append(op)
+            else:
+                by_view[op.view].append(op)
+        self._write(by_view, rejected)
+        if json_partial:
+            merged: dict[str, list[Op]] = {}
+            for view, vops in json_partial.items():
+                merged[view] = self._merge_json(view, vops, rejected)
+            self._write(merged, rejected)
+        return rejected
 
     def begin_generation(self, view: str, version: int) -> str:
         """Redis keys are shared by all generations: returns ``view`` as the generation id."""
         self._target(view)
         return view
 
-    def load(self, view: str, generation: str, ops: Sequence[Op]) -> None:
-        """Write snapshot Ops: the same compare-and-set as :meth:`apply`."""
+    def load(self, view: str, generation: str, ops: Sequence[Op]) -> list[Rejected]:
+        """Write snapshot Ops: the same compare-and-set as :meth:`apply`; returns the refused
+        Ops."""
         for op in ops:
             if op.view != view:
                 raise SinkError(
                     f"sink {self.name}: load into {view!r} got an Op of view {op.view!r}",
                     retryable=False,
                 )
-        self.apply(ops)
+        return self.apply(ops)
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Sweep: delete every record of ``view`` (and its version entry, tombstones included)
@@ -329,8 +387,25 @@ class RedisSink:
                 if cursor == 0:
                     return n
 
+    def write_checkpoint(self, views: Sequence[str], lsn: int) -> None:
+        """Raise the checkpoint of each of ``views`` to ``lsn`` (int LSN) in one Lua call (a
+        checkpoint at or past ``lsn`` is kept). Raises :class:`SinkError`."""
+        if not views:
+            return
+        keys = [checkpoint_key(v) for v in views]
+        with self._errors("write_checkpoint"):
+            self._run(self._checkpoint_script, [(keys, [version_hex(lsn)])])
+
+    def read_checkpoint(self, view: str) -> int | None:
+        """The checkpoint LSN (int) of ``view``, or None if Redis holds none. Raises
+        :class:`SinkError`."""
+        with self._errors("read_checkpoint"):
+            raw = self._client.get(checkpoint_key(view))
+        return None if raw is None else int(raw, 16)
+
     def drop_view(self, view: str) -> None:
-        """Delete every record key listed in the version hash, then the version hash."""
+        """Delete every record key listed in the version hash, then the version hash and the
+        checkpoint."""
         vkey = versions_key(view).encode()
         with self._errors("drop_view"):
             cursor = 0
@@ -340,7 +415,7 @@ class RedisSink:
                     self._client.unlink(*page.keys())
                 if cursor == 0:
                     break
-            self._client.unlink(vkey)
+            self._client.unlink(vkey, checkpoint_key(view))
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -359,56 +434,126 @@ class RedisSink:
     def _format(self, view: str) -> str:
         return self._target(view).format or "hash"
 
-    def _encode(self, view: str, ops: list[Op]) -> Iterator[tuple[list[Any], list[Any]]]:
-        """Encode the Ops of one view into Lua calls ``(keys, argv)`` of <= batch_size Ops."""
+    def _write(self, by_view: dict[str, list[Op]], rejected: list[Rejected]) -> None:
+        """Apply full/delete/hash-partial Ops with the Lua compare-and-set (all calls in one
+        pipeline), update :attr:`stats` and append refused Ops to ``rejected``."""
+        calls = [c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)]
+        if not calls:
+            return
+        with self._errors("apply"):
+            results = self._run(self._apply_script, [(keys, args) for keys, args, _ in calls])
+        for (_, _, call_ops), (applied, skipped, missed, refused) in zip(calls, results):
+            self.stats["applied"] += applied
+            self.stats["skipped"] += skipped
+            self.stats["partial_missed"] += missed
+            for i in range(0, len(refused), 2):
+                reason = refused[i + 1]
+                reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+                rejected.append(Rejected(call_ops[refused[i] - 1], reason))
+
+    def _merge_json(self, view: str, ops: list[Op], rejected: list[Rejected]) -> list[Op]:
+        """Read-modify-write step for partial Ops of a ``json`` view: read the current JSON and
+        stored version of their keys (``batch_size`` keys per HMGET/MGET pair, all pipelined in
+        one round trip), merge each key's partial docs in version order and return one full
+        upsert per key with the newest merged version. Stale partials (version <= stored) are
+        counted as skipped, partials for missing/deleted records as skipped + partial_missed.
+        Appends unencodable partial docs to ``rejected``. Raises :class:`SinkError`."""
+        by_key: dict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            by_key[op.key].append(op)
+        keys = list(by_key)
+        vkey = versions_key(view).encode()
+        commands: list[tuple[Any, ...]] = []
+        for i in range(0, len(keys), self.batch_size):
+            chunk = keys[i : i + self.batch_size]
+            commands += (("HMGET", vkey, *chunk), ("MGET", *chunk))
+        with self._errors("apply (read for partial update)"):
+            replies = self._pipeline(commands)
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+        versions = [v for r in replies[0::2] for v in r]
+        records = [v for r in replies[1::2] for v in r]
+        out: list[Op] = []
+        for key, stored, raw in zip(keys, versions, records):
+            ver = int(stored[:_VERSION_LEN], 16) if stored else -1
+            live = stored is not None and len(stored) == _VERSION_LEN and raw is not None
+            doc: dict[str, Any] | None = None
+            n = 0
+            for op in sorted(by_key[key], key=lambda o: o.version):
+                if op.version <= ver:
+                    self.stats["skipped"] += 1
+                    continue
+                if not live:
+                    self.stats["skipped"] += 1
+                    self.stats["partial_missed"] += 1
+                    continue
+                try:
+                    orjson.dumps(op.doc)
+                    if doc is None:
+                        doc = orjson.loads(raw)
+                        if not isinstance(doc, dict):
+                            raise ValueError(f"stored record is not a JSON object: {raw[:80]!r}")
+                except (TypeError, ValueError) as e:  # orjson errors subclass both
+                    rejected.append(Rejected(op, f"partial update: {e}"))
+                    continue
+                doc.update(op.doc)  # type: ignore[arg-type]
+                ver, n = op.version, n + 1
+            if doc is not None and n:
+                self.stats["applied"] += n - 1  # n partials become one write
+                out.append(Op(view, key, ver, doc))
+        return out
+
+    def _encode(
+        self, view: str, ops: list[Op], rejected: list[Rejected]
+    ) -> Iterator[tuple[list[Any], list[Any], list[Op]]]:
+        """Encode the Ops of one view into Lua calls ``(keys, argv, ops)`` of <= batch_size
+        Ops (``ops[i]`` is ``keys[i + 1]``'s Op). Ops whose document cannot be encoded are
+        appended to ``rejected`` instead. Partial Ops of a json view must be merged first."""
         is_json = self._format(view) == "json"
         vkey = versions_key(view).encode()
         hex_cache: dict[int, str] = {}
         keys: list[Any] = [vkey]
         args: list[Any] = []
+        call_ops: list[Op] = []
         for op in ops:
             ver = hex_cache.get(op.version)
             if ver is None:
                 ver = hex_cache[op.version] = version_hex(op.version)
             doc = op.doc
+            try:
+                if doc is None:
+                    entry: tuple[Any, ...] = (ver, "d")
+                elif is_json:
+                    if op.partial:
+                        raise AssertionError("partial json Ops are merged before encoding")
+                    entry = (ver, "j", orjson.dumps(doc))
+                elif op.partial:
+                    sets: list[Any] = []
+                    dels: list[str] = []
+                    for f, v in doc.items():
+                        if v is None:
+                            dels.append(f)
+                        else:
+                            sets += (f, encode_field(v))
+                    entry = (ver, "p", len(sets), *sets, len(dels), *dels)
+                else:
+                    pairs: list[Any] = []
+                    for f, v in doc.items():
+                        if v is not None:
+                            pairs += (f, encode_field(v))
+                    entry = (ver, "h", len(pairs), *pairs)
+            except (TypeError, ValueError) as e:  # orjson.JSONEncodeError is a TypeError
+                rejected.append(Rejected(op, f"not encodable: {e}"))
+                continue
             keys.append(op.key)
-            if doc is None:
-                args += (ver, "d")
-            elif is_json:
-                if op.partial:
-                    raise SinkError(
-                        f"sink {self.name}: view {view}: key {op.key}: "
-                        "partial updates of json views are not supported yet",
-                        retryable=False,
-                    )
-                try:
-                    payload = orjson.dumps(doc)
-                except TypeError as e:
-                    raise SinkError(
-                        f"sink {self.name}: view {view}: key {op.key}: not JSON-encodable: {e}",
-                        retryable=False,
-                    ) from e
-                args += (ver, "j", payload)
-            elif op.partial:
-                sets: list[Any] = []
-                dels: list[str] = []
-                for f, v in doc.items():
-                    if v is None:
-                        dels.append(f)
-                    else:
-                        sets += (f, encode_field(v))
-                args += (ver, "p", len(sets), *sets, len(dels), *dels)
-            else:
-                pairs: list[Any] = []
-                for f, v in doc.items():
-                    if v is not None:
-                        pairs += (f, encode_field(v))
-                args += (ver, "h", len(pairs), *pairs)
+            args += entry
+            call_ops.append(op)
             if len(keys) > self.batch_size or len(args) >= _MAX_ARGS_PER_CALL:
-                yield keys, args
-                keys, args = [vkey], []
+                yield keys, args, call_ops
+                keys, args, call_ops = [vkey], [], []
         if len(keys) > 1:
-            yield keys, args
+            yield keys, args, call_ops
 
     def _run(self, script: Any, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
         """Run ``script`` once per ``(keys, argv)`` with EVALSHA, pipelined on one connection;

@@ -8,10 +8,10 @@ from typing import Iterator
 import pytest
 import redis
 
-from sinks.base import Op, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, ViewTarget
 from sinks.factory import make_sink
-from sinks.opensearch import OpenSearchSink, generation_index
-from sinks.redis import RedisSink, versions_key
+from sinks.opensearch import CHECKPOINT_INDEX, OpenSearchSink, generation_index
+from sinks.redis import RedisSink, checkpoint_key, versions_key
 
 
 def _name(prefix: str) -> str:
@@ -170,10 +170,85 @@ def test_redis_partial_update_of_missing_record_is_skipped(rsink, rclient, hview
     assert rsink.stats["partial_missed"] == 2
 
 
-def test_redis_partial_update_of_json_view_is_rejected(rsink, jview):
-    with pytest.raises(SinkError, match="partial updates of json views") as ei:
-        rsink.apply([Op(jview, _k(jview, 1), 5, {"a": 1}, partial=True)])
-    assert ei.value.retryable is False
+BIG = "toast-" * 20_000  # 100 kB: TOASTed in Postgres, so absent from wal2json updates
+
+
+def test_redis_json_partial_update_merges_into_stored_record(rsink, rclient, jview):
+    key, other = _k(jview, 1), _k(jview, 2)
+    rsink.apply([Op(jview, key, 10, {"a": 1, "big": BIG, "c": 3}), Op(jview, other, 10, {"a": 0})])
+    assert rsink.apply([Op(jview, key, 11, {"a": 2, "c": None}, partial=True)]) == []
+    assert dict(rsink.scan(jview))[key] == {"a": 2, "big": BIG, "c": None}
+    assert rclient.hget(versions_key(jview), key) == b"%016x" % 11
+    stats = dict(rsink.stats)
+    rsink.apply([Op(jview, key, 11, {"a": 8}, partial=True),    # equal version: replay
+                 Op(jview, key, 9, {"a": 9}, partial=True)])    # older
+    assert dict(rsink.scan(jview))[key]["a"] == 2
+    assert rsink.stats["skipped"] == stats["skipped"] + 2
+    # one batch: a full upsert of one key, several partials of another (any order), a delete
+    rsink.apply([Op(jview, key, 14, {"c": "last"}, partial=True),
+                 Op(jview, other, 12, {"a": 5, "big": "b"}),
+                 Op(jview, key, 12, {"a": 3, "c": "first"}, partial=True),
+                 Op(jview, other, 13, {"a": 6}, partial=True)])
+    assert dict(rsink.scan(jview)) == {key: {"a": 3, "big": BIG, "c": "last"},
+                                       other: {"a": 6, "big": "b"}}
+    assert rclient.hget(versions_key(jview), key) == b"%016x" % 14
+
+
+def test_redis_json_partial_update_of_missing_record_is_skipped(rsink, rclient, jview):
+    rsink.apply([Op(jview, _k(jview, 2), 5, None)])
+    rsink.apply([Op(jview, _k(jview, 1), 5, {"a": 1}, partial=True),
+                 Op(jview, _k(jview, 2), 6, {"a": 1}, partial=True)])  # deleted at 5
+    assert rsink.count(jview) == 0
+    assert rclient.exists(_k(jview, 1), _k(jview, 2)) == 0
+    assert rclient.hget(versions_key(jview), _k(jview, 1)) is None
+    assert rsink.stats["partial_missed"] == 2
+
+
+def test_redis_unencodable_documents_are_rejected_and_neighbours_applied(rsink, hview, jview):
+    bad_json = Op(jview, _k(jview, 1), 5, {"s": {1, 2}})
+    bad_partial = Op(jview, _k(jview, 2), 6, {"s": {3}}, partial=True)
+    bad_hash = Op(hview, _k(hview, 1), 5, {"j": {"x": {1}}})
+    rejected = rsink.apply([bad_json, Op(jview, _k(jview, 2), 5, {"s": "ok"}), bad_partial,
+                            bad_hash, Op(hview, _k(hview, 2), 5, {"j": "ok"})])
+    assert sorted((r.op.key, type(r)) for r in rejected) == sorted(
+        (op.key, Rejected) for op in (bad_json, bad_partial, bad_hash))
+    assert all(r.op in (bad_json, bad_partial, bad_hash) for r in rejected)
+    assert all("serializable" in r.error for r in rejected)
+    assert dict(rsink.scan(jview)) == {_k(jview, 2): {"s": "ok"}}
+    assert dict(rsink.scan(hview)) == {_k(hview, 2): {"j": "ok"}}
+
+
+def test_redis_foreign_key_type_is_rejected_and_neighbours_applied(rsink, rclient, hview):
+    foreign = _k(hview, 1)
+    rclient.set(foreign, "not a hash")
+    try:
+        rejected = rsink.apply([Op(hview, foreign, 5, {"a": 1}), Op(hview, _k(hview, 2), 5, {"a": 2})])
+        assert [(r.op.key, "WRONGTYPE" in r.error) for r in rejected] == [(foreign, True)]
+        assert "WRONGTYPE" in str(rejected[0]) and hview in str(rejected[0])
+        assert rclient.get(foreign) == b"not a hash"
+        assert rclient.hget(versions_key(hview), foreign) is None
+        assert dict(rsink.scan(hview)) == {_k(hview, 2): {"a": "2"}}
+    finally:
+        rclient.delete(foreign)
+
+
+def test_redis_checkpoints_move_forward_only(rsink, rclient, hview, jview):
+    assert rsink.read_checkpoint(hview) is None
+    rsink.write_checkpoint([hview, jview], 0x16_B374_D848)
+    assert rsink.read_checkpoint(hview) == rsink.read_checkpoint(jview) == 0x16_B374_D848
+    assert rclient.get(checkpoint_key(hview)) == b"00000016b374d848"
+    rsink.write_checkpoint([hview], 0x16_0000_0000)  # older: kept
+    assert rsink.read_checkpoint(hview) == 0x16_B374_D848
+    rsink.write_checkpoint([hview], 2**60 + 1)
+    rsink.write_checkpoint([hview], 2**60)  # same double as 2**60 + 1: still exact
+    assert rsink.read_checkpoint(hview) == 2**60 + 1
+    rsink.write_checkpoint([], 5)  # nothing to do
+    gen = rsink.begin_generation(hview, 2**61)
+    rsink.commit_generation(hview, gen, 2**61)  # does not touch the checkpoint
+    assert rsink.read_checkpoint(hview) == 2**60 + 1
+    rsink.drop_view(hview)
+    assert rsink.read_checkpoint(hview) is None and rclient.exists(checkpoint_key(hview)) == 0
+    assert rsink.read_checkpoint(jview) == 0x16_B374_D848
 
 
 def test_redis_generation_commit_sweeps_stale_keys(rsink, rclient, hview):
@@ -267,20 +342,94 @@ def test_opensearch_delete_then_older_upsert_does_not_resurrect(ossink, osview):
     assert _docs(ossink, osview) == {"2": {"v": "two"}}
 
 
-def test_opensearch_rejected_document_names_the_key(ossink, osview):
-    ossink.apply([Op(osview, "good", 1, {"n": 1})])  # maps n as long
-    with pytest.raises(SinkError) as ei:
-        ossink.apply([Op(osview, "good2", 2, {"n": 2}), Op(osview, "bad-1", 2, {"n": "abc"})])
-    assert ei.value.retryable is False
-    assert "bad-1" in str(ei.value) and osview in str(ei.value)
-    assert "mapper_parsing_exception" in str(ei.value)
-    assert "good2" in _docs(ossink, osview)
+def test_opensearch_rejected_document_is_returned_and_neighbours_land(ossink, osview):
+    assert ossink.apply([Op(osview, "good", 1, {"n": 1})]) == []  # maps n as long
+    bad = Op(osview, "bad-1", 2, {"n": "abc"})
+    unencodable = Op(osview, "bad-2", 2, {"n": {1}})
+    rejected = ossink.apply([Op(osview, "good2", 2, {"n": 2}), bad, unencodable,
+                             Op(osview, "good3", 2, {"n": 3})])
+    assert [r.op for r in rejected] == [unencodable, bad]
+    assert "not JSON-encodable" in rejected[0].error
+    assert "mapper_parsing_exception" in rejected[1].error
+    assert "bad-1" in str(rejected[1]) and osview in str(rejected[1])
+    assert _docs(ossink, osview) == {"good": {"n": 1}, "good2": {"n": 2}, "good3": {"n": 3}}
 
 
-def test_opensearch_partial_update_is_rejected(ossink, osview):
-    with pytest.raises(SinkError, match="partial updates not supported") as ei:
-        ossink.apply([Op(osview, "1", 2, {"n": 2}, partial=True)])
-    assert ei.value.retryable is False
+def test_opensearch_small_bulk_requests_still_land_everything(opensearch_hosts, osview):
+    sink = OpenSearchSink("search", opensearch_hosts, bulk_bytes=1)  # one action per request
+    sink.register(ViewTarget(osview, index=f"pgd-test-{uuid.uuid4().hex[:10]}"))
+    try:
+        rejected = sink.apply([Op(osview, str(i), 5, {"n": i}) for i in range(5)]
+                              + [Op(osview, "x", 5, {"n": "abc"})])
+        assert [r.op.key for r in rejected] == ["x"]
+        assert _docs(sink, osview) == {str(i): {"n": i} for i in range(5)}
+    finally:
+        sink.drop_view(osview)
+        sink.close()
+
+
+def test_opensearch_partial_update_merges_into_stored_document(ossink, osview):
+    ossink.apply([Op(osview, "1", 10, {"a": 1, "big": BIG, "c": "3"}), Op(osview, "2", 10, {"a": 0})])
+    assert ossink.apply([Op(osview, "1", 11, {"a": 2, "c": None}, partial=True)]) == []
+    assert _docs(ossink, osview)["1"] == {"a": 2, "big": BIG, "c": None}
+    ossink.apply([Op(osview, "1", 11, {"a": 8}, partial=True),  # equal version: replay
+                  Op(osview, "1", 9, {"a": 9}, partial=True)])  # older
+    # one batch: a full upsert, several partials of one key, a partial of a missing doc
+    assert ossink.apply([Op(osview, "1", 14, {"c": "last"}, partial=True),
+                         Op(osview, "2", 12, {"a": 5, "big": "b"}),
+                         Op(osview, "1", 12, {"a": 3, "c": "first"}, partial=True),
+                         Op(osview, "2", 13, {"a": 6}, partial=True),
+                         Op(osview, "gone", 13, {"a": 6}, partial=True)]) == []
+    assert _docs(ossink, osview) == {"1": {"a": 3, "big": BIG, "c": "last"},
+                                     "2": {"a": 6, "big": "b"}}
+    assert ossink.stats["partial_missed"] == 1
+    got = ossink._client.get(index=ossink._alias(osview), id="1")
+    assert got["_version"] == 14
+
+
+def test_opensearch_partial_update_reaches_the_generation_being_loaded(ossink, osview):
+    ossink.apply([Op(osview, "1", 100, {"a": 1, "big": BIG})])
+    x = 500
+    gen = ossink.begin_generation(osview, x)
+    ossink.apply([Op(osview, "1", 600, {"a": 2}, partial=True)])  # before the snapshot row
+    ossink.load(osview, gen, [Op(osview, "1", x, {"a": 1, "big": BIG})])  # older: 409
+    ossink.commit_generation(osview, gen, x)
+    assert _docs(ossink, osview) == {"1": {"a": 2, "big": BIG}}
+
+
+def test_opensearch_partial_update_of_missing_document_is_skipped(ossink, osview):
+    ossink.apply([Op(osview, "1", 5, None)])
+    assert ossink.apply([Op(osview, "1", 6, {"a": 1}, partial=True),
+                         Op(osview, "2", 6, {"a": 1}, partial=True)]) == []
+    assert ossink.count(osview) == 0
+    assert ossink.stats["partial_missed"] == 2
+
+
+def test_opensearch_checkpoints_move_forward_only(ossink, osview):
+    other = _name("t_os_other")
+    assert ossink.read_checkpoint(osview) is None
+    try:
+        ossink.write_checkpoint([osview, other], 0x16_B374_D848)
+        # realtime GET: visible before any refresh
+        assert ossink.read_checkpoint(osview) == ossink.read_checkpoint(other) == 0x16_B374_D848
+        ossink.write_checkpoint([osview], 0x16_0000_0000)  # older: 409, kept
+        assert ossink.read_checkpoint(osview) == 0x16_B374_D848
+        ossink.write_checkpoint([osview], 2**60 + 1)
+        assert ossink.read_checkpoint(osview) == 2**60 + 1
+        settings = ossink._client.indices.get_settings(index=CHECKPOINT_INDEX)
+        index_settings = settings[CHECKPOINT_INDEX]["settings"]["index"]
+        assert (index_settings["number_of_shards"], index_settings["number_of_replicas"]) == ("1", "0")
+        alias = ossink._alias(osview)
+        ossink.apply([Op(osview, "1", 10, {"a": 1})])
+        gen = ossink.begin_generation(osview, 2**61)
+        ossink.commit_generation(osview, gen, 2**61)  # does not touch the checkpoint
+        assert ossink.read_checkpoint(osview) == 2**60 + 1
+        ossink.drop_view(osview)
+        assert ossink.read_checkpoint(osview) is None
+        assert not ossink._client.indices.exists_alias(name=alias)
+        assert ossink.read_checkpoint(other) == 0x16_B374_D848
+    finally:
+        ossink._client.delete(index=CHECKPOINT_INDEX, id=other, ignore=[404])
 
 
 def test_opensearch_generation_commit_swaps_alias_and_deletes_old_index(ossink, osview):

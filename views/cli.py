@@ -8,6 +8,7 @@ list|retry|discard`` (rows a view could not derive, see :mod:`views.deadletters`
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -228,17 +229,19 @@ def dead_letters_list(config: str, view: str | None, limit: int) -> None:
     t = Table(title=f"dead letters of slot {spec.source.slot}"
                     + (f" ({len(records)} of {total})" if total > len(records) else ""))
     t.add_column("id", no_wrap=True, justify="right")
-    t.add_column("view", no_wrap=True)
-    t.add_column("table")
-    t.add_column("key")
-    t.add_column("commit LSN", no_wrap=True)
-    t.add_column("error")
+    t.add_column("view", overflow="fold")
+    t.add_column("table", overflow="fold")
+    t.add_column("key", overflow="fold")
+    t.add_column("commit LSN", overflow="fold")
+    t.add_column("error", overflow="fold")
     t.add_column("retries", justify="right")
-    t.add_column("created", no_wrap=True)
+    t.add_column("created", overflow="fold")
     for r in records:
         t.add_row(str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
-                  _short(r.error), str(r.retries), r.created_at.strftime("%Y-%m-%d %H:%M:%S %z"))
-    _console.print(t)
+                  _short(r.error), str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+    # Piped output (no terminal, no $COLUMNS) is not squeezed into 80 columns.
+    wide = not _console.is_terminal and "COLUMNS" not in os.environ
+    (Console(width=200) if wide else _console).print(t)
 
 
 @dead_letters.command("retry")

@@ -219,9 +219,8 @@ class DeadLetterStore:
         try:
             conn.execute(_DDL)
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
-            # Two processes creating it at the same moment: the other one won.
-            if not self._exists(conn):
-                raise
+            # Another process created it at the same moment; its DDL has committed by now.
+            conn.execute(_DDL)
         self._schema_ready = True
 
     def ensure_schema(self) -> None:
@@ -231,7 +230,12 @@ class DeadLetterStore:
 
     # writes -------------------------------------------------------------------------------
     def record(self, slot: str, entries: Sequence[DeadLetter]) -> None:
-        """Store ``entries`` for ``slot`` with one multi-row INSERT (nothing for an empty list)."""
+        """Store ``entries`` for ``slot`` with one multi-row INSERT (nothing for an empty list).
+
+        Creates the table on first use. If the connection drops mid-call the INSERT is sent
+        once more on a new connection: a dead letter may then be stored twice, never lost.
+        Raises :class:`psycopg.Error` if the source database cannot be written.
+        """
         if not entries:
             return
         cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
@@ -406,6 +410,24 @@ def fetch_current_row(conn: psycopg.Connection, info: Any, columns: Sequence[tup
     return {c: (None if v is None else converter(t)(v)) for (c, t), v in zip(columns, found)}
 
 
+def _source_row(view: Any, info: Any, stored: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...] | None]:
+    """The stored row in column names, and the columns that find it again (or None).
+
+    A dead letter holds either a source row (a row the view could not derive: column names)
+    or a derived document (a document the sink refused: the view's output names). Both
+    readings are tried; a row whose keys are exactly the view's output names (and the view
+    renames columns) is read as a document first.
+    """
+    as_columns = {col: stored[out] for out, col in view.fields.items() if out in stored}
+    renames = any(out != col for out, col in view.fields.items())
+    looks_like_doc = renames and set(stored) == set(view.fields)
+    for row in ((as_columns, stored) if looks_like_doc else (stored, as_columns)):
+        identity = lookup_columns(info, row)
+        if identity is not None:
+            return row, identity
+    return stored, None
+
+
 def _rejections(result: Any) -> list[str]:
     """Error texts of what ``Sink.apply`` returned: ``None`` (old protocol) or ``list[Rejected]``."""
     if not result:
@@ -462,8 +484,7 @@ def retry_dead_letters(spec: Any, store: DeadLetterStore,
                 if info is None:
                     yield failed(f"table {view.table} no longer exists")
                     continue
-                stored = rec.row or {}
-                identity = lookup_columns(info, stored)
+                stored, identity = _source_row(view, info, rec.row or {})
                 if identity is None:
                     yield failed(f"the stored row lacks the identity columns of {view.table} "
                                  f"({', '.join(info.primary_key or info.identity_columns) or 'none'}); "

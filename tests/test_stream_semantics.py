@@ -1,0 +1,275 @@
+"""The hard cases of the change stream on real services: TOAST, TRUNCATE, schema changes,
+replica identity, big transactions, unwatched traffic and poison rows."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+import redis
+
+from sinks.base import ViewTarget
+from sinks.factory import make_sink
+from views.spec import load_spec
+
+from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
+                      current_lsn, drop_database, slot_caught_up, streaming, unique, wait_until)
+
+pytestmark = pytest.mark.slow
+
+
+class Scenario:
+    """A scratch database + a YAML config + the daemon, for one test."""
+
+    def __init__(self, tmp_path: Path, schema: str, views: str) -> None:
+        self.db = unique("pgd_sem")
+        self.dsn = create_database(self.db)
+        self.slot = unique("slot")
+        self.p = unique("s")
+        self.config = tmp_path / "pgderive.yaml"
+        self.config.write_text(f"""
+source: {{dsn: "{self.dsn}", slot: {self.slot}}}
+sinks:
+  cache: {{type: redis, url: "{REDIS_URL}"}}
+  search: {{type: opensearch, hosts: ["{OPENSEARCH_URL}"]}}
+views:
+""" + views.replace("P_", self.p + "_").replace("Pidx", self.p.lower()))
+        self.log = tmp_path / "daemon.log"
+        self.sql(schema)
+        self.daemon: Daemon | None = None
+
+    def sql(self, query: str, params=None):
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def start(self) -> Daemon:
+        self.daemon = Daemon(self.config, self.log).start()
+        def ok() -> bool:
+            assert self.daemon.alive(), self.daemon.output()[-3000:]
+            return streaming(self.dsn, self.slot)
+        wait_until(ok, 120, what="bootstrap")
+        return self.daemon
+
+    def caught_up(self, timeout: float = 120) -> None:
+        target = current_lsn(self.dsn)
+
+        def ok() -> bool:
+            if self.daemon is not None:
+                assert self.daemon.alive(), f"daemon exited:\n{self.daemon.output()[-3000:]}"
+            return slot_caught_up(self.dsn, self.slot, target)
+        wait_until(ok, timeout, what="slot to catch up")
+
+    def close(self) -> None:
+        if self.daemon is not None and self.daemon.alive():
+            self.daemon.stop()
+        spec = load_spec(self.config)
+        for name, v in spec.views.items():
+            sink = make_sink(v.sink, spec.sinks[v.sink].model_dump())
+            sink.register(ViewTarget(view=name, format=v.format, index=v.index))
+            sink.drop_view(name)
+            sink.close()
+        drop_database(self.db)
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    made: list[Scenario] = []
+
+    def make(schema: str, views: str) -> Scenario:
+        s = Scenario(tmp_path, schema, views)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+DOCS_VIEWS = """
+  P_hash: {table: docs, sink: cache, key: "P_:d:{id}", fields: [id, title, body, n], format: hash}
+  P_json: {table: docs, sink: cache, key: "P_:dj:{id}", fields: [id, title, body, n], format: json}
+  P_search: {table: docs, sink: search, index: Pidx_docs, fields: [id, title, body, n]}
+"""
+DOCS = "CREATE TABLE docs (id int PRIMARY KEY, title text, body text, n int);"
+
+
+def test_unchanged_toast_values_stay_intact(scenario):
+    s = scenario(DOCS, DOCS_VIEWS)
+    # Random hex does not compress below the TOAST threshold: stored out of line.
+    big = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 3125))"
+    s.sql(f"INSERT INTO docs VALUES (1, 'a', {big}, 1), (2, 'b', 'small', 2)")
+    s.start()
+    s.sql(f"INSERT INTO docs VALUES (3, 'c', {big}, 3)")
+    # body (100 kB, TOASTed) is unchanged: wal2json omits it from these updates.
+    s.sql("UPDATE docs SET title = 'a2', n = 10 WHERE id IN (1, 3)")
+    s.caught_up()
+    assert_views_equal(s.config)
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    assert len(r.hget(f"{s.p}_:d:3", "body")) == 100_000 and r.hget(f"{s.p}_:d:3", "title") == "a2"
+
+
+TRUNC_SCHEMA = """
+CREATE TABLE parent (id int PRIMARY KEY, v text);
+CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent, v text);
+CREATE TABLE other (id int PRIMARY KEY, v text);
+"""
+TRUNC_VIEWS = """
+  P_parent: {table: parent, sink: cache, key: "P_:p:{id}", format: hash}
+  P_child: {table: child, sink: search, index: Pidx_child}
+  P_other: {table: other, sink: cache, key: "P_:o:{id}", format: json}
+"""
+
+
+def test_truncate_cascade_and_several_tables(scenario):
+    s = scenario(TRUNC_SCHEMA, TRUNC_VIEWS)
+    fill = """INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 50) g;
+              INSERT INTO child SELECT g, 1 + g % 50, 'c' || g FROM generate_series(1, 200) g;
+              INSERT INTO other SELECT g, 'o' || g FROM generate_series(1, 30) g;"""
+    s.sql(fill)
+    s.start()
+    s.sql("TRUNCATE parent CASCADE")
+    s.caught_up()
+    assert_views_equal(s.config)
+    counts = {k: v.sink_records for k, v in __import__("tests.support", fromlist=["diffs"]).diffs(s.config).items()}
+    assert counts[f"{s.p}_parent"] == 0 and counts[f"{s.p}_child"] == 0 and counts[f"{s.p}_other"] == 30
+    s.sql(fill.split(";")[0] + ";" + fill.split(";")[1])
+    # Inserts before and after a TRUNCATE of two tables in one transaction.
+    s.sql("BEGIN; INSERT INTO other VALUES (100, 'gone'); TRUNCATE child, other; "
+          "INSERT INTO other VALUES (101, 'kept'); COMMIT;")
+    s.caught_up()
+    assert_views_equal(s.config)
+    r = redis.Redis.from_url(REDIS_URL)
+    assert r.exists(f"{s.p}_:o:101") == 1 and r.exists(f"{s.p}_:o:100") == 0 and r.exists(f"{s.p}_:o:5") == 0
+
+
+def test_schema_changes_while_streaming(scenario):
+    s = scenario("CREATE TABLE t (id int PRIMARY KEY, a text, b int, c text);",
+                 """
+  P_t: {table: t, sink: cache, key: "P_:t:{id}", fields: [id, a, b], format: hash}
+  P_ts: {table: t, sink: search, index: Pidx_t, fields: [id, a]}
+""")
+    s.sql("INSERT INTO t SELECT g, 'a' || g, g, 'c' FROM generate_series(1, 20) g")
+    d = s.start()
+    s.sql("ALTER TABLE t ADD COLUMN d int")                     # no default
+    s.sql("ALTER TABLE t ADD COLUMN e text DEFAULT 'e'")        # with default
+    s.sql("INSERT INTO t (id, a, b, d) VALUES (21, 'x', 1, 5)")
+    s.sql("ALTER TABLE t DROP COLUMN c")                        # not projected
+    s.sql("ALTER TABLE t ALTER COLUMN b TYPE bigint")           # projected, new type
+    s.sql("UPDATE t SET b = 9000000000 WHERE id = 2")
+    s.sql("CREATE TABLE brand_new (id int PRIMARY KEY); INSERT INTO brand_new VALUES (1)")
+    s.caught_up()
+    assert_views_equal(s.config)
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    assert r.hget(f"{s.p}_:t:2", "b") == "9000000000"
+    # A projected column renamed away: rows become dead letters, the stream goes on.
+    s.sql("ALTER TABLE t RENAME COLUMN a TO a2")
+    s.sql("INSERT INTO t (id, a2, b) VALUES (30, 'renamed', 1)")
+    s.sql("UPDATE t SET b = 77 WHERE id = 3")
+    s.caught_up()
+    assert d.alive()
+    rows = s.sql("SELECT view, error FROM pgderive.dead_letters WHERE slot = %s", (s.slot,))
+    assert rows and all("a" in err and "missing" in err for _, err in rows), rows
+    assert {v for v, _ in rows} == {f"{s.p}_t", f"{s.p}_ts"}
+
+
+def test_replica_identity_full_and_refusal_without_identity(scenario):
+    s = scenario("""CREATE TABLE nopk_full (a int, b text); ALTER TABLE nopk_full REPLICA IDENTITY FULL;
+                    CREATE TABLE by_index (a int NOT NULL, b text); CREATE UNIQUE INDEX ON by_index (a);
+                    ALTER TABLE by_index REPLICA IDENTITY USING INDEX by_index_a_idx;""",
+                 """
+  P_full: {table: nopk_full, sink: cache, key: "P_:f:{a}", format: json}
+  P_idx: {table: by_index, sink: search, index: Pidx_idx, key: "{a}"}
+""")
+    s.sql("INSERT INTO nopk_full SELECT g, 'v' FROM generate_series(1, 10) g;"
+          "INSERT INTO by_index SELECT g, 'v' FROM generate_series(1, 10) g;")
+    s.start()
+    s.sql("UPDATE nopk_full SET b = 'w' WHERE a <= 3; DELETE FROM nopk_full WHERE a = 4;"
+          "UPDATE by_index SET a = 100 WHERE a = 5; DELETE FROM by_index WHERE a = 6;")
+    s.caught_up()
+    assert_views_equal(s.config)
+    s.daemon.stop()
+    # A table without primary key or replica identity is refused with what to change.
+    s.sql("CREATE TABLE bare (a int, b text)")
+    bad = s.config.parent / "bad.yaml"
+    bad.write_text(s.config.read_text() + f'  {s.p}_bare: {{table: bare, sink: cache, key: "b:{{a}}"}}\n')
+    out = subprocess.run([sys.executable, "-m", "views.cli", "validate", "-c", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "REPLICA IDENTITY" in out.stderr, out.stderr
+
+
+def test_big_transaction_streams_in_bounded_memory_and_is_confirmed_after(scenario):
+    n = 200_000
+    s = scenario("CREATE TABLE big (id int PRIMARY KEY, v int);",
+                 '  P_big: {table: big, sink: cache, key: "P_:b:{id}", format: hash}\n')
+    s.sql(f"INSERT INTO big SELECT g, 0 FROM generate_series(1, {n}) g")
+    d = s.start()
+    before = current_lsn(s.dsn)
+    s.sql("UPDATE big SET v = v + 1")  # one transaction, n changes
+    end = current_lsn(s.dsn)
+    proc = psutil.Process(d.proc.pid)
+    peak, confirmed_early = 0, False
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    deadline = time.monotonic() + 300
+    while not slot_caught_up(s.dsn, s.slot, end):
+        peak = max(peak, proc.memory_info().rss)
+        if slot_caught_up(s.dsn, s.slot, before + 1):
+            # The slot moved past the transaction: every row must already be applied.
+            confirmed_early = confirmed_early or r.hget(f"{s.p}_:b:{n}", "v") != "1"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not confirmed_early
+    assert_views_equal(s.config)
+    print(f"peak RSS during a {n}-row transaction: {peak / 2**20:.0f} MiB")
+
+
+def test_unwatched_traffic_keeps_the_slot_advancing(scenario):
+    s = scenario("CREATE TABLE watched (id int PRIMARY KEY); CREATE TABLE noise (id bigserial PRIMARY KEY, pad text);",
+                 '  P_w: {table: watched, sink: cache, key: "P_:w:{id}", format: hash}\n')
+    s.start()
+    for _ in range(10):  # ~150 MB of WAL on a table no view reads
+        s.sql("INSERT INTO noise (pad) SELECT repeat('n', 100) FROM generate_series(1, 100000)")
+    end = current_lsn(s.dsn)
+    wait_until(lambda: slot_caught_up(s.dsn, s.slot, end), 120, what="keepalives to advance the slot")
+    s.sql("CHECKPOINT")
+    s.sql("INSERT INTO watched VALUES (1)")  # lets the slot's restart_lsn move on
+    s.caught_up()
+    retained = s.sql("SELECT pg_current_wal_lsn() - restart_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                     (s.slot,))[0][0]
+    assert retained < 64 * 2**20, f"slot retains {retained} bytes of WAL"
+
+
+def test_poison_rows_become_dead_letters_and_the_stream_goes_on(scenario):
+    s = scenario("CREATE TABLE p (id int PRIMARY KEY, code text, meta jsonb);",
+                 """
+  P_code: {table: p, sink: cache, key: "P_:c:{code}", fields: [id, code], format: hash}
+  P_ps: {table: p, sink: search, index: Pidx_p, fields: [id, meta]}
+""")
+    # P_code's key needs `code` (not the replica identity): refused up front.
+    out = subprocess.run([sys.executable, "-m", "views.cli", "validate", "-c", str(s.config)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "replica identity" in out.stderr
+    s.sql("ALTER TABLE p REPLICA IDENTITY FULL")
+    s.sql("""INSERT INTO p VALUES (1, 'a', '{"x": 1}'), (2, NULL, '{"x": 2}')""")  # NULL key column: poison
+    d = s.start()
+    s.sql("""INSERT INTO p VALUES (3, NULL, '{"x": 3}'), (4, 'd', '{"x": 4}')""")
+    s.sql("""INSERT INTO p VALUES (5, 'e', '{"x": "not a number"}')""")  # OpenSearch mapped x as long
+    s.sql("""INSERT INTO p VALUES (6, 'f', '{"x": 6}')""")
+    s.caught_up()
+    assert d.alive()
+    rows = s.sql("SELECT view, sink_key, error, row->>'id' FROM pgderive.dead_letters WHERE slot = %s ORDER BY id",
+                 (s.slot,))
+    by_view = {}
+    for view, key, err, rid in rows:
+        by_view.setdefault(view, []).append((rid, err))
+    assert sorted(r for r, _ in by_view[f"{s.p}_code"]) == ["2", "3"]
+    assert [r for r, _ in by_view.get(f"{s.p}_ps", [])] == ["5"], rows
+    r = redis.Redis.from_url(REDIS_URL)
+    assert r.exists(f"{s.p}_:c:f") == 1 and r.exists(f"{s.p}_:c:d") == 1
+    out = subprocess.run([sys.executable, "-m", "views.cli", "status", "-c", str(s.config)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "dead" in out.stdout.lower(), out.stdout

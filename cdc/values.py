@@ -20,6 +20,8 @@ column's type name (``format_type`` spelling, e.g. ``"integer"``, ``"character(8
   ``numeric`` itself, instead of being rounded (or failing, e.g. ``1e400``).
 * ``json``: its text as stored (``str``): ``json`` keeps whitespace, key order and duplicate
   keys, which any parsed form would lose.
+* ``bytea``: its hex text ``\\x…`` (wal2json 2.5 drops the ``\\x``, restored here; needs the
+  default ``bytea_output = hex``).
 * everything else (text, char(n) with its padding, dates and times, uuid, arrays, enums,
   domains, ...): Postgres' text output (``str``).
 
@@ -106,6 +108,12 @@ def _to_jsonb(v: Any) -> Any:
     return json.loads(v, parse_float=_exact_float, parse_int=_exact_int)
 
 
+def _to_bytea(v: Any) -> Any:
+    # wal2json 2.5 drops the first two characters of bytea output (the "\x" of the hex format);
+    # COPY keeps them. Hex digits never start with a backslash, so the prefix is restored here.
+    return v if v.startswith("\\x") else "\\x" + v
+
+
 def _identity(v: Any) -> Any:
     return v
 
@@ -120,6 +128,7 @@ _BY_BASE: dict[str, Converter] = {
     "numeric": _to_numeric,
     "boolean": _to_bool,
     "jsonb": _to_jsonb,
+    "bytea": _to_bytea,
 }
 
 

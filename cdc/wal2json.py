@@ -58,12 +58,15 @@ def _escape_table(qualified: str) -> str:
 def loads_message(data: bytes | memoryview) -> dict[str, Any]:
     """Parse one wal2json message.
 
-    Fast path: orjson. A message with a ``numeric`` column is parsed with the stdlib parser
-    keeping decimal literals as text, so 40-digit numerics are not rounded through float.
+    Fast path: orjson. A message with a ``numeric`` column, or with a bare ``-0`` (a float
+    negative zero: integer types never print it, orjson would read it as the integer 0), is
+    parsed with the stdlib parser keeping every number literal as text, so 40-digit (or
+    5000-digit) numerics are not rounded through float nor refused by Python's int-string limit;
+    :mod:`cdc.values` converts the literals by column type.
     """
     raw = bytes(data)
-    if b'"type":"numeric' in raw:
-        return json.loads(raw, parse_float=str)
+    if b'"type":"numeric' in raw or b":-0}" in raw or b":-0," in raw:
+        return json.loads(raw, parse_float=str, parse_int=str)
     return orjson.loads(raw)
 
 

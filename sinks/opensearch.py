@@ -51,7 +51,10 @@ __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_
 
 LOAD_GC_DELETES = "6h"
 _GEN_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
-_BULK_FILTER = "errors,items.*._id,items.*._index,items.*.status,items.*.error.type,items.*.error.reason"
+_BULK_FILTER = (
+    "errors,items.*._id,items.*._index,items.*.status,items.*.error.type,items.*.error.reason"
+)
+_MGET_FILTER = "docs._id,docs.found,docs._version,docs._source"
 _MAX_REPORTED = 3
 CHECKPOINT_INDEX = "pgderive-checkpoints"
 _CHECKPOINT_BODY = {
@@ -347,10 +350,11 @@ class OpenSearchSink:
         keys = list(by_key)
         base: dict[str, tuple[int, dict[str, Any]]] = {}
         for i in range(0, len(keys), self.bulk_docs):
-            docs = [{"_index": ix, "_id": k} for k in keys[i : i + self.bulk_docs] for ix in indices]
+            chunk = keys[i : i + self.bulk_docs]
+            docs = [{"_index": ix, "_id": k} for k in chunk for ix in indices]
             with self._errors(f"apply {view} (read for partial update)"):
                 resp = self._client.mget(body={"docs": docs}, realtime="true",
-                                         filter_path="docs._id,docs.found,docs._version,docs._source,docs.error")
+                                         filter_path=_MGET_FILTER)
             for d in resp.get("docs", []):
                 if d.get("found") and d["_version"] > base.get(d["_id"], (-1,))[0]:
                     base[d["_id"]] = (d["_version"], d["_source"])
@@ -407,8 +411,7 @@ class OpenSearchSink:
         if actions:
             rejected += self._send(view, actions)
         if len(indices) > 1:  # an Op refused by several indices is reported once
-            seen: set[int] = set()
-            rejected = [r for r in rejected if id(r.op) not in seen and not seen.add(id(r.op))]
+            rejected = list({id(r.op): r for r in reversed(rejected)}.values())[::-1]
         return rejected
 
     def _send(self, view: str, actions: list[_Action]) -> list[Rejected]:

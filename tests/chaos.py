@@ -21,7 +21,7 @@ Environment (all optional; the CI test uses the defaults of :class:`ChaosConfig`
 ``PGDERIVE_CHAOS_KILLS``       minimum number of kills in total (default 20)
 ``PGDERIVE_CHAOS_BOOT_KILLS``  kills that must land in the first bootstrap's snapshot load (3)
 ``PGDERIVE_CHAOS_RESNAPSHOTS`` ``--resnapshot`` restarts, each killed in its bootstrap (1)
-``PGDERIVE_CHAOS_ROWS``        rows seeded into ``items`` before the first start (60000; ``events``
+``PGDERIVE_CHAOS_ROWS``        rows seeded into ``items`` before the first start (25000; ``events``
                                gets a quarter of that)
 ``PGDERIVE_CHAOS_TPS``         workload rate, transactions per second (150)
 ``PGDERIVE_CHAOS_BIG_TX``      transactions of 5k–20k rows (4)
@@ -78,7 +78,7 @@ class ChaosConfig:
     kills: int = 20
     boot_kills: int = 3
     resnapshots: int = 1
-    rows: int = 60_000
+    rows: int = 25_000
     tps: int = 150
     big_tx: int = 4
     truncates: int = 4
@@ -96,9 +96,9 @@ class ChaosConfig:
 
     @property
     def planned_tx(self) -> int:
-        """Workload transactions over which the special ones (big, TRUNCATE) are spread: about
-        what ``tps`` gives during the kill phase (~1.9 s per kill)."""
-        return max(500, int(self.tps * 1.9 * self.kills * 0.85))
+        """Workload transactions over which the special ones (big, TRUNCATE) are spread once the
+        daemon streams: about what ``tps`` gives during the streaming kills (~1.9 s per kill)."""
+        return max(500, int(self.tps * 1.9 * max(1, self.kills - self.boot_kills) * 0.8))
 
     @classmethod
     def from_env(cls, **defaults: Any) -> "ChaosConfig":
@@ -154,8 +154,10 @@ class WorkloadStats:
 class Workload:
     """The mixed write workload; :meth:`run` in a thread until :meth:`finish`.
 
-    Transaction ``k`` is drawn from ``Random(seed)``; the big and TRUNCATE transactions are
-    placed at seeded positions among the first :attr:`ChaosConfig.planned_tx` transactions.
+    Transaction ``k`` is drawn from ``Random(seed)``. Until :meth:`begin_specials` (called when
+    the first bootstrap is done) only small and multi-statement transactions run; the big and
+    TRUNCATE transactions are then placed at seeded positions among the next
+    :attr:`ChaosConfig.planned_tx` transactions.
     One writer, so statements never conflict with each other (they may wait for the daemon's
     snapshot lock: a TRUNCATE waits for a running bootstrap ``COPY``).
     """
@@ -176,6 +178,10 @@ class Workload:
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
         self.k = 0
+        self.base: int | None = None  # k at which the special transactions' schedule starts
+
+    def begin_specials(self) -> None:
+        self.base = self.k
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,7 +191,7 @@ class Workload:
     @property
     def planned_done(self) -> bool:
         """True once every big and TRUNCATE transaction was committed (or the thread failed)."""
-        return self.k > self.last_special or self.error is not None
+        return (self.base is not None and self.k > self.base + self.last_special) or self.error is not None
 
     def finish(self, timeout: float = 120, abort: bool = False) -> None:
         """Stop after the planned special transactions (at once with ``abort``)."""
@@ -432,7 +438,7 @@ class Workload:
 
     def one(self, conn: psycopg.Connection, k: int) -> None:
         """Run workload transaction ``k``."""
-        special = self.specials.get(k)
+        special = self.specials.get(k - self.base) if self.base is not None else None
         if special == "big":
             kind = self._big(conn)
         elif special == "truncate":
@@ -519,6 +525,7 @@ class ChaosRun:
         self.starts = 0
         self.busy_restarts = 0
         self.daemon: Daemon | None = None
+        self.all_daemons: list[Daemon] = []
         self.workload: Workload | None = None
         self.t0 = time.monotonic()
         self.timings: dict[str, float] = {}
@@ -545,8 +552,9 @@ class ChaosRun:
             conn.execute("ANALYZE")
 
     def teardown(self, failed: bool) -> None:
-        if self.daemon is not None and self.daemon.alive():
-            self.daemon.kill9()
+        for d in self.all_daemons:  # never leave a daemon behind (it would hold the slot)
+            if d.alive():
+                d.kill9()
         if failed and self.cfg.keep:
             self.say(f"chaos: keeping database {self.db} and the views of {self.config} for inspection")
             return
@@ -566,14 +574,19 @@ class ChaosRun:
     # -- the daemon ----------------------------------------------------------------------------
     def _mark(self, text: str) -> None:
         with open(self.log_path, "a") as f:
-            f.write(f"=== chaos {time.monotonic() - self.t0:7.2f}s: {text}\n")
+            now = time.time()
+            stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f",{int(now * 1000) % 1000:03d}"
+            f.write(f"=== chaos {stamp} (+{time.monotonic() - self.t0:.2f}s): {text}\n")
 
     def _start(self, *extra: str) -> Daemon:
+        if self.daemon is not None and self.daemon.alive():
+            raise RuntimeError("chaos harness bug: starting a daemon while another one runs")
         self.starts += 1
         self._mark(f"start #{self.starts} {' '.join(extra)}".rstrip())
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.daemon = Daemon(self.config, self.log_path, "--stats-file",
                              str(self.log_path.with_suffix(".json"))).start(*extra)
+        self.all_daemons.append(self.daemon)
         return self.daemon
 
     def _since_start(self) -> str:
@@ -595,21 +608,29 @@ class ChaosRun:
         raise self.failure(f"the daemon exited by itself with code {d.proc.returncode} "
                            f"(start #{self.starts}):\n{out[-4000:]}")
 
-    def _phase(self, conn: psycopg.Connection, resnapshot: bool) -> str:
-        row = None
-        if conn.execute("SELECT to_regclass('pgderive.slot_state')").fetchone()[0] is not None:
-            row = conn.execute("SELECT status, consistent_point::text FROM pgderive.slot_state WHERE slot = %s",
-                               (self.slot,)).fetchone()
-        if row is None or (row[0] == "bootstrapping" and row[1] == "0/0"):
-            return "startup"
-        if row[0] == "bootstrapping":
+    def _phase(self, resnapshot: bool) -> str:
+        """Where the (now dead) daemon was, from its log since its start: ``startup`` (before it
+        created or resumed the slot), ``bootstrap`` (slot created, snapshot not committed yet),
+        ``stream``."""
+        out = self._since_start()
+        if "bootstrap done" in out or "resuming slot" in out:
+            return "stream"
+        if "created slot" in out:
             return "resnapshot-bootstrap" if resnapshot else "bootstrap"
-        return "stream"
+        return "startup"
 
-    def _live_then_kill(self, conn: psycopg.Connection, *extra: str) -> Kill:
-        """Start the daemon, let it live a random 0.2–3 s, SIGKILL it; returns the kill."""
+    def _streaming(self, conn: psycopg.Connection) -> bool:
+        if conn.execute("SELECT to_regclass('pgderive.slot_state')").fetchone()[0] is None:
+            return False
+        row = conn.execute("SELECT status FROM pgderive.slot_state WHERE slot = %s", (self.slot,)).fetchone()
+        return row is not None and row[0] == "streaming"
+
+    def _live_then_kill(self, conn: psycopg.Connection, *extra: str, running: bool = False) -> Kill:
+        """Start the daemon (or take the ``running`` one), let it live a random 0.2–3 s more,
+        SIGKILL it; returns the kill."""
         after = self.kill_rnd.uniform(KILL_MIN, KILL_MAX)
-        d = self._start(*extra)
+        d = self.daemon if running else self._start(*extra)
+        assert d is not None
         deadline = time.monotonic() + after
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(0.05, left))
@@ -620,7 +641,7 @@ class ChaosRun:
             self._check_workload()
         d.kill9()
         d.log.close()
-        kill = Kill(len(self.kills) + 1, after, self._phase(conn, "--resnapshot" in extra))
+        kill = Kill(len(self.kills) + 1, after, self._phase("--resnapshot" in extra))
         self.kills.append(kill)
         self._mark(f"SIGKILL {kill}")
         return kill
@@ -632,7 +653,7 @@ class ChaosRun:
             if not d.alive():
                 self._exited_by_itself(())
             self._check_workload()
-            return self._phase(conn, False) == "stream"
+            return self._streaming(conn)
         wait_until(ok, timeout, 0.1, "the bootstrap to finish")
 
     def _check_workload(self) -> None:
@@ -659,12 +680,19 @@ class ChaosRun:
             self._start()
             self._wait_streaming(conn)
             self.timings["bootstrap_phase"] = time.monotonic() - self.t0
+            self.workload.begin_specials()
+            self._live_then_kill(conn, running=True)
             # 2. Kills while streaming (and during --resnapshot bootstraps, spread over the phase).
+            #    Kills that land in the start-up (before the slot is resumed) do not count towards
+            #    the streaming quota; the phase also lasts until every planned big/TRUNCATE
+            #    transaction has been committed.
             stream_kills = max(0, cfg.kills - len(self.kills))
-            resnap_at = sorted(self.kill_rnd.sample(range(stream_kills), min(cfg.resnapshots, stream_kills))) \
-                if stream_kills else []
-            i = 0
-            while i < stream_kills or not self.workload.planned_done:
+            resnap_at = set(self.kill_rnd.sample(range(stream_kills), min(cfg.resnapshots, stream_kills))) \
+                if stream_kills else set()
+            i = landed = 0
+            while landed < stream_kills or not self.workload.planned_done:
+                if i > 4 * stream_kills + 40:
+                    raise self.failure(f"after {i} restarts only {landed} kills landed after the start-up")
                 if i in resnap_at:
                     # Bootstraps from scratch over full sinks; kill it inside its load (retry the
                     # kill with a fresh delay while it is still in the start-up).
@@ -673,15 +701,10 @@ class ChaosRun:
                         if k.phase == "resnapshot-bootstrap":
                             break
                     # The next start (no flag) finds state "bootstrapping" and redoes it.
-                    started = time.monotonic()
-                    d = self._start()
+                    self._start()
                     self._wait_streaming(conn)
-                    d = self.daemon  # type: ignore[assignment]
-                    d.kill9()
-                    d.log.close()
-                    self.kills.append(Kill(len(self.kills) + 1, time.monotonic() - started, "stream"))
-                    self._mark(f"SIGKILL {self.kills[-1]} (just after the redone bootstrap)")
-                self._live_then_kill(conn)
+                    self._live_then_kill(conn, running=True)
+                landed += self._live_then_kill(conn).phase != "startup"
                 i += 1
             self.timings["kill_phase"] = time.monotonic() - self.t0
             self.say(f"chaos: {len(self.kills)} kills done: {self._kill_summary()}")

@@ -175,7 +175,8 @@ BIG = "toast-" * 20_000  # 100 kB: TOASTed in Postgres, so absent from wal2json 
 
 def test_redis_json_partial_update_merges_into_stored_record(rsink, rclient, jview):
     key, other = _k(jview, 1), _k(jview, 2)
-    rsink.apply([Op(jview, key, 10, {"a": 1, "big": BIG, "c": 3}), Op(jview, other, 10, {"a": 0})])
+    rsink.apply([Op(jview, key, 10, {"a": 1, "big": BIG, "c": 3}),
+                 Op(jview, other, 10, {"a": 0})])
     assert rsink.apply([Op(jview, key, 11, {"a": 2, "c": None}, partial=True)]) == []
     assert dict(rsink.scan(jview))[key] == {"a": 2, "big": BIG, "c": None}
     assert rclient.hget(versions_key(jview), key) == b"%016x" % 11
@@ -222,7 +223,8 @@ def test_redis_foreign_key_type_is_rejected_and_neighbours_applied(rsink, rclien
     foreign = _k(hview, 1)
     rclient.set(foreign, "not a hash")
     try:
-        rejected = rsink.apply([Op(hview, foreign, 5, {"a": 1}), Op(hview, _k(hview, 2), 5, {"a": 2})])
+        rejected = rsink.apply([Op(hview, foreign, 5, {"a": 1}),
+                                Op(hview, _k(hview, 2), 5, {"a": 2})])
         assert [(r.op.key, "WRONGTYPE" in r.error) for r in rejected] == [(foreign, True)]
         assert "WRONGTYPE" in str(rejected[0]) and hview in str(rejected[0])
         assert rclient.get(foreign) == b"not a hash"
@@ -369,7 +371,8 @@ def test_opensearch_small_bulk_requests_still_land_everything(opensearch_hosts, 
 
 
 def test_opensearch_partial_update_merges_into_stored_document(ossink, osview):
-    ossink.apply([Op(osview, "1", 10, {"a": 1, "big": BIG, "c": "3"}), Op(osview, "2", 10, {"a": 0})])
+    ossink.apply([Op(osview, "1", 10, {"a": 1, "big": BIG, "c": "3"}),
+                  Op(osview, "2", 10, {"a": 0})])
     assert ossink.apply([Op(osview, "1", 11, {"a": 2, "c": None}, partial=True)]) == []
     assert _docs(ossink, osview)["1"] == {"a": 2, "big": BIG, "c": None}
     ossink.apply([Op(osview, "1", 11, {"a": 8}, partial=True),  # equal version: replay
@@ -418,7 +421,8 @@ def test_opensearch_checkpoints_move_forward_only(ossink, osview):
         assert ossink.read_checkpoint(osview) == 2**60 + 1
         settings = ossink._client.indices.get_settings(index=CHECKPOINT_INDEX)
         index_settings = settings[CHECKPOINT_INDEX]["settings"]["index"]
-        assert (index_settings["number_of_shards"], index_settings["number_of_replicas"]) == ("1", "0")
+        shards = (index_settings["number_of_shards"], index_settings["number_of_replicas"])
+        assert shards == ("1", "0")
         alias = ossink._alias(osview)
         ossink.apply([Op(osview, "1", 10, {"a": 1})])
         gen = ossink.begin_generation(osview, 2**61)

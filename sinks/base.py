@@ -142,6 +142,10 @@ class Sink(Protocol):
         or lost by the sink). Reads the latest write (no refresh needed). Raises
         :class:`SinkError`."""
 
+    def truncate(self, view: str, version: int) -> None:
+        """Empty ``view`` for a TRUNCATE committed at ``version``: drop every record at or
+        below ``version``. Idempotent under replay of the stream."""
+
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, doc)`` for every live record of ``view`` (for verify/demo/tests).
 

@@ -8,8 +8,9 @@ Layout of one view with alias ``A`` (``ViewTarget.index``, the name users query)
 * the alias ``A`` points at exactly one generation, the live one. A view written before any
   generation was committed gets ``A-g0000000000000000`` and the alias on its first write.
 
-Every index/delete action carries ``version=op.version, version_type=external``: OpenSearch
-keeps the greater version, and answers 409 (version conflict) to an older or equal one, which
+Every index/delete action carries ``version=op.version, version_type=external_gte``: OpenSearch
+keeps the greater version (an equal one re-applies: it comes from the same transaction, applied
+in order, see :mod:`sinks.redis`), and answers 409 (version conflict) to an older one, which
 counts as success; deleting a missing document (404) is success too. A generation being loaded
 keeps delete tombstones longer (``index.gc_deletes`` = :data:`LOAD_GC_DELETES`, reset to the
 default when committed) so a snapshot row cannot resurrect a document deleted meanwhile.
@@ -175,6 +176,20 @@ class OpenSearchSink:
                 self._loading[view].discard(index)
             if stale:
                 self._client.indices.delete(index=",".join(stale), ignore_unavailable=True)
+
+    def truncate(self, view: str, version: int) -> None:
+        """Empty ``view`` as of a TRUNCATE committed at ``version`` (int LSN): a new empty
+        generation ``alias-g<version+1>`` becomes live and every older one is deleted, so Ops of
+        the same transaction that came before the TRUNCATE are gone too. On a replay the
+        generation may exist already (holding rows written after the TRUNCATE and replayed
+        older ones): it is recreated empty, and the later Ops of the replay fill it again."""
+        alias = self._alias(view)
+        index = generation_index(alias, version + 1)
+        with self._errors(f"truncate {view}"):
+            if self._client.indices.exists(index=index):
+                self._client.indices.delete(index=index)
+        self._create_index(index, loading=False)
+        self.commit_generation(view, index, version + 1)
 
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(_id, _source)`` for every document behind the alias (nothing if none)."""
@@ -367,7 +382,7 @@ class OpenSearchSink:
             ver, doc = base[key]
             last: Op | None = None
             for op in sorted(by_key[key], key=lambda o: o.version):
-                if op.version > ver:
+                if op.version >= ver:
                     try:
                         orjson.dumps(op.doc)
                     except TypeError as e:
@@ -398,7 +413,7 @@ class OpenSearchSink:
             action = "delete" if source is None else "index"
             for index in indices:
                 meta = orjson.dumps({action: {"_index": index, "_id": op.key, "version": op.version,
-                                              "version_type": "external"}})
+                                              "version_type": "external_gte"}})
                 n = len(meta) + (len(source) + 2 if source is not None else 1)
                 if actions and size + n > self.bulk_bytes:
                     rejected += self._send(view, actions)

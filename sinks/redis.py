@@ -10,8 +10,11 @@ Layout of one view ``V``:
   older upsert from resurrecting a deleted key; they are removed by :meth:`RedisSink.
   commit_generation` once older than the committed generation.
 
-An Op applies when the key has no stored version or when ``op.version`` is strictly greater than
-the stored one (tombstones included); an equal version is the same Op replayed and is skipped.
+An Op applies when the key has no stored version or when ``op.version`` is greater than or
+equal to the stored one (tombstones included). Equal versions come from one transaction (the
+same commit LSN), which the engine always applies in order — a large transaction arrives in
+several chunks that may touch one key twice — so the later one must win; a replay of the same
+Op rewrites the same value.
 Versions are compared in Lua numerically, falling back to two 32-bit halves when both round to
 the same double (exact, and independent of the server's ``LC_COLLATE``, which Lua's string
 comparison would use).
@@ -123,7 +126,9 @@ for i = 2, #KEYS do
   a = a + 2
   local cur = latest[key]
   if cur == nil then cur = stored[i - 1] end
-  local newer = (not cur) or older(string.sub(cur, 1, 16), ver)
+  -- Equal versions re-apply: they come from the same transaction, applied in order
+  -- (e.g. chunks of a large transaction, or a commit exactly at a snapshot's consistent point).
+  local newer = (not cur) or not older(ver, string.sub(cur, 1, 16))
   local entry = ver
   err = nil
   if kind == 'h' then
@@ -337,6 +342,12 @@ class RedisSink:
                 if cursor == 0:
                     break
 
+    def truncate(self, view: str, version: int) -> None:
+        """Empty ``view`` as of a TRUNCATE committed at ``version`` (int LSN): delete every
+        record (and version entry) at or below ``version`` — Ops of the same transaction that
+        came before the TRUNCATE included; those after it are applied afterwards."""
+        self.commit_generation(view, view, version + 1)
+
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, doc)`` for every live record: hash views give ``{field: str}``, json
         views the parsed document. Tombstones are skipped."""
@@ -455,7 +466,7 @@ class RedisSink:
         """Read-modify-write step for partial Ops of a ``json`` view: read the current JSON and
         stored version of their keys (``batch_size`` keys per HMGET/MGET pair, all pipelined in
         one round trip), merge each key's partial docs in version order and return one full
-        upsert per key with the newest merged version. Stale partials (version <= stored) are
+        upsert per key with the newest merged version. Stale partials (version < stored) are
         counted as skipped, partials for missing/deleted records as skipped + partial_missed.
         Appends unencodable partial docs to ``rejected``. Raises :class:`SinkError`."""
         by_key: dict[str, list[Op]] = defaultdict(list)
@@ -481,7 +492,7 @@ class RedisSink:
             doc: dict[str, Any] | None = None
             n = 0
             for op in sorted(by_key[key], key=lambda o: o.version):
-                if op.version <= ver:
+                if op.version < ver:
                     self.stats["skipped"] += 1
                     continue
                 if not live:

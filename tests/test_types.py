@@ -137,10 +137,12 @@ CASES: dict[str, dict[str, str]] = {
         "j": "'null'", "tx": "repeat('x', 3000)",
     },
     "nulls": {},
-    # non-finite numerics and floats; every other column as in "typical"
-    "nan": {**TYPICAL, "n": "'NaN'", "f4": "'NaN'", "f8": "'NaN'"},
-    "inf": {**TYPICAL, "n": "'Infinity'", "f4": "'Infinity'", "f8": "'Infinity'"},
-    "ninf": {**TYPICAL, "n": "'-Infinity'", "f4": "'-Infinity'", "f8": "'-Infinity'"},
+    # non-finite numerics and floats, and top-level jsonb scalars/arrays; the rest as in "typical"
+    "nan": {**TYPICAL, "n": "'NaN'", "f4": "'NaN'", "f8": "'NaN'", "jb": "'null'"},
+    "inf": {**TYPICAL, "n": "'Infinity'", "f4": "'Infinity'", "f8": "'Infinity'",
+            "jb": """'"a string"'"""},
+    "ninf": {**TYPICAL, "n": "'-Infinity'", "f4": "'-Infinity'", "f8": "'-Infinity'",
+             "jb": """'[1, "a", null, {"b": false}, 1.5e300]'"""},
 }
 CASE_IDS = {name: k for k, name in enumerate(CASES, start=1)}
 STREAM_INSERT, STREAM_UPDATE = 100, 200  # id offsets of the streamed copies
@@ -354,11 +356,9 @@ def matrix(tmp_path_factory) -> Matrix:
     return out
 
 
-def _cells(stream: bool) -> list[tuple[int, int, str]]:
-    """(case row, row, column) for the snapshot copies or the streamed copies."""
-    offsets = (STREAM_INSERT, STREAM_UPDATE) if stream else (0,)
-    return [(k, k + off, col) for name, k in CASE_IDS.items() for off in offsets for col in NAMES
-            if not (stream and (name, col) in NONFINITE_CELLS)]
+COLUMN_PARAMS = [pytest.param(t, c, id=f"{t}.{c}") for t, cols in TABLES.items() for c in cols]
+NONFINITE_PARAMS = [pytest.param(t, case, c, id=f"{t}.{c}-{case}")
+                    for t, cols in TABLES.items() for case, c in NONFINITE_CELLS if c in cols]
 
 
 def test_matrix_covers_the_issue():
@@ -367,54 +367,57 @@ def test_matrix_covers_the_issue():
 
 
 def test_source_copies_are_identical(matrix: Matrix):
-    for k in CASE_IDS.values():
-        assert matrix.source[STREAM_INSERT + k] == matrix.source[k]
-        assert matrix.source[STREAM_UPDATE + k] == matrix.source[k]
-    assert len(matrix.source[CASE_IDS["huge"]]["big"]) >= 200_000
-    assert len(matrix.source[CASE_IDS["huge"]]["n"]) > 5000
+    for table in TABLES:
+        source = matrix.source[table]
+        for k in CASE_IDS.values():
+            assert source[STREAM_INSERT + k] == source[k]
+            assert source[STREAM_UPDATE + k] == source[k]
+    huge = matrix.source["typematrix"][CASE_IDS["huge"]]
+    assert len(huge["big"]) >= 200_000 and len(huge["n"]) > 5000
 
 
 def test_every_row_is_in_every_sink(matrix: Matrix):
-    for sink in SINKS:
-        missing = [row for row, doc in matrix.sink[sink].items() if doc is None]
-        assert not missing, f"{sink}: rows {missing} missing\n{matrix.daemon_log[-3000:]}"
+    for (sink, table), docs in matrix.sink.items():
+        missing = [row for row, doc in docs.items() if doc is None]
+        assert not missing, f"{sink} view of {table}: rows {missing} missing\n{matrix.daemon_log[-3000:]}"
 
 
 @pytest.mark.parametrize("sink", SINKS)
-@pytest.mark.parametrize("col", NAMES)
-def test_snapshot_rows_follow_the_mapping(matrix: Matrix, sink: str, col: str):
-    _check_mapping(matrix, sink, col, stream=False)
+@pytest.mark.parametrize("table, col", COLUMN_PARAMS)
+def test_snapshot_rows_follow_the_mapping(matrix: Matrix, sink: str, table: str, col: str):
+    _check_mapping(matrix, sink, table, col, offsets=(0,))
 
 
 @pytest.mark.parametrize("sink", SINKS)
-@pytest.mark.parametrize("col", NAMES)
-def test_streamed_rows_follow_the_mapping(matrix: Matrix, sink: str, col: str):
-    _check_mapping(matrix, sink, col, stream=True)
+@pytest.mark.parametrize("table, col", COLUMN_PARAMS)
+def test_streamed_rows_follow_the_mapping(matrix: Matrix, sink: str, table: str, col: str):
+    _check_mapping(matrix, sink, table, col, offsets=(STREAM_INSERT, STREAM_UPDATE))
 
 
-def _check_mapping(matrix: Matrix, sink: str, col: str, *, stream: bool) -> None:
+def _check_mapping(matrix: Matrix, sink: str, table: str, col: str, offsets: tuple[int, ...]) -> None:
     bad = []
-    for _, row, c in _cells(stream):
-        if c != col:
-            continue
-        want = expected(sink, col, matrix.source[row][col])
-        got = matrix.cell(sink, row, col)
-        if got != want:
-            bad.append(f"row {row}: source {_short(matrix.source[row][col])} -> sink {_short(got)}, "
-                       f"documented {_short(want)}")
+    for name, k in CASE_IDS.items():
+        for row in (k + off for off in offsets):
+            if row != k and (name, col) in NONFINITE_CELLS:
+                continue  # test_streamed_nonfinite_numbers
+            text = matrix.source[table][row][col]
+            want, got = expected(sink, col, text), matrix.cell(sink, table, row, col)
+            if got != want:
+                bad.append(f"row {row} ({name}): source {_short(text)} -> sink {_short(got)}, "
+                           f"documented {_short(want)}")
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("sink", SINKS)
-@pytest.mark.parametrize("col", NAMES)
-def test_snapshot_and_streamed_copies_are_identical(matrix: Matrix, sink: str, col: str):
+@pytest.mark.parametrize("table, col", COLUMN_PARAMS)
+def test_snapshot_and_streamed_copies_are_identical(matrix: Matrix, sink: str, table: str, col: str):
     bad = []
     for name, k in CASE_IDS.items():
         if (name, col) in NONFINITE_CELLS:
-            continue
-        snap = matrix.cell(sink, k, col)
+            continue  # test_streamed_nonfinite_numbers
+        snap = matrix.cell(sink, table, k, col)
         for row in (STREAM_INSERT + k, STREAM_UPDATE + k):
-            got = matrix.cell(sink, row, col)
+            got = matrix.cell(sink, table, row, col)
             if got != snap:
                 bad.append(f"case {name}: snapshot {_short(snap)} != streamed row {row} {_short(got)}")
     assert not bad, "\n".join(bad)
@@ -423,23 +426,25 @@ def test_snapshot_and_streamed_copies_are_identical(matrix: Matrix, sink: str, c
 @pytest.mark.xfail(strict=True, reason="wal2json 2.5 prints numeric and float NaN/Infinity/-Infinity "
                    "as JSON null in format-version 2 (no numeric-data-types-as-string option): "
                    "streamed rows carry NULL; the snapshot has the value")
-@pytest.mark.parametrize("case, col", NONFINITE_CELLS)
-def test_streamed_nonfinite_numbers(matrix: Matrix, case: str, col: str):
+@pytest.mark.parametrize("table, case, col", NONFINITE_PARAMS)
+def test_streamed_nonfinite_numbers(matrix: Matrix, table: str, case: str, col: str):
     k = CASE_IDS[case]
-    assert matrix.source[k][col] in ("NaN", "Infinity", "-Infinity")
+    text = matrix.source[table][k][col]
+    assert text in ("NaN", "Infinity", "-Infinity")
     for sink in SINKS:
-        want = expected(sink, col, matrix.source[k][col])
-        assert matrix.cell(sink, k, col) == want  # the snapshot copy is right...
+        want = expected(sink, col, text)
+        assert matrix.cell(sink, table, k, col) == want  # the snapshot copy is right...
         for row in (STREAM_INSERT + k, STREAM_UPDATE + k):
-            assert matrix.cell(sink, row, col) == want  # ...the streamed ones are not
+            assert matrix.cell(sink, table, row, col) == want  # ...the streamed ones are not
 
 
 def test_streamed_nonfinite_numbers_arrive_as_null(matrix: Matrix):
     """What the stream gives today (the counterpart of the xfail above): NULL, never garbage."""
-    for case, col in NONFINITE_CELLS:
+    for param in NONFINITE_PARAMS:
+        table, case, col = param.values
         for row in (STREAM_INSERT + CASE_IDS[case], STREAM_UPDATE + CASE_IDS[case]):
-            assert matrix.cell("hash", row, col) is None
-            assert matrix.cell("json", row, col) is None and matrix.cell("search", row, col) is None
+            for sink in SINKS:
+                assert matrix.cell(sink, table, row, col) is None, (sink, table, row, col)
 
 
 def _short(v: Any) -> str:

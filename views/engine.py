@@ -342,8 +342,9 @@ class Engine:
             batch.commit_times.append(tx.commit_time.timestamp())
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
-        """A TRUNCATE empties its views: a barrier that applies earlier Ops, then an empty
-        generation at the commit LSN replaces the view (everything older is dropped)."""
+        """A TRUNCATE empties its views: a barrier that applies the pending Ops, then each sink
+        drops every record of the view at or below the commit LSN (so earlier Ops of the same
+        transaction go too); the Ops that follow in the stream are applied after it."""
         for v in views:
             batch.drop_view(v.sink, v.name)
         self.flusher.wait_idle()
@@ -351,10 +352,9 @@ class Engine:
             raise self.flusher.error
         self.flusher.apply_now(batch)
         batch.ops.clear()
+        batch.dead_letters = []  # recorded by apply_now
         for v in views:
-            sink = self.sinks[v.sink]
-            gen = sink.begin_generation(v.name, version)
-            sink.commit_generation(v.name, gen, version)
+            self.sinks[v.sink].truncate(v.name, version)
             log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
 
     def _rejected(self, batch: Batch, rejected: list) -> None:

@@ -33,6 +33,20 @@ test: services venv
 test-unit: venv
 	$(BIN)/pytest -q -m 'not slow' tests/unit
 
+# Crash harness, long variant: the CI test (tests/test_chaos.py, 20 kills) scaled up. Every
+# PGDERIVE_CHAOS_* variable may be overridden from the environment, e.g.
+# `PGDERIVE_CHAOS_SEED=42 make chaos` to replay a failure (see tests/chaos.py).
+chaos: services venv
+	PGDERIVE_CHAOS_KILLS=$${PGDERIVE_CHAOS_KILLS:-100} \
+	PGDERIVE_CHAOS_BOOT_KILLS=$${PGDERIVE_CHAOS_BOOT_KILLS:-6} \
+	PGDERIVE_CHAOS_RESNAPSHOTS=$${PGDERIVE_CHAOS_RESNAPSHOTS:-3} \
+	PGDERIVE_CHAOS_ROWS=$${PGDERIVE_CHAOS_ROWS:-60000} \
+	PGDERIVE_CHAOS_TPS=$${PGDERIVE_CHAOS_TPS:-300} \
+	PGDERIVE_CHAOS_BIG_TX=$${PGDERIVE_CHAOS_BIG_TX:-15} \
+	PGDERIVE_CHAOS_TRUNCATES=$${PGDERIVE_CHAOS_TRUNCATES:-12} \
+	PGDERIVE_CHAOS_TIMEOUT=$${PGDERIVE_CHAOS_TIMEOUT:-600} \
+	$(BIN)/pytest -q tests/test_chaos.py
+
 clean:
 	-scripts/services.sh down
 	rm -rf .services $(VENV) *.egg-info .pytest_cache

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from decimal import Decimal
 from typing import Any, Callable
 
@@ -57,14 +56,12 @@ def _to_int(v: Any) -> Any:
 
 
 def _to_float(v: Any) -> Any:
-    t = type(v)
-    if t is float:
+    if type(v) is float:
         return v
-    if t is int:  # wal2json prints integral floats without a fraction, e.g. 100000
-        return float(v)
-    if v in NONFINITE:  # snapshot text
-        return v
-    return float(v)
+    f = float(v)  # text, or an int: wal2json prints integral floats as 100000
+    if f - f == 0.0:  # finite
+        return f
+    return v  # "NaN", "Infinity", "-Infinity": only the snapshot has them
 
 
 def _to_numeric(v: Any) -> Any:
@@ -78,16 +75,23 @@ def _to_bool(v: Any) -> Any:
     return v in ("t", "true")
 
 
-# A jsonb number orjson could round: 16+ digits in a row (Postgres prints jsonb numbers in plain
-# notation, so 1e-300 is a run of 300 zeros) or an exponent of 3+ digits. False positives (long
-# digit runs inside strings) only take the exact path below.
-_RISKY_NUMBER = re.compile(r"[0-9.]{16}|[0-9][eE][+-]?[0-9]{3}")
+# jsonb numbers are numeric; orjson reads them as int64/uint64 or double. Postgres prints jsonb
+# numbers in plain notation (1e-300 is a run of 300 zeros), so a literal a double might not hold
+# exactly has a run of 16+ digits: found by a byte-table translation (digits and '.' -> 'd') and
+# one substring search. Such a run is usually a double an application stored, whose literal is
+# the double's shortest repr: the tokens (split at every other character) are checked one by
+# one, and only a literal that is not exact (or a digit run inside a string that does not read
+# as one) sends the value through the exact, slower parse.
+_CLASSES = bytes(ord("d") if chr(b) in "0123456789." else ord("_") for b in range(256))
+_TOKENS = bytes(b if chr(b) in "0123456789.eE+-" else ord(" ") for b in range(256))
+_LONG_RUN = b"d" * 16
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what orjson reads and writes as integers
 
 
 def _exact_float(s: str) -> Any:
     f = float(s)
-    if math.isfinite(f) and Decimal(repr(f)) == Decimal(s):
+    r = repr(f)
+    if r == s or (math.isfinite(f) and Decimal(r) == Decimal(s)):
         return f
     return s
 
@@ -100,11 +104,39 @@ def _exact_int(s: str) -> Any:
     return _exact_float(s)
 
 
+def _token_is_exact(t: bytes) -> bool:
+    """Would orjson read the number literal ``t`` exactly?"""
+    if t.lstrip(b"-").isdigit():
+        return len(t) <= 20 and _INT_MIN <= int(t) <= _INT_MAX
+    try:
+        f = float(t)
+    except ValueError:
+        return False
+    r = repr(f)
+    return r.encode() == t or (math.isfinite(f) and Decimal(r) == Decimal(t.decode()))
+
+
 def _to_jsonb(v: Any) -> Any:
     if not isinstance(v, str):
         return v
-    if _RISKY_NUMBER.search(v) is None:
-        return orjson.loads(v)
+    raw = v.encode()
+    if _LONG_RUN in raw.translate(_CLASSES):
+        for t in raw.translate(_TOKENS).split():
+            if len(t) >= 16:
+                try:
+                    if repr(float(t)).encode() == t:  # a double's shortest repr: exact
+                        continue
+                except ValueError:
+                    pass
+                if not _token_is_exact(t):
+                    return _exact_loads(v)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:  # e.g. 1e400 in exponent notation (not Postgres output)
+        return _exact_loads(v)
+
+
+def _exact_loads(v: str) -> Any:
     return json.loads(v, parse_float=_exact_float, parse_int=_exact_int)
 
 

@@ -137,6 +137,11 @@ class Sink(Protocol):
         call. Forward only: a checkpoint already at or past ``lsn`` is kept. Call it after the
         Ops up to ``lsn`` were acknowledged. Raises :class:`SinkError`."""
 
+    def advance_checkpoint(self, views: Sequence[str], previous: int, lsn: int) -> list[str]:
+        """Move the views' checkpoints from at least ``previous`` to ``lsn``; return the views
+        whose checkpoint was missing or behind ``previous`` (the sink lost acknowledged data),
+        which are left untouched."""
+
     def read_checkpoint(self, view: str) -> int | None:
         """The checkpoint LSN of ``view``, or None if the sink holds none (never written, dropped,
         or lost by the sink). Reads the latest write (no refresh needed). Raises

@@ -247,6 +247,21 @@ class OpenSearchSink:
                 raise SinkError(f"sink {self.name}: write_checkpoint {result.get('_id')}: "
                                 f"{result.get('error')}", retryable=status == 429 or status >= 500)
 
+    def advance_checkpoint(self, views: Sequence[str], previous: int, lsn: int) -> list[str]:
+        """Move the checkpoints of ``views`` from at least ``previous`` to ``lsn`` (int LSNs):
+        one realtime ``mget``, then :meth:`write_checkpoint` for the views still at or past
+        ``previous``. Returns the views whose checkpoint was missing or behind (the cluster
+        lost data it had acknowledged), which are not written. Raises :class:`SinkError`."""
+        if not views:
+            return []
+        self._ensure_checkpoint_index()
+        with self._errors("advance_checkpoint"):
+            resp = self._client.mget(index=CHECKPOINT_INDEX, body={"ids": list(views)}, realtime=True)
+        lost = [d["_id"] for d in resp.get("docs", [])
+                if not d.get("found") or int(d["_source"]["lsn"]) < previous]
+        self.write_checkpoint([v for v in views if v not in lost], lsn)
+        return lost
+
     def read_checkpoint(self, view: str) -> int | None:
         """The checkpoint LSN (int) of ``view`` by a realtime GET, or None if there is none.
         Raises :class:`SinkError`."""

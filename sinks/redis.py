@@ -213,6 +213,22 @@ def versions_key(view: str) -> str:
     return f"pgderive:{view}:versions"
 
 
+# KEYS = checkpoint keys; ARGV[1] = new LSN, ARGV[2] = the LSN each must already be at (16 hex).
+# Returns the 1-based indices of keys missing or below ARGV[2] (not written); raises the others.
+_ADVANCE_LUA = _LUA_HELPERS + """
+local lost = {}
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if (not cur) or older(cur, ARGV[2]) then
+    lost[#lost + 1] = i
+  elseif older(cur, ARGV[1]) then
+    redis.call('SET', KEYS[i], ARGV[1])
+  end
+end
+return lost
+"""
+
+
 def checkpoint_key(view: str) -> str:
     """Name of the checkpoint key of ``view``: ``pgderive:{view}:checkpoint``."""
     return f"pgderive:{view}:checkpoint"
@@ -268,6 +284,7 @@ class RedisSink:
         self._apply_script = self._client.register_script(_APPLY_LUA)
         self._sweep_script = self._client.register_script(_SWEEP_LUA)
         self._checkpoint_script = self._client.register_script(_CHECKPOINT_LUA)
+        self._advance_script = self._client.register_script(_ADVANCE_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
 
@@ -406,6 +423,18 @@ class RedisSink:
         keys = [checkpoint_key(v) for v in views]
         with self._errors("write_checkpoint"):
             self._run(self._checkpoint_script, [(keys, [version_hex(lsn)])])
+
+    def advance_checkpoint(self, views: Sequence[str], previous: int, lsn: int) -> list[str]:
+        """Move the checkpoints of ``views`` from at least ``previous`` to ``lsn`` (int LSNs)
+        atomically in one Lua call. Returns the views whose checkpoint was missing or below
+        ``previous`` — Redis lost data it had acknowledged — and leaves those untouched.
+        Raises :class:`SinkError`."""
+        if not views:
+            return []
+        keys = [checkpoint_key(v) for v in views]
+        with self._errors("advance_checkpoint"):
+            (lost,) = self._run(self._advance_script, [(keys, [version_hex(lsn), version_hex(previous)])])
+        return [views[int(i) - 1] for i in lost]
 
     def read_checkpoint(self, view: str) -> int | None:
         """The checkpoint LSN (int) of ``view``, or None if Redis holds none. Raises

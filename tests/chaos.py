@@ -27,7 +27,8 @@ Environment (all optional; the CI test uses the defaults of :class:`ChaosConfig`
 ``PGDERIVE_CHAOS_BIG_TX``      transactions of 5k–20k rows (4)
 ``PGDERIVE_CHAOS_TRUNCATES``   TRUNCATE transactions of watched tables (4)
 ``PGDERIVE_CHAOS_TIMEOUT``     seconds allowed for the final catch-up + comparison (180)
-``PGDERIVE_CHAOS_KEEP``        1: keep the database and sink data after a failure (for inspection)
+``PGDERIVE_CHAOS_KEEP``        1: keep the database and sink data after a failure (for inspection),
+                               and the run's directory under ``.services/chaos/`` even on success
 =============================  =====================================================================
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
+import shutil
 import threading
 import time
 import traceback
@@ -49,12 +50,14 @@ from sinks.base import ViewTarget
 from sinks.factory import make_sink
 from views.spec import load_spec
 
-from .support import (OPENSEARCH_URL, REDIS_URL, Daemon, assert_views_equal, create_database,
+from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
                       current_lsn, drop_database, slot_caught_up, unique, wait_until)
 
 __all__ = ["ChaosConfig", "ChaosRun", "ChaosFailure", "Workload", "run_chaos"]
 
 KILL_MIN, KILL_MAX = 0.2, 3.0
+CHAOS_DIR = ROOT / ".services" / "chaos"
+_FATAL = re.compile(r"^(error: .*|Traceback \(most recent call last\):)$", re.M)
 
 SCHEMA = """
 CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, qty int, price numeric(12,2),
@@ -503,7 +506,6 @@ class Kill:
     n: int
     after_s: float     # planned life time of the daemon before the SIGKILL
     phase: str         # startup | bootstrap | resnapshot-bootstrap | stream
-    applied: bool = True  # False: the daemon had already exited by itself
 
     def __str__(self) -> str:
         return f"#{self.n} {self.phase} after {self.after_s:.2f}s"
@@ -644,6 +646,12 @@ class ChaosRun:
         kill = Kill(len(self.kills) + 1, after, self._phase("--resnapshot" in extra))
         self.kills.append(kill)
         self._mark(f"SIGKILL {kill}")
+        # A daemon that already reported a fatal error (and was still exiting) is a finding too.
+        out = self._since_start()
+        fatal = _FATAL.search(out)
+        if fatal and "is in use by another process" not in fatal.group(0):
+            raise self.failure(f"the daemon reported a fatal error before it was killed (start #{self.starts}):\n"
+                               f"{out[fatal.start():][:4000]}")
         return kill
 
     def _wait_streaming(self, conn: psycopg.Connection, timeout: float = 300) -> None:
@@ -772,18 +780,31 @@ class ChaosRun:
             f"daemon log: {self.log_path}\n{self.log_excerpt()}")
 
 
-def run_chaos(cfg: ChaosConfig, workdir: Path, log: Callable[[str], None] = print) -> ChaosRun:
-    """Run one chaos round; raises :class:`ChaosFailure` (seed, kills, symptom, log excerpt)."""
+def run_chaos(cfg: ChaosConfig, workdir: Path | None = None, log: Callable[[str], None] = print) -> ChaosRun:
+    """Run one chaos round; raises :class:`ChaosFailure` (seed, kills, symptom, log excerpt).
+
+    ``workdir`` (default ``.services/chaos/<time>-seed<seed>/``) receives the YAML, the daemon
+    log (all starts, with ``=== chaos`` markers for every start and kill) and, on failure,
+    ``failure.txt``; it is deleted after a successful run unless ``PGDERIVE_CHAOS_KEEP`` is set.
+    """
+    own = workdir is None
+    if workdir is None:
+        workdir = CHAOS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{cfg.seed}"
+    workdir.mkdir(parents=True, exist_ok=True)
     run = ChaosRun(cfg, workdir, log)
     failed = True
     try:
         run.run()
         failed = False
         return run
-    except ChaosFailure:
-        raise
-    except BaseException as e:  # anything unexpected still reports the seed
-        raise run.failure(f"{type(e).__name__}: {e}\n{traceback.format_exc()}") from e
+    except BaseException as e:
+        failure = e if isinstance(e, ChaosFailure) else \
+            run.failure(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        (workdir / "failure.txt").write_text(str(failure))
+        log(str(failure))
+        if failure is e:
+            raise
+        raise failure from e
     finally:
         try:
             if run.workload is not None:
@@ -791,3 +812,5 @@ def run_chaos(cfg: ChaosConfig, workdir: Path, log: Callable[[str], None] = prin
         except ChaosFailure:
             pass
         run.teardown(failed)
+        if own and not failed and not cfg.keep:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -15,9 +15,9 @@ from .chaos import ChaosConfig, run_chaos
 pytestmark = pytest.mark.slow
 
 
-def test_kill9_anywhere_converges(tmp_path, capsys):
+def test_kill9_anywhere_converges(capsys):
     cfg = ChaosConfig.from_env()
-    run = run_chaos(cfg, tmp_path)
+    run = run_chaos(cfg)
     with capsys.disabled():
         print(f"\nchaos seed={cfg.seed}: {len(run.kills)} kills "
               f"({run._kill_summary()}), {run.starts} starts, workload {run.workload.stats.summary()}")

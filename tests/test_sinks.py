@@ -504,3 +504,21 @@ def test_make_sink(redis_url, opensearch_hosts):
     o.close()
     with pytest.raises(ValueError, match="'weird'.*'kafka'"):
         make_sink("weird", {"type": "kafka"})
+
+
+@pytest.mark.parametrize("which", ["redis", "opensearch"])
+def test_advance_checkpoint_reports_lost_views(which, rsink, ossink):
+    sink = rsink if which == "redis" else ossink
+    a, b = _name("cka"), _name("ckb")
+    for v in (a, b):
+        sink.register(ViewTarget(v, format="hash") if which == "redis" else ViewTarget(v, index=f"pgd-test-{v.lower()}"))
+    try:
+        sink.write_checkpoint([a, b], 100)
+        assert sink.advance_checkpoint([a, b], 100, 200) == []
+        assert sink.read_checkpoint(a) == 200 and sink.read_checkpoint(b) == 200
+        sink.drop_view(b)  # b's data (and checkpoint) lost
+        assert sink.advance_checkpoint([a, b], 200, 300) == [b]
+        assert sink.read_checkpoint(a) == 300 and sink.read_checkpoint(b) is None
+    finally:
+        sink.drop_view(a)
+        sink.drop_view(b)

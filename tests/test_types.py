@@ -1,22 +1,26 @@
 """Type fidelity: a matrix of Postgres types round-trips into Redis (hash and json) and OpenSearch.
 
-One table holds a column per type. Each *case* (a set of source values) is written three times:
-as row ``k`` before the daemon starts (it arrives through the bootstrap snapshot, COPY text), as
-row ``100 + k`` inserted while the daemon streams, and as row ``200 + k`` inserted all-NULL
-before the start and updated to the case's values while streaming (both arrive through
-wal2json). For every column the tests check that each sink holds the mapping documented in the
-README ("What lands in the sinks") of Postgres' own text output (the type's output function,
-read with ``format('%s', col)``), and that the three copies of a case are identical in every
-sink.
+Table ``typematrix`` holds a column per type (33 columns). Each *case* (a set of source values)
+is written three times: as row ``k`` before the daemon starts (it arrives through the bootstrap
+snapshot, COPY text), as row ``100 + k`` inserted while the daemon streams, and as row
+``200 + k`` inserted all-NULL before the start and updated to the case's values while streaming
+(both arrive through wal2json). Table ``plainfloats`` repeats the float columns without any
+numeric column, so its messages take the decoder's orjson fast path. Every column of both
+tables is in a Redis hash view, a Redis json view and an OpenSearch view. For every column the
+tests check that each sink holds the mapping documented in the README ("What lands in the
+sinks") of Postgres' own text output (the type's output function, read with
+``format('%s', col)``; a ``::text`` cast differs for char(n) and inet), and that the three
+copies of a case are identical in every sink.
 
 The one known loss is marked ``xfail(strict=True)``: wal2json 2.5 prints numeric and float
 ``NaN``/``Infinity``/``-Infinity`` as JSON ``null`` (format 2), so streamed rows carry NULL there.
 
 OpenSearch maps fields dynamically from the first document it sees. A double beyond the float
-range, a non-finite float (kept as its text ``"NaN"``) in a field mapped as a number, or a date
-like ``infinity`` in a field mapped as a date are refused unless the index has
-``index.mapping.ignore_malformed`` (the value is then kept in ``_source`` but not indexed): the
-test installs that as an index template on the view's generations, as the README recommends.
+range, a non-finite float (kept as its text ``"NaN"``) in a field mapped as a number, a date like
+``infinity`` in a field mapped as a date, or jsonb values of different shapes are refused unless
+the index keeps malformed values (``index.mapping.ignore_malformed``: kept in ``_source``, not
+indexed) and maps jsonb as ``flat_object``: the test installs that as an index template on the
+views' generations, as the README recommends.
 """
 from __future__ import annotations
 

@@ -122,4 +122,6 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                      rows / secs if secs else 0.0)
     for v in views:
         sinks[v.sink].commit_generation(v.name, generations[v.name], version)
+        # The view is complete as of ``version``: its checkpoint says so (see engine startup).
+        sinks[v.sink].write_checkpoint([v.name], version)
     return stats

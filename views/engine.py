@@ -24,7 +24,7 @@ import psycopg
 
 from cdc.changes import Transaction
 from cdc.lsn import format_lsn
-from cdc.slot import Keepalive, ReplicationError, SlotReader, slot_info
+from cdc.slot import Keepalive, ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
 from sinks.base import Sink, SinkError
 from sinks.factory import make_sink
@@ -34,7 +34,7 @@ from .bootstrap import Interrupted, load_snapshot
 from .catalog import check_source
 from .deadletters import DeadLetter, DeadLetterStore
 from .derive import DerivationError, View
-from .flusher import Backoff, Flusher
+from .flusher import Backoff, Flusher, SinkDataLoss
 from .spec import Spec
 from .state import StateStore
 
@@ -205,6 +205,11 @@ class Engine:
                 f"view(s) {', '.join(changed)} are new or changed since slot {self.slot} was "
                 "bootstrapped; run `pgderive rebuild -c FILE VIEW` for each (daemon stopped) "
                 "or `pgderive run --resnapshot`.")
+        lost = self._lost_views(info.confirmed_flush_lsn or 0)
+        if lost:
+            log.warning("sink data of view(s) %s is missing or behind the slot (sink restarted "
+                        "without its data?); rebuilding them first", ", ".join(v.name for v in lost))
+            self._rebuild(lost)
         log.info("resuming slot %s from its confirmed position %s", self.slot,
                  format_lsn(info.confirmed_flush_lsn or 0))
         return 0
@@ -249,7 +254,8 @@ class Engine:
             try:
                 if not connected:
                     reader.connect()
-                    self._check_slot()
+                    info = self._check_slot()
+                    reader.confirmed_lsn = info.confirmed_flush_lsn or 0
                     start_lsn = 0  # resume from the slot's confirmed position
                 reader.start(start_lsn)
                 connected = True
@@ -263,19 +269,61 @@ class Engine:
                 connected = False
                 reader.close()
                 self.stop.wait(delay)
+            except SinkDataLoss as e:
+                log.error("%s; rebuilding them from a new snapshot, then resuming", e)
+                connected = False
+                reader.close()
+                self._rebuild([v for v in self.views if v.name in e.views])
         log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn))
 
-    def _check_slot(self) -> None:
+    def _check_slot(self) -> SlotInfo:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            if slot_info(conn, self.slot) is None:
-                raise EngineError(f"slot {self.slot} vanished while pgderive was streaming; "
-                                  "run `pgderive run --resnapshot` to rebuild from a new snapshot")
+            info = slot_info(conn, self.slot)
+        if info is None:
+            raise EngineError(f"slot {self.slot} vanished while pgderive was streaming; "
+                              "run `pgderive run --resnapshot` to rebuild from a new snapshot")
+        return info
+
+    def _rebuild(self, views: list[View]) -> None:
+        """Reload ``views`` from a fresh snapshot into the engine's own sinks (the main slot
+        is not being read meanwhile; its replay afterwards converges by versions)."""
+        from .rebuild import reload_views
+
+        reload_views(self.dsn, self.slot, views, self.sinks, self.dead_letters)
+
+    def _views_by_sink(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for v in self.views:
+            out[v.sink].append(v.name)
+        return dict(out)
+
+    def _lost_views(self, confirmed: int) -> list[View]:
+        """Views whose sink no longer holds everything the slot was confirmed for.
+
+        Raises :class:`EngineError` when every view's checkpoint exists but is behind the
+        slot: then the slot moved without pgderive (dropped and recreated, or consumed by
+        another client), and streaming from it would silently skip changes."""
+        behind, missing = [], []
+        for v in self.views:
+            cp = self.sinks[v.sink].read_checkpoint(v.name)
+            if cp is None:
+                missing.append(v)
+            elif cp < confirmed:
+                behind.append((v, cp))
+        if behind and len(behind) == len(self.views):
+            raise EngineError(
+                f"slot {self.slot} is confirmed at {format_lsn(confirmed)}, past everything the sinks "
+                f"acknowledged (e.g. view {behind[0][0].name} at {format_lsn(behind[0][1])}): the slot "
+                "was recreated or consumed by another client. Run `pgderive run --resnapshot`.")
+        return missing + [v for v, _ in behind]
 
     def _loop(self, reader: SlotReader) -> None:
         """Read, derive and hand batches to the flusher until stopped or the stream fails."""
-        flusher = Flusher(self.sinks, self.stop, self._applied, self._rejected)
+        flusher = Flusher(self.sinks, self.stop, self._applied, self._rejected,
+                          views_by_sink=self._views_by_sink(), acked_lsn=reader.confirmed_lsn)
         self.flusher = flusher
         batch = Batch()
+        last_idle_checkpoint = 0.0
         try:
             while True:
                 if flusher.error is not None:
@@ -296,8 +344,15 @@ class Engine:
                 idle = flusher.idle and not batch.pending
                 for event in reader.read(max_wait=0.5 if idle else 0.002, max_events=self.batch_ops):
                     if isinstance(event, Keepalive):
-                        if flusher.idle and not batch.pending and reader.at_transaction_boundary:
-                            reader.confirm(max(event.wal_end, flusher.acked_lsn))
+                        if (flusher.idle and not batch.pending and reader.at_transaction_boundary
+                                and event.wal_end > flusher.acked_lsn
+                                and time.monotonic() - last_idle_checkpoint >= 1.0):
+                            # Nothing pending: the sinks are complete up to walEnd. Record it,
+                            # then let the slot go (rule 3: unwatched traffic frees WAL).
+                            flusher.checkpoint(event.wal_end)
+                            flusher.acked_lsn = event.wal_end
+                            reader.confirm(event.wal_end)
+                            last_idle_checkpoint = time.monotonic()
                         continue
                     self._add_transaction(batch, event)
                     if len(batch) >= self.batch_ops:

@@ -21,7 +21,18 @@ from sinks.base import Sink, SinkError
 
 from .batch import Batch
 
-__all__ = ["Flusher", "apply_with_retry", "Backoff"]
+__all__ = ["Flusher", "apply_with_retry", "Backoff", "SinkDataLoss"]
+
+
+class SinkDataLoss(RuntimeError):
+    """A sink no longer holds what it acknowledged (e.g. Redis restarted without its data):
+    the per-view checkpoint is missing or behind. ``views`` need a rebuild."""
+
+    def __init__(self, sink: str, views: list[str], detail: str) -> None:
+        super().__init__(f"sink {sink} lost data of view(s) {', '.join(views)}: {detail}")
+        self.sink, self.views = sink, views
+
+
 
 log = logging.getLogger("pgderive.flusher")
 
@@ -72,12 +83,18 @@ class Flusher:
 
     def __init__(self, sinks: Mapping[str, Sink], stop: threading.Event,
                  on_applied: Callable[[Batch], None],
-                 on_rejected: Callable[[Batch, list], None] | None = None) -> None:
+                 on_rejected: Callable[[Batch, list], None] | None = None,
+                 views_by_sink: Mapping[str, list[str]] | None = None,
+                 acked_lsn: int = 0) -> None:
         self.sinks = sinks
         self.stop = stop
         self.on_applied = on_applied
         self.on_rejected = on_rejected
-        self.acked_lsn = 0  # end LSN of the last batch every sink acknowledged
+        # Checkpoints: after each batch every view of a sink is complete up to the batch's end
+        # LSN; advancing them also catches a sink that lost data behind our back (SinkDataLoss
+        # through ``error``).
+        self.views_by_sink = dict(views_by_sink or {})
+        self.acked_lsn = acked_lsn  # end LSN of the last batch every sink acknowledged
         self.error: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-sink")
         self._cond = threading.Condition()
@@ -147,4 +164,18 @@ class Flusher:
                 rejected.extend(f.result())
         if (rejected or batch.dead_letters) and self.on_rejected is not None:
             self.on_rejected(batch, rejected)
+        if batch.end_lsn > self.acked_lsn:
+            self.checkpoint(batch.end_lsn)
         time.sleep(0)  # let the reading thread run between batches
+
+    def checkpoint(self, lsn: int) -> None:
+        """Record in every sink that all its views are complete up to ``lsn`` (int LSN).
+
+        Each checkpoint must still be at :attr:`acked_lsn` or later: if one is missing or
+        behind, the sink lost data it had acknowledged and :class:`SinkDataLoss` is raised.
+        """
+        for name, views in self.views_by_sink.items():
+            lost = self.sinks[name].advance_checkpoint(views, self.acked_lsn, lsn) if views else []
+            if lost:
+                raise SinkDataLoss(name, lost, f"checkpoint missing or behind the acknowledged "
+                                               f"position {self.acked_lsn:#x}")

@@ -11,26 +11,50 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Mapping, Sequence
 
 import psycopg
 
 from cdc.lsn import format_lsn
 from cdc.slot import SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
+from sinks.base import Sink
 
 from .bootstrap import SnapshotStats, load_snapshot
 from .deadletters import DeadLetterStore
+from .derive import View
 from .engine import EngineError, build_views, open_sinks, view_fingerprint
 from .spec import Spec
 from .state import StateStore
 
-__all__ = ["rebuild_view"]
+__all__ = ["rebuild_view", "reload_views"]
 
 log = logging.getLogger("pgderive.rebuild")
 
 
+def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str, Sink],
+                 dead_letters: DeadLetterStore) -> tuple[int, SnapshotStats]:
+    """Load ``views`` into new generations from a snapshot taken by a TEMPORARY slot.
+
+    Returns ``(consistent point LSN, stats)``. Used by ``rebuild`` and by the daemon when a
+    sink lost a view's data. Raises :class:`~sinks.base.SinkError` or :class:`psycopg.Error`.
+    """
+    reader = SlotReader(dsn, f"{slot}_rebuild_{os.getpid()}")
+    try:
+        reader.connect()
+        consistent_point, snapshot = reader.create_slot(temporary=True)
+        log.info("rebuilding view(s) %s from a snapshot at %s", ", ".join(v.name for v in views),
+                 format_lsn(consistent_point))
+        with snapshot_connection(dsn, snapshot) as conn:
+            stats = load_snapshot(conn, views, sinks, consistent_point,
+                                  on_dead_letters=lambda e: dead_letters.record(slot, e))
+    finally:
+        reader.close()
+    return consistent_point, stats
+
+
 def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
-    """Rebuild view ``name``; returns ``(consistent point LSN, snapshot stats)``.
+    """Rebuild view ``name`` offline; returns ``(consistent point LSN, snapshot stats)``.
 
     Raises :class:`~views.engine.EngineError` if the daemon is running (slot active) or the
     view is unknown, :class:`~views.spec.SpecError` for YAML/source problems.
@@ -45,17 +69,9 @@ def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
                               "before an offline rebuild")
         views = build_views(spec, conn, [name])
     sinks = open_sinks(spec, views)
-    reader = SlotReader(dsn, f"{slot}_rebuild_{os.getpid()}")
     try:
-        reader.connect()
-        consistent_point, snapshot = reader.create_slot(temporary=True)
-        log.info("rebuilding view %s from a snapshot at %s", name, format_lsn(consistent_point))
-        with snapshot_connection(dsn, snapshot) as conn:
-            dead = DeadLetterStore(dsn)
-            stats = load_snapshot(conn, views, sinks, consistent_point,
-                                  on_dead_letters=lambda e: dead.record(slot, e))
+        consistent_point, stats = reload_views(dsn, slot, views, sinks, DeadLetterStore(dsn))
     finally:
-        reader.close()
         for s in sinks.values():
             s.close()
     store = StateStore(dsn)

@@ -97,6 +97,11 @@ def test_jsonb_numbers_a_double_cannot_hold_stay_exact_text():
     assert same(doc["fine"], 1234567890.12345)
     assert doc["digits_in_text"] == "12345678901234567890"
     orjson.dumps(doc)  # every value is JSON-encodable
+    # doubles an application stored (shortest repr, 17 digits) stay floats
+    assert same(converter("jsonb")('{"f": 0.14285714285714285, "g": -2.220446049250313e-16}')["f"],
+                0.14285714285714285)
+    # not Postgres output, but valid JSON: exponents beyond the double range
+    assert converter("jsonb")('[1e400, 1.5e300]') == ["1e400", 1.5e300]
 
 
 def test_bytea_keeps_its_hex_prefix_from_the_stream():

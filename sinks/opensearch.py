@@ -96,7 +96,7 @@ class OpenSearchSink:
     """
 
     def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000,
-                 bulk_bytes: int = 16 << 20) -> None:
+                 bulk_bytes: int = 16 << 20, timeout: float = 30.0) -> None:
         if bulk_docs < 1 or bulk_bytes < 1:
             raise ValueError("bulk_docs and bulk_bytes must be >= 1")
         self.name = name
@@ -104,7 +104,9 @@ class OpenSearchSink:
         self.bulk_bytes = bulk_bytes
         self.stats = {"partial_missed": 0}
         self._checkpoint_index_ready = False
-        self._client = OpenSearch(hosts, http_compress=False, timeout=60)
+        # A request that hangs longer than ``timeout`` seconds is a retryable failure: the
+        # engine backs off and retries rather than waiting on a stuck node indefinitely.
+        self._client = OpenSearch(hosts, http_compress=False, timeout=timeout)
         self._targets: dict[str, ViewTarget] = {}
         self._has_alias: set[str] = set()  # views whose alias is known to exist
         self._loading: dict[str, set[str]] = defaultdict(set)  # view -> uncommitted generations

@@ -535,7 +535,7 @@ class ChaosRun:
 
     # -- set-up / tear-down --------------------------------------------------------------------
     def setup(self) -> None:
-        self.dsn = create_database(self.db)
+        self.dsn = create_database(self.db)  # from here on, teardown drops it
         self.config.write_text(config_text(self.dsn, self.slot, self.prefix))
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)
@@ -560,7 +560,11 @@ class ChaosRun:
         if failed and self.cfg.keep:
             self.say(f"chaos: keeping database {self.db} and the views of {self.config} for inspection")
             return
+        if not self.dsn:
+            return
         try:
+            if not self.config.exists():
+                return
             spec = load_spec(self.config)
             sinks = {}
             for name, vspec in spec.views.items():
@@ -571,7 +575,20 @@ class ChaosRun:
             for s in sinks.values():
                 s.close()
         finally:
+            self._wait_slot_released()
             drop_database(self.db)
+
+    def _wait_slot_released(self, timeout: float = 15) -> None:
+        """After a SIGKILL the walsender may hold the slot a moment longer."""
+        def released() -> bool:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                                   (self.slot,)).fetchone()
+            return row is None or not row[0]
+        try:
+            wait_until(released, timeout, 0.2, "the slot to be released")
+        except (AssertionError, psycopg.Error):
+            pass
 
     # -- the daemon ----------------------------------------------------------------------------
     def _mark(self, text: str) -> None:
@@ -811,6 +828,9 @@ def run_chaos(cfg: ChaosConfig, workdir: Path | None = None, log: Callable[[str]
                 run.workload.finish(abort=failed)
         except ChaosFailure:
             pass
-        run.teardown(failed)
+        try:
+            run.teardown(failed)
+        except Exception as e:  # never hide the run's own result behind a clean-up problem
+            log(f"chaos: clean-up failed: {type(e).__name__}: {e}")
         if own and not failed and not cfg.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -5,7 +5,7 @@ A :class:`Transaction` is one committed Postgres transaction, in commit order; i
 
 Value model (shared by the snapshot and the stream, see :mod:`cdc.values`): integer types are
 ``int``, ``real``/``double precision`` are ``float``, ``numeric`` is its exact text (``str``),
-``boolean`` is ``bool``, ``json``/``jsonb`` are parsed (dict/list/scalars), SQL NULL is ``None``
+``boolean`` is ``bool``, ``jsonb`` is parsed (dict/list/scalars), ``json`` stays its exact text, SQL NULL is ``None``
 and every other type is Postgres' text output (``str``).
 """
 from __future__ import annotations

@@ -1,14 +1,28 @@
 """Crash harness ("crash anywhere"): ``kill -9`` the ``pgderive run`` daemon at random moments.
 
-A background thread (its own connection) runs a mixed workload against two watched tables —
-inserts, updates (NULLs, primary-key changes, key swaps), deletes, TRUNCATEs, multi-statement
-transactions with savepoints and rollbacks, and a few transactions of 5,000–20,000 rows — while
-the main thread kills the daemon with SIGKILL after a random 0.2–3 s of life and starts it again,
-over and over: first while it bootstraps a seeded source (a couple of seconds of snapshot load),
-then while it streams, then once more during a ``--resnapshot`` bootstrap over non-empty sinks.
-When the workload stops, the daemon (left alive) must catch up, every view must equal what its
-derivation gives on the source (:func:`tests.support.assert_views_equal`), no dead letter may
-have been recorded, and a SIGTERM must stop it with exit code 0.
+A background thread (its own connection) runs a mixed workload against two watched tables and an
+unwatched one — inserts, updates (NULLs, primary-key changes incl. composite keys and swaps),
+deletes, TRUNCATEs (alone, with refills, amid other changes of the same transaction, together
+with an unwatched table), multi-statement transactions with savepoints and rollbacks, and a few
+transactions of 5,000–20,000 rows — while the main thread kills the daemon (five views: Redis
+hash, Redis json and OpenSearch over ``items``; Redis json and OpenSearch over ``events``) with
+SIGKILL after a random 0.2–3 s of life and starts it again, over and over:
+
+1. during the first bootstrap of the seeded source, until ``BOOT_KILLS`` kills landed in the
+   snapshot load (slot created, bootstrap not done); then one start is let finish its bootstrap;
+2. while it streams, until ``KILLS - BOOT_KILLS - 1`` kills landed after the start-up (kills in
+   the start-up — before the slot is created or resumed — happen too but do not count) and every
+   big and TRUNCATE transaction was committed; ``RESNAPSHOTS`` times in between, a start with
+   ``--resnapshot`` is killed in its bootstrap over full sinks and restarted without the flag;
+3. the workload stops, a last daemon (left alive) must catch up with the slot, every view must
+   equal what its derivation gives on the source (:func:`tests.support.assert_views_equal`), no
+   dead letter may have been recorded, and a SIGTERM must stop it with exit code 0.
+
+A daemon that exits by itself fails the run, except for "slot in use" (the killed predecessor's
+walsender has not noticed yet) and an error saying a service was unreachable (a supervisor would
+restart it; at most 5 times, listed in the result). The run's directory (default
+``.services/chaos/<time>-seed<seed>/``) holds the YAML, ``daemon.log`` (every start and kill is
+marked with a ``=== chaos`` line) and, after a failure, ``failure.txt``.
 
 Random but reproducible: everything derives from one seed (``PGDERIVE_CHAOS_SEED``, random if
 unset, printed in every failure). The workload's SQL sequence and the list of kill delays are
@@ -58,6 +72,10 @@ __all__ = ["ChaosConfig", "ChaosRun", "ChaosFailure", "Workload", "run_chaos"]
 KILL_MIN, KILL_MAX = 0.2, 3.0
 CHAOS_DIR = ROOT / ".services" / "chaos"
 _FATAL = re.compile(r"^(error: .*|Traceback \(most recent call last\):)$", re.M)
+# Exits a supervisor would just restart: a service briefly unreachable (shared machines, slow GC).
+_TRANSIENT = re.compile(r"unavailable|ConnectionTimeout|connection failed|Connection refused|"
+                        r"database system is (starting up|shutting down)|administrator command", re.I)
+MAX_ENV_RESTARTS = 5
 
 SCHEMA = """
 CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, qty int, price numeric(12,2),
@@ -141,6 +159,7 @@ class WorkloadStats:
     transactions: int = 0
     statements: int = 0
     rollbacks: int = 0
+    reconnects: int = 0  # the source restarted under the workload (not expected in CI)
     big: list[str] = field(default_factory=list)        # description of each big transaction
     truncates: list[str] = field(default_factory=list)  # description of each TRUNCATE transaction
     kinds: dict[str, int] = field(default_factory=dict)
@@ -151,7 +170,7 @@ class WorkloadStats:
     def summary(self) -> str:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.kinds.items()))
         return (f"{self.transactions} transactions ({self.statements} statements, {self.rollbacks} rolled "
-                f"back); big: {self.big or 'none'}; truncates: {self.truncates or 'none'}; kinds: {kinds}")
+                f"back, {self.reconnects} reconnects); big: {self.big or 'none'}; truncates: {self.truncates or 'none'}; kinds: {kinds}")
 
 
 class Workload:
@@ -207,21 +226,41 @@ class Workload:
                 raise ChaosFailure("the workload thread did not stop")
 
     def _main(self) -> None:
+        interval = 1.0 / self.cfg.tps if self.cfg.tps > 0 else 0.0
+        next_at = time.monotonic()
+        conn: psycopg.Connection | None = None
+        lost_since: float | None = None
         try:
-            with psycopg.connect(self.dsn, autocommit=True, application_name="chaos-workload") as conn:
-                interval = 1.0 / self.cfg.tps if self.cfg.tps > 0 else 0.0
-                next_at = time.monotonic()
-                while not (self._stop.is_set() and self.planned_done) and not self._abort.is_set():
+            while not (self._stop.is_set() and self.planned_done) and not self._abort.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = psycopg.connect(self.dsn, autocommit=True, application_name="chaos-workload")
                     self.one(conn, self.k)
-                    self.k += 1
-                    if interval:
-                        next_at = max(next_at + interval, time.monotonic() - 1.0)
-                        delay = next_at - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
+                    lost_since = None
+                except psycopg.OperationalError:
+                    # The server went away (restarted under us): what committed is in the source,
+                    # which is all the comparison needs. Reconnect and go on with the next one.
+                    now = time.monotonic()
+                    lost_since = lost_since or now
+                    if now - lost_since > 120:
+                        raise
+                    self.stats.reconnects += 1
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    time.sleep(1.0)
+                self.k += 1
+                if interval:
+                    next_at = max(next_at + interval, time.monotonic() - 1.0)
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
         except BaseException as e:  # reported by the harness
             self.error = e
             self.error_tb = traceback.format_exc()
+        finally:
+            if conn is not None:
+                conn.close()
 
     # -- random values -------------------------------------------------------------------------
     def _item_id(self) -> int:
@@ -526,6 +565,7 @@ class ChaosRun:
         self.kills: list[Kill] = []
         self.starts = 0
         self.busy_restarts = 0
+        self.env_restarts: list[str] = []  # daemon exits on an unreachable service (restarted)
         self.daemon: Daemon | None = None
         self.all_daemons: list[Daemon] = []
         self.workload: Workload | None = None
@@ -624,8 +664,24 @@ class ChaosRun:
             time.sleep(0.3)
             self._start(*extra)
             return
+        if d.proc.returncode == 1 and self._transient(out):
+            time.sleep(2.0)
+            self._start(*extra)
+            return
         raise self.failure(f"the daemon exited by itself with code {d.proc.returncode} "
                            f"(start #{self.starts}):\n{out[-4000:]}")
+
+    def _transient(self, out: str) -> bool:
+        """True (and counted) if the daemon's fatal error says a service was unreachable."""
+        fatal = _FATAL.search(out)
+        errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+        if fatal is None or not errors or not _TRANSIENT.search(errors[-1]):
+            return False
+        if len(self.env_restarts) >= MAX_ENV_RESTARTS:
+            return False
+        self.env_restarts.append(f"start #{self.starts}: {errors[-1][:200]}")
+        self._mark(f"daemon exited on an unreachable service; restarting it (#{len(self.env_restarts)})")
+        return True
 
     def _phase(self, resnapshot: bool) -> str:
         """Where the (now dead) daemon was, from its log since its start: ``startup`` (before it
@@ -638,13 +694,26 @@ class ChaosRun:
             return "resnapshot-bootstrap" if resnapshot else "bootstrap"
         return "startup"
 
-    def _streaming(self, conn: psycopg.Connection) -> bool:
-        if conn.execute("SELECT to_regclass('pgderive.slot_state')").fetchone()[0] is None:
-            return False
-        row = conn.execute("SELECT status FROM pgderive.slot_state WHERE slot = %s", (self.slot,)).fetchone()
-        return row is not None and row[0] == "streaming"
+    def _query(self, query: str, params: Any = None, timeout: float = 120) -> list[tuple]:
+        """Run one query on a fresh connection, retrying while the server is unreachable."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                    return conn.execute(query, params).fetchall()
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
-    def _live_then_kill(self, conn: psycopg.Connection, *extra: str, running: bool = False) -> Kill:
+    def _streaming(self) -> bool:
+        try:
+            rows = self._query("SELECT status FROM pgderive.slot_state WHERE slot = %s", (self.slot,))
+        except psycopg.errors.UndefinedTable:
+            return False
+        return bool(rows) and rows[0][0] == "streaming"
+
+    def _live_then_kill(self, *extra: str, running: bool = False) -> Kill:
         """Start the daemon (or take the ``running`` one), let it live a random 0.2–3 s more,
         SIGKILL it; returns the kill."""
         after = self.kill_rnd.uniform(KILL_MIN, KILL_MAX)
@@ -666,19 +735,19 @@ class ChaosRun:
         # A daemon that already reported a fatal error (and was still exiting) is a finding too.
         out = self._since_start()
         fatal = _FATAL.search(out)
-        if fatal and "is in use by another process" not in fatal.group(0):
+        if fatal and "is in use by another process" not in fatal.group(0) and not self._transient(out):
             raise self.failure(f"the daemon reported a fatal error before it was killed (start #{self.starts}):\n"
                                f"{out[fatal.start():][:4000]}")
         return kill
 
-    def _wait_streaming(self, conn: psycopg.Connection, timeout: float = 300) -> None:
+    def _wait_streaming(self, timeout: float = 300) -> None:
         def ok() -> bool:
             d = self.daemon
             assert d is not None
             if not d.alive():
                 self._exited_by_itself(())
             self._check_workload()
-            return self._streaming(conn)
+            return self._streaming()
         wait_until(ok, timeout, 0.1, "the bootstrap to finish")
 
     def _check_workload(self) -> None:
@@ -694,74 +763,73 @@ class ChaosRun:
         self.timings["setup"] = time.monotonic() - self.t0
         self.workload = Workload(self.dsn, cfg)
         self.workload.start()
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            # 1. Kills during the first bootstrap (the snapshot load of the seeded tables).
-            boot_budget = cfg.boot_kills * 5 + 5
-            while sum(k.phase == "bootstrap" for k in self.kills) < cfg.boot_kills:
-                if len(self.kills) >= boot_budget:
-                    raise self.failure(f"only {sum(k.phase == 'bootstrap' for k in self.kills)} of "
-                                       f"{len(self.kills)} kills landed in the bootstrap: seed more rows")
-                self._live_then_kill(conn)
-            self._start()
-            self._wait_streaming(conn)
-            self.timings["bootstrap_phase"] = time.monotonic() - self.t0
-            self.workload.begin_specials()
-            self._live_then_kill(conn, running=True)
-            # 2. Kills while streaming (and during --resnapshot bootstraps, spread over the phase).
-            #    Kills that land in the start-up (before the slot is resumed) do not count towards
-            #    the streaming quota; the phase also lasts until every planned big/TRUNCATE
-            #    transaction has been committed.
-            stream_kills = max(0, cfg.kills - len(self.kills))
-            resnap_at = set(self.kill_rnd.sample(range(stream_kills), min(cfg.resnapshots, stream_kills))) \
-                if stream_kills else set()
-            i = landed = 0
-            while landed < stream_kills or not self.workload.planned_done:
-                if i > 4 * stream_kills + 40:
-                    raise self.failure(f"after {i} restarts only {landed} kills landed after the start-up")
-                if i in resnap_at:
-                    # Bootstraps from scratch over full sinks; kill it inside its load (retry the
-                    # kill with a fresh delay while it is still in the start-up).
-                    for _ in range(6):
-                        k = self._live_then_kill(conn, "--resnapshot")
-                        if k.phase == "resnapshot-bootstrap":
-                            break
-                    # The next start (no flag) finds state "bootstrapping" and redoes it.
-                    self._start()
-                    self._wait_streaming(conn)
-                    self._live_then_kill(conn, running=True)
-                landed += self._live_then_kill(conn).phase != "startup"
-                i += 1
-            self.timings["kill_phase"] = time.monotonic() - self.t0
-            self.say(f"chaos: {len(self.kills)} kills done: {self._kill_summary()}")
-            # 3. Stop the workload, let a last daemon catch up, compare.
-            self.workload.finish()
-            self._check_workload()
-            self.say(f"chaos: workload: {self.workload.stats.summary()}")
-            self._start()
-            self._wait_streaming(conn)
-            target = current_lsn(self.dsn)
-            try:
-                wait_until(lambda: self._alive_and(lambda: slot_caught_up(self.dsn, self.slot, target)),
-                           cfg.timeout, 0.25, "the slot to catch up")
-            except AssertionError as e:
-                raise self.failure(str(e)) from None
-            self.timings["caught_up"] = time.monotonic() - self.t0
-            try:
-                assert_views_equal(self.config, timeout=60)
-            except AssertionError as e:
-                raise self.failure(str(e)) from None
-            self.timings["compared"] = time.monotonic() - self.t0
-            dead = conn.execute("SELECT count(*) FROM pgderive.dead_letters WHERE slot = %s", (self.slot,)).fetchone() \
-                if conn.execute("SELECT to_regclass('pgderive.dead_letters')").fetchone()[0] else (0,)
-            if dead[0]:
-                rows = conn.execute("SELECT view, sink_key, commit_lsn::text, error FROM pgderive.dead_letters "
-                                    "WHERE slot = %s ORDER BY id LIMIT 5", (self.slot,)).fetchall()
-                raise self.failure(f"{dead[0]} dead letter(s) recorded, e.g. {rows}")
-            code = self.daemon.stop(60)  # type: ignore[union-attr]
-            if code != 0:
-                raise self.failure(f"graceful stop exited with code {code}")
+        # 1. Kills during the first bootstrap (the snapshot load of the seeded tables).
+        boot_budget = cfg.boot_kills * 5 + 5
+        while sum(k.phase == "bootstrap" for k in self.kills) < cfg.boot_kills:
+            if len(self.kills) >= boot_budget:
+                raise self.failure(f"only {sum(k.phase == 'bootstrap' for k in self.kills)} of "
+                                   f"{len(self.kills)} kills landed in the bootstrap: seed more rows")
+            self._live_then_kill()
+        self._start()
+        self._wait_streaming()
+        self.timings["bootstrap_phase"] = time.monotonic() - self.t0
+        self.workload.begin_specials()
+        self._live_then_kill(running=True)
+        # 2. Kills while streaming (and during --resnapshot bootstraps, spread over the phase).
+        #    Kills that land in the start-up (before the slot is resumed) do not count towards
+        #    the streaming quota; the phase also lasts until every planned big/TRUNCATE
+        #    transaction has been committed.
+        stream_kills = max(1, cfg.kills - cfg.boot_kills - 1)
+        resnap_rnd = random.Random(cfg.seed * 1_000_003 + 4)
+        resnap_at = set(resnap_rnd.sample(range(stream_kills), min(cfg.resnapshots, stream_kills)))
+        i = landed = 0
+        while landed < stream_kills or not self.workload.planned_done:
+            if i > 4 * stream_kills + 40:
+                raise self.failure(f"after {i} restarts only {landed} kills landed after the start-up")
+            if i in resnap_at:
+                # Bootstraps from scratch over full sinks; kill it inside its load (retry the
+                # kill with a fresh delay while it is still in the start-up).
+                for _ in range(6):
+                    k = self._live_then_kill("--resnapshot")
+                    if k.phase == "resnapshot-bootstrap":
+                        break
+                # The next start (no flag) finds state "bootstrapping" and redoes it.
+                self._start()
+                self._wait_streaming()
+                self._live_then_kill(running=True)
+            landed += self._live_then_kill().phase != "startup"
+            i += 1
+        self.timings["kill_phase"] = time.monotonic() - self.t0
+        self.say(f"chaos: {len(self.kills)} kills done: {self._kill_summary()}")
+        # 3. Stop the workload, let a last daemon catch up, compare.
+        self.workload.finish()
+        self._check_workload()
+        self.say(f"chaos: workload: {self.workload.stats.summary()}")
+        self._start()
+        self._wait_streaming()
+        target = current_lsn(self.dsn)
+        try:
+            wait_until(lambda: self._alive_and(lambda: slot_caught_up(self.dsn, self.slot, target)),
+                       cfg.timeout, 0.25, "the slot to catch up")
+        except AssertionError as e:
+            raise self.failure(str(e)) from None
+        self.timings["caught_up"] = time.monotonic() - self.t0
+        try:
+            assert_views_equal(self.config, timeout=60)
+        except AssertionError as e:
+            raise self.failure(str(e)) from None
+        self.timings["compared"] = time.monotonic() - self.t0
+        if self._query("SELECT to_regclass('pgderive.dead_letters')")[0][0] is not None:
+            dead = self._query("SELECT view, sink_key, commit_lsn::text, error FROM pgderive.dead_letters "
+                               "WHERE slot = %s ORDER BY id", (self.slot,))
+            if dead:
+                raise self.failure(f"{len(dead)} dead letter(s) recorded, e.g. {dead[:5]}")
+        code = self.daemon.stop(60)  # type: ignore[union-attr]
+        if code != 0:
+            raise self.failure(f"graceful stop exited with code {code}")
         self.say(f"chaos: OK seed={cfg.seed}: {len(self.kills)} kills, {self.starts} starts "
-                 f"({self.busy_restarts} retried: slot still held), timings "
+                 f"({self.busy_restarts} retried: slot still held; {len(self.env_restarts)} after an unreachable "
+                 f"service{': ' + '; '.join(self.env_restarts) if self.env_restarts else ''}), timings "
                  + ", ".join(f"{k}={v:.1f}s" for k, v in self.timings.items()))
 
     def _alive_and(self, pred: Callable[[], bool]) -> bool:
@@ -792,7 +860,7 @@ class ChaosRun:
             f"chaos run FAILED — reproduce with: {self.cfg.describe()}\n"
             f"symptom: {symptom}\n"
             f"kills: {len(self.kills)} ({self._kill_summary()}), starts: {self.starts}, "
-            f"busy restarts: {self.busy_restarts}; last kills: {', '.join(map(str, self.kills[-5:]))}\n"
+            f"busy restarts: {self.busy_restarts}, restarts after an unreachable service: {self.env_restarts or 0}; last kills: {', '.join(map(str, self.kills[-5:]))}\n"
             f"workload: {w.stats.summary() if w else '-'}\n"
             f"daemon log: {self.log_path}\n{self.log_excerpt()}")
 

@@ -165,3 +165,27 @@ def test_opensearch_unavailable_for_a_minute(scenario):
     assert_views_equal(s.config, timeout=120)
     print(f"daemon RSS during the outage: {min(rss) / 2**20:.0f}-{max(rss) / 2**20:.0f} MiB")
     assert "retrying" in d.output()
+
+
+def _redis_server() -> psutil.Process | None:
+    for p in psutil.process_iter(["cmdline", "name"]):
+        if (p.info["name"] or "").startswith("redis-server") and "6380" in " ".join(p.info["cmdline"] or []):
+            return p
+    return None
+
+
+@pytest.mark.skipif(_redis_server() is None or not (ROOT / ".services" / "redis").exists(),
+                    reason="Redis not started by scripts/services.sh")
+def test_redis_restart_while_streaming(scenario):
+    s = scenario(SCHEMA, VIEWS)
+    seed(s)
+    d = s.start()
+    subprocess.run(["redis-cli", "-p", "6380", "shutdown"], capture_output=True, timeout=30)  # saves, AOF kept
+    wait_until(lambda: _redis_server() is None, 30, what="redis to stop")
+    s.sql("UPDATE acc SET bal = bal * 2 WHERE id <= 200")  # written while Redis is down
+    time.sleep(2)
+    subprocess.run([str(ROOT / "scripts" / "services.sh"), "up"], check=True, capture_output=True, timeout=300)
+    s.sql("DELETE FROM acc WHERE id <= 20")
+    s.caught_up(120)
+    assert_views_equal(s.config)
+    assert d.alive() and "retrying" in d.output()

@@ -176,6 +176,21 @@ def test_schema_changes_while_streaming(scenario):
     rows = s.sql("SELECT view, error FROM pgderive.dead_letters WHERE slot = %s", (s.slot,))
     assert rows and all("a" in err and "missing" in err for _, err in rows), rows
     assert {v for v, _ in rows} == {f"{s.p}_t", f"{s.p}_ts"}
+    # A projected column dropped: P_t (projects b) dead-letters, P_ts keeps flowing.
+    s.sql("ALTER TABLE t RENAME COLUMN a2 TO a")
+    s.sql("ALTER TABLE t DROP COLUMN b")
+    s.sql("INSERT INTO t (id, a) VALUES (40, 'after drop')")
+    s.caught_up()
+    assert d.alive()
+    errs = s.sql("SELECT error FROM pgderive.dead_letters WHERE slot = %s AND view = %s AND row->>'id' = '40'",
+                 (s.slot, f"{s.p}_t"))
+    assert errs and "b" in errs[0][0] and "missing" in errs[0][0]
+    r = redis.Redis.from_url(REDIS_URL)
+    assert r.exists(f"{s.p}_:t:40") == 0
+    # The OpenSearch view (id, a) still gets the row.
+    from opensearchpy import OpenSearch
+    doc = OpenSearch([OPENSEARCH_URL]).get(index=f"{s.p.lower()}_t", id="40")
+    assert doc["_source"] == {"id": 40, "a": "after drop"}
 
 
 def test_replica_identity_full_and_refusal_without_identity(scenario):

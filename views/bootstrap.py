@@ -8,6 +8,7 @@ interrupted earlier bootstrap).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from sinks.base import Sink
 
 from .deadletters import DeadLetter
 from .derive import DerivationError, View
+from .flusher import with_retry
 
 __all__ = ["load_snapshot", "SnapshotStats", "Interrupted"]
 
@@ -41,9 +43,11 @@ class SnapshotStats:
     seconds: dict[str, float] = field(default_factory=dict)
     sink_seconds: dict[str, float] = field(default_factory=dict)  # per view: time inside load()
 
-    def _timed_load(self, sink: Sink, view: str, generation: str, ops: list) -> list:
+    def _timed_load(self, sink: Sink, view: str, generation: str, ops: list,
+                    stop: threading.Event) -> list:
         t0 = time.monotonic()
-        rejected = list(sink.load(view, generation, ops) or [])
+        rejected = list(with_retry(f"sink {sink.name} (snapshot of {view})",
+                                   lambda: sink.load(view, generation, ops) or [], stop))
         dt = time.monotonic() - t0
         self.sink_seconds[view] = self.sink_seconds.get(view, 0.0) + dt
         return rejected
@@ -87,6 +91,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
 
     stats = SnapshotStats()
+    stop_event = threading.Event()  # set when should_stop() turns true: gives up retries
     by_table: dict[str, list[View]] = defaultdict(list)
     for v in views:
         by_table[v.table].append(v)
@@ -103,10 +108,12 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             in_flight: list[tuple[View, Future]] = []
             for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows):
                 if should_stop():
+                    stop_event.set()
                     raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
                 work = [(v, derive(v, chunk)) for v in tviews]
                 settle(in_flight)
-                in_flight = [(v, pool.submit(stats._timed_load, sinks[v.sink], v.name, generations[v.name], ops))
+                in_flight = [(v, pool.submit(stats._timed_load, sinks[v.sink], v.name, generations[v.name],
+                                             ops, stop_event))
                              for v, ops in work]
                 for v, ops in work:
                     stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)

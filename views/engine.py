@@ -178,10 +178,12 @@ class Engine:
                 raise EngineError(f"slot {self.slot} is in use by another process (pid {info.active_pid}); "
                                   "is another pgderive running?")
             if resnapshot:
+                # Mark the state first: a crash between the two steps then resumes as an
+                # interrupted bootstrap instead of looking like a vanished slot.
+                self.state.set(self.slot, "bootstrapping", 0, self._fingerprints())
                 if info is not None:
                     log.warning("--resnapshot: dropping slot %s", self.slot)
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
-                self.state.delete(self.slot)
                 info = state = None
             if info is None:
                 if state is not None and state.status == "streaming":

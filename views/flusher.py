@@ -15,13 +15,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 from sinks.base import Sink, SinkError
 
 from .batch import Batch
 
-__all__ = ["Flusher", "apply_with_retry", "Backoff", "SinkDataLoss"]
+__all__ = ["Flusher", "apply_with_retry", "with_retry", "Backoff", "SinkDataLoss"]
 
 
 class SinkDataLoss(RuntimeError):
@@ -35,6 +35,7 @@ class SinkDataLoss(RuntimeError):
 
 
 log = logging.getLogger("pgderive.flusher")
+T = TypeVar("T")
 
 
 class Backoff:
@@ -52,24 +53,27 @@ class Backoff:
         self.delay = self.first
 
 
-def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> list:
-    """``sink.apply(ops)``, retrying retryable failures with capped backoff until ``stop``.
+def with_retry(what: str, fn: Callable[[], T], stop: threading.Event) -> T:
+    """``fn()``, retrying retryable :class:`SinkError` with capped backoff until ``stop``.
 
-    Returns the sink's rejected Ops (``list[sinks.base.Rejected]``: data it refused, e.g. a
-    document OpenSearch cannot map). Raises the :class:`SinkError` if it is not retryable, or
-    if ``stop`` is set meanwhile.
+    Raises the :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
     """
     backoff = Backoff()
     while True:
         try:
-            return list(sink.apply(ops) or [])
+            return fn()
         except SinkError as e:
             if not e.retryable or stop.is_set():
                 raise
             delay = backoff.next()
-            log.warning("sink %s failed (%s); retrying in %.1f s", sink.name,
-                        " ".join(str(e).split())[:300], delay)
+            log.warning("%s failed (%s); retrying in %.1f s", what, " ".join(str(e).split())[:300], delay)
             stop.wait(delay)
+
+
+def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> list:
+    """``sink.apply(ops)`` with :func:`with_retry`; returns the sink's rejected Ops
+    (``list[sinks.base.Rejected]``: data it refused, e.g. a document OpenSearch cannot map)."""
+    return list(with_retry(f"sink {sink.name}", lambda: sink.apply(ops) or [], stop))
 
 
 class Flusher:

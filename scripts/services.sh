@@ -94,7 +94,8 @@ max_wal_size = 4GB
 checkpoint_timeout = 15min
 EOF
     # Newer minor releases only allow listed libraries as logical decoding output plugins.
-    if "$PG_BIN/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+    # (grep without -q: an early exit would SIGPIPE postgres and fail the pipeline under pipefail)
+    if "$PG_BIN/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
       echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'" >>"$data/postgresql.conf"
     fi
     cat >"$data/pg_hba.conf" <<EOF
@@ -117,7 +118,7 @@ pg_down() {
 }
 
 # ---------------------------------------------------------------------------------------------
-redis_ready() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping | grep -q PONG; }
+redis_ready() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
 redis_up() {
   if port_open "$REDIS_PORT"; then log "redis: reusing the server on :$REDIS_PORT"; return 0; fi

@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc.lsn import format_lsn, parse_lsn  # noqa: E402
-from sinks.factory import make_sink  # noqa: E402
-from views.engine import build_views  # noqa: E402
+from views.engine import build_views, open_sinks  # noqa: E402
 from views.spec import load_spec  # noqa: E402
 from views.verify import diff_view  # noqa: E402
 
@@ -119,12 +118,9 @@ def main() -> int:
                 "sink write rows/s"):
         table.add_column(col, justify="right" if col != "view" else "left")
     failed = False
-    sinks: dict = {}
+    sinks = open_sinks(spec, views)
     for v in views:
-        if v.sink not in sinks:
-            sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump())
         sink = sinks[v.sink]
-        sink.register(v.target)
         if hasattr(sink, "refresh"):
             sink.refresh(v.name)
         d = diff_view(dsn, v, sink)

@@ -60,12 +60,9 @@ from typing import Any, Callable
 
 import psycopg
 
-from sinks.base import ViewTarget
-from sinks.factory import make_sink
-from views.spec import load_spec
 
 from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
-                      current_lsn, drop_database, slot_caught_up, unique, wait_until)
+                      current_lsn, drop_database, drop_views, slot_caught_up, unique, wait_until)
 
 __all__ = ["ChaosConfig", "ChaosRun", "ChaosFailure", "Workload", "run_chaos"]
 
@@ -605,15 +602,7 @@ class ChaosRun:
         try:
             if not self.config.exists():
                 return
-            spec = load_spec(self.config)
-            sinks = {}
-            for name, vspec in spec.views.items():
-                if vspec.sink not in sinks:
-                    sinks[vspec.sink] = make_sink(vspec.sink, spec.sinks[vspec.sink].model_dump())
-                sinks[vspec.sink].register(ViewTarget(view=name, format=vspec.format, index=vspec.index))
-                sinks[vspec.sink].drop_view(name)
-            for s in sinks.values():
-                s.close()
+            drop_views(self.config)
         finally:
             self._wait_slot_released()
             drop_database(self.db)

@@ -15,7 +15,8 @@ from psycopg import sql
 
 from cdc.lsn import parse_lsn
 from sinks.factory import make_sink
-from views.engine import build_views
+from sinks.base import ViewTarget
+from views.engine import build_views, open_sinks
 from views.spec import load_spec
 from views.verify import diff_view
 
@@ -114,18 +115,34 @@ def streaming(dsn: str, slot: str) -> bool:
     return row is not None and row[0] == "streaming"
 
 
+def drop_views(config: Path, sink_type: str | None = None) -> None:
+    """Remove every view's records and bookkeeping from its sink (only sinks of ``sink_type``
+    if given). Works from the YAML alone, without the source catalog, so it also cleans up
+    after tests that altered or dropped the tables."""
+    spec = load_spec(config)
+    sinks = {}
+    try:
+        for name, v in spec.views.items():
+            if sink_type is not None and spec.sinks[v.sink].type != sink_type:
+                continue
+            if v.sink not in sinks:
+                sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump())
+            sinks[v.sink].register(ViewTarget(view=name, format=v.format, index=v.index))
+            sinks[v.sink].drop_view(name)
+    finally:
+        for s in sinks.values():
+            s.close()
+
+
 def diffs(config: Path) -> dict[str, object]:
     """View name → :class:`views.verify.ViewDiff` for every view of ``config``."""
     spec = load_spec(config)
     out = {}
     with psycopg.connect(spec.source.dsn, autocommit=True) as conn:
         views = build_views(spec, conn)
-    sinks = {}
+    sinks = open_sinks(spec, views)
     try:
         for v in views:
-            if v.sink not in sinks:
-                sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump())
-            sinks[v.sink].register(v.target)
             if hasattr(sinks[v.sink], "refresh"):
                 sinks[v.sink].refresh(v.name)
             out[v.name] = diff_view(spec.source.dsn, v, sinks[v.sink])

@@ -14,14 +14,12 @@ import redis
 
 from cdc.slot import SlotReader
 from views.batch import Batch
-from sinks.base import ViewTarget
-from sinks.factory import make_sink
 from views.engine import Engine
 from views.flusher import Flusher
 from views.spec import load_spec
 
 from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
-                      current_lsn, diffs, drop_database, slot_caught_up, streaming, unique, wait_until)
+                      current_lsn, diffs, drop_database, drop_views, slot_caught_up, streaming, unique, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -96,12 +94,7 @@ class Env:
 def env(tmp_path):
     e = Env(tmp_path)
     yield e
-    spec = load_spec(e.config)
-    for name, vspec in spec.views.items():
-        sink = make_sink(vspec.sink, spec.sinks[vspec.sink].model_dump())
-        sink.register(ViewTarget(view=name, format=vspec.format, index=vspec.index))
-        sink.drop_view(name)
-        sink.close()
+    drop_views(e.config)
     drop_database(e.db)
 
 

@@ -13,12 +13,8 @@ import psutil
 import psycopg
 import pytest
 
-from sinks.factory import make_sink
-from sinks.base import ViewTarget
-from views.spec import load_spec
 
-from .support import ROOT, assert_views_equal, current_lsn, wait_until
-from .test_stream_semantics import Scenario  # noqa: F401  (fixture helper)
+from .support import ROOT, assert_views_equal, drop_views, wait_until
 from .test_stream_semantics import scenario  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -38,13 +34,7 @@ def seed(s, n: int = 500) -> None:
 def lose_redis_views(s) -> None:
     """What a Redis restart without its AOF does to pgderive's views: records, versions and
     checkpoints gone (per view, so other tests' data on the shared Redis survives)."""
-    spec = load_spec(s.config)
-    for name, v in spec.views.items():
-        if spec.sinks[v.sink].type == "redis":
-            sink = make_sink(v.sink, spec.sinks[v.sink].model_dump())
-            sink.register(ViewTarget(view=name, format=v.format, index=v.index))
-            sink.drop_view(name)
-            sink.close()
+    drop_views(s.config, sink_type="redis")
 
 
 def test_redis_lost_its_data_while_the_daemon_was_down(scenario):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,12 +13,8 @@ import psycopg
 import pytest
 import redis
 
-from sinks.base import ViewTarget
-from sinks.factory import make_sink
-from views.spec import load_spec
-
 from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
-                      current_lsn, drop_database, slot_caught_up, streaming, unique, wait_until)
+                      current_lsn, diffs, drop_database, drop_views, slot_caught_up, streaming, unique, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +64,7 @@ views:
     def close(self) -> None:
         if self.daemon is not None and self.daemon.alive():
             self.daemon.stop()
-        spec = load_spec(self.config)
-        for name, v in spec.views.items():
-            sink = make_sink(v.sink, spec.sinks[v.sink].model_dump())
-            sink.register(ViewTarget(view=name, format=v.format, index=v.index))
-            sink.drop_view(name)
-            sink.close()
+        drop_views(self.config)
         drop_database(self.db)
 
 
@@ -136,7 +126,7 @@ def test_truncate_cascade_and_several_tables(scenario):
     s.sql("TRUNCATE parent CASCADE")
     s.caught_up()
     assert_views_equal(s.config)
-    counts = {k: v.sink_records for k, v in __import__("tests.support", fromlist=["diffs"]).diffs(s.config).items()}
+    counts = {k: v.sink_records for k, v in diffs(s.config).items()}
     assert counts[f"{s.p}_parent"] == 0 and counts[f"{s.p}_child"] == 0 and counts[f"{s.p}_other"] == 30
     s.sql(fill.split(";")[0] + ";" + fill.split(";")[1])
     # Inserts before and after a TRUNCATE of two tables in one transaction.

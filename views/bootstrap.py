@@ -43,15 +43,6 @@ class SnapshotStats:
     seconds: dict[str, float] = field(default_factory=dict)
     sink_seconds: dict[str, float] = field(default_factory=dict)  # per view: time inside load()
 
-    def _timed_load(self, sink: Sink, view: str, generation: str, ops: list,
-                    stop: threading.Event) -> list:
-        t0 = time.monotonic()
-        rejected = list(with_retry(f"sink {sink.name} (snapshot of {view})",
-                                   lambda: sink.load(view, generation, ops) or [], stop))
-        dt = time.monotonic() - t0
-        self.sink_seconds[view] = self.sink_seconds.get(view, 0.0) + dt
-        return rejected
-
     def rows_per_second(self, table: str) -> float:
         secs = self.seconds.get(table) or 0.0
         return self.rows.get(table, 0) / secs if secs > 0 else 0.0
@@ -86,6 +77,15 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         dead(bad)
         return ops
 
+    def write(v: View, ops: list) -> list:
+        """Load one chunk of ``v`` into its generation (retrying), timing the sink's share."""
+        sink = sinks[v.sink]
+        t0 = time.monotonic()
+        rejected = list(with_retry(f"sink {sink.name} (snapshot of {v.name})",
+                                   lambda: sink.load(v.name, generations[v.name], ops) or [], stop_event))
+        stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
+        return rejected
+
     def settle(futures: list[tuple[View, Future]]) -> None:
         for v, f in futures:
             dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
@@ -112,9 +112,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                     raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
                 work = [(v, derive(v, chunk)) for v in tviews]
                 settle(in_flight)
-                in_flight = [(v, pool.submit(stats._timed_load, sinks[v.sink], v.name, generations[v.name],
-                                             ops, stop_event))
-                             for v, ops in work]
+                in_flight = [(v, pool.submit(write, v, ops)) for v, ops in work]
                 for v, ops in work:
                     stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)
                 rows += len(chunk)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import orjson
 import psycopg
@@ -26,7 +26,7 @@ from cdc.changes import Transaction
 from cdc.lsn import format_lsn
 from cdc.slot import Keepalive, ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
-from sinks.base import Sink, SinkError
+from sinks.base import Sink
 from sinks.factory import make_sink
 
 from .batch import Batch

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from cdc.snapshot import read_table, snapshot_connection
 from sinks.base import Sink
 

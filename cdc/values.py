@@ -28,8 +28,9 @@ column's type name (``format_type`` spelling, e.g. ``"integer"``, ``"character(8
 Lossless numerics on the stream: wal2json 2.5 has no ``numeric-data-types-as-string`` option, so
 a message with a numeric column (or a float ``-0``) is parsed with the stdlib JSON parser keeping
 number literals as text (see :func:`cdc.wal2json.loads_message`); the converters below accept
-both forms. wal2json 2.5 prints numeric and float ``NaN``/``±Infinity`` as ``null``: that is lost
-before it reaches pgderive (README, "Known limitations").
+both forms. wal2json 2.5 prints numeric and float ``NaN``/``±Infinity`` as ``null``, like SQL
+NULL: the decoder flags such columns (:func:`may_be_nonfinite`) and :mod:`cdc.refetch` reads
+their value back from the source (README, "Non-finite numbers on the stream").
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from typing import Any, Callable
 
 import orjson
 
-__all__ = ["converter", "Converter", "is_numeric_type", "NONFINITE"]
+__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "NONFINITE"]
 
 Converter = Callable[[Any], Any]
 
@@ -178,3 +179,15 @@ def converter(type_name: str) -> Converter:
 def is_numeric_type(type_name: str) -> bool:
     """True for ``numeric``/``numeric(p,s)``: its JSON literals must be parsed as text."""
     return _base_type(type_name) == "numeric"
+
+
+def may_be_nonfinite(type_name: str) -> bool:
+    """True for ``real``, ``double precision`` and ``numeric[(p,s)]`` columns (not arrays):
+    the types that can hold ``NaN``/``±Infinity``, which wal2json prints as ``null``.
+
+    Domains over these types are reported by wal2json under the domain's name and are not
+    recognised (README, "Known limitations")."""
+    return not type_name.endswith("]") and _base_type(type_name) in _NONFINITE_BASES
+
+
+_NONFINITE_BASES = frozenset((*_FLOAT_TYPES, "numeric"))

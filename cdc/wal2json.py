@@ -18,7 +18,7 @@ import orjson
 
 from .changes import Change, Row, Transaction
 from .lsn import parse_lsn
-from .values import Converter, converter
+from .values import Converter, converter, may_be_nonfinite
 
 __all__ = ["Wal2JsonDecoder", "DecodeError", "plugin_options", "loads_message"]
 
@@ -133,22 +133,28 @@ class Wal2JsonDecoder:
     def _change(self, action: str, msg: dict[str, Any]) -> Change:
         table = f"{msg['schema']}.{msg['table']}"
         lsn = parse_lsn(msg["lsn"]) if "lsn" in msg else 0
-        if action == "I":
-            return Change("insert", table, new=self._row(msg["columns"]), lsn=lsn)
-        if action == "U":
-            ident = msg.get("identity")
-            return Change("update", table, new=self._row(msg["columns"]),
-                          old_key=self._row(ident) if ident else None, lsn=lsn)
+        if action == "I" or action == "U":
+            unsure: list[str] = []
+            new = self._row(msg["columns"], unsure)
+            ident = msg.get("identity") if action == "U" else None
+            return Change("insert" if action == "I" else "update", table, new=new,
+                          old_key=self._row(ident) if ident else None, lsn=lsn,
+                          maybe_nonfinite=tuple(unsure))
         if action == "D":
             return Change("delete", table, old_key=self._row(msg.get("identity") or []), lsn=lsn)
         return Change("truncate", table, lsn=lsn)
 
-    def _row(self, columns: list[dict[str, Any]]) -> Row:
+    def _row(self, columns: list[dict[str, Any]], unsure: list[str] | None = None) -> Row:
+        """Column list → row; names of float/numeric columns printed as ``null`` (SQL NULL,
+        or a NaN/±Infinity wal2json cannot print) are appended to ``unsure``."""
         row: Row = {}
         convs = self._converters
         for col in columns:
             value = col.get("value")
-            if value is not None:
+            if value is None:
+                if unsure is not None and may_be_nonfinite(col.get("type", "")):
+                    unsure.append(col["name"])
+            else:
                 t = col.get("type", "")
                 conv = convs.get(t)
                 if conv is None:

@@ -1,5 +1,5 @@
 """Outages and tampering on real services: sinks losing data, a recreated slot, a Postgres
-restart, OpenSearch hanging for a minute."""
+restart, OpenSearch hanging for a minute, Redis restarting and Redis throttled."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,10 @@ import time
 import psutil
 import psycopg
 import pytest
+import redis
 
-
-from .support import ROOT, assert_views_equal, drop_views, wait_until
+from .support import (REDIS_URL, ROOT, assert_views_equal, current_lsn, drop_views, slot_caught_up,
+                      wait_until)
 from .test_stream_semantics import scenario  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -179,3 +180,47 @@ def test_redis_restart_while_streaming(scenario):
     s.caught_up(120)
     assert_views_equal(s.config)
     assert d.alive() and "retrying" in d.output()
+
+
+def test_slow_redis_gets_backpressure_not_a_growing_queue(scenario):
+    """Redis throttled for real (``CLIENT PAUSE … WRITE`` for 1.9 s of every 2 s: writes and
+    scripts wait, reads go on) under a 60k-row backlog: the daemon stops reading the slot
+    instead of queueing (the slot falls behind, RSS stays flat), says so, and converges."""
+    s = scenario(SCHEMA, """
+  P_h: {table: acc, sink: cache, key: "P_:a:{id}", format: hash}
+  P_j: {table: acc, sink: cache, key: "P_:aj:{id}", format: json}
+""")
+    seed(s, 10)
+    d = s.start()
+    proc = psutil.Process(d.proc.pid)
+    r = redis.Redis.from_url(REDIS_URL)
+    stop = threading.Event()
+
+    def throttle() -> None:
+        while not stop.is_set():
+            r.execute_command("CLIENT", "PAUSE", 1900, "WRITE")
+            time.sleep(2.0)
+    t = threading.Thread(target=throttle)
+    rss, behind = [], []
+    t.start()
+    try:
+        for i in range(60):  # 60 transactions of 1000 rows, ~400 bytes each
+            s.sql(f"INSERT INTO acc SELECT g, g, repeat(md5(g::text), 12) "
+                  f"FROM generate_series({1000 + i * 1000}, {1999 + i * 1000}) g")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            rss.append(proc.memory_info().rss)
+            behind.append(not slot_caught_up(s.dsn, s.slot, current_lsn(s.dsn)))
+            assert d.alive(), d.output()[-2000:]
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+        r.execute_command("CLIENT", "UNPAUSE")
+    s.caught_up(300)
+    assert_views_equal(s.config, timeout=120)
+    print(f"daemon RSS while Redis was throttled: {min(rss) / 2**20:.0f}-{max(rss) / 2**20:.0f} MiB")
+    print(f"slot behind in {sum(behind)} of {len(behind)} samples")
+    assert sum(behind) >= 10, "the slot caught up at once while Redis was throttled: not throttled"
+    assert max(rss) < 200 * 2**20, f"RSS grew to {max(rss) / 2**20:.0f} MiB under a slow sink"
+    assert "sink cache is the bottleneck" in d.output(), d.output()[-3000:]

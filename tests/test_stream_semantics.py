@@ -2,6 +2,7 @@
 replica identity, big transactions, unwatched traffic and poison rows."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,48 @@ def test_unchanged_toast_values_stay_intact(scenario):
     assert_views_equal(s.config)
     r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     assert len(r.hget(f"{s.p}_:d:3", "body")) == 100_000 and r.hget(f"{s.p}_:d:3", "title") == "a2"
+
+
+NUMS = """
+CREATE TABLE nums (id int PRIMARY KEY, x float8, y numeric);
+CREATE TABLE nofull (a int, y numeric);
+ALTER TABLE nofull REPLICA IDENTITY FULL;
+"""
+NUMS_VIEWS = """
+  P_hash: {table: nums, sink: cache, key: "P_:n:{id}", format: hash}
+  P_full: {table: nofull, sink: cache, key: "P_:f:{a}", format: json}
+"""
+
+
+def test_streamed_nan_and_infinity_are_read_back_and_converge(scenario):
+    """wal2json prints float/numeric NaN and ±Infinity as null; pgderive reads them back from
+    the table. Rows changed or deleted after the change (read back later than it happened) and
+    real NULLs must still end equal to the source."""
+    s = scenario(NUMS, NUMS_VIEWS)
+    s.sql("INSERT INTO nums VALUES (0, 0, 0)")
+    s.start()
+    s.sql("INSERT INTO nums VALUES (1, 'NaN', 'Infinity'), (3, NULL, NULL), (4, '-Infinity', '-Infinity')")
+    s.sql("INSERT INTO nofull VALUES (1, 'NaN'), (2, NULL)")
+    s.caught_up()
+    s.daemon.stop()
+    # Applied while the daemon is down: it reads these back after later commits changed them.
+    s.sql("UPDATE nums SET x = 'Infinity', y = NULL WHERE id = 1")
+    s.sql("UPDATE nums SET x = 5, y = 'NaN' WHERE id = 1")
+    s.sql("INSERT INTO nums VALUES (2, 'NaN', 'NaN')")
+    s.sql("DELETE FROM nums WHERE id = 2")
+    s.sql("UPDATE nums SET y = 'NaN' WHERE id = 3")
+    s.sql("UPDATE nums SET y = NULL WHERE id = 3")
+    s.sql("UPDATE nofull SET y = 'Infinity' WHERE a = 2")
+    s.start()
+    s.caught_up()
+    assert_views_equal(s.config)
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    assert r.hgetall(f"{s.p}_:n:1") == {"id": "1", "x": "5.0", "y": "NaN"}
+    assert r.hgetall(f"{s.p}_:n:3") == {"id": "3"}  # real NULLs stay NULL (absent in a hash)
+    assert r.hgetall(f"{s.p}_:n:4") == {"id": "4", "x": "-Infinity", "y": "-Infinity"}
+    assert not r.exists(f"{s.p}_:n:2")
+    assert json.loads(r.get(f"{s.p}_:f:1")) == {"a": 1, "y": "NaN"}  # REPLICA IDENTITY FULL
+    assert json.loads(r.get(f"{s.p}_:f:2")) == {"a": 2, "y": "Infinity"}
 
 
 TRUNC_SCHEMA = """

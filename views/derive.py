@@ -55,6 +55,7 @@ class View:
     def __init__(self, name: str, spec: ViewSpec, info: TableInfo) -> None:
         self.name = name
         self.spec = spec
+        self.info = info
         self.table = info.qualified
         self.sink = spec.sink
         self.key: KeyTemplate = resolve_key(spec, info)

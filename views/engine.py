@@ -24,6 +24,7 @@ import psycopg
 
 from cdc.changes import Transaction
 from cdc.lsn import format_lsn
+from cdc.refetch import RowRefetcher
 from cdc.slot import Keepalive, ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
 from sinks.base import Sink
@@ -95,6 +96,7 @@ class Stats:
     ops: int = 0
     flushes: int = 0
     confirmed_lsn: int = 0
+    refetched_rows: int = 0
     lag_ms: deque = field(default_factory=lambda: deque(maxlen=200_000))
     started: float = field(default_factory=time.time)
     snapshot: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +107,7 @@ class Stats:
         elapsed = time.time() - self.started
         return {"transactions": self.transactions, "changes": self.changes, "ops": self.ops,
                 "flushes": self.flushes, "confirmed_lsn": format_lsn(self.confirmed_lsn),
+                "refetched_rows": self.refetched_rows,
                 "elapsed_s": round(elapsed, 1),
                 "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0) if lags else None,
                            "samples": len(lags)},
@@ -136,6 +139,8 @@ class Engine:
         self.by_table: dict[str, list[View]] = {}
         self.sinks: dict[str, Sink] = {}
         self.reader: SlotReader | None = None
+        self.refetcher: RowRefetcher | None = None
+        self._used_columns: dict[str, frozenset[str]] = {}
         self.flusher: Flusher | None = None
         self._last_stats_write = 0.0
 
@@ -152,6 +157,9 @@ class Engine:
         for v in self.views:
             by_table[v.table].append(v)
         self.by_table = dict(by_table)
+        self._used_columns = {t: frozenset(c for v in vs for c in v.columns) for t, vs in self.by_table.items()}
+        self.refetcher = RowRefetcher(self.dsn, {t: (vs[0].info.columns, vs[0].info.identity_columns)
+                                                 for t, vs in self.by_table.items()})
         self.sinks = open_sinks(self.spec, self.views)
         self.reader = SlotReader(self.dsn, self.slot, tables=self.by_table)
         try:
@@ -162,6 +170,7 @@ class Engine:
         finally:
             self._write_stats(force=True)
             self.reader.close()
+            self.refetcher.close()
             for s in self.sinks.values():
                 s.close()
 
@@ -381,6 +390,8 @@ class Engine:
             if change.kind == "truncate":
                 self._truncate(batch, views, version)
                 continue
+            if change.maybe_nonfinite:
+                self.refetcher.fill(change, self._used_columns[change.table])
             for v in views:
                 try:
                     ops = v.change_ops(change, version)
@@ -445,6 +456,8 @@ class Engine:
         if not force and now - self._last_stats_write < 2.0:
             return
         self._last_stats_write = now
+        if self.refetcher is not None:
+            self.stats.refetched_rows = self.refetcher.lookups
         if self.reader is not None:
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, self.reader.confirmed_lsn)
         tmp = f"{self.stats_file}.tmp"

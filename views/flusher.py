@@ -21,7 +21,7 @@ from sinks.base import Sink, SinkError
 
 from .batch import Batch
 
-__all__ = ["Flusher", "apply_with_retry", "with_retry", "Backoff", "SinkDataLoss"]
+__all__ = ["Flusher", "apply_with_retry", "with_retry", "Backoff", "SaturationMonitor", "SinkDataLoss"]
 
 
 class SinkDataLoss(RuntimeError):
@@ -76,6 +76,43 @@ def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> list:
     return list(with_retry(f"sink {sink.name}", lambda: sink.apply(ops) or [], stop))
 
 
+class SaturationMonitor:
+    """Notices sinks that hold the stream back: the flusher busy (applying, retrying,
+    checkpointing) for at least ``threshold`` of a window of at least ``window`` seconds, while
+    the reading thread waits for it. Logs a warning naming the sink that took longest, at most
+    every ``every`` seconds. Called from the flusher thread only."""
+
+    def __init__(self, window: float = 10.0, threshold: float = 0.9, every: float = 60.0) -> None:
+        self.window, self.threshold, self.every = window, threshold, every
+        self._start: float | None = None
+        self._busy = 0.0
+        self._ops = 0
+        self._per_sink: dict[str, float] = {}
+        self._logged = -1e18
+
+    def record(self, started: float, ended: float, ops: int, per_sink: Mapping[str, float]) -> None:
+        """One batch of ``ops`` Ops applied from ``started`` to ``ended`` (monotonic seconds);
+        ``per_sink``: seconds each sink spent applying its part."""
+        if self._start is None:
+            self._start = started
+        self._busy += ended - started
+        self._ops += ops
+        for name, secs in per_sink.items():
+            self._per_sink[name] = self._per_sink.get(name, 0.0) + secs
+        span = ended - self._start
+        if span < self.window:
+            return
+        busy, n, per_sink = self._busy, self._ops, self._per_sink
+        self._start, self._busy, self._ops, self._per_sink = None, 0.0, 0, {}
+        if busy / span >= self.threshold and ended - self._logged >= self.every and per_sink:
+            self._logged = ended
+            slowest = max(per_sink, key=per_sink.__getitem__)
+            log.warning("sink %s is the bottleneck: the sinks were busy %.0f%% of the last %.0f s "
+                        "(%d ops, %.0f ops/s; %s spent %.1f s applying); the slot is read only as fast "
+                        "as they acknowledge (backpressure; Postgres retains WAL meanwhile)",
+                        slowest, 100 * busy / span, span, n, n / span, slowest, per_sink[slowest])
+
+
 class Flusher:
     """Applies one :class:`Batch` at a time on a background thread.
 
@@ -100,6 +137,7 @@ class Flusher:
         self.views_by_sink = dict(views_by_sink or {})
         self.acked_lsn = acked_lsn  # end LSN of the last batch every sink acknowledged
         self.error: BaseException | None = None
+        self.saturation = SaturationMonitor()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-sink")
         self._cond = threading.Condition()
         self._batch: Batch | None = None
@@ -158,19 +196,29 @@ class Flusher:
     def _apply(self, batch: Batch) -> None:
         """Apply every sink's Ops (in parallel), then hand rejects and the batch's dead
         letters to ``on_rejected`` — all before the batch counts as acknowledged."""
+        started = time.monotonic()
+        took: dict[str, float] = {}
         work = [(self.sinks[name], list(ops.values())) for name, ops in batch.ops.items() if ops]
         rejected: list = []
         if len(work) == 1:
-            rejected = apply_with_retry(work[0][0], work[0][1], self.stop)
+            rejected = self._apply_sink(*work[0], took)
         elif work:
-            futures = [self._pool.submit(apply_with_retry, s, ops, self.stop) for s, ops in work]
+            futures = [self._pool.submit(self._apply_sink, s, ops, took) for s, ops in work]
             for f in futures:
                 rejected.extend(f.result())
         if (rejected or batch.dead_letters) and self.on_rejected is not None:
             self.on_rejected(batch, rejected)
         if batch.end_lsn > self.acked_lsn:
             self.checkpoint(batch.end_lsn)
+        self.saturation.record(started, time.monotonic(), len(batch), took)
         time.sleep(0)  # let the reading thread run between batches
+
+    def _apply_sink(self, sink: Sink, ops: list, took: dict[str, float]) -> list:
+        started = time.monotonic()
+        try:
+            return apply_with_retry(sink, ops, self.stop)
+        finally:
+            took[sink.name] = time.monotonic() - started
 
     def checkpoint(self, lsn: int) -> None:
         """Record in every sink that all its views are complete up to ``lsn`` (int LSN).

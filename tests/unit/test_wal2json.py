@@ -80,3 +80,21 @@ def test_plugin_options_filter_tables():
     assert opts["format-version"] == "2"
     assert opts["add-tables"] == "public.a,public.b,we.ird\\,name"
     assert "add-tables" not in plugin_options(None)
+
+
+def test_null_floats_and_numerics_are_flagged_as_maybe_nonfinite():
+    """wal2json prints NaN/±Infinity as null: such columns (and only those) are flagged."""
+    d = Wal2JsonDecoder()
+    d.feed(msg(action="B", xid=1, lsn="0/20", nextlsn="0/30"))
+    cols = [{"name": "id", "type": "integer", "value": None},
+            {"name": "f4", "type": "real", "value": None},
+            {"name": "f8", "type": "double precision", "value": None},
+            {"name": "n", "type": "numeric(12,2)", "value": None},
+            {"name": "arr", "type": "numeric[]", "value": None},
+            {"name": "t", "type": "text", "value": None},
+            {"name": "ok", "type": "numeric", "value": "1.5"}]
+    d.feed(msg(action="I", schema="public", table="t", columns=cols))
+    d.feed(msg(action="U", schema="public", table="t", columns=cols, identity=cols[:2]))
+    d.feed(msg(action="D", schema="public", table="t", identity=cols[:2]))
+    tx = d.feed(msg(action="C"))
+    assert [c.maybe_nonfinite for c in tx.changes] == [("f4", "f8", "n"), ("f4", "f8", "n"), ()]

@@ -1,0 +1,28 @@
+"""The flusher's saturation warning (pure logic, no services needed)."""
+from __future__ import annotations
+
+import logging
+
+from views.flusher import SaturationMonitor
+
+
+def test_saturation_is_logged_once_per_interval_naming_the_slowest_sink(caplog):
+    m = SaturationMonitor(window=10, threshold=0.9, every=60)
+    with caplog.at_level(logging.WARNING, logger="pgderive.flusher"):
+        t = 0.0
+        for _ in range(30):  # 2 s batches back to back with 0.05 s gaps: ~97% busy
+            m.record(t, t + 2.0, 1000, {"cache": 1.9, "search": 0.4})
+            t += 2.05
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings  # 61 s of saturation, one warning per 60 s
+    assert warnings[0].startswith("sink cache is the bottleneck")
+
+
+def test_a_mostly_idle_flusher_is_not_reported(caplog):
+    m = SaturationMonitor(window=10, threshold=0.9, every=60)
+    with caplog.at_level(logging.WARNING, logger="pgderive.flusher"):
+        t = 0.0
+        for _ in range(30):  # 1 s batches every 2 s: 50% busy
+            m.record(t, t + 1.0, 1000, {"cache": 1.0})
+            t += 2.0
+    assert not caplog.records

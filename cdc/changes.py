@@ -60,6 +60,8 @@ class Transaction:
         final: False for a leading chunk of a large transaction (the decoder hands changes over
             every ``chunk_changes`` so memory stays bounded); the chunk with ``final=True``
             closes the transaction. Only a final chunk may be confirmed to the slot.
+        nbytes: size of the wal2json messages of these changes (bytes): the decoder and the
+            engine bound memory by it as well as by the number of changes (rows can be 1 GB).
     """
 
     xid: int
@@ -68,3 +70,4 @@ class Transaction:
     commit_time: datetime | None
     changes: list[Change] = field(default_factory=list)
     final: bool = True
+    nbytes: int = 0

@@ -39,8 +39,10 @@ def snapshot_connection(dsn: str, snapshot_name: str | None) -> Iterator[psycopg
 
 
 def read_table(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str, str]],
-               *, chunk_rows: int = 5000) -> Iterator[list[Row]]:
-    """Yield the rows of ``table`` (``schema.name``) in chunks of up to ``chunk_rows``.
+               *, chunk_rows: int = 5000, chunk_bytes: int = 4 << 20) -> Iterator[list[Row]]:
+    """Yield the rows of ``table`` (``schema.name``) in chunks of up to ``chunk_rows`` rows or
+    about ``chunk_bytes`` bytes of text values, whichever comes first (wide rows: 1,500 rows
+    of 100 kB would otherwise make a 150 MB chunk).
 
     ``columns``: ``(name, format_type type name)`` pairs to read. Each row is a dict
     column → value in the stream's value model. Memory is bounded by one chunk.
@@ -51,12 +53,15 @@ def read_table(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str
     query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
         sql.SQL(", ").join(sql.Identifier(c) for c in names), sql.Identifier(schema, name))
     chunk: list[Row] = []
+    nbytes = 0
     with conn.cursor().copy(query) as copy:
         for values in copy.rows():
             chunk.append({c: (None if v is None else conv(v))
                           for c, conv, v in zip(names, convs, values)})
-            if len(chunk) >= chunk_rows:
+            nbytes += sum(len(v) for v in values if v is not None)
+            if len(chunk) >= chunk_rows or nbytes >= chunk_bytes:
                 yield chunk
                 chunk = []
+                nbytes = 0
     if chunk:
         yield chunk

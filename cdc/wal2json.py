@@ -75,14 +75,15 @@ class Wal2JsonDecoder:
 
     Call :meth:`feed` with each XLogData payload in order; it returns a finished
     :class:`Transaction` on the ``C`` message and ``None`` otherwise. A transaction with more
-    than ``chunk_changes`` changes is handed over in chunks (``final=False``, same xid and
+    than ``chunk_changes`` changes or ``chunk_bytes`` bytes of messages is handed over in chunks (``final=False``, same xid and
     commit LSN — wal2json's ``B`` already carries the commit LSN since decoding happens at
     commit), so one huge transaction never sits in memory whole. Raises
     :class:`DecodeError` on messages out of order (e.g. ``I`` outside a transaction).
     """
 
-    def __init__(self, chunk_changes: int = 5000) -> None:
+    def __init__(self, chunk_changes: int = 5000, chunk_bytes: int = 4 << 20) -> None:
         self.chunk_changes = chunk_changes
+        self.chunk_bytes = chunk_bytes
         self._tx: Transaction | None = None
         self._converters: dict[str, Converter] = {}
 
@@ -116,7 +117,8 @@ class Wal2JsonDecoder:
         if action in ("I", "U", "D", "T"):
             tx = self._require_tx(msg)
             tx.changes.append(self._change(action, msg))
-            if len(tx.changes) >= self.chunk_changes:
+            tx.nbytes += len(data)
+            if len(tx.changes) >= self.chunk_changes or tx.nbytes >= self.chunk_bytes:
                 self._tx = Transaction(tx.xid, tx.commit_lsn, tx.end_lsn, tx.commit_time)
                 tx.final = False
                 return tx

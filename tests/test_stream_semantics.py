@@ -272,6 +272,46 @@ def test_big_transaction_streams_in_bounded_memory_and_is_confirmed_after(scenar
     assert probe == ["1"] * 4, probe
     assert_views_equal(s.config)
     print(f"peak RSS during a {n}-row transaction: {peak / 2**20:.0f} MiB")
+    assert peak < 200 * 2**20, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+def _peak_rss_until_caught_up(s, proc: psutil.Process, timeout: float = 300) -> int:
+    end, peak = current_lsn(s.dsn), 0
+    deadline = time.monotonic() + timeout
+    while not slot_caught_up(s.dsn, s.slot, end):
+        peak = max(peak, proc.memory_info().rss)
+        assert time.monotonic() < deadline and s.daemon.alive(), s.daemon.output()[-2000:]
+        time.sleep(0.05)
+    return peak
+
+
+def test_wide_rows_stream_in_bounded_memory(scenario):
+    """1,500 rows of 100 kB (150 MB) in the snapshot, 1,500 more in one transaction, then all
+    updated in another: snapshot chunks, decoder chunks and batches are bounded by bytes too,
+    not only by row count."""
+    s = scenario("CREATE TABLE wide (id int PRIMARY KEY, body text);",
+                 '  P_w: {table: wide, sink: cache, key: "P_:w:{id}", format: json}\n')
+    big = "(SELECT string_agg(md5(random()::text || i), '') FROM generate_series(1, 3125 + 0 * g) i)"
+    s.sql(f"INSERT INTO wide SELECT g, {big} FROM generate_series(1501, 3000) g")
+    d = Daemon(s.config, s.log).start()
+    s.daemon = d
+    proc = psutil.Process(d.proc.pid)
+    peak_snapshot = 0
+    while not streaming(s.dsn, s.slot):
+        peak_snapshot = max(peak_snapshot, proc.memory_info().rss)
+        assert d.alive(), d.output()[-2000:]
+        time.sleep(0.05)
+    s.sql(f"INSERT INTO wide SELECT g, {big} FROM generate_series(1, 1500) g")
+    peak_insert = _peak_rss_until_caught_up(s, proc)
+    s.sql("UPDATE wide SET body = upper(body)")  # 3,000 rows, 300 MB
+    peak_update = _peak_rss_until_caught_up(s, proc)
+    r = redis.Redis.from_url(REDIS_URL)
+    doc = json.loads(r.get(f"{s.p}_:w:777"))
+    assert len(doc["body"]) == 100_000 and doc["body"] == doc["body"].upper()
+    assert_views_equal(s.config)
+    print(f"peak RSS with 150 MB of 100 kB rows: snapshot {peak_snapshot / 2**20:.0f} MiB, "
+          f"insert {peak_insert / 2**20:.0f} MiB, update {peak_update / 2**20:.0f} MiB")
+    assert max(peak_snapshot, peak_insert, peak_update) < 200 * 2**20
 
 
 def test_unwatched_traffic_keeps_the_slot_advancing(scenario):

@@ -21,6 +21,7 @@ class Batch:
         self.transactions = 0  # complete transactions
         self.open_chunks = 0  # leading chunks of a large transaction not yet committed here
         self.changes = 0
+        self.nbytes = 0  # wal2json bytes of the changes read into it (a memory estimate)
         self.commit_times: list[float] = []  # commit timestamps (Unix s) of its transactions
         self.dead_letters: list = []  # views.deadletters.DeadLetter for rows views could not derive
 
@@ -56,5 +57,6 @@ class Batch:
         self.transactions = 0
         self.open_chunks = 0
         self.changes = 0
+        self.nbytes = 0
         self.commit_times = []
         self.dead_letters = []

@@ -125,13 +125,15 @@ class Engine:
     """
 
     def __init__(self, spec: Spec, *, stop: threading.Event | None = None,
-                 stats_file: str | None = None, batch_ops: int = 20_000) -> None:
+                 stats_file: str | None = None, batch_ops: int = 20_000,
+                 batch_bytes: int = 8 << 20) -> None:
         self.spec = spec
         self.dsn = spec.source.dsn
         self.slot = spec.source.slot
         self.stop = stop or threading.Event()
         self.stats_file = stats_file
         self.batch_ops = batch_ops
+        self.batch_bytes = batch_bytes
         self.stats = Stats()
         self.state = StateStore(self.dsn)
         self.dead_letters = DeadLetterStore(self.dsn)
@@ -346,7 +348,7 @@ class Engine:
                         batch = Batch(end_lsn=batch.end_lsn)
                 if self.stop.is_set():
                     break
-                if len(batch) >= self.batch_ops:
+                if self._full(batch):
                     # Backpressure: the next batch is full; wait for the sinks, keep the
                     # walsender informed meanwhile.
                     if not flusher.wait_idle(1.0):
@@ -366,7 +368,7 @@ class Engine:
                             last_idle_checkpoint = time.monotonic()
                         continue
                     self._add_transaction(batch, event)
-                    if len(batch) >= self.batch_ops:
+                    if self._full(batch):
                         break
                 self._write_stats()
             # Graceful stop: apply what was read, then confirm it.
@@ -380,6 +382,10 @@ class Engine:
             reader.send_status()
         finally:
             flusher.close()
+
+    def _full(self, batch: Batch) -> bool:
+        """A batch is full at ``batch_ops`` Ops or ``batch_bytes`` bytes of wal2json input."""
+        return batch.nbytes >= self.batch_bytes or len(batch) >= self.batch_ops
 
     def _add_transaction(self, batch: Batch, tx: Transaction) -> None:
         version = tx.commit_lsn
@@ -401,6 +407,7 @@ class Engine:
                 for op in ops:
                     batch.add(v.sink, op)
         batch.changes += len(tx.changes)
+        batch.nbytes += tx.nbytes
         if not tx.final:
             batch.open_chunks += 1  # a chunk of a large transaction: applied, not confirmable
             return

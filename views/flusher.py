@@ -4,7 +4,8 @@ The engine's thread reads the slot and derives Ops while the flusher applies the
 batch: under load each batch naturally grows to what arrived during one flush (no timer, no
 added latency when idle), and Redis and OpenSearch are written in parallel, one thread per
 sink. Only one batch is in flight at a time, and the engine stops reading once its next batch
-is full (backpressure: memory stays bounded by two batches).
+is full (backpressure: memory stays bounded by two batches; a batch is full at 20,000 Ops or
+8 MB of wal2json input, see :class:`views.engine.Engine`).
 
 A retryable :class:`~sinks.base.SinkError` is retried with capped backoff inside the flusher;
 anything else is kept in :attr:`Flusher.error` for the engine thread to raise.

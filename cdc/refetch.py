@@ -1,4 +1,4 @@
-"""Reading back the values wal2json cannot print: float/numeric ``NaN`` and ``±Infinity``.
+"""Reading back what a change lacks: float/numeric ``NaN``/``±Infinity`` and unchanged TOAST values.
 
 wal2json's format 2 prints a float or numeric ``NaN``/``Infinity``/``-Infinity`` as JSON
 ``null`` (checked with wal2json 2.5, Debian's package; JSON has no such numbers), so a streamed
@@ -6,7 +6,9 @@ wal2json's format 2 prints a float or numeric ``NaN``/``Infinity``/``-Infinity``
 columns (:attr:`cdc.changes.Change.maybe_nonfinite`); :class:`RowRefetcher` looks the row up by
 its replica identity and takes the column's current value from the table.
 
-Why the current value is right: the sinks only need to converge (DESIGN.md rule 1). The row's
+Reads wait until the transaction being applied is visible (:meth:`RowRefetcher.wait_visible`):
+the walsender may send it a moment before other sessions can see it. Why the current value is
+right once it is: the sinks only need to converge (DESIGN.md rule 1). The row's
 state read now is at least as new as the change being applied (that change committed before
 pgderive read it), and every later change of the row is still ahead in the stream and carries a
 higher version, so the last write a record gets reflects the last committed state. Until then a
@@ -16,33 +18,28 @@ moved, since) keeps ``None``: the delete or key move is ahead in the stream as w
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterable, Mapping
 
-import orjson
 import psycopg
 from psycopg import sql
 
 from .changes import Change
-from .values import converter
+from .values import converter, to_text
 
 __all__ = ["RowRefetcher"]
 
 log = logging.getLogger("pgderive.refetch")
 
-
-def _as_text(value: Any) -> str:
-    """A key value of the change model as Postgres input text."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return str(value)
+_VISIBLE = sql.SQL("""
+    SELECT bool_and(txid_visible_in_snapshot(
+             ((txid_snapshot_xmax(s) >> 32) << 32) + x
+             - CASE WHEN x > (txid_snapshot_xmax(s) & 4294967295) THEN 4294967296 ELSE 0 END, s))
+      FROM unnest(%s::bigint[]) AS x, txid_current_snapshot() AS s""")
 
 
 class RowRefetcher:
-    """Resolves :attr:`~cdc.changes.Change.maybe_nonfinite` columns by reading the source row.
+    """Completes changes by reading their row from the source table (see :meth:`fill`).
 
     Args:
         dsn: libpq connection string of the source (a normal, non-replication connection; it
@@ -61,29 +58,72 @@ class RowRefetcher:
         self.tables = {t: (dict(cols), tuple(ident)) for t, (cols, ident) in tables.items()}
         self.conn: psycopg.Connection | None = None
         self.lookups = 0  #: rows read back (for stats and tests)
+        self._visible: set[int] = set()
+
+    def connection(self) -> psycopg.Connection:
+        """The autocommit source connection (opened on demand; also used by the engine to
+        read query-derived records)."""
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-refetch")
+        return self.conn
+
+    def wait_visible(self, xids: Iterable[int], timeout: float = 30.0) -> None:
+        """Wait until the transactions ``xids`` (32-bit xids from wal2json) are visible to new
+        snapshots.
+
+        Logical decoding may hand out a transaction as soon as its commit record is flushed,
+        a moment *before* the committing backend leaves the proc array; a read in that window
+        would see the state before the transaction (found by the ``kill -9`` test: a refetch
+        returned the previous price). ``txid_visible_in_snapshot`` on the 64-bit form of each
+        xid (epoch taken from the snapshot's xmax, Postgres docs 9.27.5 "Transaction ID and
+        Snapshot Information Functions") says when every later statement will see it.
+        Gives up after ``timeout`` seconds with a warning.
+        """
+        pending = sorted(set(xids) - self._visible)
+        if not pending:
+            return
+        delay, deadline = 0.0005, time.monotonic() + timeout
+        conn = self.connection()
+        while True:
+            (ok,) = conn.execute(_VISIBLE, (pending,), prepare=True).fetchone()
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                log.warning("transaction(s) %s still not visible after %.0f s; reading anyway", pending, timeout)
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if len(self._visible) > 10_000:
+            self._visible.clear()
+        self._visible.update(pending)
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
 
-    def fill(self, change: Change, wanted: Iterable[str]) -> None:
-        """Replace the flagged ``None`` values of ``change.new`` that a view uses (``wanted``)
-        with the row's current values. Leaves them ``None`` when the row cannot be identified
-        (no identity, an identity column missing or itself unsure) or no longer exists."""
-        wanted = set(wanted)
-        cols = [c for c in change.maybe_nonfinite if c in wanted]
+    def fill(self, change: Change, columns: Iterable[str]) -> bool:
+        """Read ``columns`` of ``change``'s row from the table into ``change.new``: flagged
+        ``None`` values (:attr:`~cdc.changes.Change.maybe_nonfinite`) and columns the change
+        lacks (unchanged TOAST values, for views that need whole rows).
+
+        Returns False, leaving ``change.new`` as it was, when the row cannot be identified (no
+        identity, an identity column missing or itself unsure) or no longer exists; its delete
+        or key change is then still ahead in the stream."""
+        cols = list(dict.fromkeys(columns))
         if not cols or change.new is None or change.table not in self.tables:
-            return
+            return False
         types, identity = self.tables[change.table]
         unsure = set(change.maybe_nonfinite)
         keys = [c for c in identity if c not in unsure]
         key_row = {**(change.old_key or {}), **change.new}
         if not keys or any(c not in key_row for c in keys):
-            return
+            return False
         row = self._lookup(change.table, types, cols, [(c, key_row[c]) for c in keys])
-        if row is not None:
-            change.new.update(row)
+        if row is None:
+            return False
+        change.new.update(row)
+        return True
 
     def _lookup(self, table: str, types: dict[str, str], cols: list[str],
                 key: list[tuple[str, Any]]) -> dict[str, Any] | None:
@@ -95,14 +135,12 @@ class RowRefetcher:
             else:
                 # format_type output is valid SQL for the type (it quotes names as needed).
                 conds.append(sql.SQL("{} = %s::text::{}").format(sql.Identifier(c), sql.SQL(types[c])))
-                params.append(_as_text(v))
+                params.append(to_text(v))
         query = sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 2").format(
             sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in cols),
             sql.Identifier(schema, name), sql.SQL(" AND ").join(conds))
-        if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-refetch")
         try:
-            rows = self.conn.execute(query, params, prepare=True).fetchall()
+            rows = self.connection().execute(query, params, prepare=True).fetchall()
         except psycopg.OperationalError:
             self.close()
             raise

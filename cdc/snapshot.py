@@ -39,19 +39,22 @@ def snapshot_connection(dsn: str, snapshot_name: str | None) -> Iterator[psycopg
 
 
 def read_table(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str, str]],
-               *, chunk_rows: int = 5000, chunk_bytes: int = 4 << 20) -> Iterator[list[Row]]:
+               *, chunk_rows: int = 5000, chunk_bytes: int = 4 << 20,
+               where: sql.Composable | None = None) -> Iterator[list[Row]]:
     """Yield the rows of ``table`` (``schema.name``) in chunks of up to ``chunk_rows`` rows or
     about ``chunk_bytes`` bytes of text values, whichever comes first (wide rows: 1,500 rows
     of 100 kB would otherwise make a 150 MB chunk).
 
     ``columns``: ``(name, format_type type name)`` pairs to read. Each row is a dict
-    column → value in the stream's value model. Memory is bounded by one chunk.
+    column → value in the stream's value model. Memory is bounded by one chunk. ``where``:
+    an SQL condition over the table's (unqualified) columns; only rows where it is TRUE.
     """
     schema, _, name = table.partition(".")
     names = [c for c, _ in columns]
     convs = [converter(t) for _, t in columns]
-    query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in names), sql.Identifier(schema, name))
+    query = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in names), sql.Identifier(schema, name),
+        sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL(""))
     chunk: list[Row] = []
     nbytes = 0
     with conn.cursor().copy(query) as copy:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import orjson
 
-__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "NONFINITE"]
+__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "to_text", "NONFINITE"]
 
 Converter = Callable[[Any], Any]
 
@@ -191,3 +191,15 @@ def may_be_nonfinite(type_name: str) -> bool:
 
 
 _NONFINITE_BASES = frozenset((*_FLOAT_TYPES, "numeric"))
+
+
+def to_text(value: Any) -> str:
+    """A model value back to Postgres input text (for ``'…'::type`` literals and parameters):
+    the inverse of the converters for the types that can be keys and link columns."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)

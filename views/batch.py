@@ -24,11 +24,19 @@ class Batch:
         self.nbytes = 0  # wal2json bytes of the changes read into it (a memory estimate)
         self.commit_times: list[float] = []  # commit timestamps (Unix s) of its transactions
         self.dead_letters: list = []  # views.deadletters.DeadLetter for rows views could not derive
+        # Query-derived views (views.include): what the batch touched, resolved into Ops by the
+        # engine before the batch is applied.
+        self.affected: dict[str, set] = {}  # view → root identity tuples
+        self.links: dict[str, dict[int, tuple]] = {}  # view → id(node) → (IncludeNode, link values)
+        self.rederive_all: set[str] = set()  # views whose every record must be read again
+        self.affected_version: dict[str, int] = {}  # view → version for those records
+        self.xids: set[int] = set()  # transactions whose effects those reads must see
 
     @property
     def pending(self) -> bool:
         """True when the batch has something to apply (complete transactions or chunks)."""
-        return bool(self.transactions or self.open_chunks or self.ops or self.dead_letters)
+        return bool(self.transactions or self.open_chunks or self.ops or self.dead_letters
+                    or self.affected or self.links or self.rederive_all)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.ops.values())

@@ -13,19 +13,19 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import psycopg
 
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
-from sinks.base import Sink
+from sinks.base import Op, Sink
 
 from .deadletters import DeadLetter
 from .derive import DerivationError, View
 from .flusher import with_retry
 
-__all__ = ["load_snapshot", "SnapshotStats", "Interrupted"]
+__all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotStats", "Interrupted"]
 
 log = logging.getLogger("pgderive.bootstrap")
 
@@ -48,6 +48,69 @@ class SnapshotStats:
         return self.rows.get(table, 0) / secs if secs > 0 else 0.0
 
 
+@dataclass
+class SnapshotChunk:
+    """One chunk of a snapshot read: ``rows`` source rows of ``table`` and, per view over it,
+    the Ops derived from them (``ops``: view name → list of :class:`~sinks.base.Op`) and the
+    rows it could not derive (``errors``: view name → list of
+    :class:`~views.derive.DerivationError`)."""
+
+    table: str
+    rows: int
+    views: list[View]
+    ops: dict[str, list[Op]]
+    errors: dict[str, list[DerivationError]]
+
+
+def derive_snapshot(conn: psycopg.Connection, views: Sequence[View], version: int, *,
+                    chunk_rows: int = 5000) -> Iterator[SnapshotChunk]:
+    """What ``views`` hold according to the snapshot ``conn`` is in, as Ops at ``version``.
+
+    The one derivation path shared by bootstrap, rebuild and ``verify``: each table is read
+    once (``COPY``, chunks bounded by rows and bytes) for all views over it. Memory is bounded
+    by one chunk. Raises :class:`psycopg.Error` on read failures.
+    """
+    # Views over the same table with the same ``where`` share one read.
+    groups: dict[tuple[str, str], list[View]] = defaultdict(list)
+    for v in views:
+        if v.tree is None:
+            groups[(v.table, v.spec.where or "")].append(v)
+    for (table, _), tviews in groups.items():
+        columns = list(dict.fromkeys(ct for v in tviews for ct in v.column_types))
+        where = tviews[0].where.sql() if tviews[0].where is not None else None
+        empty = True
+        for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows, where=where):
+            empty = False
+            yield _derive_chunk(table, tviews, chunk, version)
+        if empty:  # still announce the table (an empty view is a result too)
+            yield SnapshotChunk(table, 0, tviews, {v.name: [] for v in tviews}, {v.name: [] for v in tviews})
+    for v in views:
+        if v.tree is None:
+            continue
+        empty = True
+        for rows in v.tree.rows(conn, chunk_rows=min(chunk_rows, 2000)):
+            empty = False
+            yield _derive_chunk(v.table, [v], rows, version)
+        if empty:
+            yield SnapshotChunk(v.table, 0, [v], {v.name: []}, {v.name: []})
+
+
+def _derive_chunk(table: str, tviews: list[View], chunk: list, version: int) -> SnapshotChunk:
+    ops: dict[str, list[Op]] = {}
+    errors: dict[str, list[DerivationError]] = {}
+    for v in tviews:
+        vops, bad = [], []
+        for r in chunk:
+            try:
+                op = v.row_op(r, version)
+                if op is not None:
+                    vops.append(op)
+            except DerivationError as e:
+                bad.append(e)
+        ops[v.name], errors[v.name] = vops, bad
+    return SnapshotChunk(table, len(chunk), tviews, ops, errors)
+
+
 def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
                   version: int, *, chunk_rows: int = 5000,
                   should_stop: Callable[[], bool] = lambda: False,
@@ -67,16 +130,6 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             raise DerivationError(entries[0].view, entries[0].table, entries[0].row, entries[0].error)
         on_dead_letters(entries)
 
-    def derive(v: View, chunk: list) -> list:
-        ops, bad = [], []
-        for r in chunk:
-            try:
-                ops.append(v.row_op(r, version))
-            except DerivationError as e:
-                bad.append(DeadLetter.from_derivation_error(e, version))
-        dead(bad)
-        return ops
-
     def write(v: View, ops: list) -> list:
         """Load one chunk of ``v`` into its generation (retrying), timing the sink's share."""
         sink = sinks[v.sink]
@@ -92,39 +145,44 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
 
     stats = SnapshotStats()
     stop_event = threading.Event()  # set when should_stop() turns true: gives up retries
-    by_table: dict[str, list[View]] = defaultdict(list)
-    for v in views:
-        by_table[v.table].append(v)
     generations = {v.name: sinks[v.sink].begin_generation(v.name, version) for v in views}
     # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
     # read and derived while the previous one is being written (at most 2 chunks in memory).
     with ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-load") as pool:
-        for table, tviews in by_table.items():
-            columns = list(dict.fromkeys(ct for v in tviews for ct in v.column_types))
-            t0 = last_log = time.monotonic()
-            rows = 0
-            log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
-                     ", ".join(v.name for v in tviews))
-            in_flight: list[tuple[View, Future]] = []
-            for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows):
-                if should_stop():
-                    stop_event.set()
-                    raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
-                work = [(v, derive(v, chunk)) for v in tviews]
-                settle(in_flight)
-                in_flight = [(v, pool.submit(write, v, ops)) for v, ops in work]
-                for v, ops in work:
-                    stats.records[v.name] = stats.records.get(v.name, 0) + len(ops)
-                rows += len(chunk)
-                now = time.monotonic()
-                if now - last_log >= 5:
-                    log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
-                    last_log = now
+        in_flight: list[tuple[View, Future]] = []
+        table, t0, last_log, rows = None, 0.0, 0.0, 0
+
+        def table_done() -> None:
             settle(in_flight)
+            in_flight.clear()
+            if table is None:
+                return
             secs = time.monotonic() - t0
             stats.rows[table], stats.seconds[table] = rows, secs
             log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
                      rows / secs if secs else 0.0)
+
+        for chunk in derive_snapshot(conn, views, version, chunk_rows=chunk_rows):
+            if chunk.table != table:
+                table_done()
+                table, t0, rows = chunk.table, time.monotonic(), 0
+                last_log = t0
+                log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
+                         ", ".join(v.name for v in chunk.views))
+            if should_stop():
+                stop_event.set()
+                raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
+            dead([DeadLetter.from_derivation_error(e, version) for errs in chunk.errors.values() for e in errs])
+            settle(in_flight)
+            in_flight[:] = [(v, pool.submit(write, v, chunk.ops[v.name])) for v in chunk.views]
+            for v in chunk.views:
+                stats.records[v.name] = stats.records.get(v.name, 0) + len(chunk.ops[v.name])
+            rows += chunk.rows
+            now = time.monotonic()
+            if now - last_log >= 5:
+                log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
+                last_log = now
+        table_done()
     for v in views:
         sinks[v.sink].commit_generation(v.name, generations[v.name], version)
         # The view is complete as of ``version``: its checkpoint says so (see engine startup).

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Mapping
 
 import psycopg
 from psycopg import sql
 
-from views.spec import Spec, ViewSpec
+from views.spec import IncludeSpec, Spec, ViewSpec
 from views.template import KeyTemplate
 
 __all__ = ["TableInfo", "table_info", "check_source", "resolve_key", "output_fields", "PLUGIN"]
@@ -175,14 +176,71 @@ def _view_problems(view: ViewSpec, path: str, info: TableInfo,
                                         " default to; declare a key template over columns that"
                                         " identify a row"))
 
-    if isinstance(view.fields, list):
-        for i, column in enumerate(view.fields):
+    problems += _field_problems(view.fields, path, info)
+    if view.where is not None:
+        from .where import Where, WhereError
+        try:
+            Where(view.where, info.columns)
+        except WhereError as e:
+            problems.append((f"{path}.where", str(e)))
+    if view.derive is not None:
+        from .derive import load_function
+        try:
+            load_function(view.derive)
+        except ValueError as e:
+            problems.append((f"{path}.derive", str(e)))
+    return problems
+
+
+def _field_problems(fields: list[str] | dict[str, str] | None, path: str,
+                    info: TableInfo) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if isinstance(fields, list):
+        for i, column in enumerate(fields):
             if column not in info.columns:
                 problems.append((f"{path}.fields[{i}]", _unknown(column, info)))
-    elif isinstance(view.fields, dict):
-        for out, column in view.fields.items():
+    elif isinstance(fields, dict):
+        for out, column in fields.items():
             if column not in info.columns:
                 problems.append((f"{path}.fields.{out}", _unknown(column, info)))
+    return problems
+
+
+def _include_problems(includes: Mapping[str, IncludeSpec], path: str, parent: TableInfo,
+                      conn: psycopg.Connection, infos: dict[str, TableInfo]) -> list[tuple[str, str]]:
+    """Check ``include`` entries recursively, loading their tables' facts into ``infos``."""
+    problems: list[tuple[str, str]] = []
+    for name, inc in includes.items():
+        ipath = f"{path}.include.{name}"
+        info = infos.get(inc.qualified)
+        if info is None:
+            info = table_info(conn, *inc.qualified.split(".", 1))
+            if info is None:
+                problems.append((f"{ipath}.table", f"table {inc.qualified} does not exist or is not an ordinary table"))
+                continue
+            infos[inc.qualified] = info
+        parent_col, col = inc.link
+        if parent_col not in parent.columns:
+            problems.append((f"{ipath}.on", _unknown(parent_col, parent)))
+        if col not in info.columns:
+            problems.append((f"{ipath}.on", _unknown(col, info)))
+        elif col not in info.identity_columns:
+            # Updates/deletes of a related row must say which parent it belonged to.
+            fix = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(
+                sql.Identifier(*inc.qualified.split(".", 1))).as_string(conn)
+            if info.replica_identity != "f":
+                problems.append((f"{ipath}.on", f"{inc.qualified}.{col} is not in the table's replica identity "
+                                 f"({', '.join(info.identity_columns) or 'none'}): a moved or deleted row's old "
+                                 f"{col} would not be in the WAL; run {fix}"))
+        if not info.identity_columns:
+            problems.append((f"{ipath}.table", f"table {inc.qualified} has no replica identity: add a primary key "
+                             "or set REPLICA IDENTITY FULL"))
+        problems += _field_problems(inc.fields, ipath, info)
+        for i, (c, _) in enumerate(inc.ordering):
+            if c not in info.columns:
+                problems.append((f"{ipath}.order_by[{i}]", _unknown(c, info)))
+        if inc.include:
+            problems += _include_problems(inc.include, ipath, info, conn, infos)
     return problems
 
 
@@ -246,4 +304,6 @@ def _check(spec: Spec, conn: psycopg.Connection,
                 continue
             infos[view.qualified] = info
         problems += _view_problems(view, path, infos[view.qualified], conn)
+        if view.include:
+            problems += _include_problems(view.include, path, infos[view.qualified], conn, infos)
     return infos

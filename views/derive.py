@@ -8,13 +8,15 @@ values omitted by wal2json, rule 6) becomes a *partial* upsert that only sets wh
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Callable, Mapping
 
 from cdc.changes import Change, Row
 from sinks.base import Op, ViewTarget
 
 from .catalog import TableInfo, output_fields, resolve_key
-from .spec import ViewSpec
+from .include import IncludeNode, IncludeTree, KeyTuple
+from .spec import IncludeSpec, ViewSpec
 from .template import KeyTemplate, TemplateError
 
 __all__ = ["View", "DerivationError"]
@@ -49,10 +51,16 @@ class View:
         info: the catalog facts of its table (columns, identity).
 
     Raises ``ValueError`` if the key uses columns outside the table's replica identity (such
-    a key could not be computed for deletes, which only carry the identity).
+    a key could not be computed for deletes, which only carry the identity), if ``where`` does
+    not compile (:class:`views.where.WhereError`) or ``derive`` cannot be imported.
+
+    A view with ``include`` is *query-derived* (:attr:`tree` set, see :mod:`views.include`):
+    its records are read from the source by SQL; :meth:`change_ops` is not used for it.
+    ``infos`` must then hold the catalog facts of every included table.
     """
 
-    def __init__(self, name: str, spec: ViewSpec, info: TableInfo) -> None:
+    def __init__(self, name: str, spec: ViewSpec, info: TableInfo,
+                 infos: Mapping[str, TableInfo] | None = None) -> None:
         self.name = name
         self.spec = spec
         self.info = info
@@ -66,7 +74,20 @@ class View:
                 f"key column(s) {', '.join(missing)} of view {name} are not part of the replica "
                 f"identity of {info.qualified} ({', '.join(info.identity_columns) or 'none'}); "
                 "deletes could not be routed")
-        self.columns: tuple[str, ...] = tuple(dict.fromkeys([*self.key.columns, *self.fields.values()]))
+        self.where = None
+        if spec.where is not None:
+            from .where import Where
+            self.where = Where(spec.where, info.columns)
+        self.derive_fn = load_function(spec.derive) if spec.derive else None
+        self.needs_full_row = self.where is not None or self.derive_fn is not None
+        where_cols = sorted(self.where.columns) if self.where is not None else []
+        self.columns: tuple[str, ...] = tuple(dict.fromkeys([*self.key.columns, *self.fields.values(), *where_cols]))
+        self.tree: IncludeTree | None = None
+        if spec.include:
+            nodes = [_node(n, i, infos or {}, None) for n, i in spec.include.items()]
+            self.tree = IncludeTree(info, [(c, info.columns[c]) for c in self.columns], nodes,
+                                    self.where.sql() if self.where is not None else None)
+        self.tables: frozenset[str] = frozenset(self.tree.tables if self.tree else {self.table})
         self.column_types: list[tuple[str, str]] = [(c, info.columns[c]) for c in self.columns]
         self.target = ViewTarget(view=name, format=spec.format, index=spec.index)
         self._items = tuple(self.fields.items())
@@ -78,8 +99,26 @@ class View:
         return f"View({self.name!r}, table={self.table!r}, sink={self.sink!r})"
 
     def doc(self, row: Row) -> dict[str, Any]:
-        """The full document of ``row``: output field → value."""
-        return {out: row.get(col) for out, col in self._items}
+        """The full document of ``row``: output field → value (plus included values)."""
+        doc = {out: row.get(col) for out, col in self._items}
+        if self.tree is not None:
+            for n in self.tree.nodes:
+                doc[n.name] = row.get(n.name)
+        return doc
+
+    def _final(self, row: Row, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """``doc`` after the view's ``derive`` function (None: not in the view)."""
+        if self.derive_fn is None:
+            return doc
+        try:
+            out = self.derive_fn(doc)
+        except Exception as e:  # a user function: any failure is this row's dead letter
+            raise DerivationError(self.name, self.table, row,
+                                  f"derive {self.spec.derive} raised {type(e).__name__}: {e}") from e
+        if out is not None and not isinstance(out, dict):
+            raise DerivationError(self.name, self.table, row,
+                                  f"derive {self.spec.derive} returned {type(out).__name__}, not dict or None")
+        return out
 
     def _key(self, row: Row) -> str:
         try:
@@ -87,9 +126,37 @@ class View:
         except TemplateError as e:
             raise DerivationError(self.name, self.table, row, str(e)) from e
 
-    def row_op(self, row: Row, version: int) -> Op:
-        """The upsert of one snapshot row at ``version`` (the consistent point)."""
-        return Op(self.name, self._key(row), version, self.doc(row))
+    def row_op(self, row: Row, version: int) -> Op | None:
+        """The upsert of one snapshot row at ``version`` (the consistent point); ``None`` when
+        ``derive`` leaves it out. (``where`` is applied by the snapshot query.)"""
+        key = self._key(row)
+        doc = self._final(row, self.doc(row))
+        return None if doc is None else Op(self.name, key, version, doc)
+
+    def key_ops(self, keys: list[KeyTuple], rows: list[Row], versions: Mapping[KeyTuple, int]) -> tuple[list[Op], list["DerivationError"]]:
+        """Ops of a query-derived view for the roots ``keys``, given the ``rows`` the record
+        query returned for them: an upsert per row, a delete per key without a row (gone or no
+        longer matching ``where``). ``versions``: root identity → version."""
+        assert self.tree is not None
+        ops: list[Op] = []
+        errors: list[DerivationError] = []
+        found: set[KeyTuple] = set()
+        for row in rows:
+            k = self.tree.root_key(row)
+            found.add(k)
+            try:
+                op = self.row_op(row, versions[k])
+                ops.append(op if op is not None else Op(self.name, self._key(row), versions[k], None))
+            except DerivationError as e:
+                errors.append(e)
+        for k in keys:
+            if k not in found:
+                ident = dict(zip(self.tree.identity, k))
+                try:
+                    ops.append(Op(self.name, self._key(ident), versions[k], None))
+                except DerivationError as e:
+                    errors.append(e)
+        return ops, errors
 
     def change_ops(self, change: Change, version: int) -> list[Op]:
         """Ops for one insert/update/delete at ``version`` (the commit LSN).
@@ -107,6 +174,20 @@ class View:
             old = self._key({**new, **change.old_key})
             if old != key:
                 ops.append(Op(self.name, old, version, None))
+        if self.needs_full_row:
+            missing = [c for c in self.columns if c not in new]
+            if missing:
+                raise DerivationError(self.name, self.table, new,
+                                      f"column(s) {', '.join(missing)} missing from the {kind} and "
+                                      "not readable from the table (dropped or renamed?)")
+            if self.where is not None and not self.where.matches(new):
+                # Not (or no longer) in the view. An insert never was: nothing to remove.
+                if kind == "update":
+                    ops.append(Op(self.name, key, version, None))
+                return ops
+            doc = self._final(new, self.doc(new))
+            ops.append(Op(self.name, key, version, doc))
+            return ops
         missing = [c for c in self._columns_set if c not in new]
         if not missing:
             ops.append(Op(self.name, key, version, self.doc(new)))
@@ -122,3 +203,29 @@ class View:
         doc = {out: new[col] for out, col in self._items if col in new}
         ops.append(Op(self.name, key, version, doc, partial=True))
         return ops
+
+
+def load_function(ref: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    """Import ``package.module:function``. Raises ``ValueError`` saying what failed."""
+    module, _, attr = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module}: {e}") from e
+    except AttributeError:
+        raise ValueError(f"module {module} has no {attr!r}") from None
+    if not callable(fn):
+        raise ValueError(f"{ref} is not callable")
+    return fn
+
+
+def _node(name: str, spec: IncludeSpec, infos: Mapping[str, TableInfo], parent: IncludeNode | None) -> IncludeNode:
+    info = infos[spec.qualified]
+    parent_col, col = spec.link
+    fields = spec.field_map or {c: c for c in info.columns}
+    order_cols = {c for c, _ in spec.ordering}
+    tiebreak = [(c, False) for c in (info.primary_key or info.identity_columns) if c not in order_cols]
+    node = IncludeNode(name, spec.qualified, info, parent_col, col, fields, spec.many,
+                       spec.ordering + tiebreak, spec.limit, parent=parent)
+    node.children = [_node(n, s, infos, node) for n, s in (spec.include or {}).items()]
+    return node

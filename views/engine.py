@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import orjson
 import psycopg
 
-from cdc.changes import Transaction
+from cdc.changes import Change, Transaction
 from cdc.lsn import format_lsn
 from cdc.refetch import RowRefetcher
 from cdc.slot import Keepalive, ReplicationError, SlotInfo, SlotReader, slot_info
@@ -61,7 +61,7 @@ def build_views(spec: Spec, conn: psycopg.Connection, names: Iterable[str] | Non
         if wanted is not None and name not in wanted:
             continue
         try:
-            views.append(View(name, vspec, infos[vspec.qualified]))
+            views.append(View(name, vspec, infos[vspec.qualified], infos))
         except ValueError as e:
             problems.append((f"views.{name}.key", str(e)))
     if problems:
@@ -82,7 +82,10 @@ def open_sinks(spec: Spec, views: Sequence[View]) -> dict[str, Sink]:
 def view_fingerprint(view: View) -> str:
     """A short hash of what a view derives; a change means its sink data must be rebuilt."""
     raw = orjson.dumps({"table": view.table, "key": view.key.text, "fields": view.fields,
-                        "sink": view.sink, "target": [view.target.format, view.target.index]},
+                        "sink": view.sink, "target": [view.target.format, view.target.index],
+                        **({"where": view.spec.where} if view.spec.where else {}),
+                        **({"derive": view.spec.derive} if view.spec.derive else {}),
+                        **({"include": view.spec.model_dump(include={"include"})} if view.spec.include else {})},
                        option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -157,11 +160,18 @@ class Engine:
             self.views = build_views(self.spec, conn)
         by_table: dict[str, list[View]] = defaultdict(list)
         for v in self.views:
-            by_table[v.table].append(v)
+            for t in sorted(v.tables):  # a query-derived view also listens to its included tables
+                by_table[t].append(v)
         self.by_table = dict(by_table)
-        self._used_columns = {t: frozenset(c for v in vs for c in v.columns) for t, vs in self.by_table.items()}
+        simple: dict[str, list[View]] = defaultdict(list)
+        for v in self.views:
+            if v.tree is None:
+                simple[v.table].append(v)
+        self._used_columns = {t: frozenset(c for v in vs for c in v.columns) for t, vs in simple.items()}
+        self._full_row_columns = {t: [c for c in self._used_columns[t]] for t, vs in simple.items()
+                                  if any(v.needs_full_row for v in vs)}
         self.refetcher = RowRefetcher(self.dsn, {t: (vs[0].info.columns, vs[0].info.identity_columns)
-                                                 for t, vs in self.by_table.items()})
+                                                 for t, vs in simple.items()})
         self.sinks = open_sinks(self.spec, self.views)
         self.reader = SlotReader(self.dsn, self.slot, tables=self.by_table)
         try:
@@ -344,6 +354,7 @@ class Engine:
                 if flusher.idle:
                     reader.confirm(flusher.acked_lsn)
                     if batch.pending:
+                        self._resolve(batch)
                         flusher.submit(batch)
                         batch = Batch(end_lsn=batch.end_lsn)
                 if self.stop.is_set():
@@ -374,6 +385,7 @@ class Engine:
             # Graceful stop: apply what was read, then confirm it.
             flusher.wait_idle()
             if flusher.error is None and batch.pending:
+                self._resolve(batch)
                 flusher.submit(batch)
                 flusher.wait_idle()
             if flusher.error is not None:
@@ -394,11 +406,31 @@ class Engine:
             if not views:
                 continue
             if change.kind == "truncate":
-                self._truncate(batch, views, version)
+                emptied = [v for v in views if v.table == change.table]
+                if emptied:
+                    self._truncate(batch, emptied, version)
+                for v in views:
+                    if v.tree is not None and v.table != change.table:
+                        batch.rederive_all.add(v.name)  # an included table emptied: every record
+                        batch.affected_version[v.name] = version
+                        batch.xids.add(tx.xid)
                 continue
-            if change.maybe_nonfinite:
-                self.refetcher.fill(change, self._used_columns[change.table])
+            gone = False
+            if change.new is not None and change.table in self._used_columns:
+                fetch = [c for c in change.maybe_nonfinite if c in self._used_columns[change.table]]
+                fetch += [c for c in self._full_row_columns.get(change.table, ()) if c not in change.new]
+                if fetch:
+                    self.refetcher.wait_visible((tx.xid,))
+                if fetch and not self.refetcher.fill(change, fetch):
+                    # The row is gone (its delete is ahead in the stream) or not identifiable.
+                    gone = any(c not in change.new for c in fetch)
             for v in views:
+                if v.tree is not None:
+                    self._note_affected(batch, v, change, version)
+                    batch.xids.add(tx.xid)
+                    continue
+                if gone and v.needs_full_row:
+                    continue
                 try:
                     ops = v.change_ops(change, version)
                 except DerivationError as e:
@@ -416,6 +448,67 @@ class Engine:
         if tx.commit_time is not None and (tx.changes or batch.open_chunks):
             batch.commit_times.append(tx.commit_time.timestamp())
 
+    def _note_affected(self, batch: Batch, view: View, change: Change, version: int) -> None:
+        """Record which records of query-derived ``view`` the change touches (resolved by
+        :meth:`_resolve` before the batch is applied)."""
+        tree = view.tree
+        assert tree is not None
+        new, old = change.new or {}, change.old_key or {}
+        batch.affected_version[view.name] = max(version, batch.affected_version.get(view.name, 0))
+        if change.table == view.table:
+            keys = batch.affected.setdefault(view.name, set())
+            for row in (new, {**new, **old} if old else None):
+                if row:
+                    k = tree.root_key(row)
+                    if k is not None:
+                        keys.add(k)
+        for node in tree.all_nodes():
+            if node.table == change.table:
+                values = batch.links.setdefault(view.name, {}).setdefault(id(node), (node, set()))[1]
+                for row in (new, old):
+                    if node.col in row and row[node.col] is not None:
+                        values.add(row[node.col])
+
+    def _resolve(self, batch: Batch) -> None:
+        """Read the records of query-derived views the batch touched and add their Ops."""
+        if not (batch.affected or batch.links or batch.rederive_all):
+            return
+        self.refetcher.wait_visible(batch.xids)  # records are read after their changes
+        conn = self.refetcher.connection()
+        by_name = {v.name: v for v in self.views}
+        for name in set(batch.affected) | set(batch.links) | batch.rederive_all:
+            view, version = by_name[name], batch.affected_version[name]
+            tree = view.tree
+            assert tree is not None
+            if name in batch.rederive_all:
+                keys = None
+            else:
+                found: set = set(batch.affected.get(name, ()))
+                for node, values in batch.links.get(name, {}).values():
+                    found |= tree.affected_roots(conn, node, values)
+                keys = sorted(found, key=repr)
+                if not keys:
+                    continue
+            versions = defaultdict(lambda: version)
+            parts = [None] if keys is None else [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
+            for part in parts:
+                for rows in tree.rows(conn, part):
+                    # With ``part`` given, the query returns at most these 1,000 roots: one chunk.
+                    ops, errors = view.key_ops(part or [], rows, versions)
+                    for op in ops:
+                        batch.add(view.sink, op)
+                    batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+                    part = None  # the roots without a row were handled with the first chunk
+                if part:  # none of them returned a row
+                    ops, errors = view.key_ops(part, [], versions)
+                    for op in ops:
+                        batch.add(view.sink, op)
+                    batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+        batch.xids.clear()
+        batch.affected.clear()
+        batch.links.clear()
+        batch.rederive_all.clear()
+
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
         """A TRUNCATE empties its views: a barrier that applies the pending Ops, then each sink
         drops every record of the view at or below the commit LSN (so earlier Ops of the same
@@ -425,6 +518,7 @@ class Engine:
         self.flusher.wait_idle()
         if self.flusher.error is not None:
             raise self.flusher.error
+        self._resolve(batch)
         self.flusher.apply_now(batch)
         batch.ops.clear()
         batch.dead_letters = []  # recorded by apply_now

@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 from views.template import KeyTemplate
 
 __all__ = [
-    "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec",
+    "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "SpecError", "Problem", "load_spec", "parse_spec", "parse_table",
 ]
 
@@ -196,6 +196,130 @@ def parse_table(text: str) -> tuple[str, str]:
     return ("public", ident(first)) if second is None else (ident(first), ident(second))
 
 
+ORDER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_$]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
+DERIVE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_fields(v: Any) -> Any:
+    if v is None:
+        return v
+    if not isinstance(v, (list, dict)):
+        raise _fail("must be a list of column names or a mapping output name -> column,"
+                    f" got {_kind(v)}")
+    if not v:
+        raise _fail("must name at least one column (leave 'fields' out for all columns)")
+    items = list(enumerate(v)) if isinstance(v, list) else list(v.items())
+    seen: set[str] = set()
+    for out, column in items:
+        sub = f"[{out}]" if isinstance(v, list) else f".{out}"
+        if not isinstance(out, (int, str)) or isinstance(out, bool):
+            raise _fail(f"output name must be a string, got {_kind(out)}", sub)
+        if isinstance(out, str) and not out:
+            raise _fail("output name must not be empty", sub)
+        if not isinstance(column, str) or not column:
+            raise _fail(f"must be a column name, got {_kind(column)}", sub)
+        if isinstance(v, list) and column in seen:
+            raise _fail(f"duplicate column {column!r}", sub)
+        seen.add(column)
+    return v
+
+
+def _field_map(fields: list[str] | dict[str, str] | None) -> dict[str, str] | None:
+    if fields is None:
+        return None
+    if isinstance(fields, list):
+        return {c: c for c in fields}
+    return dict(fields)
+
+
+class IncludeSpec(BaseModel):
+    """``views.NAME.include.FIELD`` — a related table joined into each record as ``FIELD``.
+
+    Attributes:
+        table: the related table (``schema.name`` or ``name``).
+        on: exactly one pair ``{parent_column: column}``: rows of ``table`` whose ``column``
+            equals the parent row's ``parent_column`` are joined.
+        fields: its columns in the nested value (list, mapping output → column, or all).
+        many: ``false`` (default): a nested object, or ``null`` when no row matches (the first
+            by ``order_by`` when several do); ``true``: a nested array (``[]`` when none).
+        order_by: ``["column [asc|desc]", ...]``: order of the array (default: the related
+            table's primary key), ties broken by the primary key.
+        limit: at most this many rows in the array (``many: true`` only).
+        include: nested includes of the related table (same shape, any depth).
+    """
+
+    model_config = _STRICT
+    table: str
+    on: dict[str, str]
+    fields: list[str] | dict[str, str] | None = None
+    many: bool = False
+    order_by: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1)
+    include: dict[str, "IncludeSpec"] | None = None
+
+    _schema: str = PrivateAttr("")
+    _name: str = PrivateAttr("")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        try:
+            parse_table(v)
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        return v
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) != 1:
+            raise _fail("must be one pair {parent_column: column_of_this_table}")
+        return v
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _fields(cls, v: Any) -> Any:
+        return _check_fields(v)
+
+    @field_validator("order_by")
+    @classmethod
+    def _order_by(cls, v: list[str] | None) -> list[str] | None:
+        for i, item in enumerate(v or []):
+            if not ORDER_RE.match(item):
+                raise _fail(f"expected 'column', 'column asc' or 'column desc', got {item!r}", f"[{i}]")
+        return v
+
+    def model_post_init(self, context: Any) -> None:
+        self._schema, self._name = parse_table(self.table)
+        if self.limit is not None and not self.many:
+            raise ValueError("limit needs many: true")
+
+    @property
+    def qualified(self) -> str:
+        """``"schema.name"`` of the related table."""
+        return f"{self._schema}.{self._name}"
+
+    @property
+    def link(self) -> tuple[str, str]:
+        """``(parent_column, column)`` from :attr:`on`."""
+        return next(iter(self.on.items()))
+
+    @property
+    def field_map(self) -> dict[str, str] | None:
+        """Output name → column, or ``None`` for all columns."""
+        return _field_map(self.fields)
+
+    @property
+    def ordering(self) -> list[tuple[str, bool]]:
+        """``order_by`` as ``(column, descending)`` pairs."""
+        out = []
+        for item in self.order_by or []:
+            m = ORDER_RE.match(item)
+            assert m is not None
+            out.append((m.group(1), (m.group(2) or "").lower() == "desc"))
+        return out
+
+
 class ViewSpec(BaseModel):
     """``views.NAME`` — one derived view of one table into one sink.
 
@@ -209,6 +333,11 @@ class ViewSpec(BaseModel):
             column; see :attr:`field_map`.
         format: redis only, ``hash`` (default) or ``json``; ``None`` for opensearch views.
         index: opensearch only: the alias users query.
+        where: a SQL boolean expression over the table's columns; only rows for which it is
+            TRUE are in the view (:mod:`views.where`).
+        derive: ``package.module:function``: called with each record (dict) pgderive would
+            store; returns the record to store (dict) or ``None`` (not in the view).
+        include: related tables joined into each record (:class:`IncludeSpec`).
     """
 
     model_config = _STRICT
@@ -218,6 +347,9 @@ class ViewSpec(BaseModel):
     fields: list[str] | dict[str, str] | None = None
     format: Literal["hash", "json"] | None = None
     index: str | None = None
+    where: str | None = None
+    derive: str | None = None
+    include: dict[str, IncludeSpec] | None = None
 
     _schema: str = PrivateAttr("")
     _name: str = PrivateAttr("")
@@ -245,26 +377,20 @@ class ViewSpec(BaseModel):
     @field_validator("fields", mode="before")
     @classmethod
     def _fields(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if not isinstance(v, (list, dict)):
-            raise _fail("must be a list of column names or a mapping output name -> column,"
-                        f" got {_kind(v)}")
-        if not v:
-            raise _fail("must name at least one column (leave 'fields' out for all columns)")
-        items = list(enumerate(v)) if isinstance(v, list) else list(v.items())
-        seen: set[str] = set()
-        for out, column in items:
-            sub = f"[{out}]" if isinstance(v, list) else f".{out}"
-            if not isinstance(out, (int, str)) or isinstance(out, bool):
-                raise _fail(f"output name must be a string, got {_kind(out)}", sub)
-            if isinstance(out, str) and not out:
-                raise _fail("output name must not be empty", sub)
-            if not isinstance(column, str) or not column:
-                raise _fail(f"must be a column name, got {_kind(column)}", sub)
-            if isinstance(v, list) and column in seen:
-                raise _fail(f"duplicate column {column!r}", sub)
-            seen.add(column)
+        return _check_fields(v)
+
+    @field_validator("derive")
+    @classmethod
+    def _derive(cls, v: str | None) -> str | None:
+        if v is not None and not DERIVE_RE.match(v):
+            raise _fail(f"expected 'package.module:function', got {v!r}")
+        return v
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise _fail("must not be empty (leave 'where' out for every row)")
         return v
 
     @field_validator("index")
@@ -302,11 +428,7 @@ class ViewSpec(BaseModel):
     @property
     def field_map(self) -> dict[str, str] | None:
         """Output name → column, or ``None`` for all columns under their own names."""
-        if self.fields is None:
-            return None
-        if isinstance(self.fields, list):
-            return {c: c for c in self.fields}
-        return dict(self.fields)
+        return _field_map(self.fields)
 
 
 class Spec(BaseModel):
@@ -366,6 +488,18 @@ def _lookup_line(lines: Mapping[str, int], path: str) -> int | None:
             return lines[path]
         path = _parent(path)
     return None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false (any case) are booleans, so keys like
+    ``on:`` (include joins) and values like ``no`` stay strings (YAML 1.1 read them as bools)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 
 def _line_map(root: yaml.Node) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -577,12 +711,12 @@ def parse_spec(text: str, *, filename: str = "<string>",
     """
     env = os.environ if env is None else env
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
         if root is None:
             raise SpecError([("", None, "the file is empty: expected source, sinks and views")],
                             filename)
         lines, problems = _line_map(root)
-        loader = yaml.SafeLoader("")
+        loader = _Loader("")
         try:
             data = loader.construct_document(root)
         finally:

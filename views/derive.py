@@ -9,6 +9,8 @@ values omitted by wal2json, rule 6) becomes a *partial* upsert that only sets wh
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any, Callable, Mapping
 
 from cdc.changes import Change, Row
@@ -206,8 +208,11 @@ class View:
 
 
 def load_function(ref: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
-    """Import ``package.module:function``. Raises ``ValueError`` saying what failed."""
+    """Import ``package.module:function``; the working directory is on the import path (as
+    with ``python -m``, uvicorn or gunicorn). Raises ``ValueError`` saying what failed."""
     module, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), attr)
     except ImportError as e:

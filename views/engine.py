@@ -170,7 +170,7 @@ class Engine:
         self._used_columns = {t: frozenset(c for v in vs for c in v.columns) for t, vs in simple.items()}
         self._full_row_columns = {t: [c for c in self._used_columns[t]] for t, vs in simple.items()
                                   if any(v.needs_full_row for v in vs)}
-        self.refetcher = RowRefetcher(self.dsn, {t: (vs[0].info.columns, vs[0].info.identity_columns)
+        self.refetcher = RowRefetcher(self.dsn, {t: (vs[0].info.columns, vs[0].info.primary_key or vs[0].info.identity_columns)
                                                  for t, vs in simple.items()})
         self.sinks = open_sinks(self.spec, self.views)
         self.reader = SlotReader(self.dsn, self.slot, tables=self.by_table)
@@ -480,17 +480,16 @@ class Engine:
             view, version = by_name[name], batch.affected_version[name]
             tree = view.tree
             assert tree is not None
-            if name in batch.rederive_all:
-                keys = None
-            else:
-                found: set = set(batch.affected.get(name, ()))
-                for node, values in batch.links.get(name, {}).values():
-                    found |= tree.affected_roots(conn, node, values)
-                keys = sorted(found, key=repr)
-                if not keys:
-                    continue
+            found: set = set(batch.affected.get(name, ()))
+            for node, values in batch.links.get(name, {}).values():
+                found |= tree.affected_roots(conn, node, values)
+            keys = sorted(found, key=repr)
             versions = defaultdict(lambda: version)
-            parts = [None] if keys is None else [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
+            # The touched roots (deletes included), then, after a TRUNCATE of an included
+            # table, every root (upserts only: no root disappeared by it).
+            parts: list = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
+            if name in batch.rederive_all:
+                parts.append(None)
             for part in parts:
                 for rows in tree.rows(conn, part):
                     # With ``part`` given, the query returns at most these 1,000 roots: one chunk.

@@ -139,7 +139,9 @@ class IncludeTree:
     def __init__(self, root: TableInfo, root_columns: Sequence[tuple[str, str]],
                  nodes: Sequence[IncludeNode], where: sql.Composable | None) -> None:
         self.root = root
-        self.identity = root.identity_columns
+        # Rows are looked up by the primary key when there is one (with REPLICA IDENTITY FULL
+        # the identity is every column, NULLs and TOASTed values included).
+        self.identity = root.primary_key or root.identity_columns
         cols = [c for c in self.identity] + [c for c, _ in root_columns if c not in self.identity]
         self.columns = [(c, root.columns[c]) for c in cols]
         self.nodes = list(nodes)

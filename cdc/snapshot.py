@@ -21,15 +21,19 @@ __all__ = ["snapshot_connection", "read_table"]
 
 
 @contextmanager
-def snapshot_connection(dsn: str, snapshot_name: str | None) -> Iterator[psycopg.Connection]:
-    """A connection inside a REPEATABLE READ, READ ONLY transaction on ``snapshot_name``.
+def snapshot_connection(dsn: str, snapshot_name: str | None, *,
+                        read_only: bool = True) -> Iterator[psycopg.Connection]:
+    """A connection inside a REPEATABLE READ (by default READ ONLY) transaction on
+    ``snapshot_name``; the transaction is rolled back at the end.
 
-    With ``snapshot_name`` None the transaction takes its own snapshot (used by verify).
+    With ``snapshot_name`` None the transaction takes its own snapshot. ``read_only=False``
+    allows temporary tables (``verify`` computes aggregate views in one).
     Raises :class:`psycopg.Error` if the snapshot no longer exists (its exporting replication
     connection moved on or closed).
     """
     with psycopg.connect(dsn, application_name="pgderive-snapshot") as conn:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if read_only
+                     else "BEGIN ISOLATION LEVEL REPEATABLE READ")
         if snapshot_name is not None:
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
         try:

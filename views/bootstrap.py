@@ -21,6 +21,7 @@ from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
 from sinks.base import Op, Sink
 
+from .aggregate import AggregateStore
 from .deadletters import DeadLetter
 from .derive import DerivationError, View
 from .flusher import with_retry
@@ -63,7 +64,7 @@ class SnapshotChunk:
 
 
 def derive_snapshot(conn: psycopg.Connection, views: Sequence[View], version: int, *,
-                    chunk_rows: int = 5000) -> Iterator[SnapshotChunk]:
+                    chunk_rows: int = 5000, aggregates: AggregateStore | None = None) -> Iterator[SnapshotChunk]:
     """What ``views`` hold according to the snapshot ``conn`` is in, as Ops at ``version``.
 
     The one derivation path shared by bootstrap, rebuild and ``verify``: each table is read
@@ -85,6 +86,9 @@ def derive_snapshot(conn: psycopg.Connection, views: Sequence[View], version: in
         if empty:  # still announce the table (an empty view is a result too)
             yield SnapshotChunk(table, 0, tviews, {v.name: [] for v in tviews}, {v.name: [] for v in tviews})
     for v in views:
+        if v.aggregation is not None:
+            yield _snapshot_groups(conn, v, version, aggregates)
+            continue
         if v.tree is None:
             continue
         empty = True
@@ -93,6 +97,28 @@ def derive_snapshot(conn: psycopg.Connection, views: Sequence[View], version: in
             yield _derive_chunk(v.table, [v], rows, version)
         if empty:
             yield SnapshotChunk(v.table, 0, [v], {v.name: []}, {v.name: []})
+
+
+def _snapshot_groups(conn: psycopg.Connection, v: View, version: int,
+                     store: AggregateStore | None) -> SnapshotChunk:
+    tree, agg = v.tree, v.aggregation
+    assert tree is not None and agg is not None
+    nrows = 0
+
+    def contributions() -> Iterator[tuple]:
+        nonlocal nrows
+        for rows in tree.rows(conn):
+            nrows += len(rows)
+            for row in rows:
+                yield tree.root_key(row), row
+    if store is not None:
+        store.reset(v.name)
+        store.load(v.name, agg, contributions(), version)
+        groups = store.all_groups(v.name, agg)
+    else:  # verify: straight from the source rows, independent of the stored state
+        groups = conn.execute(agg.direct_query(tree.select(), tree.nodes)).fetchall()
+    ops, errors = v.group_ops(groups, [], version)
+    return SnapshotChunk(v.table, nrows, [v], {v.name: ops}, {v.name: errors})
 
 
 def _derive_chunk(table: str, tviews: list[View], chunk: list, version: int) -> SnapshotChunk:
@@ -114,7 +140,8 @@ def _derive_chunk(table: str, tviews: list[View], chunk: list, version: int) -> 
 def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
                   version: int, *, chunk_rows: int = 5000,
                   should_stop: Callable[[], bool] = lambda: False,
-                  on_dead_letters: Callable[[list[DeadLetter]], None] | None = None) -> SnapshotStats:
+                  on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
+                  aggregates: AggregateStore | None = None) -> SnapshotStats:
     """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
 
     Each table is read once (``COPY``) for all views over it. Progress is logged every 5 s
@@ -162,7 +189,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
                      rows / secs if secs else 0.0)
 
-        for chunk in derive_snapshot(conn, views, version, chunk_rows=chunk_rows):
+        for chunk in derive_snapshot(conn, views, version, chunk_rows=chunk_rows, aggregates=aggregates):
             if chunk.table != table:
                 table_done()
                 table, t0, rows = chunk.table, time.monotonic(), 0

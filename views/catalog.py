@@ -160,8 +160,16 @@ def _view_problems(view: ViewSpec, path: str, info: TableInfo,
         problems.append((f"{path}.table", f"table {info.qualified} {why}: its updates and deletes"
                                           f" cannot be streamed; {remedy}"))
 
+    if view.group_by is not None:  # one record per group: the key is over group_by columns
+        for i, column in enumerate(view.group_by):
+            if column not in info.columns:
+                problems.append((f"{path}.group_by[{i}]", _unknown(column, info)))
+        if view.key_template is not None:
+            for column in view.key_template.columns:
+                if column not in view.group_by:
+                    problems.append((f"{path}.key", f"key column {column!r} is not in group_by"))
     # key columns: must exist, and be part of the replica identity (a delete carries only it)
-    if view.key_template is not None:
+    elif view.key_template is not None:
         for column in view.key_template.columns:
             if column not in info.columns:
                 problems.append((f"{path}.key", _unknown(column, info)))

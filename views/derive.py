@@ -13,9 +13,12 @@ import os
 import sys
 from typing import Any, Callable, Mapping
 
+import orjson
+
 from cdc.changes import Change, Row
 from sinks.base import Op, ViewTarget
 
+from .aggregate import Aggregation
 from .catalog import TableInfo, output_fields, resolve_key
 from .include import IncludeNode, IncludeTree, KeyTuple
 from .spec import IncludeSpec, ViewSpec
@@ -68,10 +71,18 @@ class View:
         self.info = info
         self.table = info.qualified
         self.sink = spec.sink
-        self.key: KeyTemplate = resolve_key(spec, info)
-        self.fields: dict[str, str] = output_fields(spec, info)
+        self.aggregation: Aggregation | None = None
+        if spec.group_by is not None:
+            self.key = spec.key_template or KeyTemplate.from_columns(spec.group_by)
+            self.fields = {}
+            bad = [c for c in self.key.columns if c not in spec.group_by]
+            if bad:
+                raise ValueError(f"key column(s) {', '.join(bad)} of view {name} are not in its group_by")
+        else:
+            self.key = resolve_key(spec, info)
+            self.fields = output_fields(spec, info)
         missing = [c for c in self.key.columns if c not in info.identity_columns]
-        if missing:
+        if missing and spec.group_by is None:
             raise ValueError(
                 f"key column(s) {', '.join(missing)} of view {name} are not part of the replica "
                 f"identity of {info.qualified} ({', '.join(info.identity_columns) or 'none'}); "
@@ -85,8 +96,11 @@ class View:
         where_cols = sorted(self.where.columns) if self.where is not None else []
         self.columns: tuple[str, ...] = tuple(dict.fromkeys([*self.key.columns, *self.fields.values(), *where_cols]))
         self.tree: IncludeTree | None = None
-        if spec.include:
-            nodes = [_node(n, i, infos or {}, None) for n, i in spec.include.items()]
+        if spec.include or spec.group_by is not None:
+            nodes = [_node(n, i, infos or {}, None) for n, i in (spec.include or {}).items()]
+            if spec.group_by is not None:
+                self.aggregation = Aggregation(spec.group_by, spec.aggregate or {}, info, nodes)
+                self.columns = tuple(dict.fromkeys([*self.columns, *self.aggregation.root_columns]))
             self.tree = IncludeTree(info, [(c, info.columns[c]) for c in self.columns], nodes,
                                     self.where.sql() if self.where is not None else None)
         self.tables: frozenset[str] = frozenset(self.tree.tables if self.tree else {self.table})
@@ -134,6 +148,31 @@ class View:
         key = self._key(row)
         doc = self._final(row, self.doc(row))
         return None if doc is None else Op(self.name, key, version, doc)
+
+    def group_ops(self, rows: list, touched: list[str], version: int) -> tuple[list[Op], list["DerivationError"]]:
+        """Ops of an aggregate view from :meth:`views.aggregate.AggregateStore.apply`'s result:
+        an upsert per group with rows, a delete per touched group without."""
+        agg = self.aggregation
+        assert agg is not None
+        ops: list[Op] = []
+        errors: list[DerivationError] = []
+        seen: set[tuple] = set()  # compared parsed: jsonb and orjson print arrays differently
+        for grp, *texts in rows:
+            seen.add(tuple(orjson.loads(grp)))
+            group, doc = agg.group_record(grp, texts)
+            try:
+                final = self._final(group, doc)
+                ops.append(Op(self.name, self._key(group), version, final))
+            except DerivationError as e:
+                errors.append(e)
+        for grp in touched:
+            if tuple(orjson.loads(grp)) not in seen:
+                group, _ = agg.group_record(grp, [])
+                try:
+                    ops.append(Op(self.name, self._key(group), version, None))
+                except DerivationError as e:
+                    errors.append(e)
+        return ops, errors
 
     def key_ops(self, keys: list[KeyTuple], rows: list[Row], versions: Mapping[KeyTuple, int]) -> tuple[list[Op], list["DerivationError"]]:
         """Ops of a query-derived view for the roots ``keys``, given the ``rows`` the record

@@ -30,6 +30,7 @@ from cdc.snapshot import snapshot_connection
 from sinks.base import Sink
 from sinks.factory import make_sink
 
+from .aggregate import AggregateStore
 from .batch import Batch
 from .bootstrap import Interrupted, load_snapshot
 from .catalog import check_source
@@ -140,6 +141,7 @@ class Engine:
         self.stats = Stats()
         self.state = StateStore(self.dsn)
         self.dead_letters = DeadLetterStore(self.dsn)
+        self.aggregates = AggregateStore(self.dsn)
         self.views: list[View] = []
         self.by_table: dict[str, list[View]] = {}
         self.sinks: dict[str, Sink] = {}
@@ -183,6 +185,7 @@ class Engine:
             self._write_stats(force=True)
             self.reader.close()
             self.refetcher.close()
+            self.aggregates.close()
             for s in self.sinks.values():
                 s.close()
 
@@ -247,7 +250,7 @@ class Engine:
         self.state.set(self.slot, "bootstrapping", consistent_point, fps)
         try:
             with snapshot_connection(self.dsn, snapshot) as conn:
-                stats = load_snapshot(conn, self.views, self.sinks, consistent_point,
+                stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
                                       should_stop=self.stop.is_set,
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
@@ -490,6 +493,9 @@ class Engine:
             parts: list = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
             if name in batch.rederive_all:
                 parts.append(None)
+            if view.aggregation is not None:
+                self._resolve_groups(batch, view, conn, parts, version)
+                continue
             for part in parts:
                 for rows in tree.rows(conn, part):
                     # With ``part`` given, the query returns at most these 1,000 roots: one chunk.
@@ -508,6 +514,25 @@ class Engine:
         batch.links.clear()
         batch.rederive_all.clear()
 
+    def _resolve_groups(self, batch: Batch, view: View, conn: psycopg.Connection, parts: list,
+                        version: int) -> None:
+        """Aggregate view: store the touched rows' contributions, add the touched groups' Ops."""
+        tree = view.tree
+        assert tree is not None and view.aggregation is not None
+        for part in parts:
+            items = []
+            for rows in tree.rows(conn, part):
+                for row in rows:
+                    items.append((tree.root_key(row), version, row))
+            if part is not None:
+                present = {k for k, _, _ in items}
+                items += [(k, version, None) for k in part if k not in present]
+            result, touched = self.aggregates.apply(view.name, view.aggregation, items)
+            ops, errors = view.group_ops(result, touched, version)
+            for op in ops:
+                batch.add(view.sink, op)
+            batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
         """A TRUNCATE empties its views: a barrier that applies the pending Ops, then each sink
         drops every record of the view at or below the commit LSN (so earlier Ops of the same
@@ -522,6 +547,8 @@ class Engine:
         batch.ops.clear()
         batch.dead_letters = []  # recorded by apply_now
         for v in views:
+            if v.aggregation is not None:
+                self.aggregates.truncate(v.name, version)
             self.sinks[v.sink].truncate(v.name, version)
             log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
 

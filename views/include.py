@@ -3,7 +3,7 @@
 A view with includes is *query-derived*: its records are read from the source by one SQL
 statement per batch, never pieced together from streamed rows. The statement selects the root
 table's columns and, per include, a correlated subquery that builds the nested value with
-``json_build_array`` (positional, every value as the type's text output via ``format('%s', …)``,
+``json_build_array`` (positional, every value as the type's text output via ``concat(…)``,
 so nested values go through the same converters as the snapshot, :mod:`cdc.values`):
 
 * ``many: false`` → ``(SELECT json_build_array(…) FROM t c WHERE c.col = p.parent_col
@@ -49,7 +49,7 @@ KeyTuple = tuple  # the root's identity values, in identity-column order (model 
 def _text(alias: str, column: str) -> sql.Composable:
     """The column's type output text (``COPY`` form), NULL stays NULL."""
     ref = sql.Identifier(alias, column)
-    return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE format('%s', {0}) END").format(ref)
+    return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(ref)
 
 
 def _typed_array(values: Sequence[Any], type_name: str) -> sql.Composable:
@@ -158,11 +158,13 @@ class IncludeTree:
         return {self.root.qualified} | {n.table for n in self.all_nodes()}
 
     # -- reading records -------------------------------------------------------------------
-    def _select(self, keys: Sequence[KeyTuple] | None) -> sql.Composable:
+    def select(self, keys: Sequence[KeyTuple] | None = None) -> sql.Composable:
+        """The ``SELECT`` of the view's source rows: root columns by name, then one column per
+        include named after it (a ``json`` value); see :meth:`rows`."""
         aliases = (f"t{i}" for i in itertools.count(1))
         schema, _, name = self.root.qualified.partition(".")
         items = [sql.Identifier("t0", c) for c, _ in self.columns]
-        items += [n.expression("t0", aliases) for n in self.nodes]
+        items += [sql.SQL("{} AS {}").format(n.expression("t0", aliases), sql.Identifier(n.name)) for n in self.nodes]
         conds: list[sql.Composable] = []
         if self.where is not None:
             conds.append(self.where)
@@ -180,8 +182,11 @@ class IncludeTree:
                 conds.append(sql.SQL("({}) IN ({})").format(
                     sql.SQL(", ").join(sql.Identifier("t0", c) for c in self.identity), rows))
         where = sql.SQL(" WHERE {}").format(sql.SQL(" AND ").join(conds)) if conds else sql.SQL("")
-        return sql.SQL("COPY (SELECT {} FROM {} AS t0{}) TO STDOUT").format(
+        return sql.SQL("SELECT {} FROM {} AS t0{}").format(
             sql.SQL(", ").join(items), sql.Identifier(schema, name), where)
+
+    def _select(self, keys: Sequence[KeyTuple] | None) -> sql.Composable:
+        return sql.SQL("COPY ({}) TO STDOUT").format(self.select(keys))
 
     def rows(self, conn: psycopg.Connection, keys: Sequence[KeyTuple] | None = None, *,
              chunk_rows: int = 2000) -> Iterator[list[dict[str, Any]]]:

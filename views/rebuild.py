@@ -20,6 +20,7 @@ from cdc.slot import SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
 from sinks.base import Sink
 
+from .aggregate import AggregateStore
 from .bootstrap import SnapshotStats, load_snapshot
 from .deadletters import DeadLetterStore
 from .derive import View
@@ -46,7 +47,7 @@ def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str,
         log.info("rebuilding view(s) %s from a snapshot at %s", ", ".join(v.name for v in views),
                  format_lsn(consistent_point))
         with snapshot_connection(dsn, snapshot) as conn:
-            stats = load_snapshot(conn, views, sinks, consistent_point,
+            stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=AggregateStore(dsn),
                                   on_dead_letters=lambda e: dead_letters.record(slot, e))
     finally:
         reader.close()

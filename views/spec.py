@@ -338,6 +338,10 @@ class ViewSpec(BaseModel):
         derive: ``package.module:function``: called with each record (dict) pgderive would
             store; returns the record to store (dict) or ``None`` (not in the view).
         include: related tables joined into each record (:class:`IncludeSpec`).
+        group_by: root columns; with ``aggregate`` the view holds one record per group
+            (:mod:`views.aggregate`), keyed by a template over these columns.
+        aggregate: output name → ``count(*)``, ``count(col)``, ``sum(col)``, ``min(col)``,
+            ``max(col)`` or ``avg(col)``; ``col`` a root column or ``include_name.field``.
     """
 
     model_config = _STRICT
@@ -350,6 +354,8 @@ class ViewSpec(BaseModel):
     where: str | None = None
     derive: str | None = None
     include: dict[str, IncludeSpec] | None = None
+    group_by: list[str] | None = None
+    aggregate: dict[str, str] | None = None
 
     _schema: str = PrivateAttr("")
     _name: str = PrivateAttr("")
@@ -401,9 +407,26 @@ class ViewSpec(BaseModel):
                         " starting with a letter or digit, at most 200 characters")
         return v
 
+    @field_validator("aggregate")
+    @classmethod
+    def _aggregate(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        from .aggregate import AggregateError, parse_measure
+        for name, text in (v or {}).items():
+            try:
+                parse_measure(text)
+            except AggregateError as e:
+                raise _fail(str(e), f".{name}") from None
+        if v is not None and not v:
+            raise _fail("must declare at least one aggregate, e.g. {n: count(*)}")
+        return v
+
     def model_post_init(self, context: Any) -> None:
         self._schema, self._name = parse_table(self.table)
         self._key_template = KeyTemplate(self.key) if self.key is not None else None
+        if (self.group_by is None) != (self.aggregate is None):
+            raise ValueError("group_by and aggregate go together")
+        if self.aggregate is not None and self.fields is not None:
+            raise ValueError("an aggregate view has no fields: its records are the group_by columns and the aggregates")
 
     @property
     def schema(self) -> str:  # type: ignore[override]  # shadows the deprecated BaseModel.schema()

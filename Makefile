@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: services services-down status venv demo test test-unit chaos bench clean
+.PHONY: services services-down status venv demo demo-store test test-unit chaos bench clean
 
 $(BIN)/pgderive: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ status:
 
 demo: services venv
 	$(BIN)/python scripts/demo.py
+
+# The widget store (scripts/store.py, config/store.yaml): load, stream a random workload,
+# `pgderive verify` every view. PGDERIVE_STORE_SCALE / _SECONDS / _SEED override the defaults.
+demo-store: services venv
+	$(BIN)/python scripts/demo_store.py
 
 test: services venv
 	$(BIN)/pytest -q tests

@@ -157,6 +157,25 @@ class Sink(Protocol):
         Values come back as the sink stores them (Redis hash values are strings).
         """
 
+    def get(self, view: str, keys: Sequence[str], *,
+            realtime: bool = True) -> dict[str, tuple[dict[str, Any] | None, int | None]]:
+        """The current records of ``keys`` in one bulk read (for ``verify``).
+
+        Returns, for every key of ``keys``, ``(stored doc, version)``: the doc as :meth:`scan`
+        yields it, or None when the sink holds no record; the stored version (int LSN), or
+        None when the sink keeps none for the key. ``(None, v)`` is a record deleted at ``v``
+        (a Redis tombstone) or a version entry whose record vanished. With ``realtime`` (the
+        default) reads the latest acknowledged writes; ``realtime=False`` lets a sink answer
+        from a cheaper view that may lag by a refresh interval (OpenSearch). Raises
+        :class:`SinkError`.
+        """
+
+    def scan_keys(self, view: str) -> Iterator[tuple[str, int | None]]:
+        """Yield ``(key, version)`` for every live record of ``view`` (tombstones skipped), without
+        the documents: the cheap pass over the sink that ``verify`` uses to find extra records.
+        May lag the latest writes by a refresh interval (OpenSearch) and, like any scan over a
+        changing store, may yield a key twice. Raises :class:`SinkError`."""
+
     def count(self, view: str) -> int:
         """Number of live records of ``view``."""
 

@@ -57,9 +57,10 @@ from redis import exceptions as rx
 from cdc.lsn import version_hex
 from sinks.base import Op, Rejected, SinkError, ViewTarget
 
-__all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX"]
+__all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
 TOMBSTONE_SUFFIX = b"d"
+WRONGTYPE_FIELD = "<redis WRONGTYPE>"  # :meth:`RedisSink.get`: a record key of another Redis type
 _VERSION_LEN = 16
 _MAX_ARGS_PER_CALL = 50_000  # bounds one Lua call for views with very wide documents
 _SCAN_COUNT = 1000
@@ -205,6 +206,25 @@ end
 return #KEYS
 """
 
+# KEYS[1] = version hash, KEYS[2..] = record keys; ARGV[1] = 'HGETALL' (hash views) or 'GET'.
+# Returns {versions, records, errors}: the HMGET of the keys' version entries (nil for none), per
+# key the HGETALL list / GET string (nil for none), and {i1, err1, ..} for keys whose read failed
+# (WRONGTYPE; i = 1-based position among the record keys). Read only.
+_GET_LUA = """
+local versions = redis.call('HMGET', KEYS[1], unpack(KEYS, 2))
+local records, errors = {}, {}
+for i = 2, #KEYS do
+  local r = redis.pcall(ARGV[1], KEYS[i])
+  if type(r) == 'table' and r.err then
+    errors[#errors + 1] = i - 1
+    errors[#errors + 1] = r.err
+    r = false
+  end
+  records[i - 1] = r
+end
+return {versions, records, errors}
+"""
+
 _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
@@ -285,6 +305,7 @@ class RedisSink:
         self._sweep_script = self._client.register_script(_SWEEP_LUA)
         self._checkpoint_script = self._client.register_script(_CHECKPOINT_LUA)
         self._advance_script = self._client.register_script(_ADVANCE_LUA)
+        self._get_script = self._client.register_script(_GET_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
 
@@ -391,13 +412,77 @@ class RedisSink:
             if cursor == 0:
                 return
 
+    def get(self, view: str, keys: Sequence[str], *,
+            realtime: bool = True) -> dict[str, tuple[dict[str, Any] | None, int | None]]:
+        """``key -> (stored doc | None, version | None)`` for every key of ``keys`` (always the
+        latest writes: ``realtime`` is accepted for the protocol and ignored), in one
+        pipelined round trip of read-only Lua calls (``batch_size`` keys each: HMGET on the
+        version hash, HGETALL or GET per key; one reply per call keeps the client's parsing
+        in hiredis). The doc is in :meth:`scan`'s form; a tombstone gives ``(None, its
+        version)``, a key without version entry ``(doc, None)``. A key holding another Redis
+        type comes back as ``({WRONGTYPE_FIELD: error text}, version)``, so it compares
+        different from any document. Each call blocks Redis for roughly ``batch_size`` x 5-10
+        us. Raises :class:`SinkError`."""
+        fmt = self._format(view)
+        keys = list(keys)
+        if not keys:
+            return {}
+        vkey = versions_key(view).encode()
+        read = "HGETALL" if fmt == "hash" else "GET"
+        calls = [([vkey, *keys[i : i + self.batch_size]], [read])
+                 for i in range(0, len(keys), self.batch_size)]
+        with self._errors("get"):
+            replies = self._run(self._get_script, calls)
+        out: dict[str, tuple[dict[str, Any] | None, int | None]] = {}
+        loads = orjson.loads
+        for (call_keys, _), (versions, records, errors) in zip(calls, replies):
+            failed = {int(errors[i]): errors[i + 1] for i in range(0, len(errors), 2)}
+            for i, (key, stored, raw) in enumerate(zip(call_keys[1:], versions, records), 1):
+                version = int(stored[:_VERSION_LEN], 16) if stored else None
+                doc: dict[str, Any] | None
+                if i in failed:
+                    err = failed[i]
+                    doc = {WRONGTYPE_FIELD: err.decode() if isinstance(err, bytes) else str(err)}
+                elif raw is None:
+                    doc = None
+                elif fmt == "hash":
+                    doc = ({raw[j].decode(): raw[j + 1].decode() for j in range(0, len(raw), 2)}
+                           if raw else None)
+                else:
+                    doc = loads(raw)
+                out[key] = (doc, version)
+        return out
+
+    def scan_keys(self, view: str) -> Iterator[tuple[str, int | None]]:
+        """Yield ``(key, version)`` for every non-tombstone entry of the version hash (HSCAN,
+        no record reads). A version entry whose record vanished is yielded too; keys written
+        without pgderive's version hash are not seen. Raises :class:`SinkError`."""
+        self._target(view)
+        vkey = versions_key(view).encode()
+        cursor = 0
+        while True:
+            with self._errors("scan_keys"):
+                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            for k, v in page.items():
+                if len(v) == _VERSION_LEN:
+                    yield k.decode(), int(v, 16)
+            if cursor == 0:
+                return
+
     def stored_form(self, view: str, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` as :meth:`scan` returns it: hash views ``{field: str}`` without NULL fields,
         json views the JSON round trip."""
         if self._format(view) == "hash":
             out: dict[str, Any] = {}
             for f, v in doc.items():
-                if v is not None:
+                if v is None:
+                    continue
+                t = type(v)
+                if t is str:  # the common cases first (verify calls this once per record)
+                    out[f] = v
+                elif t is int:
+                    out[f] = int.__repr__(v)
+                else:
                     e = encode_field(v)
                     out[f] = e.decode() if isinstance(e, bytes) else str(e)
             return out

@@ -1,6 +1,7 @@
 """The ``pgderive`` command line (click).
 
-Commands: ``run`` (the daemon), ``validate``, ``status``, ``rebuild VIEW``, ``dead-letters
+Commands: ``run`` (the daemon), ``validate``, ``status``, ``rebuild VIEW``, ``verify VIEW
+[--repair]`` (:mod:`views.verify`), ``dead-letters
 list|retry|discard`` (rows a view could not derive, see :mod:`views.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
 1 operational error (message on stderr), 2 usage or configuration error.
@@ -194,6 +195,51 @@ def rebuild(config: str, view: str) -> None:
         _fail(e)
     rows = sum(stats.rows.values())
     click.echo(f"rebuilt {view} at {format_lsn(lsn)}: {rows} rows")
+
+
+@main.command()
+@config_option
+@click.argument("view")
+@click.option("--repair", is_flag=True,
+              help="Write the fixes (at the snapshot's version, so the daemon's later writes win: "
+                   "safe while it runs), then verify again.")
+@click.option("--wait", "wait", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              metavar="SECONDS",
+              help="Seconds to wait for a running daemon to apply everything up to the snapshot.")
+def verify(config: str, view: str, repair: bool, wait: float) -> None:
+    """Diff VIEW against a consistent snapshot of its source: missing, extra and different
+    records with examples. Exit code 0 only when equal (after --repair: when the second
+    verification is), 1 otherwise or on errors, 2 for usage/configuration errors."""
+    from cdc.slot import ReplicationError
+    from sinks.base import SinkError
+    from .verify import VerifyError, render_diff, verify as verify_view
+
+    spec = _load(config)
+    if view not in spec.views:
+        click.echo(f"unknown view {view!r}; views in {config}: {', '.join(spec.views)}", err=True)
+        sys.exit(2)
+    try:
+        first, second = verify_view(spec, view, wait=wait, repair=repair)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+    except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
+        _fail(e)
+    sink = spec.views[view].sink
+    _console.print(render_diff(first, sink))
+    final = first
+    if repair:
+        if first.mismatches == 0:
+            _console.print("nothing to repair")
+        else:
+            _console.print(f"repaired {first.repaired:,} record(s) at version "
+                           f"{format_lsn((first.snapshot_lsn or 1) - 1)}"
+                           + (f", {first.refused:,} refused by the sink" if first.refused else "")
+                           + "; verifying again:")
+            assert second is not None
+            _console.print(render_diff(second, sink))
+            final = second
+    sys.exit(0 if final.equal else 1)
 
 
 @main.group("dead-letters")

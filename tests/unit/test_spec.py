@@ -202,7 +202,7 @@ def test_str_of_spec_error_is_file_line_path_message() -> None:
                           " (double-quote mixed-case names: 'public.\"Orders\"')")),
     ('  v: {table: t, sink: cache, key: "{a}", colour: red}',
      ("views.v.colour", 6, "unknown key 'colour' (allowed: table, sink, key, fields, format,"
-                           " index, where, derive, include)")),
+                           " index, where, derive, include, group_by, aggregate)")),
     ('  v: {table: 3, sink: cache, key: "{a}"}',
      ("views.v.table", 6, "must be a string, got a number")),
     ('  v: [table, t]',

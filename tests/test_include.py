@@ -131,3 +131,31 @@ def test_validate_requires_full_identity_where_a_child_link_is_not_its_key(scena
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out
     assert "include.reviews.on" in out.stderr and 'ALTER TABLE "public"."reviews" REPLICA IDENTITY FULL' in out.stderr, out.stderr
+
+
+def test_one_view_in_two_sinks_and_two_views_of_one_table(scenario):
+    s = scenario(SCHEMA, """
+  P_both:
+    table: products
+    sink: [cache, search]
+    key: "P_:b:{id}"
+    format: json
+    index: Pidx_both
+    fields: [id, name]
+    include:
+      category: {table: categories, on: {category_id: id}, fields: [name]}
+  P_plain: {table: products, sink: cache, key: "P_:plain:{id}", fields: [id, price]}
+""")
+    s.start()
+    s.sql("UPDATE categories SET name = 'gadgets' WHERE id = 2")
+    s.sql("DELETE FROM products WHERE id = 4")
+    s.caught_up()
+    r = redis.Redis.from_url(REDIS_URL)
+    os_ = OpenSearch([OPENSEARCH_URL])
+    want = {"id": 3, "name": "ball", "category": {"name": "gadgets"}}
+    assert _get(r, f"{s.p}_:b:3") == want
+    assert os_.get(index=f"{s.p.lower()}_both", id=f"{s.p}_:b:3")["_source"] == want  # key = _id
+    assert r.hget(f"{s.p}_:plain:3", "price") == b"1.25" and not r.exists(f"{s.p}_:plain:4")
+    out = subprocess.run([sys.executable, "-m", "views.cli", "verify", "-c", str(s.config), f"{s.p}_both"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.count("EQUAL") == 2, out.stdout + out.stderr

@@ -301,7 +301,7 @@ def _check(spec: Spec, conn: psycopg.Connection,
 
     infos: dict[str, TableInfo] = {}
     for name, view in spec.views.items():
-        path = f"views.{name}"
+        path = f"views.{name.split('@', 1)[0]}"  # NAME@SINK copies report at the declared view
         if view.qualified not in infos:
             info = table_info(conn, view.schema, view.name)
             if info is None:

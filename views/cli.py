@@ -186,15 +186,16 @@ def rebuild(config: str, view: str) -> None:
     from sinks.base import SinkError
 
     spec = _load(config)
-    try:
-        lsn, stats = rebuild_view(spec, view)
-    except SpecError as e:
-        click.echo(str(e), err=True)
-        sys.exit(2)
-    except (EngineError, SinkError, psycopg.Error) as e:
-        _fail(e)
-    rows = sum(stats.rows.values())
-    click.echo(f"rebuilt {view} at {format_lsn(lsn)}: {rows} rows")
+    for name in spec.resolve(view) or [view]:  # a view kept in several sinks: each copy
+        try:
+            lsn, stats = rebuild_view(spec, name)
+        except SpecError as e:
+            click.echo(str(e), err=True)
+            sys.exit(2)
+        except (EngineError, SinkError, psycopg.Error) as e:
+            _fail(e)
+        rows = sum(stats.rows.values())
+        click.echo(f"rebuilt {name} at {format_lsn(lsn)}: {rows} rows")
 
 
 @main.command()
@@ -215,31 +216,35 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
     from .verify import VerifyError, render_diff, verify as verify_view
 
     spec = _load(config)
-    if view not in spec.views:
-        click.echo(f"unknown view {view!r}; views in {config}: {', '.join(spec.views)}", err=True)
+    names = spec.resolve(view)
+    if not names:
+        click.echo(f"unknown view {view!r}; views in {config}: {', '.join(spec.groups)}", err=True)
         sys.exit(2)
-    try:
-        first, second = verify_view(spec, view, wait=wait, repair=repair)
-    except SpecError as e:
-        click.echo(str(e), err=True)
-        sys.exit(2)
-    except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
-        _fail(e)
-    sink = spec.views[view].sink
-    _console.print(render_diff(first, sink))
-    final = first
-    if repair:
-        if first.mismatches == 0:
-            _console.print("nothing to repair")
-        else:
-            _console.print(f"repaired {first.repaired:,} record(s) at version "
-                           f"{format_lsn((first.snapshot_lsn or 1) - 1)}"
-                           + (f", {first.refused:,} refused by the sink" if first.refused else "")
-                           + "; verifying again:")
-            assert second is not None
-            _console.print(render_diff(second, sink))
-            final = second
-    sys.exit(0 if final.equal else 1)
+    equal = True
+    for name in names:  # a view kept in several sinks: each copy
+        try:
+            first, second = verify_view(spec, name, wait=wait, repair=repair)
+        except SpecError as e:
+            click.echo(str(e), err=True)
+            sys.exit(2)
+        except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
+            _fail(e)
+        sink = spec.views[name].sink
+        _console.print(render_diff(first, sink))
+        final = first
+        if repair:
+            if first.mismatches == 0:
+                _console.print("nothing to repair")
+            else:
+                _console.print(f"repaired {first.repaired:,} record(s) at version "
+                               f"{format_lsn((first.snapshot_lsn or 1) - 1)}"
+                               + (f", {first.refused:,} refused by the sink" if first.refused else "")
+                               + "; verifying again:")
+                assert second is not None
+                _console.print(render_diff(second, sink))
+                final = second
+        equal = equal and final.equal
+    sys.exit(0 if equal else 1)
 
 
 @main.group("dead-letters")

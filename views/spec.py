@@ -326,7 +326,9 @@ class ViewSpec(BaseModel):
     Attributes:
         table: ``schema.name`` or ``name`` (public); see :attr:`schema`, :attr:`name`,
             :attr:`qualified`.
-        sink: name of a declared sink.
+        sink: name of a declared sink, or a list of them: the view is then kept in each (one
+            internal view ``NAME@SINK`` per sink, see :attr:`Spec.groups`; ``key``/``format``
+            apply to the Redis sinks, ``index`` to the OpenSearch ones).
         key: key template (see :class:`~views.template.KeyTemplate`); required for redis views;
             for opensearch views the default is the primary key columns joined by ``:``.
         fields: ``None`` (all columns), a list of column names, or a mapping output name →
@@ -346,7 +348,7 @@ class ViewSpec(BaseModel):
 
     model_config = _STRICT
     table: str
-    sink: str
+    sink: str | list[str]
     key: str | None = None
     fields: list[str] | dict[str, str] | None = None
     format: Literal["hash", "json"] | None = None
@@ -470,6 +472,36 @@ class Spec(BaseModel):
 
     _filename: str = PrivateAttr("<string>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    _groups: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+
+    def _expand_sinks(self) -> None:
+        """A view with ``sink: [a, b]`` becomes the views ``NAME@a`` and ``NAME@b`` (each with
+        only its sink's options); :attr:`groups` maps the declared name to them."""
+        views: dict[str, ViewSpec] = {}
+        for name, view in self.views.items():
+            if isinstance(view.sink, str):
+                views[name] = view
+                self._groups[name] = [name]
+                continue
+            self._groups[name] = []
+            for sink in view.sink:
+                redis = isinstance(self.sinks[sink], RedisSinkSpec)
+                views[f"{name}@{sink}"] = view.model_copy(update={
+                    "sink": sink, "index": None if redis else view.index,
+                    "format": view.format if redis else None})
+                self._groups[name].append(f"{name}@{sink}")
+        self.views = views
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Declared view name → its internal views (itself, or ``NAME@SINK`` per sink)."""
+        return self._groups
+
+    def resolve(self, name: str) -> list[str]:
+        """Internal view names for ``name`` (a declared name or ``NAME@SINK``); ``[]`` if unknown."""
+        if name in self.views:
+            return [name]
+        return list(self._groups.get(name, []))
 
     @property
     def filename(self) -> str:
@@ -683,38 +715,56 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
         if isinstance(name, str) and not VIEW_NAME_RE.match(name):
             problems.append((path, f"invalid view name {name!r}: use letters, digits and"
                                    " underscores"))
-        if not isinstance(view, dict) or not isinstance(view.get("sink"), str):
+        if not isinstance(view, dict):
             continue
-        sink = view["sink"]
-        if sink not in sinks:
-            declared = ", ".join(map(str, sinks)) or "none"
-            problems.append((f"{path}.sink", f"unknown sink {sink!r} (declared sinks: {declared})"))
+        targets = view.get("sink")
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             continue
-        kind = sink_type.get(sink)
-        if kind == "redis":
-            if view.get("index") is not None:
-                problems.append((f"{path}.index", f"only for opensearch views; sink {sink!r} is"
-                                                  " redis"))
-            if view.get("key") is None:
-                problems.append((f"{path}.key", "required for redis views, e.g."
-                                                " key: \"account:{aid}\""))
-            elif isinstance(view["key"], str):
-                other = used_keys.setdefault((sink, view["key"]), str(name))
-                if other != str(name):
-                    problems.append((f"{path}.key", f"same key template as view {other!r} on sink"
-                                                    f" {sink!r}: their keys would collide"))
-        elif kind == "opensearch":
-            if view.get("format") is not None:
-                problems.append((f"{path}.format", f"only for redis views; sink {sink!r} is"
-                                                   " opensearch"))
-            if view.get("index") is None:
-                problems.append((f"{path}.index", "required for opensearch views: the alias"
-                                                  " users query"))
-            elif isinstance(view["index"], str):
-                other = used_keys.setdefault((sink, "index:" + view["index"]), str(name))
-                if other != str(name):
-                    problems.append((f"{path}.index", f"index {view['index']!r} is already used"
-                                                      f" by view {other!r} on sink {sink!r}"))
+        if not targets:
+            problems.append((f"{path}.sink", "name at least one sink"))
+        kinds = {sink_type.get(t) for t in targets}
+        if len(set(targets)) != len(targets):
+            problems.append((f"{path}.sink", "a sink is listed twice"))
+        for sink in targets:
+            problems += _sink_problems(view, str(name), path, sink, sinks, sink_type, kinds, used_keys)
+    return problems
+
+
+def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks: dict[str, Any],
+                   sink_type: dict[str, Any], kinds: set[Any],
+                   used_keys: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if sink not in sinks:
+        declared = ", ".join(map(str, sinks)) or "none"
+        problems.append((f"{path}.sink", f"unknown sink {sink!r} (declared sinks: {declared})"))
+        return problems
+    kind = sink_type.get(sink)
+    if kind == "redis":
+        if view.get("index") is not None and "opensearch" not in kinds:
+            problems.append((f"{path}.index", f"only for opensearch views; sink {sink!r} is"
+                                              " redis"))
+        if view.get("key") is None:
+            problems.append((f"{path}.key", "required for redis views, e.g."
+                                            " key: \"account:{aid}\""))
+        elif isinstance(view["key"], str):
+            other = used_keys.setdefault((sink, view["key"]), str(name))
+            if other != str(name):
+                problems.append((f"{path}.key", f"same key template as view {other!r} on sink"
+                                                f" {sink!r}: their keys would collide"))
+    elif kind == "opensearch":
+        if view.get("format") is not None and "redis" not in kinds:
+            problems.append((f"{path}.format", f"only for redis views; sink {sink!r} is"
+                                               " opensearch"))
+        if view.get("index") is None:
+            problems.append((f"{path}.index", "required for opensearch views: the alias"
+                                              " users query"))
+        elif isinstance(view["index"], str):
+            other = used_keys.setdefault((sink, "index:" + view["index"]), str(name))
+            if other != str(name):
+                problems.append((f"{path}.index", f"index {view['index']!r} is already used"
+                                                  f" by view {other!r} on sink {sink!r}"))
     return problems
 
 
@@ -774,6 +824,7 @@ def parse_spec(text: str, *, filename: str = "<string>",
         found.sort(key=lambda p: p[1] if p[1] is not None else 0)
         raise SpecError(found, filename)
 
+    spec._expand_sinks()
     for view in spec.views.values():
         if isinstance(spec.sinks[view.sink], RedisSinkSpec) and view.format is None:
             view.format = "hash"

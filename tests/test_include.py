@@ -124,6 +124,17 @@ def test_derive_function_shapes_records_and_its_errors_are_dead_letters(scenario
     rows = s.sql("SELECT view, error FROM pgderive.dead_letters WHERE view = %s", (f"{s.p}_card",))
     assert len(rows) == 1 and "ValueError: boom is not a product" in rows[0][1], rows
 
+    def retry() -> str:
+        out = subprocess.run([sys.executable, "-m", "views.cli", "dead-letters", "retry", "-c", str(s.config)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return out.stdout + out.stderr
+    assert "still failing" in retry()                           # the row still says boom
+    s.sql("UPDATE products SET name = 'bang' WHERE id = 4")     # fixed at the source
+    s.caught_up()
+    assert "dead letter removed" in retry()                     # re-derived with its includes
+    assert _get(r, f"{s.p}_:c:4") == {"title": "Bang", "cents": 0, "reviews": 0}
+    assert not s.sql("SELECT 1 FROM pgderive.dead_letters WHERE view = %s", (f"{s.p}_card",))
+
 
 def test_validate_requires_full_identity_where_a_child_link_is_not_its_key(scenario):
     s = scenario(SCHEMA + "ALTER TABLE reviews REPLICA IDENTITY DEFAULT;", VIEWS)

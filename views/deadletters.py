@@ -22,6 +22,8 @@ ISO 8601), ``created_at``, ``retries`` (how many retries failed again).
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 import json
 import logging
 import threading
@@ -493,13 +495,28 @@ def retry_dead_letters(spec: Any, store: DeadLetterStore,
                 current = fetch_current_row(conn, info, view.column_types,
                                             {c: stored[c] for c in identity})
                 version = rec.commit_lsn
+                if view.aggregation is not None:
+                    yield failed("dead letters of aggregate views are not retried one by one: fix the "
+                                 f"cause, then `pgderive rebuild -c FILE {view.name}`")
+                    continue
                 try:
-                    if current is not None:
-                        op = view.row_op(current, version)
-                        ops = [op]
-                        if rec.key is not None and rec.key != op.key:
+                    if current is not None and view.tree is not None:
+                        # Query-derived: read the whole record (includes) for this root.
+                        root = view.tree.root_key({**stored, **current})
+                        rows = [r for chunk in view.tree.rows(conn, [root]) for r in chunk]
+                        ops, errors = view.key_ops([root], rows, defaultdict(lambda: version))
+                        if errors:
+                            raise errors[0]
+                        done = f"re-derived {', '.join(op.key for op in ops)} at {format_lsn(version)}"
+                    elif current is not None:
+                        key = view.key.render(current)
+                        matches = view.where is None or view.where.matches(current)
+                        op = view.row_op(current, version) if matches else None
+                        ops = [op if op is not None else Op(view.name, key, version, None)]
+                        if rec.key is not None and rec.key != key:
                             ops.insert(0, Op(view.name, rec.key, version, None))
-                        done = f"upserted {op.key} at {format_lsn(version)}"
+                        done = (f"upserted {key} at {format_lsn(version)}" if op is not None else
+                                f"{key} is not in the view (where/derive): deleted at {format_lsn(version)}")
                     else:
                         keys = [rec.key] if rec.key is not None else []
                         try:

@@ -86,7 +86,8 @@ def view_fingerprint(view: View) -> str:
                         "sink": view.sink, "target": [view.target.format, view.target.index],
                         **({"where": view.spec.where} if view.spec.where else {}),
                         **({"derive": view.spec.derive} if view.spec.derive else {}),
-                        **({"include": view.spec.model_dump(include={"include"})} if view.spec.include else {})},
+                        **({"include": view.spec.model_dump(include={"include"})} if view.spec.include else {}),
+                        **({"group": [view.spec.group_by, view.spec.aggregate]} if view.spec.group_by else {})},
                        option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()[:16]
 

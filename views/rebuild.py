@@ -41,16 +41,18 @@ def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str,
     sink lost a view's data. Raises :class:`~sinks.base.SinkError` or :class:`psycopg.Error`.
     """
     reader = SlotReader(dsn, f"{slot}_rebuild_{os.getpid()}")
+    aggregates = AggregateStore(dsn)
     try:
         reader.connect()
         consistent_point, snapshot = reader.create_slot(temporary=True)
         log.info("rebuilding view(s) %s from a snapshot at %s", ", ".join(v.name for v in views),
                  format_lsn(consistent_point))
         with snapshot_connection(dsn, snapshot) as conn:
-            stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=AggregateStore(dsn),
+            stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=aggregates,
                                   on_dead_letters=lambda e: dead_letters.record(slot, e))
     finally:
         reader.close()
+        aggregates.close()
     return consistent_point, stats
 
 

@@ -122,6 +122,15 @@ class View:
                 doc[n.name] = row.get(n.name)
         return doc
 
+    def _matches(self, row: Row) -> bool:
+        """``where`` on a streamed row; an evaluation error (e.g. division by zero, which
+        Postgres raises too) makes the row a dead letter."""
+        from .where import WhereError
+        try:
+            return self.where.matches(row)  # type: ignore[union-attr]
+        except WhereError as e:
+            raise DerivationError(self.name, self.table, row, f"where: {e}") from e
+
     def _final(self, row: Row, doc: dict[str, Any]) -> dict[str, Any] | None:
         """``doc`` after the view's ``derive`` function (None: not in the view)."""
         if self.derive_fn is None:
@@ -221,7 +230,7 @@ class View:
                 raise DerivationError(self.name, self.table, new,
                                       f"column(s) {', '.join(missing)} missing from the {kind} and "
                                       "not readable from the table (dropped or renamed?)")
-            if self.where is not None and not self.where.matches(new):
+            if self.where is not None and not self._matches(new):
                 # Not (or no longer) in the view. An insert never was: nothing to remove.
                 if kind == "update":
                     ops.append(Op(self.name, key, version, None))

@@ -52,13 +52,29 @@ this relies on are cited where used; in short:
   the planner cannot split a top-level ``AND`` and reorder its terms: a row then raises in
   Python exactly when it would raise in Postgres.
 
-Known limits, each refused or documented: ``timestamptz`` literals without an offset are read
-as UTC and rendered with ``+00`` (Postgres would use the session ``TimeZone``; the rendered SQL
-and the Python side agree whatever the server's setting); conversions that depend on the
-session ``TimeZone`` (``date``/``timestamp`` against ``timestamptz``) are refused; column types
-this module does not know (user enums, and domains, which format_type names like enums) are
-compared as enum labels, by exact text, with ``=``, ``<>`` and ``IN`` only; ``ILIKE`` folds case
-like a UTF-8 libc locale (Postgres' ``lower()``), not like a database whose ``LC_CTYPE`` is ``C``.
+* **Functions** (9.4 "String Functions and Operators", 9.18.2 "COALESCE"): ``lower``,
+  ``upper``, ``length``/``char_length`` of text, ``COALESCE`` (common type as in 10.5, later
+  arguments not evaluated). Every other function call is refused.
+
+Known limits, each refused or documented:
+
+* ``timestamptz`` literals without an offset are read as UTC and rendered with ``+00``
+  (Postgres would use the session ``TimeZone``; the rendered SQL and the Python side agree
+  whatever the server's setting). Conversions that depend on the session ``TimeZone``
+  (``date``/``timestamp`` against ``timestamptz``, casts to or from ``timestamptz``) and on
+  ``DateStyle`` (text to date/time) are refused; date/time literals are accepted in ISO form
+  only (``'2026-01-01'``, ``'2026-01-01 10:00:00.5+05:30'``, ``'infinity'``, ``'epoch'``).
+* Column types this module does not know (user enums, and domains, which ``format_type``
+  names like enums) are compared as enum labels, by exact text, with ``=``, ``<>`` and ``IN``
+  only; a label the enum does not have is an error in Postgres but just unequal here.
+* ``ILIKE``, ``lower()``, ``upper()`` fold case like a UTF-8 libc locale (per-character simple
+  mappings, as ``C.UTF-8`` and ``en_US.UTF-8`` do), not like a database whose ``LC_CTYPE`` is
+  ``C`` (ASCII only).
+* A constant ``LIKE`` pattern ending in a lone escape character is refused: Postgres fails on
+  it only if matching reaches the end, and its planner also runs the match on sampled column
+  values when estimating selectivity, so whether a query fails would depend on statistics.
+* ``real``/``double precision`` to text uses the shortest exact form, Postgres' output with
+  ``extra_float_digits`` >= 1 (the default), like pgderive's value model itself.
 """
 from __future__ import annotations
 
@@ -69,7 +85,7 @@ import re
 import struct
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import sqlglot
 from psycopg import sql
@@ -82,7 +98,7 @@ class WhereError(ValueError):
     """A ``where:`` expression that cannot be used: it does not parse, names an unknown column
     (``unknown column 'pirce' (did you mean 'price'?)``), uses a construct this module does
     not support (``subqueries are not supported``, ``function calls are not supported
-    (lower)``), or is ill-typed the way Postgres would reject it (``operator does not exist:
+    (md5)``), or is ill-typed the way Postgres would reject it (``operator does not exist:
     text = integer``, ``invalid input syntax for type integer: "10.5"``)."""
 
 
@@ -834,8 +850,8 @@ def _parse_time(s: str, *, literal: bool) -> int:
     if m:
         h, mi, sec = int(m.group("h")), int(m.group("mi")), int(m.group("s") or 0)
         us = ((h * 60 + mi) * 60 + sec) * 1_000_000 + _fsec(m.group("f"))
-        if (h < 24 and mi < 60 and sec < 60) or (not literal and us == _USECS_PER_DAY):
-            if us <= _USECS_PER_DAY:
+        if (h < 24 and mi < 60 and sec < 60) or us == _USECS_PER_DAY:
+            if us <= _USECS_PER_DAY:  # time_in() accepts up to 24:00:00
                 return us
     if literal:
         raise WhereError(f"unsupported time literal '{s}': write it as 'HH:MM[:SS[.ffffff]]'")
@@ -1003,13 +1019,28 @@ def _like_escape(pat: str, esc: str) -> str:
     return "".join(out)
 
 
+def _lower_char(c: str) -> str:
+    low = c.lower()
+    return low if len(low) == 1 else ("i" if c == "\u0130" else c)
+
+
+def _upper_char(c: str) -> str:
+    up = c.upper()
+    if len(up) == 1:
+        return up
+    title = c.title()  # the simple mapping where the full one has several characters
+    return title if len(title) == 1 else c
+
+
 def _lower(s: str) -> str:
-    # Postgres' lower() in a UTF-8 libc locale: towlower() per character (simple mapping).
-    out = []
-    for c in s:
-        low = c.lower()
-        out.append(low if len(low) == 1 else ("i" if c == "\u0130" else c))
-    return "".join(out)
+    """Postgres' lower() in a UTF-8 libc locale: towlower() per character, i.e. Unicode's
+    simple case mapping (checked against the server for every code point)."""
+    return "".join(map(_lower_char, s))
+
+
+def _upper(s: str) -> str:
+    """Postgres' upper() in a UTF-8 libc locale: towupper() per character."""
+    return "".join(map(_upper_char, s))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1185,6 +1216,36 @@ class _AnyArray(_Node):
         if isinstance(x, _Const) and all(isinstance(e, _Const) for e in elems):
             return _Const("bool", node.ev({}))
         return node
+
+
+class _Coalesce(_Node):
+    def __init__(self, t: str, args: Sequence[_Node], q: sql.Composable):
+        self.t, self.args, self.q = t, list(args), q
+        self.var = any(a.var for a in args)
+
+    def ev(self, vals):
+        for a in self.args:
+            v = a.ev(vals)
+            if v is not None:
+                return v
+        return None
+
+    def fold(self):
+        # clauses.c: NULL constants dropped, nothing after the first non-NULL constant kept
+        out: list[_Node] = []
+        for a in self.args:
+            f = a.fold()
+            if isinstance(f, _Const):
+                if f.value is None:
+                    continue
+                if not out:
+                    return f
+                out.append(f)
+                break
+            out.append(f)
+        if not out:
+            return _Const(self.t, None)
+        return _Coalesce(self.t, out, self.q)
 
 
 class _Sugar(_Node):
@@ -1571,6 +1632,10 @@ class _Compiler:
             return self.like(e, e.args.get("escape"))
         if isinstance(e, exp.Cast) and type(e) is exp.Cast:
             return self.cast(e)
+        if type(e) in (exp.Lower, exp.Upper, exp.Length):
+            return self.text_function(e)
+        if type(e) is exp.Coalesce:
+            return self.coalesce(e)
         self.refuse(e)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1582,8 +1647,15 @@ class _Compiler:
         if isinstance(e, exp.Cast):
             raise WhereError(f"{e.key.upper()} is not supported (use CAST or ::)")
         if isinstance(e, exp.Func):
-            name = e.sql_name() if not isinstance(e, exp.Anonymous) else e.name
-            raise WhereError(f"function calls are not supported ({name.lower()})")
+            if isinstance(e, exp.Anonymous):
+                name = e.name
+            else:
+                try:
+                    name = e.sql(dialect="postgres").split("(", 1)[0]
+                except Exception:  # pragma: no cover - sqlglot cannot print some nodes
+                    name = e.sql_name()
+            raise WhereError(f"function calls are not supported ({name.lower()}); supported:"
+                             " lower, upper, length, char_length, coalesce")
         if isinstance(e, (exp.ByteString, exp.UnicodeString, exp.HexString, exp.BitString)):
             raise WhereError("only standard '...' and $$...$$ string literals are supported"
                              " (no E'', U&'', X'' or B'' literals)")
@@ -1890,6 +1962,40 @@ class _Compiler:
 
         return _Op("bool", [a, p2], fn, q)
 
+    def text_function(self, e: exp.Expression) -> _Node:
+        """lower(), upper(), length()/char_length() of text (9.4 "String Functions")."""
+        name = {exp.Lower: "lower", exp.Upper: "upper", exp.Length: "length"}[type(e)]
+        if any(v is not None for k, v in e.args.items() if k != "this"):
+            self.refuse(e)
+        x = self.usable(self.compile(e.this))
+        if x.t == "unknown":
+            x = self.coerce_unknown(x, "text")
+        if x.t not in _STRS:
+            raise WhereError(f"function {name}({_tname(x.t)}) does not exist ({self.describe(x)};"
+                             " cast it to text)")
+        q = _paren("pg_catalog." + name + "({})", x.q)
+        if name == "length":
+            # length(character) does not count trailing spaces (bpcharlen)
+            fn = (lambda v: len(_rtrim(v))) if x.t == "bpchar" else len
+            return _Op("int4", [x], fn, q)
+        return _Op("text", [self.implicit(x, "text")], _lower if name == "lower" else _upper, q)
+
+    def coalesce(self, e: exp.Expression) -> _Node:
+        """COALESCE(a, b, ...) (9.18.2): the first non-NULL argument, later ones not evaluated;
+        the arguments' common type as for UNION/CASE (10.5)."""
+        if any(v for k, v in e.args.items() if k not in ("this", "expressions")):
+            self.refuse(e)
+        args = [self.usable(self.compile(a)) for a in [e.this, *e.expressions]]
+        types = [a.t for a in args]
+        ct = _select_common_type(types)
+        if ct is None or not all(_can_implicit(t, ct) for t in types):
+            known = [t for t in types if t != "unknown"]
+            raise WhereError("COALESCE types " + " and ".join(dict.fromkeys(_tname(t) for t in known))
+                             + " cannot be matched")
+        args = [self.implicit(a, ct) for a in args]
+        q = sql.SQL("COALESCE(") + sql.SQL(", ").join(a.q for a in args) + sql.SQL(")")
+        return _Coalesce(ct, args, q)
+
     def cast(self, e: exp.Cast) -> _Node:
         dst, typmod, tq = self.datatype(e.to)
         x = self.compile(e.this)
@@ -2014,13 +2120,14 @@ class Where:
     minus (9.3); ``x::type`` and ``CAST(x AS type)`` to ``smallint``, ``integer``, ``bigint``,
     ``numeric[(p,s)]``, ``real``, ``double precision``, ``text``, ``varchar``, ``boolean``,
     ``date``, ``timestamp``, ``timestamptz``, ``time``, ``uuid`` (4.2.9; casts that need the
-    session TimeZone or DateStyle are refused); string (also ``$$…$$``), number, boolean and
-    NULL literals (4.1.2), typed literals (``DATE '2026-01-01'``), parentheses. Columns of
-    the types smallint/integer/bigint, numeric, real, double precision, boolean, text,
-    varchar, character(n), date, timestamp, timestamptz, time and uuid take part in all of
-    these (text ordering excepted); enums (and unknown types) in ``=``/``<>``/``IN`` against
-    labels; other types (arrays, interval, bytea, json, ...) only in ``IS [NOT] NULL``;
-    jsonb not at all.
+    session TimeZone or DateStyle are refused); ``lower``, ``upper``, ``length``/
+    ``char_length`` of text (9.4) and ``COALESCE`` (9.18.2); string (also ``$$…$$``), number,
+    boolean and NULL literals (4.1.2), typed literals (``DATE '2026-01-01'``), parentheses.
+    Columns of the types smallint/integer/bigint, numeric, real, double precision, boolean,
+    text, varchar, character(n), date, timestamp, timestamptz, time and uuid take part in all
+    of these (text ordering excepted); enums (and unknown types) in ``=``/``<>``/``IN``
+    against labels; other types (arrays, interval, bytea, json, ...) only in
+    ``IS [NOT] NULL``; jsonb not at all.
 
     Attributes: ``text`` (the expression as given), ``columns`` (frozenset of the column names
     it reads).
@@ -2051,7 +2158,12 @@ class Where:
 
         The ``IS TRUE`` keeps the expression one qual: the planner may reorder the terms of a
         top-level ``AND`` by cost (and so skip or reach an erroring term differently), but not
-        inside an expression. In a ``WHERE`` clause it does not change which rows match."""
+        inside an expression. In a ``WHERE`` clause it does not change which rows match.
+
+        The SQL may contain ``%`` (LIKE patterns, the modulo operator): execute the statement
+        it is composed into without query parameters (psycopg reads ``%`` as a placeholder
+        marker when parameters are passed), as ``COPY (SELECT …) TO STDOUT`` does; pass values
+        as ``sql.Literal`` instead."""
         return sql.SQL("({} IS TRUE)").format(self._root.q)
 
     def evaluate(self, row: dict[str, Any]) -> bool | None:

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 

@@ -1,9 +1,12 @@
-"""Shared pytest fixtures: where the real services are (see scripts/services.sh)."""
+"""Shared pytest fixtures: where the real services are (see scripts/services.sh), and
+``scenario`` (a scratch database + YAML + daemon per test, :class:`tests.support.Scenario`)."""
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from .support import Scenario
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +25,16 @@ def opensearch_hosts() -> list[str]:
 def pg_dsn() -> str:
     """Postgres admin DSN; override with PGDERIVE_TEST_PG_DSN."""
     return os.environ.get("PGDERIVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5433/postgres")
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    made: list[Scenario] = []
+
+    def make(schema: str, views: str) -> Scenario:
+        s = Scenario(tmp_path, schema, views)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()

@@ -167,3 +167,52 @@ def assert_views_equal(config: Path, timeout: float = 60.0) -> None:
         detail = "; ".join(f"{n}: missing={d.missing} extra={d.extra} different={d.different} {d.examples}"  # type: ignore[attr-defined]
                            for n, d in last.items())
         raise AssertionError(f"views differ from the source: {detail}") from None
+
+
+class Scenario:
+    """A scratch database + a YAML config + the daemon, for one test."""
+
+    def __init__(self, tmp_path: Path, schema: str, views: str) -> None:
+        self.db = unique("pgd_sem")
+        self.dsn = create_database(self.db)
+        self.slot = unique("slot")
+        self.p = unique("s")
+        self.config = tmp_path / "pgderive.yaml"
+        self.config.write_text(f"""
+source: {{dsn: "{self.dsn}", slot: {self.slot}}}
+sinks:
+  cache: {{type: redis, url: "{REDIS_URL}"}}
+  search: {{type: opensearch, hosts: ["{OPENSEARCH_URL}"]}}
+views:
+""" + views.replace("P_", self.p + "_").replace("Pidx", self.p.lower()))
+        self.log = tmp_path / "daemon.log"
+        self.sql(schema)
+        self.daemon: Daemon | None = None
+
+    def sql(self, query: str, params=None):
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def start(self) -> Daemon:
+        self.daemon = Daemon(self.config, self.log).start()
+        def ok() -> bool:
+            assert self.daemon.alive(), self.daemon.output()[-3000:]
+            return streaming(self.dsn, self.slot)
+        wait_until(ok, 120, what="bootstrap")
+        return self.daemon
+
+    def caught_up(self, timeout: float = 120) -> None:
+        target = current_lsn(self.dsn)
+
+        def ok() -> bool:
+            if self.daemon is not None:
+                assert self.daemon.alive(), f"daemon exited:\n{self.daemon.output()[-3000:]}"
+            return slot_caught_up(self.dsn, self.slot, target)
+        wait_until(ok, timeout, what="slot to catch up")
+
+    def close(self) -> None:
+        if self.daemon is not None and self.daemon.alive():
+            self.daemon.stop()
+        drop_views(self.config)
+        drop_database(self.db)

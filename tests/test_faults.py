@@ -16,7 +16,6 @@ import redis
 
 from .support import (REDIS_URL, ROOT, assert_views_equal, current_lsn, drop_views, slot_caught_up,
                       wait_until)
-from .test_stream_semantics import scenario  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,6 @@ import redis
 from opensearchpy import OpenSearch
 
 from .support import OPENSEARCH_URL, REDIS_URL, ROOT, assert_views_equal
-from .test_stream_semantics import scenario  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

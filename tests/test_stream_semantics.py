@@ -7,79 +7,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
-import psycopg
 import pytest
 import redis
 
-from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
-                      current_lsn, diffs, drop_database, drop_views, slot_caught_up, streaming, unique, wait_until)
+from .support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, current_lsn, diffs,
+                      slot_caught_up, streaming, wait_until)
 
 pytestmark = pytest.mark.slow
-
-
-class Scenario:
-    """A scratch database + a YAML config + the daemon, for one test."""
-
-    def __init__(self, tmp_path: Path, schema: str, views: str) -> None:
-        self.db = unique("pgd_sem")
-        self.dsn = create_database(self.db)
-        self.slot = unique("slot")
-        self.p = unique("s")
-        self.config = tmp_path / "pgderive.yaml"
-        self.config.write_text(f"""
-source: {{dsn: "{self.dsn}", slot: {self.slot}}}
-sinks:
-  cache: {{type: redis, url: "{REDIS_URL}"}}
-  search: {{type: opensearch, hosts: ["{OPENSEARCH_URL}"]}}
-views:
-""" + views.replace("P_", self.p + "_").replace("Pidx", self.p.lower()))
-        self.log = tmp_path / "daemon.log"
-        self.sql(schema)
-        self.daemon: Daemon | None = None
-
-    def sql(self, query: str, params=None):
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-    def start(self) -> Daemon:
-        self.daemon = Daemon(self.config, self.log).start()
-        def ok() -> bool:
-            assert self.daemon.alive(), self.daemon.output()[-3000:]
-            return streaming(self.dsn, self.slot)
-        wait_until(ok, 120, what="bootstrap")
-        return self.daemon
-
-    def caught_up(self, timeout: float = 120) -> None:
-        target = current_lsn(self.dsn)
-
-        def ok() -> bool:
-            if self.daemon is not None:
-                assert self.daemon.alive(), f"daemon exited:\n{self.daemon.output()[-3000:]}"
-            return slot_caught_up(self.dsn, self.slot, target)
-        wait_until(ok, timeout, what="slot to catch up")
-
-    def close(self) -> None:
-        if self.daemon is not None and self.daemon.alive():
-            self.daemon.stop()
-        drop_views(self.config)
-        drop_database(self.db)
-
-
-@pytest.fixture
-def scenario(tmp_path):
-    made: list[Scenario] = []
-
-    def make(schema: str, views: str) -> Scenario:
-        s = Scenario(tmp_path, schema, views)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
 
 
 DOCS_VIEWS = """

@@ -22,7 +22,6 @@ from views.spec import load_spec
 from views.verify import verify_view
 
 from .support import OPENSEARCH_URL, REDIS_URL, ROOT, assert_views_equal
-from .test_stream_semantics import scenario  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 

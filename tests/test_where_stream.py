@@ -7,7 +7,6 @@ import pytest
 import redis
 
 from .support import REDIS_URL, assert_views_equal
-from .test_stream_semantics import scenario  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

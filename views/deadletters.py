@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.values import to_text
 
 __all__ = ["DeadLetter", "DeadLetterRecord", "DeadLetterStore", "RetryOutcome", "encode_row",
            "fetch_current_row", "lookup_columns", "retry_dead_letters"]
@@ -354,19 +355,6 @@ class RetryOutcome:
     message: str
 
 
-def _as_text(value: Any) -> str:
-    """A model value (:mod:`cdc.changes`) as Postgres input text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return str(value)
-
-
 def lookup_columns(info: Any, row: dict[str, Any]) -> tuple[str, ...] | None:
     """The columns that find ``row`` again in its table: the primary key if the row carries
     it, else the replica identity columns (every column for REPLICA IDENTITY FULL without a
@@ -402,7 +390,7 @@ def fetch_current_row(conn: psycopg.Connection, info: Any, columns: Sequence[tup
             conds.append(sql.SQL("{}::jsonb = %s::jsonb").format(ident))
         else:
             conds.append(sql.SQL("{} = %s").format(ident))
-        params.append(_as_text(value))
+        params.append(to_text(value))
     query = sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 1").format(
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c, _ in columns),
         sql.Identifier(schema, name), sql.SQL(" AND ").join(conds) if conds else sql.SQL("true"))

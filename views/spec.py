@@ -200,6 +200,14 @@ ORDER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_$]*)(?:\s+(asc|desc))?\s*$", re
 DERIVE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _check_table(v: str) -> str:
+    try:
+        parse_table(v)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    return v
+
+
 def _check_fields(v: Any) -> Any:
     if v is None:
         return v
@@ -263,11 +271,7 @@ class IncludeSpec(BaseModel):
     @field_validator("table")
     @classmethod
     def _table(cls, v: str) -> str:
-        try:
-            parse_table(v)
-        except ValueError as e:
-            raise _fail(str(e)) from None
-        return v
+        return _check_table(v)
 
     @field_validator("on")
     @classmethod
@@ -366,11 +370,7 @@ class ViewSpec(BaseModel):
     @field_validator("table")
     @classmethod
     def _table(cls, v: str) -> str:
-        try:
-            parse_table(v)
-        except ValueError as e:
-            raise _fail(str(e)) from None
-        return v
+        return _check_table(v)
 
     @field_validator("key")
     @classmethod

@@ -31,6 +31,7 @@ class Batch:
         self.rederive_all: set[str] = set()  # views whose every record must be read again
         self.affected_version: dict[str, int] = {}  # view → version for those records
         self.xids: set[int] = set()  # transactions whose effects those reads must see
+        self.resolved_bytes = 0  # size of the re-derived records added so far (JSON bytes)
 
     @property
     def pending(self) -> bool:

@@ -500,20 +500,29 @@ class Engine:
             for part in parts:
                 for rows in tree.rows(conn, part):
                     # With ``part`` given, the query returns at most these 1,000 roots: one chunk.
-                    ops, errors = view.key_ops(part or [], rows, versions)
-                    for op in ops:
-                        batch.add(view.sink, op)
-                    batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+                    self._add_resolved(batch, view, *view.key_ops(part or [], rows, versions), version)
                     part = None  # the roots without a row were handled with the first chunk
                 if part:  # none of them returned a row
-                    ops, errors = view.key_ops(part, [], versions)
-                    for op in ops:
-                        batch.add(view.sink, op)
-                    batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+                    self._add_resolved(batch, view, *view.key_ops(part, [], versions), version)
         batch.xids.clear()
         batch.affected.clear()
         batch.links.clear()
         batch.rederive_all.clear()
+
+    def _add_resolved(self, batch: Batch, view: View, ops: list, errors: list, version: int) -> None:
+        """Add re-derived Ops; when they pile up past ``batch_bytes`` (a category rename can
+        touch every product), apply them at once (the flusher is idle while resolving) without
+        a checkpoint, so memory stays bounded by the batch size, not by the fan-out."""
+        for op in ops:
+            batch.add(view.sink, op)
+            batch.resolved_bytes += 64 + (len(orjson.dumps(op.doc)) if op.doc is not None else 0)
+        batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+        if batch.resolved_bytes >= self.batch_bytes:
+            assert self.flusher is not None
+            part = Batch(end_lsn=0)  # end LSN 0: applying it advances no checkpoint
+            part.ops, batch.ops = batch.ops, {}
+            self.flusher.apply_now(part)
+            batch.resolved_bytes = 0
 
     def _resolve_groups(self, batch: Batch, view: View, conn: psycopg.Connection, parts: list,
                         version: int) -> None:
@@ -529,10 +538,7 @@ class Engine:
                 present = {k for k, _, _ in items}
                 items += [(k, version, None) for k in part if k not in present]
             result, touched = self.aggregates.apply(view.name, view.aggregation, items)
-            ops, errors = view.group_ops(result, touched, version)
-            for op in ops:
-                batch.add(view.sink, op)
-            batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+            self._add_resolved(batch, view, *view.group_ops(result, touched, version), version)
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
         """A TRUNCATE empties its views: a barrier that applies the pending Ops, then each sink

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from .changes import Change
-from .values import converter, to_text
+from .snapshot import read_rows
 
 __all__ = ["RowRefetcher"]
 
@@ -127,20 +127,9 @@ class RowRefetcher:
 
     def _lookup(self, table: str, types: dict[str, str], cols: list[str],
                 key: list[tuple[str, Any]]) -> dict[str, Any] | None:
-        schema, _, name = table.partition(".")
-        conds, params = [], []
-        for c, v in key:
-            if v is None:
-                conds.append(sql.SQL("{} IS NULL").format(sql.Identifier(c)))
-            else:
-                # format_type output is valid SQL for the type (it quotes names as needed).
-                conds.append(sql.SQL("{} = %s::text::{}").format(sql.Identifier(c), sql.SQL(types[c])))
-                params.append(to_text(v))
-        query = sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 2").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in cols),
-            sql.Identifier(schema, name), sql.SQL(" AND ").join(conds))
         try:
-            rows = self.connection().execute(query, params, prepare=True).fetchall()
+            rows = read_rows(self.connection(), table, [(c, types[c]) for c in cols], dict(key), types,
+                             prepare=True)
         except psycopg.OperationalError:
             self.close()
             raise
@@ -152,4 +141,4 @@ class RowRefetcher:
         if len(rows) != 1:  # gone since, or not unique (REPLICA IDENTITY FULL duplicates)
             log.debug("refetch of %s %s found %d rows; keeping NULL", table, key, len(rows))
             return None
-        return {c: (None if v is None else converter(types[c])(v)) for c, v in zip(cols, rows[0])}
+        return rows[0]

@@ -9,15 +9,15 @@ converted with the same value model as the stream (:mod:`cdc.values`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
 
 from .changes import Row
-from .values import converter
+from .values import converter, to_text
 
-__all__ = ["snapshot_connection", "read_table"]
+__all__ = ["snapshot_connection", "read_table", "read_rows", "output_text"]
 
 
 @contextmanager
@@ -72,3 +72,44 @@ def read_table(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str
                 nbytes = 0
     if chunk:
         yield chunk
+
+
+def output_text(expr: sql.Composable) -> sql.Composable:
+    """SQL for ``expr`` as its type's text output, NULL staying NULL: what ``COPY`` prints, so
+    the value model's converters apply (``concat`` calls the output function; a ``::text``
+    cast differs for ``char(n)``, which loses its padding, and ``inet``). Contains no ``%``,
+    so it is safe in statements that take parameters."""
+    return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(expr)
+
+
+def read_rows(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str, str]],
+              key: Mapping[str, Any], types: Mapping[str, str], *, limit: int = 2,
+              prepare: bool = False) -> list[Row]:
+    """The rows of ``table`` (``schema.name``) whose ``key`` columns equal the given model
+    values (``None`` matches SQL NULL), at most ``limit`` of them, as ``columns`` (``(name,
+    type)`` pairs) in the value model.
+
+    ``types``: column → ``format_type`` name, for the ``key`` columns. Values are sent as
+    untyped text, so Postgres compares them as the column's own type (``json``/``jsonb`` as
+    ``jsonb``: ``json`` has no equality). Raises :class:`psycopg.Error`.
+    """
+    schema, _, name = table.partition(".")
+    conds: list[sql.Composable] = []
+    params: list[str] = []
+    for column, value in key.items():
+        ident = sql.Identifier(column)
+        if value is None:
+            conds.append(sql.SQL("{} IS NULL").format(ident))
+            continue
+        if types.get(column, "").split("(", 1)[0].strip() in ("json", "jsonb"):
+            conds.append(sql.SQL("{}::jsonb = %s::jsonb").format(ident))
+        else:
+            conds.append(sql.SQL("{} = %s").format(ident))
+        params.append(to_text(value))
+    query = sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(
+        sql.SQL(", ").join(output_text(sql.Identifier(c)) for c, _ in columns),
+        sql.Identifier(schema, name), sql.SQL(" AND ").join(conds) if conds else sql.SQL("true"),
+        sql.Literal(limit))
+    convs = [converter(t) for _, t in columns]
+    return [{c: (None if v is None else conv(v)) for (c, _), conv, v in zip(columns, convs, row)}
+            for row in conn.execute(query, params, prepare=prepare)]

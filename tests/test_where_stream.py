@@ -41,3 +41,29 @@ def test_rows_enter_and_leave_a_where_view(scenario):
     assert not r.exists(f"{s.p}_:low:5") and r.exists(f"{s.p}_:low:30") and not r.exists(f"{s.p}_:low:31")
     assert r.exists(f"{s.p}_:long:7") and r.exists(f"{s.p}_:long:12") and not r.exists(f"{s.p}_:long:1")
     assert r.hget(f"{s.p}_:low:7", "qty") == b"8"
+
+
+def test_rows_read_back_look_like_snapshot_rows(tmp_path):
+    """Read-backs (NaN, unchanged TOAST, dead-letter retries) use cdc.snapshot.read_rows: the
+    same text output as COPY, so char(n) keeps its padding and inet its form."""
+    import psycopg
+
+    from cdc.snapshot import read_rows, read_table
+
+    from .support import create_database, drop_database, unique
+
+    db = unique("pgd_rows")
+    dsn = create_database(db)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, c char(5), ip inet, j json, n numeric)")
+            conn.execute("""INSERT INTO t VALUES (1, 'ab', '10.0.0.1/32', '{"a": 1}', 'NaN')""")
+            cols = [("id", "integer"), ("c", "character(5)"), ("ip", "inet"), ("j", "json"), ("n", "numeric")]
+            types = dict(cols)
+            snap = next(read_table(conn, "public.t", cols))[0]
+            assert read_rows(conn, "public.t", cols, {"id": 1}, types) == [snap]
+            assert read_rows(conn, "public.t", cols, {"j": {"a": 1}}, types) == [snap]
+            assert snap["c"] == "ab   " and snap["ip"] == "10.0.0.1"
+            assert read_rows(conn, "public.t", cols, {"id": 2}, types) == []
+    finally:
+        drop_database(db)

@@ -33,6 +33,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from cdc.snapshot import output_text
 from cdc.values import converter, to_text
 
 from .catalog import TableInfo
@@ -178,7 +179,7 @@ class Aggregation:
             else:
                 arg = sql.SQL("(vals->>{})::{}").format(sql.Literal(m.name), sql.SQL(m.type or "text"))
                 expr = sql.SQL("{}({})").format(sql.SQL(m.func), arg)
-            items.append(sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(expr))
+            items.append(output_text(expr))
         cond = sql.SQL(" AND grp = ANY(%s::jsonb[])") if groups else sql.SQL("")
         return sql.SQL("SELECT {} FROM {} WHERE view = %s AND grp IS NOT NULL{} GROUP BY grp").format(
             sql.SQL(", ").join(items), table, cond)
@@ -197,17 +198,14 @@ class Aggregation:
             pos = list(node.fields).index(tail)
             return sql.SQL("({} ->> {})").format(sql.Identifier("q", head), sql.Literal(pos))
 
-        def text(expr: sql.Composable) -> sql.Composable:
-            return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(expr)
-
-        grp = sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(text(sql.Identifier("q", c)) for c in self.group_by))
+        grp = sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(output_text(sql.Identifier("q", c)) for c in self.group_by))
         items: list[sql.Composable] = [sql.SQL("{}::text").format(grp)]
         for m in self.measures:
             if m.path is None:
                 expr = sql.SQL("count(*)")
             else:
                 expr = sql.SQL("{}(({})::{})").format(sql.SQL(m.func), value(m.path), sql.SQL(m.type or "text"))
-            items.append(text(expr))
+            items.append(output_text(expr))
         return sql.SQL("SELECT {} FROM ({}) AS q GROUP BY {}").format(
             sql.SQL(", ").join(items), rows, grp)
 

@@ -37,10 +37,10 @@ import psycopg
 from psycopg import sql
 
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.values import to_text
+from cdc.snapshot import read_rows
 
 __all__ = ["DeadLetter", "DeadLetterRecord", "DeadLetterStore", "RetryOutcome", "encode_row",
-           "fetch_current_row", "lookup_columns", "retry_dead_letters"]
+           "lookup_columns", "retry_dead_letters"]
 
 log = logging.getLogger("pgderive.deadletters")
 
@@ -365,41 +365,6 @@ def lookup_columns(info: Any, row: dict[str, Any]) -> tuple[str, ...] | None:
     return None
 
 
-def fetch_current_row(conn: psycopg.Connection, info: Any, columns: Sequence[tuple[str, str]],
-                      identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The current row of table ``info.qualified`` whose ``identity`` columns equal the given
-    model values, as ``columns`` (``(name, type)`` pairs) in the stream's value model; ``None``
-    if there is no such row.
-
-    Values are read as their text output and converted like snapshot rows
-    (:func:`cdc.values.converter`), so the row looks as if it came from the stream. Parameters
-    are sent as untyped text, so Postgres compares them as the column's own type.
-    """
-    from cdc.values import converter
-
-    schema, _, name = info.qualified.partition(".")
-    conds: list[sql.Composable] = []
-    params: list[Any] = []
-    for column, value in identity.items():
-        ident = sql.Identifier(column)
-        if value is None:
-            conds.append(sql.SQL("{} IS NULL").format(ident))
-            continue
-        base = info.columns.get(column, "").split("(", 1)[0].strip()
-        if base in ("json", "jsonb"):
-            conds.append(sql.SQL("{}::jsonb = %s::jsonb").format(ident))
-        else:
-            conds.append(sql.SQL("{} = %s").format(ident))
-        params.append(to_text(value))
-    query = sql.SQL("SELECT {} FROM {} WHERE {} LIMIT 1").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c, _ in columns),
-        sql.Identifier(schema, name), sql.SQL(" AND ").join(conds) if conds else sql.SQL("true"))
-    found = conn.execute(query, params).fetchone()
-    if found is None:
-        return None
-    return {c: (None if v is None else converter(t)(v)) for (c, t), v in zip(columns, found)}
-
-
 def _source_row(view: Any, info: Any, stored: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...] | None]:
     """The stored row in column names, and the columns that find it again (or None).
 
@@ -480,8 +445,9 @@ def retry_dead_letters(spec: Any, store: DeadLetterStore,
                                  f"({', '.join(info.primary_key or info.identity_columns) or 'none'}); "
                                  "it cannot be looked up (discard it, or rebuild the view)")
                     continue
-                current = fetch_current_row(conn, info, view.column_types,
-                                            {c: stored[c] for c in identity})
+                found = read_rows(conn, info.qualified, view.column_types,
+                                  {c: stored[c] for c in identity}, info.columns, limit=1)
+                current = found[0] if found else None
                 version = rec.commit_lsn
                 if view.aggregation is not None:
                     yield failed("dead letters of aggregate views are not retried one by one: fix the "

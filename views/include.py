@@ -37,6 +37,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from cdc.snapshot import output_text
 from cdc.values import Converter, converter, to_text
 
 from .catalog import TableInfo
@@ -48,8 +49,7 @@ KeyTuple = tuple  # the root's identity values, in identity-column order (model 
 
 def _text(alias: str, column: str) -> sql.Composable:
     """The column's type output text (``COPY`` form), NULL stays NULL."""
-    ref = sql.Identifier(alias, column)
-    return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(ref)
+    return output_text(sql.Identifier(alias, column))
 
 
 def _typed_array(values: Sequence[Any], type_name: str) -> sql.Composable:

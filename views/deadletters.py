@@ -22,8 +22,6 @@ ISO 8601), ``created_at``, ``retries`` (how many retries failed again).
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import json
 import logging
 import threading
@@ -458,7 +456,7 @@ def retry_dead_letters(spec: Any, store: DeadLetterStore,
                         # Query-derived: read the whole record (includes) for this root.
                         root = view.tree.root_key({**stored, **current})
                         rows = [r for chunk in view.tree.rows(conn, [root]) for r in chunk]
-                        ops, errors = view.key_ops([root], rows, defaultdict(lambda: version))
+                        ops, errors = view.key_ops([root], rows, version)
                         if errors:
                             raise errors[0]
                         done = f"re-derived {', '.join(op.key for op in ops)} at {format_lsn(version)}"

@@ -183,10 +183,10 @@ class View:
                     errors.append(e)
         return ops, errors
 
-    def key_ops(self, keys: list[KeyTuple], rows: list[Row], versions: Mapping[KeyTuple, int]) -> tuple[list[Op], list["DerivationError"]]:
+    def key_ops(self, keys: list[KeyTuple], rows: list[Row], version: int) -> tuple[list[Op], list["DerivationError"]]:
         """Ops of a query-derived view for the roots ``keys``, given the ``rows`` the record
         query returned for them: an upsert per row, a delete per key without a row (gone or no
-        longer matching ``where``). ``versions``: root identity → version."""
+        longer matching ``where``), all at ``version``."""
         assert self.tree is not None
         ops: list[Op] = []
         errors: list[DerivationError] = []
@@ -195,15 +195,15 @@ class View:
             k = self.tree.root_key(row)
             found.add(k)
             try:
-                op = self.row_op(row, versions[k])
-                ops.append(op if op is not None else Op(self.name, self._key(row), versions[k], None))
+                op = self.row_op(row, version)
+                ops.append(op if op is not None else Op(self.name, self._key(row), version, None))
             except DerivationError as e:
                 errors.append(e)
         for k in keys:
             if k not in found:
                 ident = dict(zip(self.tree.identity, k))
                 try:
-                    ops.append(Op(self.name, self._key(ident), versions[k], None))
+                    ops.append(Op(self.name, self._key(ident), version, None))
                 except DerivationError as e:
                     errors.append(e)
         return ops, errors

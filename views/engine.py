@@ -171,8 +171,7 @@ class Engine:
             if v.tree is None:
                 simple[v.table].append(v)
         self._used_columns = {t: frozenset(c for v in vs for c in v.columns) for t, vs in simple.items()}
-        self._full_row_columns = {t: [c for c in self._used_columns[t]] for t, vs in simple.items()
-                                  if any(v.needs_full_row for v in vs)}
+        self._full_row_tables = {t for t, vs in simple.items() if any(v.needs_full_row for v in vs)}
         self.refetcher = RowRefetcher(self.dsn, {t: (vs[0].info.columns, vs[0].info.primary_key or vs[0].info.identity_columns)
                                                  for t, vs in simple.items()})
         self.sinks = open_sinks(self.spec, self.views)
@@ -420,14 +419,16 @@ class Engine:
                         batch.xids.add(tx.xid)
                 continue
             gone = False
-            if change.new is not None and change.table in self._used_columns:
-                fetch = [c for c in change.maybe_nonfinite if c in self._used_columns[change.table]]
-                fetch += [c for c in self._full_row_columns.get(change.table, ()) if c not in change.new]
+            used = self._used_columns.get(change.table)
+            if change.new is not None and used:
+                fetch = [c for c in change.maybe_nonfinite if c in used]
+                if change.table in self._full_row_tables:
+                    fetch += [c for c in used if c not in change.new]
                 if fetch:
                     self.refetcher.wait_visible((tx.xid,))
-                if fetch and not self.refetcher.fill(change, fetch):
-                    # The row is gone (its delete is ahead in the stream) or not identifiable.
-                    gone = any(c not in change.new for c in fetch)
+                    if not self.refetcher.fill(change, fetch):
+                        # The row is gone (its delete is ahead in the stream) or not identifiable.
+                        gone = any(c not in change.new for c in fetch)
             for v in views:
                 if v.tree is not None:
                     self._note_affected(batch, v, change, version)
@@ -488,22 +489,20 @@ class Engine:
             for node, values in batch.links.get(name, {}).values():
                 found |= tree.affected_roots(conn, node, values)
             keys = sorted(found, key=repr)
-            versions = defaultdict(lambda: version)
             # The touched roots (deletes included), then, after a TRUNCATE of an included
             # table, every root (upserts only: no root disappeared by it).
             parts: list = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
             if name in batch.rederive_all:
                 parts.append(None)
-            if view.aggregation is not None:
-                self._resolve_groups(batch, view, conn, parts, version)
-                continue
-            for part in parts:
-                for rows in tree.rows(conn, part):
-                    # With ``part`` given, the query returns at most these 1,000 roots: one chunk.
-                    self._add_resolved(batch, view, *view.key_ops(part or [], rows, versions), version)
-                    part = None  # the roots without a row were handled with the first chunk
-                if part:  # none of them returned a row
-                    self._add_resolved(batch, view, *view.key_ops(part, [], versions), version)
+            for part_keys, rows in _read_roots(tree, conn, parts):
+                if view.aggregation is not None:
+                    items = [(tree.root_key(r), version, r) for r in rows]
+                    present = {k for k, _, _ in items}
+                    items += [(k, version, None) for k in part_keys if k not in present]
+                    result, touched = self.aggregates.apply(view.name, view.aggregation, items)
+                    self._add_resolved(batch, view, *view.group_ops(result, touched, version), version)
+                else:
+                    self._add_resolved(batch, view, *view.key_ops(part_keys, rows, version), version)
         batch.xids.clear()
         batch.affected.clear()
         batch.links.clear()
@@ -523,22 +522,6 @@ class Engine:
             part.ops, batch.ops = batch.ops, {}
             self.flusher.apply_now(part)
             batch.resolved_bytes = 0
-
-    def _resolve_groups(self, batch: Batch, view: View, conn: psycopg.Connection, parts: list,
-                        version: int) -> None:
-        """Aggregate view: store the touched rows' contributions, add the touched groups' Ops."""
-        tree = view.tree
-        assert tree is not None and view.aggregation is not None
-        for part in parts:
-            items = []
-            for rows in tree.rows(conn, part):
-                for row in rows:
-                    items.append((tree.root_key(row), version, row))
-            if part is not None:
-                present = {k for k, _, _ in items}
-                items += [(k, version, None) for k in part if k not in present]
-            result, touched = self.aggregates.apply(view.name, view.aggregation, items)
-            self._add_resolved(batch, view, *view.group_ops(result, touched, version), version)
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
         """A TRUNCATE empties its views: a barrier that applies the pending Ops, then each sink
@@ -598,6 +581,18 @@ class Engine:
         with open(tmp, "wb") as f:
             f.write(orjson.dumps(self.stats.summary(), option=orjson.OPT_INDENT_2))
         os.replace(tmp, self.stats_file)
+
+
+def _read_roots(tree: Any, conn: psycopg.Connection, parts: list) -> Iterable[tuple[list, list]]:
+    """``(keys, rows)`` per part: for a list of at most 1,000 root identities, all their rows
+    at once (``keys`` without a row are gone or no longer match ``where``); for ``None``,
+    every root in chunks with no keys (nothing to delete)."""
+    for part in parts:
+        if part is None:
+            for rows in tree.rows(conn):
+                yield [], rows
+        else:
+            yield part, [r for chunk in tree.rows(conn, part) for r in chunk]
 
 
 def _one_line(e: BaseException) -> str:

@@ -18,7 +18,8 @@ import re
 from typing import Annotated, Any, Iterable, Literal, Mapping, NamedTuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, field_validator)
 from pydantic_core import PydanticCustomError
 
 from views.template import KeyTemplate
@@ -232,6 +233,12 @@ def _check_fields(v: Any) -> Any:
     return v
 
 
+#: ``table:`` of views and includes: ``schema.name`` or ``name``.
+TableName = Annotated[str, AfterValidator(_check_table)]
+#: ``fields:`` of views and includes: list of columns, mapping output → column, or omitted.
+Fields = Annotated[Union[list[str], dict[str, str], None], BeforeValidator(_check_fields)]
+
+
 def _field_map(fields: list[str] | dict[str, str] | None) -> dict[str, str] | None:
     if fields is None:
         return None
@@ -257,9 +264,9 @@ class IncludeSpec(BaseModel):
     """
 
     model_config = _STRICT
-    table: str
+    table: TableName
     on: dict[str, str]
-    fields: list[str] | dict[str, str] | None = None
+    fields: Fields = None
     many: bool = False
     order_by: list[str] | None = None
     limit: int | None = Field(default=None, ge=1)
@@ -268,22 +275,12 @@ class IncludeSpec(BaseModel):
     _schema: str = PrivateAttr("")
     _name: str = PrivateAttr("")
 
-    @field_validator("table")
-    @classmethod
-    def _table(cls, v: str) -> str:
-        return _check_table(v)
-
     @field_validator("on")
     @classmethod
     def _on(cls, v: dict[str, str]) -> dict[str, str]:
         if len(v) != 1:
             raise _fail("must be one pair {parent_column: column_of_this_table}")
         return v
-
-    @field_validator("fields", mode="before")
-    @classmethod
-    def _fields(cls, v: Any) -> Any:
-        return _check_fields(v)
 
     @field_validator("order_by")
     @classmethod
@@ -351,10 +348,10 @@ class ViewSpec(BaseModel):
     """
 
     model_config = _STRICT
-    table: str
+    table: TableName
     sink: str | list[str]
     key: str | None = None
-    fields: list[str] | dict[str, str] | None = None
+    fields: Fields = None
     format: Literal["hash", "json"] | None = None
     index: str | None = None
     where: str | None = None
@@ -367,11 +364,6 @@ class ViewSpec(BaseModel):
     _name: str = PrivateAttr("")
     _key_template: KeyTemplate | None = PrivateAttr(None)
 
-    @field_validator("table")
-    @classmethod
-    def _table(cls, v: str) -> str:
-        return _check_table(v)
-
     @field_validator("key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
@@ -381,11 +373,6 @@ class ViewSpec(BaseModel):
             except ValueError as e:
                 raise _fail(str(e)) from None
         return v
-
-    @field_validator("fields", mode="before")
-    @classmethod
-    def _fields(cls, v: Any) -> Any:
-        return _check_fields(v)
 
     @field_validator("derive")
     @classmethod

@@ -1,27 +1,44 @@
-"""``group_by`` + ``aggregate``: one record per group, kept current, exactly once.
+"""``group_by`` + ``aggregate``: one record per group, kept current incrementally, exactly once.
 
 Adding a streamed change to a running sum is not idempotent: replaying it after a ``kill -9``
-would count it twice. pgderive therefore keeps each source row's *contribution* (its group and
-the values it aggregates) with the version that produced it in the source database
-(``pgderive.agg_rows``: "keep execution state in the database"). Per batch, in one Postgres
-transaction (:meth:`AggregateStore.apply`):
+would count it twice. pgderive therefore keeps, in the source database ("keep execution state
+in the database"), each source row's *contribution* (its group and the values it aggregates)
+with the version that produced it (``pgderive.agg_rows``) and each group's aggregate *state*
+(``pgderive.agg_groups``). Per batch, in one Postgres transaction (:meth:`AggregateStore.apply`):
 
 1. the contributions of the touched rows are upserted, each only if its version is newer than
    the stored one (a replayed change is a no-op; a deleted row leaves a tombstone: group NULL);
-2. every group a touched row left or entered is recomputed from the stored contributions with
-   SQL's own ``count``/``sum``/``min``/``max``/``avg`` (exact numerics, NULLs ignored, collation
-   respected, a deleted minimum simply is not there any more), using the index on
-   ``(view, grp)``; a group with no rows left is deleted from the sink.
+2. only the contributions actually replaced become deltas: ``-old`` from the group the row
+   left, ``+new`` into the group it entered. Each group's state is updated by its deltas in
+   O(changed rows), not O(group size):
+
+   * ``count(*)``, ``count(col)``, and ``sum``/``avg`` of ``smallint``/``integer``/``bigint``/
+     ``numeric`` keep additive counters summed in ``numeric`` (exact): row count, non-NULL
+     count, finite sum, finite count; for ``numeric`` also the counts of ``NaN``,
+     ``±Infinity`` and of each display scale, so the result is exactly what Postgres'
+     ``sum``/``avg`` return over the group (its scale is the largest input scale, ``NaN`` and
+     opposite infinities give ``NaN``: ``numeric_sum``/``numeric_avg`` in
+     ``src/backend/utils/adt/numeric.c``; ``avg`` is ``sum / count`` by ``numeric_div``);
+   * ``min``/``max`` keep the current extreme, moved by ``least``/``greatest`` (Postgres'
+     comparison, collation included) when values arrive; when a removed value reaches the
+     extreme and no added one replaces it, the group is recomputed from its stored
+     contributions (index on ``(view, grp)``);
+   * ``sum``/``avg`` of ``real``, ``double precision`` and ``money`` are recomputed from the
+     stored contributions of every touched group: a float sum depends on summation order, so
+     no delta reproduces it.
+
+   A group with no rows left is deleted from the state and from the sink.
 
 The transaction commits before the sink is written; a crash in between replays the batch, whose
-contributions are then skipped but whose groups are recomputed and written again. Records of
-groups carry the batch's version (commit LSN), so the sinks' compare-and-set keeps them in
-order. Rows come from the same query as ``include`` views (:mod:`views.include`, ``where``
-pushed down), so a group can aggregate columns of many-to-one includes
+contributions are then skipped (no delta) but whose groups' current states are written again.
+Records of groups carry the batch's version (commit LSN), so the sinks' compare-and-set keeps
+them in order. Rows come from the same query as ``include`` views (:mod:`views.include`,
+``where`` pushed down), so a group can aggregate columns of many-to-one includes
 (``sum(inventory.stock)``).
 
-The bootstrap stores every snapshot row's contribution at the consistent point; ``verify``
-computes the same aggregates from a TEMPORARY copy inside its own snapshot.
+The bootstrap stores every snapshot row's contribution at the consistent point and computes
+the states from them; ``verify`` computes the aggregates straight from the source rows inside
+its own snapshot (:meth:`Aggregation.direct_query`), independent of the stored state.
 """
 from __future__ import annotations
 
@@ -55,9 +72,16 @@ CREATE TABLE IF NOT EXISTS pgderive.agg_rows (
     PRIMARY KEY (view, row_key)
 );
 CREATE INDEX IF NOT EXISTS agg_rows_group ON pgderive.agg_rows (view, grp);
+CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
+    view     text   NOT NULL,
+    grp      jsonb  NOT NULL,
+    state    jsonb  NOT NULL,
+    PRIMARY KEY (view, grp)
+);
 """
 
-_INT = {"smallint", "integer"}
+_INT = {"smallint", "integer", "bigint"}
+_NUMBER = _INT | {"numeric", "real", "double precision", "money"}
 
 
 class AggregateError(ValueError):
@@ -78,6 +102,10 @@ def parse_measure(text: str) -> tuple[str, str | None]:
     return func, arg
 
 
+def _base(typ: str | None) -> str:
+    return (typ or "").split("(", 1)[0].strip()
+
+
 @dataclass(frozen=True)
 class Measure:
     """One output of a group: ``func`` over ``path`` (root column or ``include.field``) of
@@ -91,16 +119,30 @@ class Measure:
     @property
     def result_type(self) -> str:
         """The Postgres type of the aggregate's result (docs 9.21 "Aggregate Functions")."""
-        base = (self.type or "").split("(", 1)[0].strip()
+        base = _base(self.type)
         if self.func == "count":
             return "bigint"
         if self.func in ("min", "max"):
             return self.type or "text"
         if base in ("real", "double precision"):
             return "double precision" if self.func == "avg" or base == "double precision" else "real"
-        if self.func == "sum" and base in _INT:
+        if base == "money" and self.func == "sum":
+            return "money"
+        if self.func == "sum" and base in ("smallint", "integer"):
             return "bigint"
         return "numeric"
+
+    @property
+    def kind(self) -> str:
+        """How the group state keeps it: ``"rows"`` (``count(*)``), ``"additive"`` (exact
+        counters), ``"extreme"`` (``min``/``max``) or ``"recompute"`` (float and money sums)."""
+        if self.path is None:
+            return "rows"
+        if self.func in ("min", "max"):
+            return "extreme"
+        if self.func == "count" or _base(self.type) in _INT | {"numeric"}:
+            return "additive"
+        return "recompute"
 
 
 class Aggregation:
@@ -140,8 +182,7 @@ class Aggregation:
                     if tail not in node.fields:
                         raise AggregateError(f"{name}: include {head!r} has no field {tail!r}")
                     typ = node.info.columns[node.fields[tail]]
-                if func in ("sum", "avg") and typ.split("(", 1)[0].strip() not in (
-                        "smallint", "integer", "bigint", "numeric", "real", "double precision", "money"):
+                if func in ("sum", "avg") and _base(typ) not in _NUMBER:
                     raise AggregateError(f"{name}: {func} needs a number column, {arg} is {typ}")
             self.measures.append(Measure(name, func, arg, typ))
         self._group_convs = [converter(t) for t in self.group_types]
@@ -153,6 +194,11 @@ class Aggregation:
         cols = list(self.group_by)
         cols += [m.path for m in self.measures if m.path and "." not in m.path]
         return list(dict.fromkeys(cols))
+
+    @property
+    def incremental(self) -> bool:
+        """Whether every measure is kept by deltas (no float or money sums)."""
+        return all(m.kind != "recompute" for m in self.measures)
 
     def contribution(self, row: dict[str, Any]) -> tuple[str, str]:
         """``(grp, vals)`` JSON texts of one row: group values and aggregated values as
@@ -169,25 +215,161 @@ class Aggregation:
             vals[m.name] = None if v is None else to_text(v)
         return orjson.dumps(grp).decode(), orjson.dumps(vals).decode()
 
-    def group_query(self, table: sql.Composable, groups: bool) -> sql.Composable:
-        """SQL computing every (``groups`` False) or the given groups (parameter 2: a
-        ``jsonb[]``) of view (parameter 1) from a contributions table."""
+    # -- SQL over contributions (a relation with columns grp jsonb, vals jsonb) ---------------
+
+    @staticmethod
+    def _value(m: Measure) -> sql.Composable:
+        return sql.SQL("((vals->>{})::{})").format(sql.Literal(m.name), sql.SQL(m.type or "text"))
+
+    def _vector(self) -> sql.Composable:
+        """A contribution's additive counters as a ``jsonb`` object (absent key = 0): ``n``
+        (rows) and, for measure ``i``, ``i.c`` (non-NULL), ``i.s`` (finite sum), and for
+        ``numeric`` ``i.f`` (finite), ``i.n``/``i.p``/``i.m`` (NaN, ±Infinity), ``i.d<scale>``."""
+        parts: list[sql.Composable] = [sql.SQL("jsonb_build_object('n', 1)")]
+        for i, m in enumerate(self.measures):
+            if m.kind != "additive":
+                continue
+            v, k = self._value(m), (lambda s, i=i: sql.Literal(f"{i}.{s}"))
+            pairs = [sql.SQL("{}, CASE WHEN {} IS NOT NULL THEN 1 END").format(k("c"), v)]
+            if m.func != "count" and _base(m.type) == "numeric":
+                pairs += [sql.SQL("{}, CASE WHEN scale({}) IS NOT NULL THEN {} END").format(k("s"), v, v),
+                          sql.SQL("{}, CASE WHEN scale({}) IS NOT NULL THEN 1 END").format(k("f"), v),
+                          sql.SQL("{}, CASE WHEN {} = 'NaN' THEN 1 END").format(k("n"), v),
+                          sql.SQL("{}, CASE WHEN {} = 'Infinity' THEN 1 END").format(k("p"), v),
+                          sql.SQL("{}, CASE WHEN {} = '-Infinity' THEN 1 END").format(k("m"), v),
+                          sql.SQL("coalesce({} || scale({}), {}), CASE WHEN scale({}) IS NOT NULL THEN 1 END")
+                          .format(k("d"), v, k("d"), v)]
+            elif m.func != "count":
+                pairs.append(sql.SQL("{}, {}").format(k("s"), v))
+            parts.append(sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(pairs)))
+        return sql.SQL("jsonb_strip_nulls({})").format(sql.SQL(" || ").join(parts))
+
+    def _x_object(self, items: Sequence[tuple[int, sql.Composable]]) -> sql.Composable:
+        if not items:
+            return sql.SQL("'{}'::jsonb")
+        return sql.SQL(" || ").join(sql.SQL("jsonb_build_object({}, {})").format(sql.Literal(str(i)), output_text(e))
+                                    for i, e in items)
+
+    def state_sql(self, groups: bool) -> sql.Composable:
+        """``INSERT … ON CONFLICT DO UPDATE`` of ``pgderive.agg_groups``: the states of every
+        (``groups`` False) or the given groups (``%(groups)s``, ``jsonb[]``) of view
+        ``%(view)s``, computed from all their stored contributions with plain aggregates (the
+        same counters :meth:`_vector` gives per row, zeros left out)."""
+        cond = sql.SQL(" AND grp = ANY(%(groups)s::jsonb[])") if groups else sql.SQL("")
+        counters: list[sql.Composable] = [sql.SQL("jsonb_build_object('n', count(*))")]
+        scales: list[tuple[int, sql.Composable]] = []
+        x: list[tuple[int, sql.Composable]] = []
+        for i, m in enumerate(self.measures):
+            v, k = self._value(m), (lambda s, i=i: sql.Literal(f"{i}.{s}"))
+            if m.kind in ("extreme", "recompute"):
+                x.append((i, sql.SQL("{}({})").format(sql.SQL(m.func), v)))
+                continue
+            if m.kind != "additive":
+                continue
+            pairs = [sql.SQL("{}, nullif(count({}), 0)").format(k("c"), v)]
+            if m.func != "count" and _base(m.type) == "numeric":
+                finite = sql.SQL("FILTER (WHERE scale({}) IS NOT NULL)").format(v)
+                pairs += [sql.SQL("{}, nullif(sum({}) {}, 0)").format(k("s"), v, finite),
+                          sql.SQL("{}, nullif(count(*) {}, 0)").format(k("f"), finite)]
+                pairs += [sql.SQL("{}, nullif(count(*) FILTER (WHERE {} = {}), 0)").format(k(key), v, sql.Literal(lit))
+                          for key, lit in (("n", "NaN"), ("p", "Infinity"), ("m", "-Infinity"))]
+                scales.append((i, v))
+            elif m.func != "count":
+                pairs.append(sql.SQL("{}, nullif(sum({}::numeric), 0)").format(k("s"), v))
+            counters.append(sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(pairs)))
+        ctes = [sql.SQL("r AS (SELECT grp, vals FROM pgderive.agg_rows WHERE view = %(view)s AND grp IS NOT NULL{})")
+                .format(cond),
+                sql.SQL("c AS (SELECT grp, jsonb_strip_nulls({}) AS add, {} AS x FROM r GROUP BY grp)").format(
+                    sql.SQL(" || ").join(counters), self._x_object(x))]
+        add: sql.Composable = sql.SQL("c.add")
+        for i, v in scales:  # counts per display scale: a second grouping
+            name = sql.Identifier(f"d{i}")
+            ctes.append(sql.SQL("{} AS (SELECT grp, jsonb_object_agg({} || sc, k) AS h FROM (SELECT grp, scale({}) AS sc, "
+                                "count(*) AS k FROM r WHERE scale({}) IS NOT NULL GROUP BY 1, 2) t GROUP BY grp)")
+                        .format(name, sql.Literal(f"{i}.d"), v, v))
+            add = sql.SQL("{} || coalesce({}.h, '{{}}')").format(add, name)
+        joins = sql.SQL("").join(sql.SQL(" LEFT JOIN {} USING (grp)").format(sql.Identifier(f"d{i}")) for i, _ in scales)
+        return sql.SQL(
+            "WITH {ctes} INSERT INTO pgderive.agg_groups (view, grp, state) "
+            "SELECT %(view)s, c.grp, jsonb_build_object('add', {add}, 'x', c.x) FROM c{joins} "
+            "ON CONFLICT (view, grp) DO UPDATE SET state = excluded.state").format(
+                ctes=sql.SQL(", ").join(ctes), add=add, joins=joins)
+
+    def merge_sql(self) -> sql.Composable:
+        """The deltas ``%(sign)s`` (``int[]``, ±1), ``%(grp)s``, ``%(vals)s`` (``jsonb[]``)
+        applied to the stored states of view ``%(view)s``: one row per group, ``(grp text,
+        new state text, has rows bool, stale bool)``; a stale group's ``min``/``max`` lost its
+        extreme and must be recomputed (:meth:`state_sql`)."""
+        add, new, stale = [], [], []
+        for i, m in enumerate(self.measures):
+            if m.kind != "extreme":
+                continue
+            typ, v = sql.SQL(m.type or "text"), self._value(m)
+            cur = sql.SQL("(g.state->'x'->>{})::{}").format(sql.Literal(str(i)), typ)
+            a, r = sql.Identifier(f"a{i}"), sql.Identifier(f"r{i}")
+            add.append(sql.SQL("{f}({v}) FILTER (WHERE sign > 0) AS {a}, {f}({v}) FILTER (WHERE sign < 0) AS {r}")
+                       .format(f=sql.SQL(m.func), v=v, a=a, r=r))
+            new.append((i, sql.SQL("{}({}, x.{})").format(sql.SQL("least" if m.func == "min" else "greatest"), cur, a)))
+            # Stale: a removed value reached the extreme and no added value reaches past it
+            # (an update of the latest row's max(updated_at) stays incremental).
+            stale.append(sql.SQL("(x.{r} IS NOT NULL AND NOT coalesce(x.{r} {op} {cur}, false) "
+                                 "AND NOT coalesce(x.{a} {covers} x.{r}, false))").format(
+                r=r, a=a, op=sql.SQL(">" if m.func == "min" else "<"), cur=cur,
+                covers=sql.SQL("<=" if m.func == "min" else ">=")))
+        return sql.SQL(
+            "WITH d AS (SELECT * FROM unnest(%(sign)s::int[], %(grp)s::jsonb[], %(vals)s::jsonb[]) AS d(sign, grp, vals)), "
+            "g AS (SELECT grp, state FROM pgderive.agg_groups WHERE view = %(view)s AND grp IN (SELECT grp FROM d)), "
+            "s AS (SELECT grp, key, sum(v) AS v FROM ("
+            "  SELECT d.grp, e.key, d.sign * e.value::numeric AS v FROM d, jsonb_each({vec}) AS e "
+            "  UNION ALL SELECT g.grp, e.key, e.value::numeric FROM g, jsonb_each(g.state->'add') AS e) u "
+            "  GROUP BY grp, key), "
+            "a AS (SELECT grp, jsonb_object_agg(key, v) FILTER (WHERE v <> 0) AS add FROM s GROUP BY grp), "
+            "x AS (SELECT grp{add} FROM d GROUP BY grp) "
+            "SELECT x.grp::text, jsonb_build_object('add', coalesce(a.add, '{{}}'), 'x', {new})::text, "
+            "coalesce(a.add ? 'n', false), {stale} "
+            "FROM x LEFT JOIN a USING (grp) LEFT JOIN g USING (grp)").format(
+                vec=self._vector(), add=sql.SQL("").join(sql.SQL(", ") + p for p in add),
+                new=self._x_object(new), stale=sql.SQL(" OR ").join([*stale, sql.SQL("false")]))
+
+    def result_sql(self, groups: bool) -> sql.Composable:
+        """``(grp text, one output text per measure)`` of every (``groups`` False) or the
+        given groups (``%(groups)s``) of view ``%(view)s``, from their stored states: the
+        values Postgres' own aggregates give over the groups' rows."""
         items: list[sql.Composable] = [sql.SQL("grp::text")]
-        for m in self.measures:
-            if m.path is None:
-                expr = sql.SQL("count(*)")
+        for i, m in enumerate(self.measures):
+            k = (lambda s, i=i: sql.Literal(f"{i}.{s}"))
+            has = (lambda s, k=k: sql.SQL("(a ? {})").format(k(s)))
+            if m.kind == "rows":
+                expr = sql.SQL("(a->>'n')::bigint")
+            elif m.kind in ("extreme", "recompute"):
+                expr = sql.SQL("(x->>{})::{}").format(sql.Literal(str(i)), sql.SQL(m.result_type))
+            elif m.func == "count":
+                expr = sql.SQL("coalesce((a->>{})::bigint, 0)").format(k("c"))
             else:
-                arg = sql.SQL("(vals->>{})::{}").format(sql.Literal(m.name), sql.SQL(m.type or "text"))
-                expr = sql.SQL("{}({})").format(sql.SQL(m.func), arg)
+                total = sql.SQL("coalesce((a->>{})::numeric, 0)").format(k("s"))
+                if _base(m.type) == "numeric":
+                    scale = sql.SQL("(SELECT max(substr(d, {})::int) FROM jsonb_object_keys(a) AS d "
+                                    "WHERE starts_with(d, {}))").format(sql.Literal(len(f"{i}.d") + 1), k("d"))
+                    total = sql.SQL("round({}, {})").format(total, scale)
+                    count = sql.SQL("(a->>{})::numeric").format(k("f"))
+                else:
+                    count = sql.SQL("(a->>{})::numeric").format(k("c"))
+                value = total if m.func == "sum" else sql.SQL("{} / {}").format(total, count)
+                special = sql.SQL("")
+                if _base(m.type) == "numeric":
+                    special = sql.SQL("WHEN {n} OR ({p} AND {m}) THEN 'NaN' WHEN {p} THEN 'Infinity' "
+                                      "WHEN {m} THEN '-Infinity' ").format(n=has("n"), p=has("p"), m=has("m"))
+                expr = sql.SQL("(CASE WHEN NOT {} THEN NULL {}ELSE {} END)::{}").format(
+                    has("c"), special, value, sql.SQL(m.result_type))
             items.append(output_text(expr))
-        cond = sql.SQL(" AND grp = ANY(%s::jsonb[])") if groups else sql.SQL("")
-        return sql.SQL("SELECT {} FROM {} WHERE view = %s AND grp IS NOT NULL{} GROUP BY grp").format(
-            sql.SQL(", ").join(items), table, cond)
+        cond = sql.SQL(" AND grp = ANY(%(groups)s::jsonb[])") if groups else sql.SQL("")
+        return sql.SQL("SELECT {} FROM (SELECT grp, state->'add' AS a, state->'x' AS x FROM pgderive.agg_groups "
+                       "WHERE view = %(view)s{}) AS g").format(sql.SQL(", ").join(items), cond)
 
     def direct_query(self, rows: sql.Composable, nodes: Sequence[IncludeNode]) -> sql.Composable:
         """SQL computing every group straight from the source rows ``rows`` (the SELECT of
-        :meth:`views.include.IncludeTree.select`), same result shape as :meth:`group_query`:
-        how ``verify`` checks the stored state independently."""
+        :meth:`views.include.IncludeTree.select`) with Postgres' own aggregates, same result
+        shape as :meth:`result_sql`: how ``verify`` checks the stored state independently."""
         by_name = {n.name: n for n in nodes}
 
         def value(path: str) -> sql.Composable:
@@ -210,7 +392,7 @@ class Aggregation:
             sql.SQL(", ").join(items), rows, grp)
 
     def group_record(self, grp: str, texts: Sequence[str | None]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(group columns → values, document)`` of one result row of :meth:`group_query`."""
+        """``(group columns → values, document)`` of one result row of :meth:`result_sql`."""
         values = orjson.loads(grp)
         group = {c: (None if v is None else conv(v)) for c, conv, v in zip(self.group_by, self._group_convs, values)}
         doc = dict(group)
@@ -225,8 +407,9 @@ def row_key(key: KeyTuple) -> str:
 
 
 class AggregateStore:
-    """``pgderive.agg_rows`` in the source database: the contributions of every row of every
-    aggregate view, with their versions (see the module docstring).
+    """``pgderive.agg_rows`` and ``pgderive.agg_groups`` in the source database: the
+    contributions of every row of every aggregate view with their versions, and every group's
+    state (see the module docstring).
 
     Args:
         dsn: libpq connection string of the source (the schema is created on first use).
@@ -253,11 +436,13 @@ class AggregateStore:
     def apply(self, view: str, agg: Aggregation,
               items: Iterable[tuple[KeyTuple, int, dict[str, Any] | None]]) -> tuple[list, list[str]]:
         """Store contributions ``(root identity, version, row or None)`` of ``view`` (newer
-        versions only) and recompute every group they touch, in one transaction.
+        versions only) and move the states of the groups they leave and enter by the
+        replaced contributions, in one transaction.
 
-        Returns ``(rows, touched)``: :meth:`Aggregation.group_query` rows of the touched groups
+        Returns ``(rows, touched)``: :meth:`Aggregation.result_sql` rows of the touched groups
         that still have rows, and the JSON texts of all touched groups (those without a row
-        are empty: to delete). Raises :class:`psycopg.Error`."""
+        are empty: to delete). A replay changes no state and returns the current groups.
+        Raises :class:`psycopg.Error`."""
         keyed = {}
         for key, version, row in items:
             keyed[row_key(key)] = (version, agg.contribution(row) if row is not None else (None, None))
@@ -265,53 +450,89 @@ class AggregateStore:
             return [], []
         conn = self.connection()
         with conn.transaction():
-            old = conn.execute(sql.SQL("SELECT row_key, version, grp::text FROM {} WHERE view = %s AND "
-                                       "row_key = ANY(%s) FOR UPDATE").format(self.TABLE),
+            old = conn.execute(sql.SQL("SELECT row_key, version, grp::text, vals::text FROM {} WHERE view = %s "
+                                       "AND row_key = ANY(%s) FOR UPDATE").format(self.TABLE),
                                (view, list(keyed))).fetchall()
-            stored = {k: (v, g) for k, v, g in old}
-            touched: set[str] = {g for _, g in stored.values() if g is not None}
-            write = []
+            stored = {k: (v, g, x) for k, v, g, x in old}
+            touched: set[str] = {g for _, g, _ in stored.values() if g is not None}
+            write, deltas = [], []
             for k, (version, (grp, vals)) in keyed.items():
                 if grp is not None:
                     touched.add(grp)
                 prev = stored.get(k)
                 if prev is None or version > prev[0]:
                     write.append((view, k, version, grp, vals))
+                    if prev is not None and prev[1] is not None:
+                        deltas.append((-1, prev[1], prev[2]))
+                    if grp is not None:
+                        deltas.append((1, grp, vals))
             if write:
                 with conn.cursor() as cur:
                     cur.executemany(sql.SQL(
                         "INSERT INTO {} (view, row_key, version, grp, vals) VALUES (%s, %s, %s, %s, %s) "
                         "ON CONFLICT (view, row_key) DO UPDATE SET version = excluded.version, "
                         "grp = excluded.grp, vals = excluded.vals").format(self.TABLE), write)
+            if deltas:
+                self._move(conn, view, agg, deltas)
             groups = sorted(touched)
-            rows = conn.execute(agg.group_query(self.TABLE, True), (view, groups)).fetchall() if groups else []
+            rows = conn.execute(agg.result_sql(True), {"view": view, "groups": groups}).fetchall() if groups else []
         return rows, groups
 
-    def truncate(self, view: str, version: int) -> None:
-        """Every row of ``view``'s table is gone as of ``version`` (a TRUNCATE): tombstones."""
+    @staticmethod
+    def _move(conn: psycopg.Connection, view: str, agg: Aggregation, deltas: list[tuple[int, str, str]]) -> None:
+        """Apply ``(sign, grp, vals)`` deltas to the stored group states (inside the caller's
+        transaction): merged where exact, recomputed from the contributions where not."""
+        if agg.incremental:
+            merged = conn.execute(agg.merge_sql(), {"view": view, "sign": [d[0] for d in deltas],
+                                                    "grp": [d[1] for d in deltas],
+                                                    "vals": [d[2] for d in deltas]}).fetchall()
+        else:
+            merged = [(g, None, True, True) for g in {d[1] for d in deltas}]
+        keep = [(g, s) for g, s, rows, stale in merged if rows and not stale]
+        gone = [g for g, _, rows, stale in merged if not rows or stale]
+        stale = [g for g, _, rows, stale in merged if rows and stale]
+        if gone:
+            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s AND grp = ANY(%s::jsonb[])", (view, gone))
+        if keep:
+            conn.execute("INSERT INTO pgderive.agg_groups (view, grp, state) SELECT %s, g, s FROM "
+                         "unnest(%s::jsonb[], %s::jsonb[]) AS u(g, s) ON CONFLICT (view, grp) DO UPDATE "
+                         "SET state = excluded.state", (view, [k[0] for k in keep], [k[1] for k in keep]))
+        if stale:
+            conn.execute(agg.state_sql(True), {"view": view, "groups": stale})
+
+    def truncate(self, view: str, agg: Aggregation, version: int) -> None:
+        """Every row of ``view``'s table is gone as of ``version`` (a TRUNCATE): tombstones;
+        the group states are recomputed from what is left (rows a replay already re-added)."""
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("UPDATE {} SET grp = NULL, vals = NULL, version = %s WHERE view = %s "
                                  "AND version < %s").format(self.TABLE), (version, view, version))
+            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
+            conn.execute(agg.state_sql(False), {"view": view})
 
     def reset(self, view: str) -> None:
-        """Forget ``view``'s contributions (before a bootstrap or rebuild loads them again)."""
+        """Forget ``view``'s contributions and states (before a bootstrap or rebuild loads
+        them again)."""
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("DELETE FROM {} WHERE view = %s").format(self.TABLE), (view,))
+            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
 
     def load(self, view: str, agg: Aggregation, rows: Iterable[tuple[KeyTuple, dict[str, Any]]],
              version: int) -> None:
-        """Append snapshot contributions at ``version`` (after :meth:`reset`), committed."""
-        conn = self.connection()
-        with conn.transaction(), conn.cursor().copy(sql.SQL(
-                "COPY {} (view, row_key, version, grp, vals) FROM STDIN").format(self.TABLE)) as copy:
-            for key, row in rows:
-                grp, vals = agg.contribution(row)
-                copy.write_row((view, row_key(key), version, grp, vals))
-
-    def all_groups(self, view: str, agg: Aggregation) -> list:
-        """:meth:`Aggregation.group_query` rows of every group of ``view``."""
+        """Append snapshot contributions at ``version`` (after :meth:`reset`) and compute every
+        group's state from them, committed."""
         conn = self.connection()
         with conn.transaction():
-            return conn.execute(agg.group_query(self.TABLE, False), (view,)).fetchall()
+            with conn.cursor().copy(sql.SQL(
+                    "COPY {} (view, row_key, version, grp, vals) FROM STDIN").format(self.TABLE)) as copy:
+                for key, row in rows:
+                    grp, vals = agg.contribution(row)
+                    copy.write_row((view, row_key(key), version, grp, vals))
+            conn.execute(agg.state_sql(False), {"view": view})
+
+    def all_groups(self, view: str, agg: Aggregation) -> list:
+        """:meth:`Aggregation.result_sql` rows of every group of ``view``."""
+        conn = self.connection()
+        with conn.transaction():
+            return conn.execute(agg.result_sql(False), {"view": view}).fetchall()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import psycopg
+from psycopg import sql
 
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
@@ -117,6 +118,7 @@ def _snapshot_groups(conn: psycopg.Connection, v: View, version: int,
         groups = store.all_groups(v.name, agg)
     else:  # verify: straight from the source rows, independent of the stored state
         groups = conn.execute(agg.direct_query(tree.select(), tree.nodes)).fetchall()
+        nrows = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS q").format(tree.select())).fetchone()[0]
     ops, errors = v.group_ops(groups, [], version)
     return SnapshotChunk(v.table, nrows, [v], {v.name: ops}, {v.name: errors})
 

@@ -87,7 +87,9 @@ def view_fingerprint(view: View) -> str:
                         **({"where": view.spec.where} if view.spec.where else {}),
                         **({"derive": view.spec.derive} if view.spec.derive else {}),
                         **({"include": view.spec.model_dump(include={"include"})} if view.spec.include else {}),
-                        **({"group": [view.spec.group_by, view.spec.aggregate]} if view.spec.group_by else {})},
+                        # "state" 2: group states in pgderive.agg_groups (a view stored before them rebuilds)
+                        **({"group": [view.spec.group_by, view.spec.aggregate], "state": 2}
+                           if view.spec.group_by else {})},
                        option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -538,7 +540,7 @@ class Engine:
         batch.dead_letters = []  # recorded by apply_now
         for v in views:
             if v.aggregation is not None:
-                self.aggregates.truncate(v.name, version)
+                self.aggregates.truncate(v.name, v.aggregation, version)
             self.sinks[v.sink].truncate(v.name, version)
             log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
 

@@ -55,7 +55,7 @@ def schema(conn: psycopg.Connection) -> Iterator[str]:
 
 def make_spec(schema: str, views: str) -> Spec:
     """A spec over ``schema``: views start at line 6 of the text."""
-    text = (f'source: {{dsn: "postgresql://postgres:hunter2@127.0.0.1:5433/postgres", slot: s}}\n'
+    text = ('source: {dsn: "postgresql://postgres:hunter2@127.0.0.1:5433/postgres", slot: s}\n'
             "sinks:\n"
             "  cache: {type: redis}\n"
             '  search: {type: opensearch, hosts: ["http://127.0.0.1:9201"]}\n'

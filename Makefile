@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 $(BIN)/pgderive: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	@touch $@
 
 venv: $(BIN)/pgderive
@@ -51,6 +51,12 @@ chaos: services venv
 	PGDERIVE_CHAOS_TRUNCATES=$${PGDERIVE_CHAOS_TRUNCATES:-12} \
 	PGDERIVE_CHAOS_TIMEOUT=$${PGDERIVE_CHAOS_TIMEOUT:-600} \
 	$(BIN)/pytest -q tests/test_chaos.py
+
+# Benchmarks against same-run baselines (bench/, see bench/settings.py for PGDERIVE_BENCH_*):
+# writes bench/report.md and bench/plot.png; logs and raw results under bench/out/.
+# PGDERIVE_BENCH_QUICK=1 is the < 2 min smoke run (report under bench/out/quick/).
+bench: services venv
+	$(BIN)/python -m bench
 
 clean:
 	-scripts/services.sh down

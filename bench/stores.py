@@ -1,0 +1,122 @@
+"""Redis and OpenSearch side of the benchmark: clean-up by prefix and the raw ``_bulk`` loader.
+
+The raw loader is the OpenSearch baseline: opensearch-py's ``helpers.streaming_bulk`` writing
+plain ``index`` actions (no versions, no checkpoints) of documents prepared in memory beforehand,
+in requests of the same size pgderive uses (2,000 actions / 16 MiB), into a scratch index with
+the settings of pgderive's generation indices (1 shard, 0 replicas, refresh 1 s). Its client
+serializes with orjson (:class:`OrjsonSerializer`) like pgderive does: with the default stdlib
+``json`` serializer the loader is about 25 % slower on this kind of machine, which would flatter
+pgderive.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Iterator
+
+import orjson
+import redis
+from opensearchpy import OpenSearch, helpers
+from opensearchpy.serializer import JSONSerializer
+
+from .settings import Settings
+
+__all__ = ["redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
+           "create_scratch_index", "clone_index", "alias_index"]
+
+# Same as sinks/opensearch.py's generation indices, so the baseline writes into the same kind of index.
+SCRATCH_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
+CHECKPOINT_INDEX = "pgderive-checkpoints"  # sinks.opensearch.CHECKPOINT_INDEX
+BULK_DOCS = 2000  # sinks.opensearch.OpenSearchSink default bulk_docs
+BULK_BYTES = 16 << 20  # ... and bulk_bytes
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client for the benchmark's server."""
+    return redis.Redis.from_url(settings.redis_url)
+
+
+class OrjsonSerializer(JSONSerializer):
+    """opensearch-py serializer using orjson (strings pass through, as in the default one)."""
+
+    def dumps(self, data: Any) -> str:
+        if isinstance(data, str):
+            return data
+        return orjson.dumps(data).decode()
+
+
+def opensearch_client(settings: Settings) -> OpenSearch:
+    """An OpenSearch client with a generous timeout (bulk loads of 1M documents) and the
+    orjson serializer."""
+    return OpenSearch(hosts=[settings.opensearch_url], timeout=120, serializer=OrjsonSerializer())
+
+
+def clean_redis(r: redis.Redis, key_prefix: str, views: Iterable[str]) -> int:
+    """Delete every key starting with ``key_prefix`` and pgderive's bookkeeping keys of
+    ``views`` (``pgderive:<view>:*``); returns the number of keys deleted."""
+    deleted = 0
+    patterns = [f"{key_prefix}*"] + [f"pgderive:{v}:*" for v in views]
+    for pattern in patterns:
+        batch: list[bytes] = []
+        for key in r.scan_iter(match=pattern, count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                deleted += r.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += r.unlink(*batch)
+    return deleted
+
+
+def clean_opensearch(client: OpenSearch, index_prefix: str, views: Iterable[str]) -> None:
+    """Delete every index named ``index_prefix*`` (pgderive's generations behind the aliases
+    and scratch indices) and the checkpoint documents of ``views``."""
+    client.indices.delete(index=f"{index_prefix}*", ignore=[404], expand_wildcards="all")
+    if client.indices.exists(index=CHECKPOINT_INDEX):
+        for v in views:
+            client.delete(index=CHECKPOINT_INDEX, id=v, ignore=[404])
+
+
+def create_scratch_index(client: OpenSearch, index: str) -> None:
+    """(Re)create ``index`` with the settings of pgderive's generation indices."""
+    client.indices.delete(index=index, ignore=[404])
+    client.indices.create(index=index, body={"settings": {"index": SCRATCH_SETTINGS}})
+
+
+def alias_index(client: OpenSearch, alias: str) -> str:
+    """The single index behind ``alias``."""
+    names = sorted(client.indices.get_alias(name=alias))
+    if len(names) != 1:
+        raise RuntimeError(f"alias {alias} points at {names}, expected one index")
+    return names[0]
+
+
+def clone_index(client: OpenSearch, source: str, target: str) -> None:
+    """Clone ``source`` into ``target`` (same documents and segments, hard-linked): the write
+    block the clone API needs is set and lifted around it; waits until the clone is usable."""
+    client.indices.delete(index=target, ignore=[404])
+    client.indices.put_settings(index=source, body={"index.blocks.write": True})
+    try:
+        client.indices.clone(index=source, target=target, wait_for_active_shards=1,
+                             body={"settings": {"index.blocks.write": None, "index.number_of_replicas": 0}})
+    finally:
+        client.indices.put_settings(index=source, body={"index.blocks.write": None})
+    client.cluster.health(index=target, wait_for_status="green")
+
+
+def bulk_load(client: OpenSearch, index: str, docs: Iterable[tuple[Any, dict[str, Any]]]) -> tuple[int, float]:
+    """Write ``(id, source)`` pairs to ``index`` as plain index actions with
+    ``helpers.streaming_bulk`` (``BULK_DOCS`` actions / ``BULK_BYTES`` per request); raises on
+    any failed item. Returns ``(documents, seconds)``."""
+
+    def actions() -> Iterator[dict[str, Any]]:
+        for _id, source in docs:
+            yield {"_op_type": "index", "_index": index, "_id": _id, "_source": source}
+
+    n = 0
+    t0 = time.monotonic()
+    for ok, item in helpers.streaming_bulk(client, actions(), chunk_size=BULK_DOCS,
+                                           max_chunk_bytes=BULK_BYTES, raise_on_error=True,
+                                           request_timeout=120):
+        n += 1
+    return n, time.monotonic() - t0
+

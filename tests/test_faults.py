@@ -157,6 +157,48 @@ def test_opensearch_unavailable_for_a_minute(scenario):
     assert "retrying" in d.output()
 
 
+@pytest.mark.skipif(_opensearch_pid() is None, reason="no local OpenSearch process to pause")
+def test_checkpoint_waits_out_a_hung_opensearch(opensearch_hosts, caplog):
+    """A checkpoint that times out is retried like a batch, not fatal (CI once lost the daemon
+    this way: the batch landed just before OpenSearch hung, then its checkpoint timed out)."""
+    from sinks.base import ViewTarget
+    from sinks.opensearch import OpenSearchSink
+    from views.flusher import Flusher
+
+    sink = OpenSearchSink("search", opensearch_hosts, timeout=1.0)
+    view = f"t_cp_{os.getpid()}_{int(time.time())}"
+    sink.register(ViewTarget(view, index=f"pgd-test-cp-{os.getpid()}-{int(time.time())}"))
+    try:
+        sink.write_checkpoint([view], 0x10)
+        flusher = Flusher({"search": sink}, threading.Event(), on_applied=lambda b: None,
+                          views_by_sink={"search": [view]}, acked_lsn=0x10)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                flusher.checkpoint(0x20)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        pid = _opensearch_pid()
+        os.kill(pid, signal.SIGSTOP)
+        t = threading.Thread(target=run)
+        try:
+            with caplog.at_level("WARNING", logger="pgderive.flusher"):
+                t.start()
+                time.sleep(3.5)  # > 2 client timeouts of 1 s
+                assert t.is_alive() and not errors, errors
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        t.join(120)
+        assert not t.is_alive() and not errors, errors
+        assert sink.read_checkpoint(view) == 0x20
+        assert any("checkpoint failed" in r.getMessage() and "retrying" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        sink.drop_view(view)
+        sink.close()
+
+
 def _redis_server() -> psutil.Process | None:
     for p in psutil.process_iter(["cmdline", "name"]):
         if (p.info["name"] or "").startswith("redis-server") and "6380" in " ".join(p.info["cmdline"] or []):

@@ -27,7 +27,7 @@ from cdc.lsn import format_lsn
 from cdc.refetch import RowRefetcher
 from cdc.slot import Keepalive, ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
-from sinks.base import Sink
+from sinks.base import Sink, SinkError
 from sinks.factory import make_sink
 
 from .aggregate import AggregateStore
@@ -36,7 +36,7 @@ from .bootstrap import Interrupted, load_snapshot
 from .catalog import check_source
 from .deadletters import DeadLetter, DeadLetterStore
 from .derive import DerivationError, View
-from .flusher import Backoff, Flusher, SinkDataLoss
+from .flusher import Backoff, Flusher, SinkDataLoss, with_retry
 from .spec import Spec
 from .state import StateStore
 
@@ -325,6 +325,22 @@ class Engine:
             out[v.sink].append(v.name)
         return dict(out)
 
+    @staticmethod
+    def _idle_checkpoint(flusher: Flusher, lsn: int) -> bool:
+        """Checkpoint every view at ``lsn`` (int LSN, a keepalive's walEnd) while nothing is
+        pending. Only an optimisation (it lets the slot free WAL nobody watches), so a sink
+        that is down is not waited for here: returns False after a retryable
+        :class:`SinkError` (logged), True once recorded. Raises :class:`SinkDataLoss` and
+        non-retryable :class:`SinkError`."""
+        try:
+            flusher.checkpoint(lsn, retry=False)
+        except SinkError as e:
+            if not e.retryable:
+                raise
+            log.warning("idle checkpoint at %s skipped: %s", format_lsn(lsn), " ".join(str(e).split())[:300])
+            return False
+        return True
+
     def _lost_views(self, confirmed: int) -> list[View]:
         """Views whose sink no longer holds everything the slot was confirmed for.
 
@@ -378,10 +394,10 @@ class Engine:
                                 and time.monotonic() - last_idle_checkpoint >= 1.0):
                             # Nothing pending: the sinks are complete up to walEnd. Record it,
                             # then let the slot go (rule 3: unwatched traffic frees WAL).
-                            flusher.checkpoint(event.wal_end)
-                            flusher.acked_lsn = event.wal_end
-                            reader.confirm(event.wal_end)
                             last_idle_checkpoint = time.monotonic()
+                            if self._idle_checkpoint(flusher, event.wal_end):
+                                flusher.acked_lsn = event.wal_end
+                                reader.confirm(event.wal_end)
                         continue
                     self._add_transaction(batch, event)
                     if self._full(batch):
@@ -541,7 +557,9 @@ class Engine:
         for v in views:
             if v.aggregation is not None:
                 self.aggregates.truncate(v.name, v.aggregation, version)
-            self.sinks[v.sink].truncate(v.name, version)
+            sink = self.sinks[v.sink]
+            with_retry(f"sink {v.sink} truncate of {v.name}",
+                       lambda: sink.truncate(v.name, version), self.flusher.stop)
             log.info("TRUNCATE of %s emptied view %s at %s", v.table, v.name, format_lsn(version))
 
     def _rejected(self, batch: Batch, rejected: list) -> None:

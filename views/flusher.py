@@ -221,14 +221,21 @@ class Flusher:
         finally:
             took[sink.name] = time.monotonic() - started
 
-    def checkpoint(self, lsn: int) -> None:
+    def checkpoint(self, lsn: int, retry: bool = True) -> None:
         """Record in every sink that all its views are complete up to ``lsn`` (int LSN).
 
         Each checkpoint must still be at :attr:`acked_lsn` or later: if one is missing or
         behind, the sink lost data it had acknowledged and :class:`SinkDataLoss` is raised.
+        With ``retry``, a retryable :class:`SinkError` (a sink down or hung) is retried with
+        backoff until :attr:`stop`, like the batch itself (moving a checkpoint to ``lsn`` twice is
+        harmless); without it the first :class:`SinkError` is raised.
         """
         for name, views in self.views_by_sink.items():
-            lost = self.sinks[name].advance_checkpoint(views, self.acked_lsn, lsn) if views else []
+            if not views:
+                continue
+            sink = self.sinks[name]
+            advance = lambda: sink.advance_checkpoint(views, self.acked_lsn, lsn)  # noqa: E731
+            lost = with_retry(f"sink {name} checkpoint", advance, self.stop) if retry else advance()
             if lost:
                 raise SinkDataLoss(name, lost, f"checkpoint missing or behind the acknowledged "
                                                f"position {self.acked_lsn:#x}")

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import orjson
 
-__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "to_text", "NONFINITE"]
+__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "to_text", "text_form", "NONFINITE"]
 
 Converter = Callable[[Any], Any]
 
@@ -174,6 +174,25 @@ def converter(type_name: str) -> Converter:
     if type_name.endswith("]"):
         return _identity
     return _BY_BASE.get(_base_type(type_name), _identity)
+
+
+def text_form(type_name: str) -> str | None:
+    """How a model value of this column type prints, compared with Postgres' text output.
+
+    ``"text"``: the model value is that text (``str``) or an ``int`` whose decimal form is that
+    text, so ``str(value)`` equals the output; ``"boolean"``: the model's ``True``/``False``
+    prints as ``true``/``false`` where Postgres prints ``t``/``f``; ``None``: the forms differ
+    (floats print by Python's ``repr``, ``jsonb`` is parsed). Lets a snapshot be encoded by
+    Postgres itself (:mod:`views.wire`) exactly as pgderive would encode the model value.
+    """
+    if type_name.endswith("]"):
+        return "text"
+    base = _base_type(type_name)
+    if base == "boolean":
+        return "boolean"
+    if base in _FLOAT_TYPES or base == "jsonb":
+        return None
+    return "text"
 
 
 def is_numeric_type(type_name: str) -> bool:

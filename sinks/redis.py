@@ -43,15 +43,26 @@ foreign Redis type (``WRONGTYPE``). They get no version entry; everything else i
 
 Checkpoints: string key ``pgderive:V:checkpoint`` holding :func:`cdc.lsn.version_hex` of the LSN,
 raised (never lowered) by one Lua call for all views.
+
+Wire loads (:meth:`RedisSink.wire_select`, :meth:`RedisSink.wire_load`): a snapshot of a plain
+``hash`` view can be encoded by Postgres itself. The snapshot query returns, per row, the RESP
+bytes of the commands that write the record at the snapshot's version (``DEL key`` first when the
+view already holds data, ``HSET key f v ..`` — or ``DEL key`` when every field is NULL — and
+``HSET pgderive:V:versions key version``), and pgderive relays them to Redis without decoding a
+row. No compare-and-set is needed: a snapshot is loaded while nothing else writes the view, at a
+consistent point newer than every version already stored (DESIGN.md rules 1 and 4), exactly as
+the compare-and-set would decide.
 """
 from __future__ import annotations
 
+import select
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Sequence
 
 import hiredis
 import orjson
 import redis
+from psycopg import sql
 from redis import exceptions as rx
 
 from cdc.lsn import version_hex
@@ -64,6 +75,8 @@ WRONGTYPE_FIELD = "<redis WRONGTYPE>"  # :meth:`RedisSink.get`: a record key of 
 _VERSION_LEN = 16
 _MAX_ARGS_PER_CALL = 50_000  # bounds one Lua call for views with very wide documents
 _SCAN_COUNT = 1000
+_WIRE_IN_FLIGHT = 200_000  # wire load: replies outstanding before the sender waits for Redis
+_CRLF = sql.Literal("\r\n")
 
 # Shared Lua helpers. ``older(a, b)``: is version ``a`` < ``b`` (16 hex digits each)? Exact:
 # whole-number compare first, then 32-bit halves when both round to the same double. (Lua's
@@ -307,6 +320,7 @@ class RedisSink:
         self._advance_script = self._client.register_script(_ADVANCE_LUA)
         self._get_script = self._client.register_script(_GET_LUA)
         self._targets: dict[str, ViewTarget] = {}
+        self._wire_replies: dict[str, tuple[int, bytes]] = {}  # view -> (replies per row, version hex)
         self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
 
     # --- protocol -------------------------------------------------------------------------
@@ -358,6 +372,127 @@ class RedisSink:
                     retryable=False,
                 )
         return self.apply(ops)
+
+    def wire_select(self, view: str, fields: Sequence[str], version: int) -> sql.Composable | None:
+        """The SELECT-list expression of a wire load of ``view`` at ``version`` (int LSN).
+
+        It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and
+        ``f0``, ``f1``, .. (the text of output field ``fields[i]``, NULL when absent), and is a
+        ``bytea`` holding this row's RESP commands (see the module docstring), the field values
+        exactly as :func:`encode_field` writes their model values. Returns None when the view
+        cannot be loaded this way (``json`` format). Raises :class:`SinkError`.
+        """
+        if self._format(view) != "hash":
+            return None
+        vkey = versions_key(view).encode()
+        with self._errors("wire_select"):
+            populated = bool(self._client.exists(vkey))
+
+        def lit(b: bytes) -> sql.Composable:
+            return sql.Literal(b.decode())
+
+        def bulk(expr: sql.Composable) -> sql.Composable:
+            return sql.SQL("'$' || octet_length({0}) || {1} || {0} || {1}").format(expr, _CRLF)
+
+        def arg(text: str) -> bytes:
+            raw = text.encode()
+            return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+        k = sql.Identifier("k")
+        cols = [sql.Identifier(f"f{i}") for i in range(len(fields))]
+        delete = sql.SQL("{} || {}").format(lit(b"*2\r\n" + arg("DEL")), bulk(k))
+        present = sql.SQL(" + ").join(sql.SQL("({} IS NOT NULL)::int").format(c) for c in cols) \
+            if cols else sql.SQL("0")
+        pairs = [sql.SQL("coalesce({} || {}, '')").format(lit(arg(name)), bulk(c)) for name, c in zip(fields, cols)]
+        hset = sql.SQL("'*' || (2 + 2 * ({})) || {} || {} || {}").format(
+            present, _CRLF, lit(arg("HSET")), bulk(k))
+        record = sql.SQL("CASE WHEN {} = 0 THEN {} ELSE {} END").format(
+            present, delete, sql.SQL(" || ").join([hset, *pairs]))
+        entry = sql.SQL("{} || {} || {}").format(
+            lit(b"*4\r\n" + arg("HSET") + arg(versions_key(view))), bulk(k), lit(arg(version_hex(version))))
+        parts = [delete] if populated else []
+        self._wire_replies[view] = (len(parts) + 2, version_hex(version).encode())
+        return sql.SQL("convert_to({}, 'UTF8')").format(sql.SQL(" || ").join([*parts, record, entry]))
+
+    def wire_load(self, view: str, batches: Iterable[tuple[bytes, int]]) -> int:
+        """Relay the RESP bytes of a wire load of ``view`` to Redis, pipelined: ``batches`` yields
+        ``(bytes, rows)``, the concatenated outputs of :meth:`wire_select`'s expression for
+        ``rows`` rows. Returns once Redis answered every command, with the number of records.
+
+        Raises :class:`SinkError`: retryable for connection failures and transient replies
+        (OOM, LOADING, ...), ``retryable=False`` for other error replies (e.g. WRONGTYPE: a
+        record key holding another Redis type); the caller then loads the view through
+        :meth:`load`, which refuses such records one by one. Every command is idempotent, so
+        the whole load may be repeated.
+        """
+        if view not in self._wire_replies:
+            raise SinkError(f"sink {self.name}: wire_load of {view!r} without wire_select", retryable=False)
+        per_row, vhex = self._wire_replies[view]
+        pool = self._client.connection_pool
+        with self._errors("wire_load"):
+            conn = pool.get_connection()
+        expected = got = rows = 0
+        error: bytes | None = None
+        tail = b""
+
+        def receive(block: bool) -> None:
+            nonlocal got, error, tail
+            if not block and not select.select([sock], [], [], 0)[0]:
+                return
+            data = sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            got += data.count(b"\n")  # integer and error replies are one line each
+            if error is None and b"-" in data:  # only an error reply has a '-'
+                lines = (tail + data).split(b"\n")
+                error = next((ln for ln in lines if ln.startswith(b"-")), None)
+            tail = data[-200:]
+
+        try:
+            conn.send_command("PING")  # a live connection (reconnects a stale one)
+            conn.read_response()
+            sock = conn._sock
+            for data, n in batches:
+                sock.sendall(data)
+                expected += n * per_row
+                rows += n
+                receive(False)
+                while expected - got > _WIRE_IN_FLIGHT:
+                    receive(True)
+            while got < expected:
+                receive(True)
+        except (OSError, rx.ConnectionError, rx.TimeoutError) as e:
+            conn.disconnect()
+            raise SinkError(f"sink {self.name}: wire_load: Redis unavailable: {e}", retryable=True) from e
+        except BaseException:
+            conn.disconnect()  # replies may still be pending on it: never reuse
+            raise
+        finally:
+            pool.release(conn)
+        if error is not None:
+            text = error[1:].decode(errors="replace").strip()
+            retryable = text.startswith(_RETRYABLE_REPLIES)
+            if not retryable:
+                # The version entries were written even where the record was refused; the
+                # row-by-row load that follows must not take them for records of this view
+                # (it would delete a foreign key instead of refusing it).
+                self._forget_versions(view, vhex)
+            raise SinkError(f"sink {self.name}: wire_load of {view}: Redis error: {text}", retryable=retryable)
+        self.stats["applied"] += rows
+        return rows
+
+    def _forget_versions(self, view: str, vhex: bytes) -> None:
+        """Delete the version entries of ``view`` equal to ``vhex`` (a wire load's version)."""
+        vkey = versions_key(view).encode()
+        with self._errors("wire_load (undo)"):
+            cursor = 0
+            while True:
+                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                mine = [k for k, v in page.items() if v == vhex]
+                if mine:
+                    self._client.hdel(vkey, *mine)
+                if cursor == 0:
+                    break
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Sweep: delete every record of ``view`` (and its version entry, tombstones included)

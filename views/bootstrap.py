@@ -20,12 +20,13 @@ from psycopg import sql
 
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
-from sinks.base import Op, Sink
+from sinks.base import Op, Sink, SinkError
 
 from .aggregate import AggregateStore
 from .deadletters import DeadLetter
 from .derive import DerivationError, View
 from .flusher import with_retry
+from .wire import load_wire, wire_query
 
 __all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotStats", "Interrupted"]
 
@@ -143,10 +144,12 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                   version: int, *, chunk_rows: int = 5000,
                   should_stop: Callable[[], bool] = lambda: False,
                   on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
-                  aggregates: AggregateStore | None = None) -> SnapshotStats:
+                  aggregates: AggregateStore | None = None, wire_loads: bool = True) -> SnapshotStats:
     """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
 
-    Each table is read once (``COPY``) for all views over it. Progress is logged every 5 s
+    Views that qualify for a wire load (:mod:`views.wire`; ``wire_loads=False`` turns it off)
+    are loaded first, one ``COPY`` each, encoded by Postgres. The others are read row by row:
+    each table once (``COPY``) for all views over it. Progress is logged every 5 s
     with rows/s. Rows a view cannot derive and documents a sink rejects become dead letters
     passed to ``on_dead_letters`` (without it, the first one raises). Raises
     :class:`Interrupted` when ``should_stop()`` turns true (checked per chunk) and
@@ -172,9 +175,49 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         for v, f in futures:
             dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
 
+    def wire(v: View, query: sql.Composable) -> bool:
+        """Load ``v`` by a wire load; False (nothing lost: the caller loads it row by row) when
+        the sink refuses it, e.g. a record key holding another Redis type."""
+        sink = sinks[v.sink]
+        log.info("snapshot of %s at %s for view %s (wire load: encoded by Postgres)", v.table,
+                 format_lsn(version), v.name)
+
+        def attempt() -> tuple[int, float]:
+            conn.execute("SAVEPOINT pgderive_wire")  # a failed COPY must not abort the snapshot
+            try:
+                out = load_wire(conn, v, sink, query, should_stop, interrupted)
+            except BaseException:
+                conn.execute("ROLLBACK TO SAVEPOINT pgderive_wire")
+                raise
+            conn.execute("RELEASE SAVEPOINT pgderive_wire")
+            return out
+
+        def interrupted(rows: int) -> Interrupted:
+            stop_event.set()
+            return Interrupted(f"snapshot of {v.table} for view {v.name} interrupted after {rows} rows")
+        try:
+            records, secs = with_retry(f"sink {sink.name} (snapshot of {v.name})", attempt, stop_event)
+        except SinkError as e:
+            if e.retryable:
+                raise
+            log.warning("%s; loading view %s row by row instead", " ".join(str(e).split())[:300], v.name)
+            return False
+        stats.rows[v.table] = records
+        stats.seconds[v.table] = stats.seconds.get(v.table, 0.0) + secs
+        stats.records[v.name] = records
+        stats.sink_seconds[v.name] = secs
+        log.info("snapshot of %s for view %s done: %d rows in %.1f s (%.0f rows/s, wire load)", v.table,
+                 v.name, records, secs, records / secs if secs else 0.0)
+        return True
+
     stats = SnapshotStats()
     stop_event = threading.Event()  # set when should_stop() turns true: gives up retries
     generations = {v.name: sinks[v.sink].begin_generation(v.name, version) for v in views}
+    row_by_row = []
+    for v in views:
+        query = wire_query(conn, v, sinks[v.sink], version) if wire_loads else None
+        if query is None or not wire(v, query):
+            row_by_row.append(v)
     # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
     # read and derived while the previous one is being written (at most 2 chunks in memory).
     with ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-load") as pool:
@@ -191,7 +234,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
                      rows / secs if secs else 0.0)
 
-        for chunk in derive_snapshot(conn, views, version, chunk_rows=chunk_rows, aggregates=aggregates):
+        for chunk in derive_snapshot(conn, row_by_row, version, chunk_rows=chunk_rows, aggregates=aggregates):
             if chunk.table != table:
                 table_done()
                 table, t0, rows = chunk.table, time.monotonic(), 0

@@ -128,6 +128,12 @@ class KeyTemplate:
             parts[index] = value if type(value) is str else _format_value(value)
         return "".join(parts)
 
+    def pieces(self) -> list[str | tuple[str, str]]:
+        """The template in order: literal text as ``str``, each placeholder as
+        ``("column", name)`` (e.g. ``"t:{a}"`` → ``["t:", ("column", "a")]``)."""
+        slots = dict(self._slots)
+        return [("column", slots[i]) if i in slots else part for i, part in enumerate(self._parts)]
+
     def __repr__(self) -> str:
         return f"KeyTemplate({self.text!r})"
 

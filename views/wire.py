@@ -1,0 +1,111 @@
+"""Wire loads: a snapshot encoded by Postgres straight into the sink's protocol.
+
+For a plain projection (no ``derive``, ``include`` or aggregate) whose columns all print in the
+value model exactly as Postgres prints them (:func:`cdc.values.text_form`), the snapshot query
+itself renders each row as the sink's write commands (:meth:`sinks.redis.RedisSink.wire_select`)
+and pgderive only relays bytes: no row is decoded, derived or encoded in Python. The result is
+the same as the row-by-row path (:func:`views.bootstrap.derive_snapshot` + ``Sink.load``), which
+``tests/test_wire.py`` checks byte for byte, and that path remains the fallback whenever a view,
+its sink or the server does not qualify, or the sink answers an error.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from cdc.values import text_form
+
+from .derive import View
+
+__all__ = ["wire_query", "load_wire"]
+
+log = logging.getLogger("pgderive.bootstrap")
+
+_BATCH_BYTES = 1 << 20  # bytes handed to the sink per send
+
+
+def _text(column: str, type_name: str) -> sql.Composable | None:
+    """SQL printing ``column``'s value as pgderive prints its model value, or None if the two
+    differ for this type."""
+    form = text_form(type_name)
+    ident = sql.Identifier(column)
+    if form == "text":  # concat() calls the type's output function (a ::text cast trims char(n))
+        return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(ident)
+    if form == "boolean":
+        return sql.SQL("CASE WHEN {0} THEN 'true' WHEN NOT {0} THEN 'false' END").format(ident)
+    return None
+
+
+def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) -> sql.Composable | None:
+    """The ``COPY`` statement of a wire load of ``view`` into ``sink`` at ``version`` (int LSN),
+    or None when the view does not qualify: a ``derive``/``include``/aggregate view, a key
+    column outside the primary key (it could be NULL, which must become a dead letter), a column
+    whose model value prints differently from Postgres (floats, ``jsonb``), a server encoding
+    other than UTF8, or a sink without wire loads. Raises :class:`~sinks.base.SinkError`."""
+    if view.derive_fn is not None or view.tree is not None or view.aggregation is not None:
+        return None
+    if not hasattr(sink, "wire_select"):
+        return None
+    types = view.info.columns
+    if any(c not in view.info.primary_key for c in view.key.columns):
+        return None
+    if any(_text(c, types[c]) is None for c in view.columns):
+        return None
+    if conn.execute("SHOW server_encoding").fetchone()[0] != "UTF8":
+        return None
+    names = list(view.fields)
+    select = sink.wire_select(view.name, names, version)
+    if select is None:
+        return None
+    key = sql.SQL(" || ").join(
+        sql.Literal(part) if isinstance(part, str) else _text(part[1], types[part[1]])
+        for part in view.key.pieces())
+    inner = sql.SQL("SELECT {} AS k{} FROM {}{} OFFSET 0").format(
+        key, sql.SQL("").join(sql.SQL(", {} AS {}").format(_text(view.fields[n], types[view.fields[n]]),
+                                                            sql.Identifier(f"f{i}"))
+                              for i, n in enumerate(names)),
+        sql.Identifier(*view.table.split(".", 1)),
+        sql.SQL(" WHERE {}").format(view.where.sql()) if view.where is not None else sql.SQL(""))
+    # OFFSET 0 keeps the inner query a subquery: each value is printed once, not once per use.
+    return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT (FORMAT binary)").format(select, inner)
+
+
+def load_wire(conn: psycopg.Connection, view: View, sink: Any, query: sql.Composable,
+              should_stop: Callable[[], bool], stopped: Callable[[int], BaseException]) -> tuple[int, float]:
+    """Run ``query`` (from :func:`wire_query`) and relay its rows to ``sink``. Returns
+    ``(records, seconds)``. Logs progress every 5 s. Raises what ``stopped(rows)`` returns when
+    ``should_stop()`` turns true (checked per MiB), :class:`~sinks.base.SinkError` from the sink
+    and :class:`psycopg.Error` from the read."""
+    t0 = last_log = time.monotonic()
+    sent = 0
+
+    def batches() -> Iterator[tuple[bytes, int]]:
+        nonlocal sent, last_log
+        parts: list[bytes] = []
+        size = 0
+        with conn.cursor().copy(query) as copy:
+            copy.set_types(["bytea"])
+            for (payload,) in copy.rows():
+                parts.append(payload)
+                size += len(payload)
+                if size >= _BATCH_BYTES:
+                    if should_stop():
+                        raise stopped(sent)
+                    yield b"".join(parts), len(parts)
+                    sent += len(parts)
+                    parts, size = [], 0
+                    now = time.monotonic()
+                    if now - last_log >= 5:
+                        log.info("snapshot of %s for view %s: %d rows, %.0f rows/s (wire load)",
+                                 view.table, view.name, sent, sent / (now - t0))
+                        last_log = now
+        if parts:
+            yield b"".join(parts), len(parts)
+            sent += len(parts)
+
+    records = sink.wire_load(view.name, batches())
+    return records, time.monotonic() - t0

@@ -10,6 +10,9 @@ pgderive.
 """
 from __future__ import annotations
 
+import re
+import subprocess
+import tempfile
 import time
 from typing import Any, Iterable, Iterator
 
@@ -20,7 +23,7 @@ from opensearchpy.serializer import JSONSerializer
 
 from .settings import Settings
 
-__all__ = ["redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
+__all__ = ["redis_pipe_load", "redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
            "create_scratch_index", "clone_index", "alias_index"]
 
 # Same as sinks/opensearch.py's generation indices, so the baseline writes into the same kind of index.
@@ -42,6 +45,32 @@ class OrjsonSerializer(JSONSerializer):
         if isinstance(data, str):
             return data
         return orjson.dumps(data).decode()
+
+
+def redis_pipe_load(settings: Settings, records: Iterable[tuple[str, dict[str, Any]]]) -> tuple[int, float]:
+    """The Redis baseline: ``redis-cli --pipe`` (Redis' own mass-insertion tool) sending one
+    ``HSET key field value ..`` per record, the RESP written to a file beforehand (untimed).
+    No versions, no compare-and-set: what it costs Redis itself to take these records on this
+    machine. Returns ``(records, seconds)``; raises ``RuntimeError`` if Redis refused any."""
+    def arg(v: Any) -> bytes:
+        raw = str(v).encode()
+        return b"$%d\r\n%s\r\n" % (len(raw), raw)
+    n = 0
+    with tempfile.NamedTemporaryFile(prefix="pgdbench-resp-", suffix=".bin") as f:
+        for key, doc in records:
+            f.write(b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(doc)) + arg(key)
+                    + b"".join(arg(k) + arg(v) for k, v in doc.items()))
+            n += 1
+        f.flush()
+        f.seek(0)
+        t0 = time.monotonic()
+        out = subprocess.run(["redis-cli", "-u", settings.redis_url, "--pipe"], stdin=f,
+                             capture_output=True, text=True, check=True)
+        secs = time.monotonic() - t0
+    m = re.search(r"errors: (\d+), replies: (\d+)", out.stdout)
+    if not m or int(m.group(1)) or int(m.group(2)) != n:
+        raise RuntimeError(f"redis-cli --pipe: {out.stdout.strip()} {out.stderr.strip()}")
+    return n, secs
 
 
 def opensearch_client(settings: Settings) -> OpenSearch:

@@ -78,6 +78,11 @@ _SCAN_COUNT = 1000
 _WIRE_IN_FLIGHT = 200_000  # wire load: replies outstanding before the sender waits for Redis
 _CRLF = sql.Literal("\r\n")
 
+
+def _bulk(raw: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
 # Shared Lua helpers. ``older(a, b)``: is version ``a`` < ``b`` (16 hex digits each)? Exact:
 # whole-number compare first, then 32-bit halves when both round to the same double. (Lua's
 # string ``<`` uses strcoll and Redis sets LC_COLLATE from the environment: e.g. da_DK sorts
@@ -320,7 +325,7 @@ class RedisSink:
         self._advance_script = self._client.register_script(_ADVANCE_LUA)
         self._get_script = self._client.register_script(_GET_LUA)
         self._targets: dict[str, ViewTarget] = {}
-        self._wire_replies: dict[str, tuple[int, bytes]] = {}  # view -> (replies per row, version hex)
+        self._wire_plans: dict[str, tuple[int, bytes]] = {}  # view -> (commands per row, version hash key)
         self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
 
     # --- protocol -------------------------------------------------------------------------
@@ -374,13 +379,15 @@ class RedisSink:
         return self.apply(ops)
 
     def wire_select(self, view: str, fields: Sequence[str], version: int) -> sql.Composable | None:
-        """The SELECT-list expression of a wire load of ``view`` at ``version`` (int LSN).
+        """The SELECT list of a wire load of ``view`` at ``version`` (int LSN).
 
         It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and
-        ``f0``, ``f1``, .. (the text of output field ``fields[i]``, NULL when absent), and is a
-        ``bytea`` holding this row's RESP commands (see the module docstring), the field values
-        exactly as :func:`encode_field` writes their model values. Returns None when the view
-        cannot be loaded this way (``json`` format). Raises :class:`SinkError`.
+        ``f0``, ``f1``, .. (the text of output field ``fields[i]``, NULL when absent), and yields
+        two ``bytea`` columns per row: the RESP commands writing the record (see the module
+        docstring; field values exactly as :func:`encode_field` writes their model values), and
+        the record's version-hash entry (key and version as two RESP bulk strings), which
+        :meth:`wire_load` sends as one ``HSET`` per batch. Returns None when the view cannot be
+        loaded this way (``json`` format). Raises :class:`SinkError`.
         """
         if self._format(view) != "hash":
             return None
@@ -394,46 +401,47 @@ class RedisSink:
         def bulk(expr: sql.Composable) -> sql.Composable:
             return sql.SQL("'$' || octet_length({0}) || {1} || {0} || {1}").format(expr, _CRLF)
 
-        def arg(text: str) -> bytes:
-            raw = text.encode()
-            return b"$%d\r\n%s\r\n" % (len(raw), raw)
-
         k = sql.Identifier("k")
         cols = [sql.Identifier(f"f{i}") for i in range(len(fields))]
-        delete = sql.SQL("{} || {}").format(lit(b"*2\r\n" + arg("DEL")), bulk(k))
+        delete = sql.SQL("{} || {}").format(lit(b"*2\r\n" + _bulk(b"DEL")), bulk(k))
         present = sql.SQL(" + ").join(sql.SQL("({} IS NOT NULL)::int").format(c) for c in cols) \
             if cols else sql.SQL("0")
-        pairs = [sql.SQL("coalesce({} || {}, '')").format(lit(arg(name)), bulk(c)) for name, c in zip(fields, cols)]
+        pairs = [sql.SQL("coalesce({} || {}, '')").format(lit(_bulk(name.encode())), bulk(c))
+                 for name, c in zip(fields, cols)]
         hset = sql.SQL("'*' || (2 + 2 * ({})) || {} || {} || {}").format(
-            present, _CRLF, lit(arg("HSET")), bulk(k))
+            present, _CRLF, lit(_bulk(b"HSET")), bulk(k))
         record = sql.SQL("CASE WHEN {} = 0 THEN {} ELSE {} END").format(
             present, delete, sql.SQL(" || ").join([hset, *pairs]))
-        entry = sql.SQL("{} || {} || {}").format(
-            lit(b"*4\r\n" + arg("HSET") + arg(versions_key(view))), bulk(k), lit(arg(version_hex(version))))
-        parts = [delete] if populated else []
-        self._wire_replies[view] = (len(parts) + 2, version_hex(version).encode())
-        return sql.SQL("convert_to({}, 'UTF8')").format(sql.SQL(" || ").join([*parts, record, entry]))
+        vhex = version_hex(version).encode()
+        entry = sql.SQL("{} || {}").format(bulk(k), lit(_bulk(vhex)))
+        commands = [delete, record] if populated else [record]
+        self._wire_plans[view] = (len(commands), vkey)
+        return sql.SQL("convert_to({}, 'UTF8'), convert_to({}, 'UTF8')").format(
+            sql.SQL(" || ").join(commands), entry)
 
-    def wire_load(self, view: str, batches: Iterable[tuple[bytes, int]]) -> int:
-        """Relay the RESP bytes of a wire load of ``view`` to Redis, pipelined: ``batches`` yields
-        ``(bytes, rows)``, the concatenated outputs of :meth:`wire_select`'s expression for
-        ``rows`` rows. Returns once Redis answered every command, with the number of records.
+    def wire_load(self, view: str, chunks: Iterable[Sequence[tuple[bytes, bytes]]]) -> int:
+        """Relay a wire load of ``view`` to Redis, pipelined: ``chunks`` yields lists of the
+        ``(record commands, version entry)`` rows that :meth:`wire_select`'s SELECT list returns;
+        each chunk is sent as its record commands plus one ``HSET`` of its version entries.
+        Returns once Redis answered every command, with the number of records.
 
         Raises :class:`SinkError`: retryable for connection failures and transient replies
         (OOM, LOADING, ...), ``retryable=False`` for other error replies (e.g. WRONGTYPE: a
-        record key holding another Redis type); the caller then loads the view through
-        :meth:`load`, which refuses such records one by one. Every command is idempotent, so
-        the whole load may be repeated.
+        record key holding another Redis type), after deleting the version entries it wrote;
+        the caller then loads the view through :meth:`load`, which refuses such records one by
+        one. Every command is idempotent, so the whole load may be repeated.
         """
-        if view not in self._wire_replies:
+        if view not in self._wire_plans:
             raise SinkError(f"sink {self.name}: wire_load of {view!r} without wire_select", retryable=False)
-        per_row, vhex = self._wire_replies[view]
+        per_row, vkey = self._wire_plans[view]
+        head = _bulk(b"HSET") + _bulk(vkey)
         pool = self._client.connection_pool
         with self._errors("wire_load"):
             conn = pool.get_connection()
         expected = got = rows = 0
         error: bytes | None = None
         tail = b""
+        vhex = b""
 
         def receive(block: bool) -> None:
             nonlocal got, error, tail
@@ -452,10 +460,15 @@ class RedisSink:
             conn.send_command("PING")  # a live connection (reconnects a stale one)
             conn.read_response()
             sock = conn._sock
-            for data, n in batches:
-                sock.sendall(data)
-                expected += n * per_row
-                rows += n
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                entries = b"".join(e for _, e in chunk)
+                if not vhex:
+                    vhex = chunk[0][1].rsplit(b"\r\n", 2)[-2]
+                sock.sendall(b"".join([*(r for r, _ in chunk), b"*%d\r\n" % (2 + 2 * len(chunk)), head, entries]))
+                expected += len(chunk) * per_row + 1
+                rows += len(chunk)
                 receive(False)
                 while expected - got > _WIRE_IN_FLIGHT:
                     receive(True)
@@ -472,7 +485,7 @@ class RedisSink:
         if error is not None:
             text = error[1:].decode(errors="replace").strip()
             retryable = text.startswith(_RETRYABLE_REPLIES)
-            if not retryable:
+            if not retryable and vhex:
                 # The version entries were written even where the record was refused; the
                 # row-by-row load that follows must not take them for records of this view
                 # (it would delete a foreign key instead of refusing it).

@@ -25,7 +25,7 @@ __all__ = ["wire_query", "load_wire"]
 
 log = logging.getLogger("pgderive.bootstrap")
 
-_BATCH_BYTES = 1 << 20  # bytes handed to the sink per send
+_CHUNK_BYTES = 1 << 20  # bytes of record commands handed to the sink per send
 
 
 def _text(column: str, type_name: str) -> sql.Composable | None:
@@ -83,29 +83,29 @@ def load_wire(conn: psycopg.Connection, view: View, sink: Any, query: sql.Compos
     t0 = last_log = time.monotonic()
     sent = 0
 
-    def batches() -> Iterator[tuple[bytes, int]]:
+    def chunks() -> Iterator[list[tuple[bytes, bytes]]]:
         nonlocal sent, last_log
-        parts: list[bytes] = []
+        chunk: list[tuple[bytes, bytes]] = []
         size = 0
         with conn.cursor().copy(query) as copy:
-            copy.set_types(["bytea"])
-            for (payload,) in copy.rows():
-                parts.append(payload)
-                size += len(payload)
-                if size >= _BATCH_BYTES:
+            copy.set_types(["bytea", "bytea"])
+            for row in copy.rows():
+                chunk.append(row)
+                size += len(row[0])
+                if size >= _CHUNK_BYTES:
                     if should_stop():
                         raise stopped(sent)
-                    yield b"".join(parts), len(parts)
-                    sent += len(parts)
-                    parts, size = [], 0
+                    yield chunk
+                    sent += len(chunk)
+                    chunk, size = [], 0
                     now = time.monotonic()
                     if now - last_log >= 5:
                         log.info("snapshot of %s for view %s: %d rows, %.0f rows/s (wire load)",
                                  view.table, view.name, sent, sent / (now - t0))
                         last_log = now
-        if parts:
-            yield b"".join(parts), len(parts)
-            sent += len(parts)
+        if chunk:
+            yield chunk
+            sent += len(chunk)
 
-    records = sink.wire_load(view.name, batches())
+    records = sink.wire_load(view.name, chunks())
     return records, time.monotonic() - t0

@@ -23,7 +23,7 @@ from .pg import BenchError
 from .probe import PROBE_DDL, DecodeWatcher, ProbeWriter, RedisPoller, lags_ms, percentile
 from .report import Row, format_row
 from .settings import Settings
-from .stores import (redis_pipe_load, alias_index, bulk_load, clean_opensearch, clean_redis, clone_index,
+from .stores import (settle_redis, redis_pipe_load, alias_index, bulk_load, clean_opensearch, clean_redis, clone_index,
                      create_scratch_index, opensearch_client, redis_client)
 
 __all__ = ["Context", "UNITS"]
@@ -200,6 +200,11 @@ def scenario_1_redis(ctx: Context) -> None:
         cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=redis_views(n), settings=s)
         daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
         bootstrap(daemon)
+        # Isolation from the set-up: the AOF rewrite the 1M-record bootstrap earned, and the
+        # checkpoint pgbench -i's writes are due, would otherwise land inside the measurement.
+        settle_redis(s)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
         pg.create_slot(dsn, n.slot("raw"))
         step(f"backlog: pgbench -c {s.clients} -j {s.jobs} -T {s.backlog_seconds}")
         bench = pg.pgbench_run(s, n.db, seconds=s.backlog_seconds)
@@ -296,6 +301,11 @@ def scenario_2(ctx: Context) -> None:
         cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=views, settings=s)
         daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
         bootstrap(daemon)
+        # Isolation from the set-up: the AOF rewrite the 1M-record bootstrap earned, and the
+        # checkpoint pgbench -i's writes are due, would otherwise land inside the measurement.
+        settle_redis(s)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
         pg.create_slot(dsn, n.slot("raw"))
         watcher = DecodeWatcher(pg.recvlogical_args(s, dsn, n.slot("raw"), ["public.bench_probe"]) + ["-f", "-"],
                                 env=pg.pg_env(s))
@@ -547,6 +557,11 @@ def scenario_5(ctx: Context) -> None:
         cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=redis_views(n), settings=s)
         daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
         bootstrap(daemon)
+        # Isolation from the set-up: the AOF rewrite the 1M-record bootstrap earned, and the
+        # checkpoint pgbench -i's writes are due, would otherwise land inside the measurement.
+        settle_redis(s)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
         pg.create_slot(dsn, n.slot("raw"))
         points: list[dict[str, float]] = []
         for multiple in (1, 2, 4):

@@ -23,7 +23,7 @@ from opensearchpy.serializer import JSONSerializer
 
 from .settings import Settings
 
-__all__ = ["redis_pipe_load", "redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
+__all__ = ["settle_redis", "redis_pipe_load", "redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
            "create_scratch_index", "clone_index", "alias_index"]
 
 # Same as sinks/opensearch.py's generation indices, so the baseline writes into the same kind of index.
@@ -45,6 +45,28 @@ class OrjsonSerializer(JSONSerializer):
         if isinstance(data, str):
             return data
         return orjson.dumps(data).decode()
+
+
+def settle_redis(settings: Settings, timeout: float = 120.0) -> None:
+    """Rewrite Redis' append-only file now and wait for it (``BGREWRITEAOF``), so that the
+    rewrite the previous bulk load or clean-up earned does not fork Redis (blocking it for tens
+    of ms) inside a latency measurement. Without AOF it does nothing."""
+    r = redis_client(settings)
+    if r.config_get("appendonly").get("appendonly") != "yes":
+        return
+    deadline = time.monotonic() + timeout
+    while r.info("persistence").get("aof_rewrite_in_progress") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        r.bgrewriteaof()
+    except redis.ResponseError:  # one already scheduled
+        pass
+    time.sleep(0.2)
+    while time.monotonic() < deadline:
+        info = r.info("persistence")
+        if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+            return
+        time.sleep(0.1)
 
 
 def redis_pipe_load(settings: Settings, records: Iterable[tuple[str, dict[str, Any]]]) -> tuple[int, float]:

@@ -236,6 +236,11 @@ class SlotReader:
                 continue
             if n == 0:
                 if got:
+                    # libpq's buffer is drained; go on while the socket has more (read() is
+                    # about what arrived, not about one buffer's worth of it).
+                    if select.select([pg.socket], [], [], 0)[0]:
+                        pg.consume_input()
+                        continue
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -129,22 +129,23 @@ end
 # Stored versions are read with one HMGET and written back with one HSET at the end.
 # Returns {applied, skipped, partial_missed, {i1, err1, i2, err2, ..}}: i = 1-based position of a
 # record key whose write failed with WRONGTYPE (rejected: no version entry is written for it).
-_APPLY_LUA = _LUA_HELPERS + """
-local vh = KEYS[1]
-local stored = redis.call('HMGET', vh, unpack(KEYS, 2))
+_APPLY_FN = """
+-- apply(vh, first, last, a): the Ops of record keys KEYS[first..last] of one view, their
+-- arguments starting at ARGV[a]; returns the reply described above, and the next ARGV index.
+local function apply(vh, first, last, a)
+local stored = redis.call('HMGET', vh, unpack(KEYS, first, last))
 local latest = {}          -- key -> version entry written by this call (repeated keys)
 local out = {}             -- HSET arguments for the version hash
-local a = 1
 local applied, skipped, missed = 0, 0, 0
 local rejected = {}
 local err
-for i = 2, #KEYS do
+for i = first, last do
   local key = KEYS[i]
   local ver = ARGV[a]
   local kind = ARGV[a + 1]
   a = a + 2
   local cur = latest[key]
-  if cur == nil then cur = stored[i - 1] end
+  if cur == nil then cur = stored[i - first + 1] end
   -- Equal versions re-apply: they come from the same transaction, applied in order
   -- (e.g. chunks of a large transaction, or a commit exactly at a snapshot's consistent point).
   local newer = (not cur) or not older(ver, string.sub(cur, 1, 16))
@@ -177,10 +178,10 @@ for i = 2, #KEYS do
     end
     a = a + 2 + n + m
   else
-    return redis.error_reply('pgderive: unknown op kind ' .. tostring(kind))
+    error('pgderive: unknown op kind ' .. tostring(kind))
   end
   if err then
-    rejected[#rejected + 1] = i - 1
+    rejected[#rejected + 1] = i - first + 1
     rejected[#rejected + 1] = err
   elseif newer then
     applied = applied + 1
@@ -192,7 +193,12 @@ for i = 2, #KEYS do
   end
 end
 if #out > 0 then call_spread('HSET', vh, out, 1, #out) end
-return {applied, skipped, missed, rejected}
+return {applied, skipped, missed, rejected}, a
+end
+"""
+_APPLY_LUA = _LUA_HELPERS + _APPLY_FN + """
+local reply = apply(KEYS[1], 2, #KEYS, 1)
+return reply
 """
 
 # KEYS[1] = version hash, KEYS[2..] = candidate record keys; ARGV[1] = generation version (hex).
@@ -267,6 +273,34 @@ return lost
 """
 
 
+# The Ops of one batch and the checkpoint advance in one call, so the checkpoint moves only if
+# every write before it succeeded (an error stops the script before the advance).
+# KEYS = checkpoint keys (ARGV[3] of them), then per view: its version hash and record keys.
+# ARGV[1], ARGV[2] = new and previous LSN as in _ADVANCE_LUA; ARGV[3] = number of checkpoint
+# keys, ARGV[4] = number of views n, ARGV[5..4+n] = record keys per view, then the Ops' arguments
+# as in _APPLY_LUA, view after view. Returns {{reply of _APPLY_LUA per view}, lost}.
+_APPLY_ADVANCE_LUA = _LUA_HELPERS + _APPLY_FN + """
+local ncp, nviews = tonumber(ARGV[3]), tonumber(ARGV[4])
+local k, a = ncp + 1, 5 + nviews
+local replies = {}
+for v = 1, nviews do
+  local n = tonumber(ARGV[4 + v])
+  replies[v], a = apply(KEYS[k], k + 1, k + n, a)
+  k = k + 1 + n
+end
+local lost = {}
+for i = 1, ncp do
+  local cur = redis.call('GET', KEYS[i])
+  if (not cur) or older(cur, ARGV[2]) then
+    lost[#lost + 1] = i
+  elseif older(cur, ARGV[1]) then
+    redis.call('SET', KEYS[i], ARGV[1])
+  end
+end
+return {replies, lost}
+"""
+
+
 def checkpoint_key(view: str) -> str:
     """Name of the checkpoint key of ``view``: ``pgderive:{view}:checkpoint``."""
     return f"pgderive:{view}:checkpoint"
@@ -323,6 +357,7 @@ class RedisSink:
         self._sweep_script = self._client.register_script(_SWEEP_LUA)
         self._checkpoint_script = self._client.register_script(_CHECKPOINT_LUA)
         self._advance_script = self._client.register_script(_ADVANCE_LUA)
+        self._apply_advance_script = self._client.register_script(_APPLY_ADVANCE_LUA)
         self._get_script = self._client.register_script(_GET_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self._wire_plans: dict[str, tuple[int, bytes]] = {}  # view -> (commands per row, version hash key)
@@ -361,6 +396,34 @@ class RedisSink:
                 merged[view] = self._merge_json(view, vops, rejected)
             self._write(merged, rejected)
         return rejected
+
+    def apply_and_advance(self, ops: Sequence[Op], views: Sequence[str], previous: int,
+                          lsn: int) -> tuple[list[Rejected], list[str]]:
+        """:meth:`apply`, then :meth:`advance_checkpoint` of ``views`` (int LSNs), in one Lua
+        call (one round trip) when the Ops fit in one: at most ``batch_size`` of them, no partial
+        Op of a ``json`` view; otherwise as the two calls. A failing write stops the script
+        before the advance, so a checkpoint never moves past Ops Redis did not apply. Returns
+        ``(refused Ops, views whose checkpoint was missing or behind previous)``; raises
+        :class:`SinkError`."""
+        rejected: list[Rejected] = []
+        by_view: dict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            by_view[op.view].append(op)
+        one_call = views and len(ops) <= self.batch_size and not any(
+            op.partial and op.doc is not None and self._format(op.view) == "json" for op in ops)
+        calls = [c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)] if one_call else []
+        if not one_call or len(calls) > len(by_view):  # too big for one call
+            return self.apply(ops), self.advance_checkpoint(views, previous, lsn)
+        keys: list[Any] = [checkpoint_key(v) for v in views]
+        args: list[Any] = [version_hex(lsn), version_hex(previous), len(views), len(calls)]
+        args += [len(k) - 1 for k, _, _ in calls]
+        for k, a, _ in calls:
+            keys += k
+            args += a
+        with self._errors("apply"):
+            ((results, lost),) = self._run(self._apply_advance_script, [(keys, args)])
+        self._count(calls, results, rejected)
+        return rejected, [views[int(i) - 1] for i in lost]
 
     def begin_generation(self, view: str, version: int) -> str:
         """Redis keys are shared by all generations: returns ``view`` as the generation id."""
@@ -715,6 +778,10 @@ class RedisSink:
             return
         with self._errors("apply"):
             results = self._run(self._apply_script, [(keys, args) for keys, args, _ in calls])
+        self._count(calls, results, rejected)
+
+    def _count(self, calls: list, results: list, rejected: list[Rejected]) -> None:
+        """Add the replies of apply calls to :attr:`stats`, append refused Ops to ``rejected``."""
         for (_, _, call_ops), (applied, skipped, missed, refused) in zip(calls, results):
             self.stats["applied"] += applied
             self.stats["skipped"] += skipped

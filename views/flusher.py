@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Collection, Mapping, TypeVar
 
 from sinks.base import Sink, SinkError
 
@@ -194,44 +194,84 @@ class Flusher:
                 self._batch = None
                 self._cond.notify_all()
 
-    def _apply(self, batch: Batch) -> None:
+    def apply_direct(self, batch: Batch) -> bool:
+        """Apply ``batch`` on the calling thread (the flusher must be idle), as the flusher
+        thread would but with a single attempt: returns True once every sink acknowledged it
+        (:attr:`acked_lsn` advanced, ``on_applied`` called), False after a retryable
+        :class:`SinkError` (logged; :meth:`submit` the batch then: applying it again is
+        harmless). Raises what :attr:`error` would hold."""
+        try:
+            self._apply(batch, retry=False)
+        except SinkError as e:
+            if not e.retryable:
+                raise
+            log.warning("direct apply failed (%s); retrying on the flusher thread", " ".join(str(e).split())[:300])
+            return False
+        self.acked_lsn = max(self.acked_lsn, batch.end_lsn)
+        self.on_applied(batch)
+        return True
+
+    def _apply(self, batch: Batch, retry: bool = True) -> None:
         """Apply every sink's Ops (in parallel), then hand rejects and the batch's dead
         letters to ``on_rejected`` — all before the batch counts as acknowledged."""
         started = time.monotonic()
         took: dict[str, float] = {}
-        work = [(self.sinks[name], list(ops.values())) for name, ops in batch.ops.items() if ops]
+        lsn = batch.end_lsn if batch.end_lsn > self.acked_lsn else 0  # 0: no checkpoint to advance
+        names = [name for name, ops in batch.ops.items() if ops]
+        if lsn:  # sinks that advance their checkpoints with their Ops: also those without Ops
+            names += [name for name, views in self.views_by_sink.items() if views and name not in names
+                      and hasattr(self.sinks[name], "apply_and_advance")]
+        work = [(self.sinks[name], list(batch.ops.get(name, {}).values())) for name in names]
+        advanced: set[str] = set()
         rejected: list = []
         if len(work) == 1:
-            rejected = self._apply_sink(*work[0], took)
+            rejected = self._apply_sink(*work[0], lsn, took, advanced, retry)
         elif work:
-            futures = [self._pool.submit(self._apply_sink, s, ops, took) for s, ops in work]
+            futures = [self._pool.submit(self._apply_sink, s, ops, lsn, took, advanced, retry) for s, ops in work]
             for f in futures:
                 rejected.extend(f.result())
         if (rejected or batch.dead_letters) and self.on_rejected is not None:
             self.on_rejected(batch, rejected)
-        if batch.end_lsn > self.acked_lsn:
-            self.checkpoint(batch.end_lsn)
+        if lsn:
+            self.checkpoint(lsn, retry=retry, skip=advanced)
         self.saturation.record(started, time.monotonic(), len(batch), took)
         time.sleep(0)  # let the reading thread run between batches
 
-    def _apply_sink(self, sink: Sink, ops: list, took: dict[str, float]) -> list:
+    def _apply_sink(self, sink: Sink, ops: list, lsn: int, took: dict[str, float], advanced: set[str],
+                    retry: bool = True) -> list:
+        """Apply ``ops`` to ``sink`` with retries; returns its rejected Ops. With ``lsn`` (int LSN,
+        0 = none) and a sink that has ``apply_and_advance`` (one round trip for both, the
+        checkpoint moving only if every Op was applied), also advances its views' checkpoints
+        to ``lsn`` and adds the sink's name to ``advanced``. Raises like :meth:`checkpoint`."""
         started = time.monotonic()
         try:
-            return apply_with_retry(sink, ops, self.stop)
+            views = self.views_by_sink.get(sink.name)
+            both = getattr(sink, "apply_and_advance", None)
+            if not (lsn and views and both is not None):
+                return apply_with_retry(sink, ops, self.stop) if retry else list(sink.apply(ops) or [])
+            previous = self.acked_lsn
+            call = lambda: both(ops, views, previous, lsn)  # noqa: E731
+            rejected, lost = with_retry(f"sink {sink.name}", call, self.stop) if retry else call()
+            if lost:
+                raise SinkDataLoss(sink.name, lost, f"checkpoint missing or behind the acknowledged "
+                                                    f"position {previous:#x}")
+            advanced.add(sink.name)
+            return list(rejected)
         finally:
             took[sink.name] = time.monotonic() - started
 
-    def checkpoint(self, lsn: int, retry: bool = True) -> None:
+    def checkpoint(self, lsn: int, retry: bool = True, skip: Collection[str] = ()) -> None:
         """Record in every sink that all its views are complete up to ``lsn`` (int LSN).
 
         Each checkpoint must still be at :attr:`acked_lsn` or later: if one is missing or
         behind, the sink lost data it had acknowledged and :class:`SinkDataLoss` is raised.
         With ``retry``, a retryable :class:`SinkError` (a sink down or hung) is retried with
         backoff until :attr:`stop`, like the batch itself (moving a checkpoint to ``lsn`` twice is
-        harmless); without it the first :class:`SinkError` is raised.
+        harmless); without it the first :class:`SinkError` is raised. Sinks named in ``skip``
+        are left alone (their checkpoints already moved with the batch's Ops).
         """
         for name, views in self.views_by_sink.items():
-            if not views:
+            if not views or name in skip:
                 continue
             sink = self.sinks[name]
             advance = lambda: sink.advance_checkpoint(views, self.acked_lsn, lsn)  # noqa: E731

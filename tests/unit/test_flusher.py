@@ -26,3 +26,20 @@ def test_a_mostly_idle_flusher_is_not_reported(caplog):
             m.record(t, t + 1.0, 1000, {"cache": 1.0})
             t += 2.0
     assert not caplog.records
+
+
+def test_lag_histogram_percentiles_within_one_percent():
+    import random
+
+    from views.engine import LagHistogram
+
+    rng = random.Random(7)
+    values = [rng.lognormvariate(2, 1.5) for _ in range(50_000)] + [0.0, 0.001]
+    h = LagHistogram()
+    h.add(values)
+    values.sort()
+    for p in (0.5, 0.9, 0.99, 0.999):
+        exact = values[min(len(values) - 1, int(p * len(values)))]
+        assert abs(h.percentile(p) / exact - 1) < 0.012, (p, h.percentile(p), exact)
+    assert h.samples == len(values) and h.max_ms == values[-1]
+    assert LagHistogram().percentile(0.5) is None

@@ -169,7 +169,8 @@ before or after it, so the ratios hold on a noisy machine while the absolute num
   generation index made before the workload (so both update the same 1M existing documents).
 * **2. Live lag.** pgderive streams Redis views of accounts, tellers, branches and `bench_probe`
   while pgbench runs at saturation (`-c C -T LAG_SECONDS`) and then rate-limited (`-R RATE`), one
-  daemon run per level. pgderive's own lag (stats file: wal2json commit timestamp → every sink
+  daemon run per level, after Redis' AOF rewrite (earned by the bootstrap) finished and a Postgres
+  `CHECKPOINT`. pgderive's own lag (stats file: wal2json commit timestamp → every sink
   acknowledged, every transaction) is cross-checked by a probe: a separate connection updates
   `bench_probe` every ~50 ms (commit time = server `clock_timestamp()`), a poller reads the
   Redis hash every ~1 ms. Baseline: the same probe decoded by `pg_recvlogical` on its own slot
@@ -180,7 +181,9 @@ before or after it, so the ratios hold on a noisy machine while the absolute num
   `pgbench_accounts`; rows/s are pgderive's own snapshot figures from the stats file (table load
   time, i.e. without process start-up and slot creation; the wall time is in the notes). The
   OpenSearch bootstrap is also compared with the raw bulk loader writing the same documents
-  (read beforehand, untimed) into an empty scratch index with the generation indices' settings.
+  (read beforehand, untimed) into an empty scratch index with the generation indices' settings,
+  and the Redis bootstrap with `redis-cli --pipe` sending one `HSET` per record of the same
+  records (RESP written to a file beforehand, untimed): what Redis itself can take.
 * **4. Memory.** Peak RSS of the pgderive process and its children, sampled every 50 ms with
   psutil, during scenario 3's bootstraps and while one transaction updating every row of
   `pgbench_accounts` is streamed into a Redis view. Baseline: the RSS of the same daemon idle

@@ -449,8 +449,8 @@ def _snapshot(ctx: Context, scale: int, key: str) -> None:
         step(f"redis-cli --pipe: {pipe_n:,} records in {pipe_s:.1f} s ({pipe_rate:,.0f}/s)")
         ctx.add(Row("3", f"snapshot {rows_label} → Redis vs Redis' own ingest", rates["redis"], "rows/s",
                     pipe_rate, "redis-cli --pipe (HSET only)", rates["redis"] / pipe_rate, "—", None,
-                    note="the baseline writes only the records; pgderive also writes a version entry per "
-                         "record (2 commands per row)"))
+                    note="the baseline writes only the records; pgderive also writes each record's version "
+                         "entry (one more HSET per chunk of rows)"))
         client = opensearch_client(s)
         raw_index = f"{n.index_prefix}raw"
         create_scratch_index(client, raw_index)

@@ -232,3 +232,19 @@ def test_plugin_probe_bounded_by_running_transactions(conn: psycopg.Connection,
         writer.rollback()
     assert conn.execute("SHOW lock_timeout").fetchone() == before
     assert _probe_plugin(conn, "wal2json") is None
+
+
+def test_avg_of_money_is_refused_at_its_yaml_path(conn: psycopg.Connection, schema: str) -> None:
+    from views.engine import build_views
+
+    conn.execute(sql.SQL("CREATE TABLE {}.prices (id int PRIMARY KEY, shop int, price money)").format(
+        sql.Identifier(schema)))
+    spec = make_spec(schema, (
+        "  by_shop: {table: S.prices, sink: cache, key: \"shop:{shop}\", group_by: [shop],\n"
+        "            aggregate: {total: sum(price), mean: avg(price), n: count(*)}}\n"))
+    with pytest.raises(SpecError) as info:
+        build_views(spec, conn)
+    assert [(p.path, p.line) for p in info.value.problems] == [("views.by_shop.aggregate", 7)]
+    assert "no avg(money)" in str(info.value)
+    ok = make_spec(schema, "  by_shop: {table: S.prices, sink: cache, key: \"s:{shop}\", group_by: [shop], aggregate: {total: sum(price)}}\n")
+    assert [v.name for v in build_views(ok, conn)] == ["by_shop"]

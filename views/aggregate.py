@@ -184,6 +184,9 @@ class Aggregation:
                     typ = node.info.columns[node.fields[tail]]
                 if func in ("sum", "avg") and _base(typ) not in _NUMBER:
                     raise AggregateError(f"{name}: {func} needs a number column, {arg} is {typ}")
+                if func == "avg" and _base(typ) == "money":  # Postgres has sum(money), no avg(money)
+                    raise AggregateError(f"{name}: Postgres has no avg(money); declare sum({arg}) and "
+                                         f"count({arg}) and divide them in a derive function")
             self.measures.append(Measure(name, func, arg, typ))
         self._group_convs = [converter(t) for t in self.group_types]
         self._result_convs = [converter(m.result_type) for m in self.measures]

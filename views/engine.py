@@ -31,7 +31,7 @@ from cdc.snapshot import snapshot_connection
 from sinks.base import Sink, SinkError
 from sinks.factory import make_sink
 
-from .aggregate import AggregateStore
+from .aggregate import AggregateError, AggregateStore
 from .batch import Batch
 from .bootstrap import Interrupted, load_snapshot
 from .catalog import check_source
@@ -64,6 +64,8 @@ def build_views(spec: Spec, conn: psycopg.Connection, names: Iterable[str] | Non
             continue
         try:
             views.append(View(name, vspec, infos[vspec.qualified], infos))
+        except AggregateError as e:
+            problems.append((f"views.{name}.aggregate", str(e)))
         except ValueError as e:
             problems.append((f"views.{name}.key", str(e)))
     if problems:

@@ -148,6 +148,9 @@ def machine_info(settings: Settings) -> dict[str, str]:
 METHOD = """\
 Every figure is measured against a baseline taken in the same run, on the same machine, right
 before or after it, so the ratios hold on a noisy machine while the absolute numbers do not.
+In scenarios 1 (Redis), 2 and 5, after pgderive's bootstrap and before the baseline's slot is
+created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs a Postgres
+`CHECKPOINT`, so neither lands inside a measurement by accident of the set-up.
 
 * **1. Backlog drain.** `pgbench -i -s SCALE`; pgderive bootstraps its slot B and is stopped;
   slot A (`pg_create_logical_replication_slot(…, 'wal2json')`) is created right after, so both
@@ -169,8 +172,7 @@ before or after it, so the ratios hold on a noisy machine while the absolute num
   generation index made before the workload (so both update the same 1M existing documents).
 * **2. Live lag.** pgderive streams Redis views of accounts, tellers, branches and `bench_probe`
   while pgbench runs at saturation (`-c C -T LAG_SECONDS`) and then rate-limited (`-R RATE`), one
-  daemon run per level, after Redis' AOF rewrite (earned by the bootstrap) finished and a Postgres
-  `CHECKPOINT`. pgderive's own lag (stats file: wal2json commit timestamp → every sink
+  daemon run per level. pgderive's own lag (stats file: wal2json commit timestamp → every sink
   acknowledged, every transaction) is cross-checked by a probe: a separate connection updates
   `bench_probe` every ~50 ms (commit time = server `clock_timestamp()`), a poller reads the
   Redis hash every ~1 ms. Baseline: the same probe decoded by `pg_recvlogical` on its own slot

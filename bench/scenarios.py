@@ -149,6 +149,22 @@ def fresh_pgbench(ctx: Context, n: Names, scale: int) -> str:
     return dsn
 
 
+def streaming_setup(ctx: Context, n: Names, dsn: str, work: Path, views: dict[str, Any]) -> Daemon:
+    """The set-up of the streaming scenarios (1 → Redis, 2, 5): a daemon over ``views``
+    bootstrapped and stopped, then, for isolation, Redis' AOF rewrite that the 1M-record
+    bootstrap earned finished and a Postgres ``CHECKPOINT`` (pgbench -i's writes), so neither
+    lands inside the measurement; last the baseline's slot ``n.slot("raw")`` at the same LSN."""
+    s = ctx.settings
+    cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=views, settings=s)
+    daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
+    bootstrap(daemon)
+    settle_redis(s)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    pg.create_slot(dsn, n.slot("raw"))
+    return daemon
+
+
 def bootstrap(daemon: Daemon) -> float:
     """First run of ``daemon``: create the slot, load every view, stop; returns bootstrap seconds."""
     daemon.start()
@@ -197,15 +213,7 @@ def scenario_1_redis(ctx: Context) -> None:
     with scratch(ctx, "s1r", ["accounts", "tellers", "branches"]) as n:
         dsn = fresh_pgbench(ctx, n, s.scale)
         work = ctx.workdir("s1r")
-        cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=redis_views(n), settings=s)
-        daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
-        bootstrap(daemon)
-        # Isolation from the set-up: the AOF rewrite the 1M-record bootstrap earned, and the
-        # checkpoint pgbench -i's writes are due, would otherwise land inside the measurement.
-        settle_redis(s)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
-        pg.create_slot(dsn, n.slot("raw"))
+        daemon = streaming_setup(ctx, n, dsn, work, redis_views(n))
         step(f"backlog: pgbench -c {s.clients} -j {s.jobs} -T {s.backlog_seconds}")
         bench = pg.pgbench_run(s, n.db, seconds=s.backlog_seconds)
         end = pg.marker_lsn(dsn)
@@ -298,15 +306,7 @@ def scenario_2(ctx: Context) -> None:
         views = redis_views(n)
         views[n.view("probe")] = {"table": "public.bench_probe", "sink": "cache", "key": f"{n.redis_prefix}probe:{{id}}",
                                   "fields": ["seq"], "format": "hash"}
-        cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=views, settings=s)
-        daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
-        bootstrap(daemon)
-        # Isolation from the set-up: the AOF rewrite the 1M-record bootstrap earned, and the
-        # checkpoint pgbench -i's writes are due, would otherwise land inside the measurement.
-        settle_redis(s)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
-        pg.create_slot(dsn, n.slot("raw"))
+        daemon = streaming_setup(ctx, n, dsn, work, views)
         watcher = DecodeWatcher(pg.recvlogical_args(s, dsn, n.slot("raw"), ["public.bench_probe"]) + ["-f", "-"],
                                 env=pg.pg_env(s))
         watcher.start()
@@ -554,15 +554,7 @@ def scenario_5(ctx: Context) -> None:
     with scratch(ctx, "s5", ["accounts", "tellers", "branches"]) as n:
         dsn = fresh_pgbench(ctx, n, s.scale)
         work = ctx.workdir("s5")
-        cfg = write_config(work / "pgderive.yaml", dsn=dsn, slot=n.slot(), views=redis_views(n), settings=s)
-        daemon = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="pgderive")
-        bootstrap(daemon)
-        # Isolation from the set-up: the AOF rewrite the 1M-record bootstrap earned, and the
-        # checkpoint pgbench -i's writes are due, would otherwise land inside the measurement.
-        settle_redis(s)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
-        pg.create_slot(dsn, n.slot("raw"))
+        daemon = streaming_setup(ctx, n, dsn, work, redis_views(n))
         points: list[dict[str, float]] = []
         for multiple in (1, 2, 4):
             per_client = s.scaling_tx * multiple

@@ -259,17 +259,24 @@ def versions_key(view: str) -> str:
 
 # KEYS = checkpoint keys; ARGV[1] = new LSN, ARGV[2] = the LSN each must already be at (16 hex).
 # Returns the 1-based indices of keys missing or below ARGV[2] (not written); raises the others.
-_ADVANCE_LUA = _LUA_HELPERS + """
-local lost = {}
-for i = 1, #KEYS do
-  local cur = redis.call('GET', KEYS[i])
-  if (not cur) or older(cur, ARGV[2]) then
-    lost[#lost + 1] = i
-  elseif older(cur, ARGV[1]) then
-    redis.call('SET', KEYS[i], ARGV[1])
+_ADVANCE_FN = """
+-- advance(n, new, prev): raise checkpoint keys KEYS[1..n] from at least prev to new; returns
+-- the indices of those missing or below prev (left untouched).
+local function advance(n, new, prev)
+  local lost = {}
+  for i = 1, n do
+    local cur = redis.call('GET', KEYS[i])
+    if (not cur) or older(cur, prev) then
+      lost[#lost + 1] = i
+    elseif older(cur, new) then
+      redis.call('SET', KEYS[i], new)
+    end
   end
+  return lost
 end
-return lost
+"""
+_ADVANCE_LUA = _LUA_HELPERS + _ADVANCE_FN + """
+return advance(#KEYS, ARGV[1], ARGV[2])
 """
 
 
@@ -279,7 +286,7 @@ return lost
 # ARGV[1], ARGV[2] = new and previous LSN as in _ADVANCE_LUA; ARGV[3] = number of checkpoint
 # keys, ARGV[4] = number of views n, ARGV[5..4+n] = record keys per view, then the Ops' arguments
 # as in _APPLY_LUA, view after view. Returns {{reply of _APPLY_LUA per view}, lost}.
-_APPLY_ADVANCE_LUA = _LUA_HELPERS + _APPLY_FN + """
+_APPLY_ADVANCE_LUA = _LUA_HELPERS + _APPLY_FN + _ADVANCE_FN + """
 local ncp, nviews = tonumber(ARGV[3]), tonumber(ARGV[4])
 local k, a = ncp + 1, 5 + nviews
 local replies = {}
@@ -288,16 +295,7 @@ for v = 1, nviews do
   replies[v], a = apply(KEYS[k], k + 1, k + n, a)
   k = k + 1 + n
 end
-local lost = {}
-for i = 1, ncp do
-  local cur = redis.call('GET', KEYS[i])
-  if (not cur) or older(cur, ARGV[2]) then
-    lost[#lost + 1] = i
-  elseif older(cur, ARGV[1]) then
-    redis.call('SET', KEYS[i], ARGV[1])
-  end
-end
-return {replies, lost}
+return {replies, advance(ncp, ARGV[1], ARGV[2])}
 """
 
 
@@ -411,9 +409,12 @@ class RedisSink:
             by_view[op.view].append(op)
         one_call = views and len(ops) <= self.batch_size and not any(
             op.partial and op.doc is not None and self._format(op.view) == "json" for op in ops)
-        calls = [c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)] if one_call else []
-        if not one_call or len(calls) > len(by_view):  # too big for one call
+        if not one_call:
             return self.apply(ops), self.advance_checkpoint(views, previous, lsn)
+        calls = [c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)]
+        if len(calls) > len(by_view):  # wide documents: more than one call per view
+            self._apply_calls(calls, rejected)
+            return rejected, self.advance_checkpoint(views, previous, lsn)
         keys: list[Any] = [checkpoint_key(v) for v in views]
         args: list[Any] = [version_hex(lsn), version_hex(previous), len(views), len(calls)]
         args += [len(k) - 1 for k, _, _ in calls]
@@ -561,14 +562,10 @@ class RedisSink:
         """Delete the version entries of ``view`` equal to ``vhex`` (a wire load's version)."""
         vkey = versions_key(view).encode()
         with self._errors("wire_load (undo)"):
-            cursor = 0
-            while True:
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            for page in self._version_pages(vkey):
                 mine = [k for k, v in page.items() if v == vhex]
                 if mine:
                     self._client.hdel(vkey, *mine)
-                if cursor == 0:
-                    break
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Sweep: delete every record of ``view`` (and its version entry, tombstones included)
@@ -578,9 +575,7 @@ class RedisSink:
         vhex = version_hex(version)
         vhex_b = vhex.encode()
         with self._errors("commit_generation"):
-            cursor = 0
-            while True:
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            for page in self._version_pages(vkey):
                 stale = [k for k, v in page.items() if v[:_VERSION_LEN] < vhex_b]
                 calls = [
                     ([vkey, *stale[i : i + self.batch_size]], [vhex])
@@ -588,8 +583,6 @@ class RedisSink:
                 ]
                 if calls:
                     self._run(self._sweep_script, calls)
-                if cursor == 0:
-                    break
 
     def truncate(self, view: str, version: int) -> None:
         """Empty ``view`` as of a TRUNCATE committed at ``version`` (int LSN): delete every
@@ -703,13 +696,8 @@ class RedisSink:
         """Number of live records of ``view`` (version entries that are not tombstones)."""
         self._target(view)
         vkey = versions_key(view).encode()
-        n, cursor = 0, 0
         with self._errors("count"):
-            while True:
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
-                n += sum(1 for v in page.values() if len(v) == _VERSION_LEN)
-                if cursor == 0:
-                    return n
+            return sum(1 for page in self._version_pages(vkey) for v in page.values() if len(v) == _VERSION_LEN)
 
     def write_checkpoint(self, views: Sequence[str], lsn: int) -> None:
         """Raise the checkpoint of each of ``views`` to ``lsn`` (int LSN) in one Lua call (a
@@ -744,13 +732,9 @@ class RedisSink:
         checkpoint."""
         vkey = versions_key(view).encode()
         with self._errors("drop_view"):
-            cursor = 0
-            while True:
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            for page in self._version_pages(vkey):
                 if page:
                     self._client.unlink(*page.keys())
-                if cursor == 0:
-                    break
             self._client.unlink(vkey, checkpoint_key(view))
 
     def close(self) -> None:
@@ -770,10 +754,24 @@ class RedisSink:
     def _format(self, view: str) -> str:
         return self._target(view).format or "hash"
 
+    def _version_pages(self, vkey: bytes) -> Iterator[dict[bytes, bytes]]:
+        """The pages of an HSCAN of the version hash ``vkey`` (record key → entry). Raises
+        redis-py exceptions: iterate it inside :meth:`_errors`."""
+        cursor = 0
+        while True:
+            cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            yield page
+            if cursor == 0:
+                return
+
     def _write(self, by_view: dict[str, list[Op]], rejected: list[Rejected]) -> None:
         """Apply full/delete/hash-partial Ops with the Lua compare-and-set (all calls in one
         pipeline), update :attr:`stats` and append refused Ops to ``rejected``."""
-        calls = [c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)]
+        self._apply_calls([c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)],
+                          rejected)
+
+    def _apply_calls(self, calls: list, rejected: list[Rejected]) -> None:
+        """Run encoded apply calls (:meth:`_encode`) in one pipeline, then :meth:`_count`."""
         if not calls:
             return
         with self._errors("apply"):

@@ -33,6 +33,10 @@ class SinkDataLoss(RuntimeError):
         super().__init__(f"sink {sink} lost data of view(s) {', '.join(views)}: {detail}")
         self.sink, self.views = sink, views
 
+    @classmethod
+    def behind(cls, sink: str, views: list[str], acked: int) -> "SinkDataLoss":
+        """The checkpoints of ``views`` were missing or behind ``acked`` (int LSN)."""
+        return cls(sink, views, f"checkpoint missing or behind the acknowledged position {acked:#x}")
 
 
 log = logging.getLogger("pgderive.flusher")
@@ -253,8 +257,7 @@ class Flusher:
             call = lambda: both(ops, views, previous, lsn)  # noqa: E731
             rejected, lost = with_retry(f"sink {sink.name}", call, self.stop) if retry else call()
             if lost:
-                raise SinkDataLoss(sink.name, lost, f"checkpoint missing or behind the acknowledged "
-                                                    f"position {previous:#x}")
+                raise SinkDataLoss.behind(sink.name, lost, previous)
             advanced.add(sink.name)
             return list(rejected)
         finally:
@@ -277,5 +280,4 @@ class Flusher:
             advance = lambda: sink.advance_checkpoint(views, self.acked_lsn, lsn)  # noqa: E731
             lost = with_retry(f"sink {name} checkpoint", advance, self.stop) if retry else advance()
             if lost:
-                raise SinkDataLoss(name, lost, f"checkpoint missing or behind the acknowledged "
-                                               f"position {self.acked_lsn:#x}")
+                raise SinkDataLoss.behind(name, lost, self.acked_lsn)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import psycopg
 from psycopg import sql
 
+from cdc.snapshot import output_text
 from cdc.values import text_form
 
 from .derive import View
@@ -33,8 +34,8 @@ def _text(column: str, type_name: str) -> sql.Composable | None:
     differ for this type."""
     form = text_form(type_name)
     ident = sql.Identifier(column)
-    if form == "text":  # concat() calls the type's output function (a ::text cast trims char(n))
-        return sql.SQL("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}) END").format(ident)
+    if form == "text":
+        return output_text(ident)
     if form == "boolean":
         return sql.SQL("CASE WHEN {0} THEN 'true' WHEN NOT {0} THEN 'false' END").format(ident)
     return None

@@ -31,7 +31,6 @@ class Change:
             REPLICA IDENTITY DEFAULT, unchanged TOASTed columns are absent (wal2json omits them).
         old_key: the old replica identity (update/delete): column name → value; for updates
             wal2json only sends it when the key changed (or with REPLICA IDENTITY FULL).
-        lsn: the change's own LSN. NOT monotonic across transactions: never a version.
         maybe_nonfinite: columns of ``new`` that are ``None`` but may really hold ``NaN`` or
             ``±Infinity``: wal2json (format 2, up to 2.5 at least) prints those float/numeric
             values as JSON ``null``, the same as SQL NULL. :class:`cdc.refetch.RowRefetcher`
@@ -42,7 +41,6 @@ class Change:
     table: str
     new: Row | None = None
     old_key: Row | None = None
-    lsn: int = 0
     maybe_nonfinite: tuple[str, ...] = ()
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 
 from .changes import Change, Row, Transaction
 from .lsn import parse_lsn
-from .values import Converter, converter, may_be_nonfinite
+from .values import Converter, converter, is_numeric_type, may_be_nonfinite
 
 __all__ = ["Wal2JsonDecoder", "DecodeError", "plugin_options", "loads_message"]
 
@@ -70,6 +70,26 @@ def loads_message(data: bytes | memoryview) -> dict[str, Any]:
     return orjson.loads(raw)
 
 
+class _Inexact(Exception):
+    """orjson parsed a number of this message that must be read from its literal."""
+
+
+_INEXACT = object()
+
+
+def _kind(type_name: str) -> tuple[Any, bool, bool]:
+    """How :meth:`Wal2JsonDecoder._fast_row` treats a column type: ``(converter, or None when
+    orjson's value already is the model value, or _INEXACT for numeric; may print NaN/±Infinity
+    as null; a zero may be a float -0)``."""
+    conv = converter(type_name)
+    if is_numeric_type(type_name) and not type_name.endswith("]"):
+        conv = _INEXACT
+    elif conv is converter("integer") or conv is converter("boolean") or conv is converter("text"):
+        conv = None  # orjson gives int / bool / str already
+    floaty = conv is converter("double precision")
+    return conv, may_be_nonfinite(type_name), floaty
+
+
 class Wal2JsonDecoder:
     """Assembles format-2 messages into committed transactions.
 
@@ -86,6 +106,7 @@ class Wal2JsonDecoder:
         self.chunk_bytes = chunk_bytes
         self._tx: Transaction | None = None
         self._converters: dict[str, Converter] = {}
+        self._kinds: dict[str, tuple[Any, bool, bool]] = {}
 
     @property
     def in_transaction(self) -> bool:
@@ -97,7 +118,14 @@ class Wal2JsonDecoder:
         self._tx = None
 
     def feed(self, data: bytes | memoryview) -> Transaction | None:
-        msg = loads_message(data)
+        """Decode one XLogData payload (one wal2json message); returns the finished
+        :class:`Transaction` on ``C`` (or a chunk of a large one), else None. Raises
+        :class:`DecodeError` and ``orjson.JSONDecodeError``/``ValueError`` on bad JSON."""
+        row = self._fast_row
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:  # e.g. a numeric beyond 64 bits: read literals exactly
+            msg, row = loads_message(data), self._row
         action = msg.get("action")
         if action == "B":
             if self._tx is not None:
@@ -116,7 +144,12 @@ class Wal2JsonDecoder:
             return tx
         if action in ("I", "U", "D", "T"):
             tx = self._require_tx(msg)
-            tx.changes.append(self._change(action, msg))
+            try:
+                change = self._change(action, msg, row)
+            except _Inexact:
+                # A numeric or a float zero (maybe -0): orjson's numbers are not exact there.
+                change = self._change(action, loads_message(data), self._row)
+            tx.changes.append(change)
             tx.nbytes += len(data)
             if len(tx.changes) >= self.chunk_changes or tx.nbytes >= self.chunk_bytes:
                 self._tx = Transaction(tx.xid, tx.commit_lsn, tx.end_lsn, tx.commit_time)
@@ -132,19 +165,40 @@ class Wal2JsonDecoder:
             raise DecodeError(f"wal2json {msg.get('action')!r} message outside a transaction")
         return self._tx
 
-    def _change(self, action: str, msg: dict[str, Any]) -> Change:
+    def _change(self, action: str, msg: dict[str, Any], row: Callable[..., Row]) -> Change:
         table = f"{msg['schema']}.{msg['table']}"
-        lsn = parse_lsn(msg["lsn"]) if "lsn" in msg else 0
         if action == "I" or action == "U":
             unsure: list[str] = []
-            new = self._row(msg["columns"], unsure)
+            new = row(msg["columns"], unsure)
             ident = msg.get("identity") if action == "U" else None
             return Change("insert" if action == "I" else "update", table, new=new,
-                          old_key=self._row(ident) if ident else None, lsn=lsn,
+                          old_key=row(ident) if ident else None,
                           maybe_nonfinite=tuple(unsure))
         if action == "D":
-            return Change("delete", table, old_key=self._row(msg.get("identity") or []), lsn=lsn)
-        return Change("truncate", table, lsn=lsn)
+            return Change("delete", table, old_key=row(msg.get("identity") or []))
+        return Change("truncate", table)
+
+    def _fast_row(self, columns: list[dict[str, Any]], unsure: list[str] | None = None) -> Row:
+        """:meth:`_row` for a message parsed by orjson: converters that would return orjson's
+        value unchanged are skipped. Raises :class:`_Inexact` at a column whose number orjson
+        may not have read exactly (any ``numeric``; a float ``0``, which may be ``-0``)."""
+        row: Row = {}
+        kinds = self._kinds
+        for col in columns:
+            value = col.get("value")
+            t = col.get("type", "")
+            kind = kinds.get(t)
+            if kind is None:
+                kind = kinds[t] = _kind(t)
+            if value is None:
+                if unsure is not None and kind[1]:
+                    unsure.append(col["name"])
+            elif kind[0] is not None:
+                if kind[0] is _INEXACT or (kind[2] and not value):
+                    raise _Inexact
+                value = kind[0](value)
+            row[col["name"]] = value
+        return row
 
     def _row(self, columns: list[dict[str, Any]], unsure: list[str] | None = None) -> Row:
         """Column list → row; names of float/numeric columns printed as ``null`` (SQL NULL,

@@ -220,8 +220,11 @@ class View:
         new = change.new or {}
         key = self._key(new)
         ops: list[Op] = []
-        if kind == "update" and change.old_key:
-            old = self._key({**new, **change.old_key})
+        old_key = change.old_key
+        if kind == "update" and old_key and any(
+                c in old_key and old_key[c] != new.get(c) for c in self.key.columns):
+            # The key moved: the old record goes.
+            old = self._key({**new, **old_key})
             if old != key:
                 ops.append(Op(self.name, old, version, None))
         if self.needs_full_row:

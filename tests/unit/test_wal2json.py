@@ -98,3 +98,33 @@ def test_null_floats_and_numerics_are_flagged_as_maybe_nonfinite():
     d.feed(msg(action="D", schema="public", table="t", identity=cols[:2]))
     tx = d.feed(msg(action="C"))
     assert [c.maybe_nonfinite for c in tx.changes] == [("f4", "f8", "n"), ("f4", "f8", "n"), ()]
+
+
+def test_exact_numbers_beside_the_fast_path():
+    """Messages are parsed by orjson; one holding a numeric, or a float zero (maybe -0), is read
+    again keeping number literals exact, in its identity too, and the next message is fast again."""
+    import math
+
+    d = Wal2JsonDecoder()
+    d.feed(b'{"action":"B","xid":1,"lsn":"0/20","nextlsn":"0/30"}')
+    d.feed(b'{"action":"U","schema":"public","table":"t","columns":['
+           b'{"name":"id","type":"bigint","value":9223372036854775807},'
+           b'{"name":"n","type":"numeric(30,10)","value":12345678901234567890.1234567891},'
+           b'{"name":"f","type":"double precision","value":-0},'
+           b'{"name":"ok","type":"boolean","value":true},{"name":"s","type":"text","value":"-0"}],'
+           b'"identity":[{"name":"f","type":"real","value":-0}]}')
+    d.feed(b'{"action":"I","schema":"public","table":"t","columns":['
+           b'{"name":"id","type":"integer","value":2},{"name":"f","type":"real","value":0},'
+           b'{"name":"g","type":"double precision","value":100000},{"name":"b","type":"bytea","value":"0aff"}]}')
+    d.feed(b'{"action":"I","schema":"public","table":"t","columns":['
+           b'{"name":"id","type":"integer","value":3},{"name":"f","type":"real","value":0.5},'
+           b'{"name":"j","type":"jsonb","value":"{\\"a\\": [1, 2.5]}"}]}')
+    tx = d.feed(b'{"action":"C","xid":1,"lsn":"0/20","nextlsn":"0/30"}')
+    upd, zero, fast = (c.new for c in tx.changes)
+    assert upd["id"] == 9223372036854775807 and type(upd["id"]) is int
+    assert upd["n"] == "12345678901234567890.1234567891"
+    assert math.copysign(1.0, upd["f"]) == -1.0 and upd["ok"] is True and upd["s"] == "-0"
+    assert math.copysign(1.0, tx.changes[0].old_key["f"]) == -1.0
+    assert math.copysign(1.0, zero["f"]) == 1.0 and type(zero["f"]) is float
+    assert zero["g"] == 100000.0 and type(zero["g"]) is float and zero["b"] == "\\x0aff"
+    assert fast == {"id": 3, "f": 0.5, "j": {"a": [1, 2.5]}}

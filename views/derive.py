@@ -107,7 +107,8 @@ class View:
         self.column_types: list[tuple[str, str]] = [(c, info.columns[c]) for c in self.columns]
         self.target = ViewTarget(view=name, format=spec.format, index=spec.index)
         self._items = tuple(self.fields.items())
-        self._columns_set = tuple(dict.fromkeys(self.fields.values()))
+        self._field_columns = tuple(dict.fromkeys(self.fields.values()))
+        self._columns_set = frozenset(self._field_columns)
         # Fixed-width types are never TOASTed, so wal2json always sends them.
         self._fixed_width = frozenset(c for c, t in self.column_types if _fixed_width(t))
 
@@ -208,6 +209,14 @@ class View:
                     errors.append(e)
         return ops, errors
 
+    def _key_moved(self, new: Row, old_key: Row) -> bool:
+        """True when an update's old identity differs from the new row in a key column (the
+        record moves to another key: the old one must go)."""
+        for c in self.key.columns:
+            if c in old_key and old_key[c] != new.get(c):
+                return True
+        return False
+
     def change_ops(self, change: Change, version: int) -> list[Op]:
         """Ops for one insert/update/delete at ``version`` (the commit LSN).
 
@@ -221,9 +230,7 @@ class View:
         key = self._key(new)
         ops: list[Op] = []
         old_key = change.old_key
-        if kind == "update" and old_key and any(
-                c in old_key and old_key[c] != new.get(c) for c in self.key.columns):
-            # The key moved: the old record goes.
+        if kind == "update" and old_key and self._key_moved(new, old_key):
             old = self._key({**new, **old_key})
             if old != key:
                 ops.append(Op(self.name, old, version, None))
@@ -241,10 +248,10 @@ class View:
             doc = self._final(new, self.doc(new))
             ops.append(Op(self.name, key, version, doc))
             return ops
-        missing = [c for c in self._columns_set if c not in new]
-        if not missing:
+        if new.keys() >= self._columns_set:
             ops.append(Op(self.name, key, version, self.doc(new)))
             return ops
+        missing = [c for c in self._field_columns if c not in new]
         # Only an UPDATE may omit a column, and only a TOASTable one whose value did not change
         # (wal2json omits unchanged TOAST values). Anything else means the column was dropped
         # or renamed under the view: a clear error (dead letter), never a silent partial write.

@@ -46,7 +46,7 @@ class KeyTemplate:
         ValueError: on a malformed template (unbalanced or empty braces, no placeholder at all).
     """
 
-    __slots__ = ("text", "columns", "_parts", "_slots")
+    __slots__ = ("text", "columns", "_parts", "_slots", "_single")
 
     def __init__(self, text: str) -> None:
         if not isinstance(text, str):
@@ -95,6 +95,10 @@ class KeyTemplate:
                              " every row would get the same key")
         self._parts = parts
         self._slots = tuple(slots)
+        self._single: tuple[str, str, str] | None = None
+        if len(slots) == 1:
+            index, column = slots[0]
+            self._single = ("".join(parts[:index]), column, "".join(parts[index + 1:]))
         self.columns: tuple[str, ...] = tuple(dict.fromkeys(c for _, c in slots))
 
     @classmethod
@@ -118,6 +122,11 @@ class KeyTemplate:
         Raises:
             TemplateError: a placeholder column is absent from ``row`` or is ``None`` (NULL).
         """
+        if self._single is not None:  # "prefix{column}suffix": the common shape
+            prefix, column, suffix = self._single
+            value = row.get(column)
+            if value is not None:
+                return prefix + (value if type(value) is str else _format_value(value)) + suffix
         parts = self._parts.copy()  # a private copy keeps render() thread-safe
         for index, column in self._slots:
             value = row.get(column)

@@ -12,7 +12,8 @@ def make_sink(name: str, spec: dict[str, Any]) -> Sink:
     """Create the sink ``name`` from ``spec``.
 
     ``spec`` is ``{"type": "redis", "url": "redis://host:port/db"}`` (optional ``batch_size``)
-    or ``{"type": "opensearch", "hosts": ["http://host:port", ...]}`` (optional ``bulk_docs``).
+    or ``{"type": "opensearch", "hosts": ["http://host:port", ...]}`` (optional ``bulk_docs``,
+    ``bulk_concurrency``).
     Raises ``ValueError`` naming the sink for an unknown type or a missing/invalid setting.
     """
     kind = spec.get("type")
@@ -32,6 +33,6 @@ def make_sink(name: str, spec: dict[str, Any]) -> Sink:
             hosts = [hosts]
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
             raise ValueError(f"sink {name!r}: opensearch sink needs 'hosts' (a list of URLs)")
-        kwargs = {"bulk_docs": int(spec["bulk_docs"])} if "bulk_docs" in spec else {}
+        kwargs = {k: int(spec[k]) for k in ("bulk_docs", "bulk_concurrency") if k in spec}
         return OpenSearchSink(name, hosts, **kwargs)
     raise ValueError(f"sink {name!r}: unknown sink type {kind!r} (expected 'redis' or 'opensearch')")

@@ -38,7 +38,8 @@ Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes``
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Sequence
 
 import orjson
@@ -87,6 +88,9 @@ class OpenSearchSink:
         hosts: node URLs, e.g. ``["http://127.0.0.1:9201"]``.
         bulk_docs: maximum actions per ``_bulk`` request.
         bulk_bytes: a ``_bulk`` request is sent once its body reaches this many bytes.
+        bulk_concurrency: ``_bulk`` requests of one call in flight at once (each Op of a
+            call has its own key, and versions order writes anyway, so requests may land in any
+            order); 1 sends them one after the other.
 
     Attributes:
         stats: running counter ``partial_missed`` (partial Op for a document found nowhere).
@@ -98,12 +102,14 @@ class OpenSearchSink:
     """
 
     def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000,
-                 bulk_bytes: int = 16 << 20, timeout: float = 30.0) -> None:
-        if bulk_docs < 1 or bulk_bytes < 1:
-            raise ValueError("bulk_docs and bulk_bytes must be >= 1")
+                 bulk_bytes: int = 16 << 20, bulk_concurrency: int = 2, timeout: float = 30.0) -> None:
+        if bulk_docs < 1 or bulk_bytes < 1 or bulk_concurrency < 1:
+            raise ValueError("bulk_docs, bulk_bytes and bulk_concurrency must be >= 1")
         self.name = name
         self.bulk_docs = bulk_docs
         self.bulk_bytes = bulk_bytes
+        self.bulk_concurrency = bulk_concurrency
+        self._senders: ThreadPoolExecutor | None = None  # created on the first concurrent call
         self.stats = {"partial_missed": 0}
         self._checkpoint_index_ready = False
         # A request that hangs longer than ``timeout`` seconds is a retryable failure: the
@@ -339,6 +345,9 @@ class OpenSearchSink:
 
     def close(self) -> None:
         """Close the HTTP connections."""
+        if self._senders is not None:
+            self._senders.shutdown(wait=True)
+            self._senders = None
         self._client.close()
 
     # --- internals ------------------------------------------------------------------------
@@ -470,6 +479,34 @@ class OpenSearchSink:
         """Send ``ops`` as index/delete actions to each of ``indices`` in requests of at most
         ``bulk_docs`` actions and about ``bulk_bytes`` bytes; return the refused Ops (each once)."""
         rejected: list[Rejected] = []
+        in_flight: deque[Future] = deque()
+
+        def send(actions: list[_Action]) -> None:
+            if self.bulk_concurrency == 1:
+                rejected.extend(self._send(view, actions))
+                return
+            if self._senders is None:
+                self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
+            while len(in_flight) >= self.bulk_concurrency:
+                rejected.extend(in_flight.popleft().result())
+            in_flight.append(self._senders.submit(self._send, view, actions))
+
+        try:
+            self._bulk_requests(indices, ops, send, rejected)
+            while in_flight:
+                rejected.extend(in_flight.popleft().result())
+        finally:
+            # A failed request fails the call, but only once none of its requests is in flight
+            # (a retry of the call must not race with them).
+            for f in in_flight:
+                f.exception()
+        if len(indices) > 1:  # an Op refused by several indices is reported once
+            rejected = list({id(r.op): r for r in reversed(rejected)}.values())[::-1]
+        return rejected
+
+    def _bulk_requests(self, indices: list[str], ops: Sequence[Op], send: Any, rejected: list[Rejected]) -> None:
+        """Cut ``ops`` into ``_bulk`` requests and pass each to ``send``; Ops whose document
+        cannot be encoded go to ``rejected``."""
         actions: list[_Action] = []
         size = 0
         for op in ops:
@@ -486,18 +523,15 @@ class OpenSearchSink:
                                               "version_type": "external_gte"}})
                 n = len(meta) + (len(source) + 2 if source is not None else 1)
                 if actions and size + n > self.bulk_bytes:
-                    rejected += self._send(view, actions)
+                    send(actions)
                     actions, size = [], 0
                 actions.append((op, meta, source))
                 size += n
                 if len(actions) >= self.bulk_docs:
-                    rejected += self._send(view, actions)
+                    send(actions)
                     actions, size = [], 0
         if actions:
-            rejected += self._send(view, actions)
-        if len(indices) > 1:  # an Op refused by several indices is reported once
-            rejected = list({id(r.op): r for r in reversed(rejected)}.values())[::-1]
-        return rejected
+            send(actions)
 
     def _send(self, view: str, actions: list[_Action]) -> list[Rejected]:
         """One ``_bulk`` request; returns the items refused for data reasons, raises

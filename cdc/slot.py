@@ -219,6 +219,7 @@ class SlotReader:
         pg = self._require_conn().pgconn
         deadline = time.monotonic() + max_wait
         got = 0
+        drained = False  # consume_input found nothing new since the last message
         while True:
             if self._reply_due:
                 self._reply_due = False
@@ -228,6 +229,7 @@ class SlotReader:
             n, buf = pg.get_copy_data(1)
             if n > 0:
                 got += 1
+                drained = False
                 event = self._parse(buf)
                 if event is not None:
                     yield event
@@ -237,8 +239,10 @@ class SlotReader:
             if n == 0:
                 if got:
                     # libpq's buffer is drained; go on while the socket has more (read() is
-                    # about what arrived, not about one buffer's worth of it).
-                    if select.select([pg.socket], [], [], 0)[0]:
+                    # about what arrived, not about one buffer's worth of it). libpq's socket
+                    # is non-blocking: consume_input takes what is there, or nothing.
+                    if not drained:
+                        drained = True
                         pg.consume_input()
                         continue
                     return

@@ -185,7 +185,12 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   OpenSearch bootstrap is also compared with the raw bulk loader writing the same documents
   (read beforehand, untimed) into an empty scratch index with the generation indices' settings,
   and the Redis bootstrap with `redis-cli --pipe` sending one `HSET` per record of the same
-  records (RESP written to a file beforehand, untimed): what Redis itself can take.
+  records (RESP written to a file beforehand, untimed): what Redis itself can take; a second
+  `redis-cli --pipe` run also sends the version entries pgderive writes (one `HSET` of 7,000
+  entries into one hash per 7,000 records, as a wire load does): Redis' own bound for
+  pgderive's layout. Before pgderive's Redis bootstrap and before each `redis-cli` run the
+  bench waits for an AOF rewrite earned by the previous load (`BGREWRITEAOF`), so each load
+  starts from the same append-only file; a rewrite the load itself earns stays in it.
 * **4. Memory.** Peak RSS of the pgderive process and its children, sampled every 50 ms with
   psutil, during scenario 3's bootstraps and while one transaction updating every row of
   `pgbench_accounts` is streamed into a Redis view. Baseline: the RSS of the same daemon idle

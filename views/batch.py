@@ -17,6 +17,7 @@ class Batch:
 
     def __init__(self, end_lsn: int = 0) -> None:
         self.ops: dict[str, dict[tuple[str, str], Op]] = {}
+        self._count = 0  # Ops in ``ops`` (len() is asked once per transaction)
         self.end_lsn = end_lsn  # end LSN of the last COMPLETE transaction covered (confirmable)
         self.transactions = 0  # complete transactions
         self.open_chunks = 0  # leading chunks of a large transaction not yet committed here
@@ -40,7 +41,7 @@ class Batch:
                     or self.affected or self.links or self.rederive_all)
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.ops.values())
+        return self._count
 
     def add(self, sink: str, op: Op) -> None:
         """Add ``op`` for ``sink``, collapsing it with an earlier Op on the same key."""
@@ -49,7 +50,9 @@ class Batch:
             per_sink = self.ops[sink] = {}
         k = (op.view, op.key)
         prev = per_sink.get(k)
-        if prev is not None and op.partial and prev.doc is not None:
+        if prev is None:
+            self._count += 1
+        elif op.partial and prev.doc is not None:
             # A partial update on top of a pending upsert: merge the fields it carries.
             op = Op(op.view, op.key, op.version, {**prev.doc, **op.doc}, partial=prev.partial)
         per_sink[k] = op
@@ -60,9 +63,24 @@ class Batch:
         if per_sink:
             for k in [k for k in per_sink if k[0] == view]:
                 del per_sink[k]
+                self._count -= 1
+
+    def take_ops(self) -> Batch:
+        """A batch (end LSN 0: applying it advances no checkpoint) holding this batch's pending
+        Ops, which this batch forgets."""
+        part = Batch(end_lsn=0)
+        part.ops, part._count = self.ops, self._count
+        self.ops, self._count = {}, 0
+        return part
+
+    def clear_ops(self) -> None:
+        """Forget the pending Ops (applied elsewhere)."""
+        self.ops = {}
+        self._count = 0
 
     def clear(self) -> None:
         self.ops.clear()
+        self._count = 0
         self.transactions = 0
         self.open_chunks = 0
         self.changes = 0

@@ -585,9 +585,7 @@ class Engine:
         batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
         if batch.resolved_bytes >= self.batch_bytes:
             assert self.flusher is not None
-            part = Batch(end_lsn=0)  # end LSN 0: applying it advances no checkpoint
-            part.ops, batch.ops = batch.ops, {}
-            self.flusher.apply_now(part)
+            self.flusher.apply_now(batch.take_ops())
             batch.resolved_bytes = 0
 
     def _truncate(self, batch: Batch, views: list[View], version: int) -> None:
@@ -601,7 +599,7 @@ class Engine:
             raise self.flusher.error
         self._resolve(batch)
         self.flusher.apply_now(batch)
-        batch.ops.clear()
+        batch.clear_ops()
         batch.dead_letters = []  # recorded by apply_now
         for v in views:
             if v.aggregation is not None:

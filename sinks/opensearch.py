@@ -509,6 +509,11 @@ class OpenSearchSink:
         cannot be encoded go to ``rejected``."""
         actions: list[_Action] = []
         size = 0
+        # The action line is {"ACTION":{"_index":INDEX,"_id":ID,"version":N,"version_type":
+        # "external_gte"}}: only the id and the version vary, so the rest is encoded once.
+        heads = {(a, i): orjson.dumps({a: {"_index": i}})[:-2] + b',"_id":'
+                 for a in ("index", "delete") for i in indices}
+        tail = b',"version_type":"external_gte"}}'
         for op in ops:
             source: bytes | None = None
             if op.doc is not None:
@@ -518,9 +523,9 @@ class OpenSearchSink:
                     rejected.append(Rejected(op, f"not JSON-encodable: {e}"))
                     continue
             action = "delete" if source is None else "index"
+            ident = orjson.dumps(op.key) + b',"version":%d' % op.version + tail
             for index in indices:
-                meta = orjson.dumps({action: {"_index": index, "_id": op.key, "version": op.version,
-                                              "version_type": "external_gte"}})
+                meta = heads[action, index] + ident
                 n = len(meta) + (len(source) + 2 if source is not None else 1)
                 if actions and size + n > self.bulk_bytes:
                     send(actions)

@@ -447,10 +447,10 @@ class RedisSink:
 
         It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and
         ``f0``, ``f1``, .. (the text of output field ``fields[i]``, NULL when absent), and yields
-        two ``text`` columns per row: the RESP commands writing the record (see the module
+        two ``bytea`` columns per row: the RESP commands writing the record (see the module
         docstring; field values exactly as :func:`encode_field` writes their model values), and
         the record's version-hash entry (key and version as two RESP bulk strings), which
-        :meth:`wire_load` sends as one ``HSET`` per chunk. Returns None when the view cannot be
+        :meth:`wire_load` sends as one ``HSET`` per batch. Returns None when the view cannot be
         loaded this way (``json`` format). Raises :class:`SinkError`.
         """
         if self._format(view) != "hash":
@@ -480,14 +480,14 @@ class RedisSink:
         entry = sql.SQL("{} || {}").format(bulk(k), lit(_bulk(vhex)))
         commands = [delete, record] if populated else [record]
         self._wire_plans[view] = (len(commands), vkey)
-        return sql.SQL("{}, {}").format(sql.SQL(" || ").join(commands), entry)
+        return sql.SQL("convert_to({}, 'UTF8'), convert_to({}, 'UTF8')").format(
+            sql.SQL(" || ").join(commands), entry)
 
-    def wire_load(self, view: str, chunks: Iterable[tuple[bytes, bytes, int]]) -> int:
-        """Relay a wire load of ``view`` to Redis, pipelined: ``chunks`` yields ``(record
-        commands, version entries, rows)``: the two columns of :meth:`wire_select`'s SELECT
-        list for ``rows`` consecutive rows, each column's values concatenated. A chunk is sent
-        as its record commands plus one ``HSET`` of its version entries. Returns once Redis
-        answered every command, with the number of records.
+    def wire_load(self, view: str, chunks: Iterable[Sequence[tuple[bytes, bytes]]]) -> int:
+        """Relay a wire load of ``view`` to Redis, pipelined: ``chunks`` yields lists of the
+        ``(record commands, version entry)`` rows that :meth:`wire_select`'s SELECT list returns;
+        each chunk is sent as its record commands plus one ``HSET`` of its version entries.
+        Returns once Redis answered every command, with the number of records.
 
         Raises :class:`SinkError`: retryable for connection failures and transient replies
         (OOM, LOADING, ...), ``retryable=False`` for other error replies (e.g. WRONGTYPE: a
@@ -524,14 +524,15 @@ class RedisSink:
             conn.send_command("PING")  # a live connection (reconnects a stale one)
             conn.read_response()
             sock = conn._sock
-            for commands, entries, n in chunks:
-                if not n:
+            for chunk in chunks:
+                if not chunk:
                     continue
+                entries = b"".join(e for _, e in chunk)
                 if not vhex:
-                    vhex = entries.rsplit(b"\r\n", 2)[-2]
-                sock.sendall(b"".join([commands, b"*%d\r\n" % (2 + 2 * n), head, entries]))
-                expected += n * per_row + 1
-                rows += n
+                    vhex = chunk[0][1].rsplit(b"\r\n", 2)[-2]
+                sock.sendall(b"".join([*(r for r, _ in chunk), b"*%d\r\n" % (2 + 2 * len(chunk)), head, entries]))
+                expected += len(chunk) * per_row + 1
+                rows += len(chunk)
                 receive(False)
                 while expected - got > _WIRE_IN_FLIGHT:
                     receive(True)

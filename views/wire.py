@@ -10,7 +10,6 @@ its sink or the server does not qualify, or the sink answers an error.
 """
 from __future__ import annotations
 
-import codecs
 import logging
 import time
 from contextlib import closing
@@ -19,7 +18,6 @@ from typing import Any, Callable, Iterator
 import psycopg
 from psycopg import sql
 
-from cdc.copyout import copy_rows
 from cdc.snapshot import output_text
 from cdc.values import text_form
 
@@ -75,19 +73,7 @@ def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) ->
         sql.Identifier(*view.table.split(".", 1)),
         sql.SQL(" WHERE {}").format(view.where.sql()) if view.where is not None else sql.SQL(""))
     # OFFSET 0 keeps the inner query a subquery: each value is printed once, not once per use.
-    return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT").format(select, inner)
-
-
-def _columns(lines: list[Any]) -> tuple[bytes, bytes, int]:
-    """``COPY … TO STDOUT`` text-format lines of two columns → ``(first column's values
-    concatenated, second's, rows)``. In that format a raw tab only separates columns and a raw
-    newline only ends a row (the data's own are escaped, with backslashes, ``\\r``, ``\\n``,
-    ``\\t``, ``\\b``, ``\\f``, ``\\v``: PostgreSQL docs, COPY, "Text Format"), and exactly those
-    escapes are what ``codecs.escape_decode`` undoes. Neither column may be NULL."""
-    fields = b"".join(lines).replace(b"\n", b"\t").split(b"\t")
-    fields.pop()  # after the last newline
-    return (codecs.escape_decode(b"".join(fields[0::2]))[0],
-            codecs.escape_decode(b"".join(fields[1::2]))[0], len(fields) // 2)
+    return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT (FORMAT binary)").format(select, inner)
 
 
 def load_wire(conn: psycopg.Connection, view: View, sink: Any, query: sql.Composable,
@@ -99,32 +85,33 @@ def load_wire(conn: psycopg.Connection, view: View, sink: Any, query: sql.Compos
     t0 = last_log = time.monotonic()
     sent = 0
 
-    def chunks() -> Iterator[tuple[bytes, bytes, int]]:
+    def chunks() -> Iterator[list[tuple[bytes, bytes]]]:
         nonlocal sent, last_log
-        lines: list[Any] = []
+        chunk: list[tuple[bytes, bytes]] = []
         size = 0
-        rows = copy_rows(conn, query.as_bytes(conn))
-        with closing(rows):  # a load left early cancels the COPY before the caller rolls back
-            for line in rows:
-                lines.append(line)
-                size += len(line)
-                if size >= _CHUNK_BYTES and line[-1:] == b"\n":  # (Postgres sends whole rows)
+        with conn.cursor().copy(query) as copy:
+            copy.set_types(["bytea", "bytea"])
+            for row in copy.rows():
+                chunk.append(row)
+                size += len(row[0])
+                if size >= _CHUNK_BYTES:
                     if should_stop():
                         raise stopped(sent)
-                    chunk = _columns(lines)
                     yield chunk
-                    sent += chunk[2]
-                    lines, size = [], 0
+                    sent += len(chunk)
+                    chunk, size = [], 0
                     now = time.monotonic()
                     if now - last_log >= 5:
                         log.info("snapshot of %s for view %s: %d rows, %.0f rows/s (wire load)",
                                  view.table, view.name, sent, sent / (now - t0))
                         last_log = now
-        if lines:
-            chunk = _columns(lines)
+        if chunk:
             yield chunk
-            sent += chunk[2]
+            sent += len(chunk)
 
-    with closing(chunks()) as gen:  # closed (COPY cancelled) also when the sink fails
+    # Closed explicitly: when the sink fails, the COPY (which holds the connection's lock) is
+    # cancelled now, not when the traceback lets go of the generator, so the caller's
+    # ROLLBACK TO SAVEPOINT can run.
+    with closing(chunks()) as gen:
         records = sink.wire_load(view.name, gen)
     return records, time.monotonic() - t0

@@ -117,6 +117,7 @@ class Drain:
     cpu: float = 0.0  # CPU seconds of the daemon from spawn to the target confirmed
     walsender_cpu: float | None = None  # lifetime CPU of the walsender serving its slot
     services: dict[str, float] = field(default_factory=dict)  # Redis/OpenSearch CPU meanwhile
+    resolution: float = 0.05  # the polling interval both times were observed with
 
     def cpu_note(self) -> str:
         """Where the CPU went from spawn to confirmed: pgderive (its share of the wall time),
@@ -127,8 +128,9 @@ class Drain:
 
     @property
     def streaming(self) -> float:
-        """Seconds from the slot becoming active to the target LSN being confirmed."""
-        return self.total - self.startup
+        """Seconds from the slot becoming active to the target LSN being confirmed; never
+        below the polling interval (a small backlog can be drained between two polls)."""
+        return max(self.total - self.startup, self.resolution)
 
 
 class Daemon:
@@ -283,7 +285,7 @@ class Daemon:
                     startup = now
                 if row[1] and parse_lsn(row[1]) >= lsn:
                     return Drain(startup if startup is not None else now, now, self.cpu_seconds(),
-                                 process_cpu(row[2]))
+                                 process_cpu(row[2]), resolution=poll)
                 time.sleep(poll)
         raise BenchError(f"{self.name}: slot {self.slot} did not confirm {format_lsn(lsn)} within "
                          f"{timeout:.0f} s\n{self.log_tail()}")

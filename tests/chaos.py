@@ -540,7 +540,7 @@ views:
 @dataclass
 class Kill:
     n: int
-    after_s: float     # planned life time of the daemon before the SIGKILL
+    after_s: float     # planned life time of the daemon before the SIGKILL (in_bootstrap: after its slot)
     phase: str         # startup | bootstrap | resnapshot-bootstrap | stream
 
     def __str__(self) -> str:
@@ -702,12 +702,22 @@ class ChaosRun:
             return False
         return bool(rows) and rows[0][0] == "streaming"
 
-    def _live_then_kill(self, *extra: str, running: bool = False) -> Kill:
+    def _live_then_kill(self, *extra: str, running: bool = False, in_bootstrap: bool = False) -> Kill:
         """Start the daemon (or take the ``running`` one), let it live a random 0.2–3 s more,
-        SIGKILL it; returns the kill."""
-        after = self.kill_rnd.uniform(KILL_MIN, KILL_MAX)
+        SIGKILL it; returns the kill. ``in_bootstrap``: wait until it created its slot, then
+        live a random 0–0.4 s more, so the kill lands in the snapshot load however fast the
+        machine loads it (the 0.2–3 s clock missed loads under a second)."""
         d = self.daemon if running else self._start(*extra)
         assert d is not None
+        if in_bootstrap:
+            started = time.monotonic()
+            while "created slot" not in self._since_start() and time.monotonic() - started < 120:
+                if not d.alive():
+                    break  # exited by itself: the loop below deals with it
+                time.sleep(0.01)
+            after = self.kill_rnd.uniform(0.0, 0.4)
+        else:
+            after = self.kill_rnd.uniform(KILL_MIN, KILL_MAX)
         deadline = time.monotonic() + after
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(0.05, left))
@@ -758,7 +768,7 @@ class ChaosRun:
             if len(self.kills) >= boot_budget:
                 raise self.failure(f"only {sum(k.phase == 'bootstrap' for k in self.kills)} of "
                                    f"{len(self.kills)} kills landed in the bootstrap: seed more rows")
-            self._live_then_kill()
+            self._live_then_kill(in_bootstrap=True)
         self._start()
         self._wait_streaming()
         self.timings["bootstrap_phase"] = time.monotonic() - self.t0

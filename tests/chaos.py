@@ -9,7 +9,8 @@ hash, Redis json and OpenSearch over ``items``; Redis json and OpenSearch over `
 SIGKILL after a random 0.2–3 s of life and starts it again, over and over:
 
 1. during the first bootstrap of the seeded source, until ``BOOT_KILLS`` kills landed in the
-   snapshot load (slot created, bootstrap not done); then one start is let finish its bootstrap;
+   snapshot load (slot created, bootstrap not done; these kills come 0–0.4 s after the slot was
+   created, not 0.2–3 s after the start); then one start is let finish its bootstrap;
 2. while it streams, until ``KILLS - BOOT_KILLS - 1`` kills landed after the start-up (kills in
    the start-up — before the slot is created or resumed — happen too but do not count) and every
    big and TRUNCATE transaction was committed; ``RESNAPSHOTS`` times in between, a start with

@@ -77,13 +77,3 @@ class Batch:
         """Forget the pending Ops (applied elsewhere)."""
         self.ops = {}
         self._count = 0
-
-    def clear(self) -> None:
-        self.ops.clear()
-        self._count = 0
-        self.transactions = 0
-        self.open_chunks = 0
-        self.changes = 0
-        self.nbytes = 0
-        self.commit_times = []
-        self.dead_letters = []

@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import orjson
 
-__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "to_text", "text_form", "NONFINITE"]
+__all__ = ["converter", "Converter", "is_numeric_type", "may_be_nonfinite", "to_text", "text_form", "json_bare",
+           "NONFINITE"]
 
 Converter = Callable[[Any], Any]
 
@@ -193,6 +194,17 @@ def text_form(type_name: str) -> str | None:
     if base in _FLOAT_TYPES or base == "jsonb":
         return None
     return "text"
+
+
+def json_bare(type_name: str) -> bool:
+    """True when a non-NULL model value of this column type is a JSON number or boolean whose
+    JSON text is the text :func:`text_form` describes (integer types: the decimal digits;
+    ``boolean``: ``true``/``false``), so a document can be encoded by Postgres from that text
+    without quotes; False when the model value is a ``str`` (a JSON string) or when
+    :func:`text_form` is None."""
+    if type_name.endswith("]"):
+        return False
+    return converter(type_name) in (_to_int, _to_bool)
 
 
 def is_numeric_type(type_name: str) -> bool:

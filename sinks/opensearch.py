@@ -31,6 +31,11 @@ document too large for the server's ``http.max_content_length`` (the request is 
 offending document is alone). Other documents of the same request are applied regardless.
 Requests hold at most ``bulk_docs`` actions and about ``bulk_bytes`` bytes.
 
+Wire loads (:meth:`OpenSearchSink.wire_select`, :meth:`OpenSearchSink.wire_load`): a snapshot of
+a plain projection is rendered into ``_bulk`` lines by the snapshot query itself (see
+:mod:`views.wire`) and relayed in requests of the same size and concurrency; any refused document
+makes the load fall back to :meth:`OpenSearchSink.load`, which reports it.
+
 Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes`` 0), one document
 ``{"lsn": <int>}`` per view with ``_id`` = view name, written with ``version`` = LSN
 (``external``: a checkpoint only moves forward) and without refresh; read with a realtime GET.
@@ -40,13 +45,15 @@ from __future__ import annotations
 import re
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import orjson
 from opensearchpy import OpenSearch, helpers
 from opensearchpy import exceptions as ox
+from psycopg import sql
 
 from cdc.lsn import version_hex
+from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, ViewTarget
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX"]
@@ -69,6 +76,14 @@ _REJECT_STATUS = (400, 413)  # bulk item statuses meaning "this document", not "
 
 # one bulk action: (the Op to report, action line, source line or None for a delete)
 _Action = tuple[Op, bytes, Optional[bytes]]
+
+
+_ACTION_TAIL = b',"version_type":"external_gte"}}'
+
+
+def _action_head(action: str, index: str) -> bytes:
+    """``{"ACTION":{"_index":INDEX,"_id":`` — the start of a bulk action line."""
+    return orjson.dumps({action: {"_index": index}})[:-2] + b',"_id":'
 
 
 def generation_index(alias: str, version: int) -> str:
@@ -164,6 +179,88 @@ class OpenSearchSink:
                     retryable=False,
                 )
         return self._write(view, [generation], ops)
+
+    def wire_select(self, view: str, fields: Sequence[str], version: int,
+                    types: Sequence[str]) -> sql.Composable:
+        """The SELECT list of a wire load (:mod:`views.wire`) of ``view`` at ``version`` (int
+        LSN) into its generation index (begun by :meth:`begin_generation`).
+
+        It reads the inner query's ``k`` (the document ``_id``, never NULL) and ``f0``, ``f1``,
+        .. (the text of output field ``fields[i]``, whose column has type ``types[i]``; NULL for
+        SQL NULL) and yields two ``bytea`` columns per row: the ``_bulk`` lines :meth:`load`
+        would send for the row's Op (the ``index`` action with ``version``/``external_gte``,
+        newline, the document, newline) and an empty value. In the document, a field is a bare
+        JSON number or boolean where the model value is an ``int``/``bool``
+        (:func:`cdc.values.json_bare`), else a JSON string made by Postgres' ``to_json``; SQL
+        NULL is ``null``. The bytes may differ from orjson's (escapes), the parsed document
+        does not. Raises :class:`SinkError`.
+        """
+        index = generation_index(self._alias(view), version)
+        head = _action_head("index", index).decode()
+        tail = (b',"version":%d' % version + _ACTION_TAIL).decode() + "\n{"
+        pieces: list[sql.Composable] = [sql.Literal(head), sql.SQL("to_json(k)::text"), sql.Literal(tail)]
+        for i, (name, type_name) in enumerate(zip(fields, types)):
+            col = sql.Identifier(f"f{i}")
+            value = col if json_bare(type_name) else sql.SQL("to_json({})::text").format(col)
+            label = ("," if i else "") + orjson.dumps(name).decode() + ":"
+            pieces += [sql.Literal(label), sql.SQL("coalesce({}, 'null')").format(value)]
+        pieces.append(sql.Literal("}\n"))
+        return sql.SQL("convert_to({}, 'UTF8'), ''::bytea").format(sql.SQL(" || ").join(pieces))
+
+    def wire_load(self, view: str, chunks: Iterable[Sequence[tuple[bytes, bytes]]]) -> int:
+        """Relay a wire load of ``view``: ``chunks`` yields lists of the rows
+        :meth:`wire_select`'s SELECT list returns; they are sent as ``_bulk`` requests of at
+        most ``bulk_docs`` actions / about ``bulk_bytes`` bytes, ``bulk_concurrency`` at once.
+        Returns the number of documents once OpenSearch acknowledged all of them.
+
+        Raises :class:`SinkError`: retryable for connection failures, HTTP 429/5xx and items
+        failed so; ``retryable=False`` for any refused document (e.g. a mapping conflict) or a
+        request refused as too large, after which the caller loads the view through
+        :meth:`load`, which reports such documents one by one. Every action carries the same
+        external version, so the whole load may be repeated.
+        """
+        rows = 0
+
+        def requests() -> Iterator[list[bytes]]:
+            nonlocal rows
+            lines: list[bytes] = []
+            size = 0
+            for chunk in chunks:
+                for line, _ in chunk:
+                    if lines and size + len(line) > self.bulk_bytes:
+                        yield lines
+                        lines, size = [], 0
+                    lines.append(line)
+                    size += len(line)
+                    if len(lines) >= self.bulk_docs:
+                        yield lines
+                        lines, size = [], 0
+                rows += len(chunk)
+            if lines:
+                yield lines
+
+        for _ in self._in_flight(lambda lines: self._wire_send(view, lines), requests()):
+            pass
+        return rows
+
+    def _wire_send(self, view: str, lines: list[bytes]) -> None:
+        """One ``_bulk`` request of a wire load; raises :class:`SinkError` for any failed item
+        (see :meth:`wire_load`)."""
+        with self._errors(f"wire_load of {view}"):
+            resp = self._client.bulk(body=b"".join(lines), filter_path=_BULK_FILTER)
+        if not resp.get("errors"):
+            return
+        failed = []
+        for item in resp["items"]:
+            (_, result), = item.items()
+            status = int(result.get("status", 0))
+            if status >= 300 and status != 409:
+                err = result.get("error") or {}
+                failed.append((result.get("_id"), status, f"{err.get('type', status)}: {err.get('reason', '')}"))
+        if failed:
+            shown = "; ".join(f"key {k}: {r}" for k, _, r in failed[:_MAX_REPORTED])
+            raise SinkError(f"sink {self.name}: wire_load of {view}: {len(failed)} document(s) failed: {shown}",
+                            retryable=all(st == 429 or st >= 500 for _, st, _ in failed))
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Move the alias to ``generation`` in one ``_aliases`` call, restore the default delete
@@ -479,41 +576,44 @@ class OpenSearchSink:
         """Send ``ops`` as index/delete actions to each of ``indices`` in requests of at most
         ``bulk_docs`` actions and about ``bulk_bytes`` bytes; return the refused Ops (each once)."""
         rejected: list[Rejected] = []
-        in_flight: deque[Future] = deque()
-
-        def send(actions: list[_Action]) -> None:
-            if self.bulk_concurrency == 1:
-                rejected.extend(self._send(view, actions))
-                return
-            if self._senders is None:
-                self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
-            while len(in_flight) >= self.bulk_concurrency:
-                rejected.extend(in_flight.popleft().result())
-            in_flight.append(self._senders.submit(self._send, view, actions))
-
-        try:
-            self._bulk_requests(indices, ops, send, rejected)
-            while in_flight:
-                rejected.extend(in_flight.popleft().result())
-        finally:
-            # A failed request fails the call, but only once none of its requests is in flight
-            # (a retry of the call must not race with them).
-            for f in in_flight:
-                f.exception()
+        for refused in self._in_flight(lambda actions: self._send(view, actions),
+                                       self._bulk_requests(indices, ops, rejected)):
+            rejected += refused
         if len(indices) > 1:  # an Op refused by several indices is reported once
             rejected = list({id(r.op): r for r in reversed(rejected)}.values())[::-1]
         return rejected
 
-    def _bulk_requests(self, indices: list[str], ops: Sequence[Op], send: Any, rejected: list[Rejected]) -> None:
-        """Cut ``ops`` into ``_bulk`` requests and pass each to ``send``; Ops whose document
-        cannot be encoded go to ``rejected``."""
+    def _in_flight(self, send: Callable[[Any], Any], requests: Iterable[Any]) -> Iterator[Any]:
+        """Call ``send`` on each of ``requests`` with up to ``bulk_concurrency`` calls running
+        at once (on the sink's sender threads); yields their results in request order. A failed
+        call raises here, but only once none of the calls is still running (a retry of the
+        caller must not race with them)."""
+        if self.bulk_concurrency == 1:
+            for request in requests:
+                yield send(request)
+            return
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
+        pending: deque[Future] = deque()
+        try:
+            for request in requests:
+                while len(pending) >= self.bulk_concurrency:
+                    yield pending.popleft().result()
+                pending.append(self._senders.submit(send, request))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.exception()
+
+    def _bulk_requests(self, indices: list[str], ops: Sequence[Op], rejected: list[Rejected]) -> Iterator[list[_Action]]:
+        """Cut ``ops`` into ``_bulk`` requests (lists of actions); Ops whose document cannot be
+        encoded go to ``rejected``."""
         actions: list[_Action] = []
         size = 0
         # The action line is {"ACTION":{"_index":INDEX,"_id":ID,"version":N,"version_type":
         # "external_gte"}}: only the id and the version vary, so the rest is encoded once.
-        heads = {(a, i): orjson.dumps({a: {"_index": i}})[:-2] + b',"_id":'
-                 for a in ("index", "delete") for i in indices}
-        tail = b',"version_type":"external_gte"}}'
+        heads = {(a, i): _action_head(a, i) for a in ("index", "delete") for i in indices}
         for op in ops:
             source: bytes | None = None
             if op.doc is not None:
@@ -523,20 +623,20 @@ class OpenSearchSink:
                     rejected.append(Rejected(op, f"not JSON-encodable: {e}"))
                     continue
             action = "delete" if source is None else "index"
-            ident = orjson.dumps(op.key) + b',"version":%d' % op.version + tail
+            ident = orjson.dumps(op.key) + b',"version":%d' % op.version + _ACTION_TAIL
             for index in indices:
                 meta = heads[action, index] + ident
                 n = len(meta) + (len(source) + 2 if source is not None else 1)
                 if actions and size + n > self.bulk_bytes:
-                    send(actions)
+                    yield actions
                     actions, size = [], 0
                 actions.append((op, meta, source))
                 size += n
                 if len(actions) >= self.bulk_docs:
-                    send(actions)
+                    yield actions
                     actions, size = [], 0
         if actions:
-            send(actions)
+            yield actions
 
     def _send(self, view: str, actions: list[_Action]) -> list[Rejected]:
         """One ``_bulk`` request; returns the items refused for data reasons, raises

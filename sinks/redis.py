@@ -442,8 +442,10 @@ class RedisSink:
                 )
         return self.apply(ops)
 
-    def wire_select(self, view: str, fields: Sequence[str], version: int) -> sql.Composable | None:
-        """The SELECT list of a wire load of ``view`` at ``version`` (int LSN).
+    def wire_select(self, view: str, fields: Sequence[str], version: int,
+                    types: Sequence[str] = ()) -> sql.Composable | None:
+        """The SELECT list of a wire load of ``view`` at ``version`` (int LSN) (:mod:`views.wire`;
+        ``types``, the fields' column types, do not matter here: a hash field is the value's text).
 
         It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and
         ``f0``, ``f1``, .. (the text of output field ``fields[i]``, NULL when absent), and yields

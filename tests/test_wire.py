@@ -194,3 +194,68 @@ def test_wire_load_that_fails_mid_copy_falls_back_without_hanging(scenario, capl
     assert not worker.is_alive(), "the snapshot hung after the failed wire load"
     assert any("injected" in m and "row by row" in m for m in caplog.messages)
     assert done == [30000]
+
+
+OS_VIEWS = f"""
+  P_osall: {{table: t, sink: search, index: Pidx_wall, fields: {FIELDS}}}
+  P_osren: {{table: t, sink: search, index: Pidx_wren, key: "{{code}}/{{id}}", fields: {{val: n, who: vc, flag: flag}},
+            where: "id % 2 = 0"}}
+  P_osfloat: {{table: t, sink: search, index: Pidx_wfloat, fields: [id, f]}}
+"""
+
+
+def _documents(s, names) -> dict[str, dict]:
+    """``_id -> (_source, _version)`` of every document of each view, after a refresh."""
+    spec = load_spec(s.config)
+    with snapshot_connection(s.dsn, None) as conn:
+        views = build_views(spec, conn)
+    sink = open_sinks(spec, views)["search"]
+    out = {}
+    for name in names:
+        sink.count(name)  # refreshes
+        versions = dict(sink.scan_keys(name))
+        out[name] = {k: (doc, versions[k]) for k, doc in sink.scan(name)}
+    sink.close()
+    return out
+
+
+def test_opensearch_wire_load_writes_what_the_row_by_row_path_writes(scenario, caplog):
+    s = scenario(SCHEMA, OS_VIEWS)
+    names = [f"{s.p}_{k}" for k in ("osall", "osren", "osfloat")]
+    version = current_lsn(s.dsn)
+    with caplog.at_level(logging.INFO, logger="pgderive.bootstrap"):
+        queries = _load(s, True, version)
+    assert {n for n in names if queries[n] is not None} == set(names[:2])  # float8: row by row
+    assert sum("wire load" in m and "done" in m for m in caplog.messages) == 2
+    fast = _documents(s, names)
+    _drop(s)
+    _load(s, False, version)
+    slow = _documents(s, names)
+    assert len(slow[names[0]]) == 305 and len(slow[names[1]]) == 153
+    for n in names:
+        assert fast[n] == slow[n], n
+    doc, ver = fast[names[0]]["1001:k\r\n-é😀"]
+    assert ver == version and doc["vc"] == "-" and doc["s"] is None
+    doc, _ = fast[names[0]]["4:c1"]
+    assert doc["s"] == 4 and doc["b"] == 36000000000000 and doc["flag"] is True
+    assert doc["n2"] == "6.000" and doc["ia"] == "{4,NULL,-4}" and doc["ta"] == '{"a b","q\\"t",NULL}'
+    assert doc["js"] == '{"k": [1, 2.50]}' and doc["ch"] == "x    " and doc["vc"] == ""
+    assert fast[names[1]]["crlf/1000"][0] == {"val": "NaN", "who": "a\r\nb\\c$-\t", "flag": None}
+
+
+def test_opensearch_wire_load_falls_back_when_a_document_is_refused(scenario, caplog):
+    """Dynamic mapping makes ``v`` a date from the first documents; the row whose ``v`` is not
+    a date is refused (400): the wire load gives up, the row-by-row load dead-letters that row
+    alone and writes the rest."""
+    s = scenario("CREATE TABLE t (id int PRIMARY KEY, v text);"
+                 "INSERT INTO t SELECT g, CASE WHEN g = 4321 THEN 'not a date' ELSE '2024-01-02' END"
+                 "  FROM generate_series(1, 5000) g;",
+                 "  P_d: {table: t, sink: search, index: Pidx_wdate, fields: [v]}\n")
+    dead: list = []
+    with caplog.at_level(logging.INFO, logger="pgderive.bootstrap"):
+        _load(s, True, current_lsn(s.dsn), dead)
+    assert any("wire_load" in m and "mapper_parsing_exception" in m and "row by row" in m
+               for m in caplog.messages)
+    assert [d.key for d in dead] == ["4321"]
+    docs = _documents(s, [f"{s.p}_d"])[f"{s.p}_d"]
+    assert len(docs) == 4999 and docs["1"][0] == {"v": "2024-01-02"}

@@ -2,11 +2,22 @@
 
 For a plain projection (no ``derive``, ``include`` or aggregate) whose columns all print in the
 value model exactly as Postgres prints them (:func:`cdc.values.text_form`), the snapshot query
-itself renders each row as the sink's write commands (:meth:`sinks.redis.RedisSink.wire_select`)
-and pgderive only relays bytes: no row is decoded, derived or encoded in Python. The result is
-the same as the row-by-row path (:func:`views.bootstrap.derive_snapshot` + ``Sink.load``), which
-``tests/test_wire.py`` checks byte for byte, and that path remains the fallback whenever a view,
-its sink or the server does not qualify, or the sink answers an error.
+itself renders each row as the sink's write commands and pgderive only relays bytes: no row is
+decoded, derived or encoded in Python. Redis gets RESP commands
+(:meth:`sinks.redis.RedisSink.wire_select`), OpenSearch ``_bulk`` lines
+(:meth:`sinks.opensearch.OpenSearchSink.wire_select`). The result is the same as the row-by-row
+path (:func:`views.bootstrap.derive_snapshot` + ``Sink.load``), which ``tests/test_wire.py``
+checks (byte for byte in Redis, document and version in OpenSearch), and that path remains
+the fallback whenever a view, its sink or the server does not qualify, or the sink answers an
+error.
+
+A sink offering wire loads has two methods: ``wire_select(view, fields, version, types)``
+returns the SELECT list over an inner query with columns ``k`` (the record key as text) and
+``f0``, ``f1``, .. (the text of output field ``fields[i]``, whose column has type name
+``types[i]``), yielding two ``bytea`` columns, or None when it cannot serve the view; and
+``wire_load(view, chunks)`` relays the rows (lists of those byte pairs) and returns the number
+of records, raising :class:`~sinks.base.SinkError` (``retryable=False`` makes the caller load
+the view row by row instead).
 """
 from __future__ import annotations
 
@@ -60,7 +71,7 @@ def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) ->
     if conn.execute("SHOW server_encoding").fetchone()[0] != "UTF8":
         return None
     names = list(view.fields)
-    select = sink.wire_select(view.name, names, version)
+    select = sink.wire_select(view.name, names, version, [types[view.fields[n]] for n in names])
     if select is None:
         return None
     key = sql.SQL(" || ").join(

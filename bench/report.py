@@ -165,10 +165,10 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   from pgbench's committed transaction count (each TPC-B-like transaction updates one row of each
   of accounts, tellers, branches; the history insert is not watched), and cross-checked against
   pgderive's `--stats-file` `changes` (which include the marker). The OpenSearch variant watches
-  `pgbench_accounts` only; its baseline is `opensearch-py` `helpers.streaming_bulk` writing the
+  `pgbench_accounts` only; its baseline is `opensearch-py` `helpers.parallel_bulk` writing the
   same documents (one per account change, taken from slot A's wal2json output; same `_id` and
-  fields; plain index actions, 2,000 per request as pgderive, serialized with orjson as
-  pgderive does) into a clone of pgderive's
+  fields; plain index actions, 2,000 per request and 2 requests in flight as pgderive,
+  serialized with orjson as pgderive does) into a clone of pgderive's
   generation index made before the workload (so both update the same 1M existing documents).
 * **2. Live lag.** pgderive streams Redis views of accounts, tellers, branches and `bench_probe`
   while pgbench runs at saturation (`-c C -T LAG_SECONDS`) and then rate-limited (`-R RATE`), one
@@ -188,9 +188,10 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   records (RESP written to a file beforehand, untimed): what Redis itself can take; a second
   `redis-cli --pipe` run also sends the version entries pgderive writes (one `HSET` of 7,000
   entries into one hash per 7,000 records, as a wire load does): Redis' own bound for
-  pgderive's layout. Before pgderive's Redis bootstrap and before each `redis-cli` run the
-  bench waits for an AOF rewrite earned by the previous load (`BGREWRITEAOF`), so each load
-  starts from the same append-only file; a rewrite the load itself earns stays in it.
+  pgderive's layout. Each of these Redis loads starts from the same state: the scenario's
+  keys deleted (pgderive's records go before the `redis-cli` runs) and an AOF rewrite of what
+  is left (`BGREWRITEAOF`, waited for), so each earns the same automatic rewrite, which stays
+  in its time.
 * **4. Memory.** Peak RSS of the pgderive process and its children, sampled every 50 ms with
   psutil, during scenario 3's bootstraps and while one transaction updating every row of
   `pgbench_accounts` is streamed into a Redis view. Baseline: the RSS of the same daemon idle

@@ -1,8 +1,9 @@
 """Redis and OpenSearch side of the benchmark: clean-up by prefix and the raw ``_bulk`` loader.
 
-The raw loader is the OpenSearch baseline: opensearch-py's ``helpers.streaming_bulk`` writing
+The raw loader is the OpenSearch baseline: opensearch-py's ``helpers.parallel_bulk`` writing
 plain ``index`` actions (no versions, no checkpoints) of documents prepared in memory beforehand,
-in requests of the same size pgderive uses (2,000 actions / 16 MiB), into a scratch index with
+in requests of the same size and concurrency pgderive uses (2,000 actions / 16 MiB, 2 requests
+in flight), into a scratch index with
 the settings of pgderive's generation indices (1 shard, 0 replicas, refresh 1 s). Its client
 serializes with orjson (:class:`OrjsonSerializer`) like pgderive does: with the default stdlib
 ``json`` serializer the loader is about 25 % slower on this kind of machine, which would flatter
@@ -31,6 +32,7 @@ SCRATCH_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_int
 CHECKPOINT_INDEX = "pgderive-checkpoints"  # sinks.opensearch.CHECKPOINT_INDEX
 BULK_DOCS = 2000  # sinks.opensearch.OpenSearchSink default bulk_docs
 BULK_BYTES = 16 << 20  # ... and bulk_bytes
+BULK_CONCURRENCY = 2  # ... and bulk_concurrency
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -174,8 +176,9 @@ def clone_index(client: OpenSearch, source: str, target: str) -> None:
 
 def bulk_load(client: OpenSearch, index: str, docs: Iterable[tuple[Any, dict[str, Any]]]) -> tuple[int, float]:
     """Write ``(id, source)`` pairs to ``index`` as plain index actions with
-    ``helpers.streaming_bulk`` (``BULK_DOCS`` actions / ``BULK_BYTES`` per request); raises on
-    any failed item. Returns ``(documents, seconds)``."""
+    ``helpers.parallel_bulk`` (``BULK_DOCS`` actions / ``BULK_BYTES`` per request,
+    ``BULK_CONCURRENCY`` requests in flight); raises on any failed item. Returns
+    ``(documents, seconds)``."""
 
     def actions() -> Iterator[dict[str, Any]]:
         for _id, source in docs:
@@ -183,9 +186,9 @@ def bulk_load(client: OpenSearch, index: str, docs: Iterable[tuple[Any, dict[str
 
     n = 0
     t0 = time.monotonic()
-    for ok, item in helpers.streaming_bulk(client, actions(), chunk_size=BULK_DOCS,
-                                           max_chunk_bytes=BULK_BYTES, raise_on_error=True,
-                                           request_timeout=120):
+    for ok, item in helpers.parallel_bulk(client, actions(), thread_count=BULK_CONCURRENCY,
+                                          chunk_size=BULK_DOCS, max_chunk_bytes=BULK_BYTES,
+                                          raise_on_error=True, request_timeout=120):
         n += 1
     return n, time.monotonic() - t0
 

@@ -359,6 +359,7 @@ class RedisSink:
         self._get_script = self._client.register_script(_GET_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self._wire_plans: dict[str, tuple[int, bytes]] = {}  # view -> (commands per row, version hash key)
+        self._fresh: set[str] = set()  # views whose current generation began with no version entry
         self.stats = {"applied": 0, "skipped": 0, "partial_missed": 0}
 
     # --- protocol -------------------------------------------------------------------------
@@ -427,8 +428,18 @@ class RedisSink:
         return rejected, [views[int(i) - 1] for i in lost]
 
     def begin_generation(self, view: str, version: int) -> str:
-        """Redis keys are shared by all generations: returns ``view`` as the generation id."""
+        """Redis keys are shared by all generations: returns ``view`` as the generation id.
+
+        Notes whether the view holds no version entry yet (a first load): then nothing in it
+        can be older than ``version`` when the generation is committed (everything written
+        meanwhile is the load itself or newer stream writes), and :meth:`commit_generation`
+        skips its sweep. Raises :class:`SinkError`."""
         self._target(view)
+        with self._errors("begin_generation"):
+            if self._client.exists(versions_key(view)):
+                self._fresh.discard(view)
+            else:
+                self._fresh.add(view)
         return view
 
     def load(self, view: str, generation: str, ops: Sequence[Op]) -> list[Rejected]:
@@ -571,8 +582,17 @@ class RedisSink:
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Sweep: delete every record of ``view`` (and its version entry, tombstones included)
-        whose stored version is < ``version`` (int LSN), with compare-and-set in Lua."""
+        whose stored version is < ``version`` (int LSN), with compare-and-set in Lua. Nothing
+        to do for a generation begun on an empty view (see :meth:`begin_generation`)."""
         self._target(view)
+        if view in self._fresh:
+            self._fresh.discard(view)
+            return
+        self._sweep(view, version)
+
+    def _sweep(self, view: str, version: int) -> None:
+        """Delete the records of ``view`` stored at a version < ``version`` (one HSCAN of the
+        version hash; 5M entries take about 5 s)."""
         vkey = versions_key(view).encode()
         vhex = version_hex(version)
         vhex_b = vhex.encode()
@@ -590,7 +610,8 @@ class RedisSink:
         """Empty ``view`` as of a TRUNCATE committed at ``version`` (int LSN): delete every
         record (and version entry) at or below ``version`` — Ops of the same transaction that
         came before the TRUNCATE included; those after it are applied afterwards."""
-        self.commit_generation(view, view, version + 1)
+        self._target(view)
+        self._sweep(view, version + 1)
 
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, doc)`` for every live record: hash views give ``{field: str}``, json

@@ -234,10 +234,13 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
                      rows / secs if secs else 0.0)
 
+        # A table's time starts when its first chunk is asked for: an aggregate view's chunk
+        # arrives only after all its rows were read and folded into groups.
+        asked = time.monotonic()
         for chunk in derive_snapshot(conn, row_by_row, version, chunk_rows=chunk_rows, aggregates=aggregates):
             if chunk.table != table:
                 table_done()
-                table, t0, rows = chunk.table, time.monotonic(), 0
+                table, t0, rows = chunk.table, asked, 0
                 last_log = t0
                 log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
                          ", ".join(v.name for v in chunk.views))
@@ -254,6 +257,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             if now - last_log >= 5:
                 log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
                 last_log = now
+            asked = now
         table_done()
     for v in views:
         sinks[v.sink].commit_generation(v.name, generations[v.name], version)

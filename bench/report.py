@@ -170,6 +170,8 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   fields; plain index actions, 2,000 per request and 2 requests in flight as pgderive,
   serialized with orjson as pgderive does) into a clone of pgderive's
   generation index made before the workload (so both update the same 1M existing documents).
+  Before each of the two drains the bench waits until OpenSearch runs no segment merge (the
+  bootstrap's and the first drain's merges would otherwise take CPU from the next one).
 * **2. Live lag.** pgderive streams Redis views of accounts, tellers, branches and `bench_probe`
   while pgbench runs at saturation (`-c C -T LAG_SECONDS`) and then rate-limited (`-R RATE`), one
   daemon run per level. pgderive's own lag (stats file: wal2json commit timestamp → every sink
@@ -191,7 +193,7 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   pgderive's layout. Each of these Redis loads starts from the same state: the scenario's
   keys deleted (pgderive's records go before the `redis-cli` runs) and an AOF rewrite of what
   is left (`BGREWRITEAOF`, waited for), so each earns the same automatic rewrite, which stays
-  in its time.
+  in its time. Both OpenSearch loads start once OpenSearch runs no segment merge.
 * **4. Memory.** Peak RSS of the pgderive process and its children, sampled every 50 ms with
   psutil, during scenario 3's bootstraps and while one transaction updating every row of
   `pgbench_accounts` is streamed into a Redis view. Baseline: the RSS of the same daemon idle

@@ -23,7 +23,7 @@ from .pg import BenchError
 from .probe import PROBE_DDL, DecodeWatcher, ProbeWriter, RedisPoller, lags_ms, percentile
 from .report import Row, format_row
 from .settings import Settings
-from .stores import (settle_redis, redis_pipe_load, alias_index, bulk_load, clean_opensearch, clean_redis, clone_index,
+from .stores import (settle_redis, settle_opensearch, redis_pipe_load, alias_index, bulk_load, clean_opensearch, clean_redis, clone_index,
                      create_scratch_index, opensearch_client, redis_client)
 
 __all__ = ["Context", "UNITS"]
@@ -261,8 +261,10 @@ def scenario_1_opensearch(ctx: Context) -> None:
         if len(docs) != changes:
             raise BenchError(f"slot A decoded {len(docs):,} account changes, pgbench says {changes:,}")
         step(f"{changes:,} account changes ({bench.tps:,.0f} tps); pg_recvlogical {raw_s:.2f} s; draining")
+        settle_opensearch(client)
         timing, stats = drain(daemon, end)
         step(f"pgderive: {timing.total:.2f} s ({timing.startup:.2f} s start-up)")
+        settle_opensearch(client)
         n_docs, bulk_s = bulk_load(client, raw_index, docs)
         step(f"raw bulk loader: {n_docs:,} documents in {bulk_s:.2f} s")
         rate, bulk_rate = changes / timing.total, n_docs / bulk_s
@@ -416,6 +418,8 @@ def _snapshot(ctx: Context, scale: int, key: str) -> None:
             daemon = Daemon(s, cfg, dsn=dsn, slot=slot, workdir=work, name=sink)
             if sink == "redis":
                 settle_redis(s)  # like the redis-cli baselines: no earlier load's AOF rewrite inside
+            else:
+                settle_opensearch(opensearch_client(s))  # like the raw loader below
             services = ServiceCpu(s)
             services.start()
             daemon.start()
@@ -468,6 +472,7 @@ def _snapshot(ctx: Context, scale: int, key: str) -> None:
         client = opensearch_client(s)
         raw_index = f"{n.index_prefix}raw"
         create_scratch_index(client, raw_index)
+        settle_opensearch(client)  # pgderive's load leaves merges running
         n_docs, bulk_s = bulk_load(client, raw_index, docs)
         del docs
         client.indices.delete(index=raw_index, ignore=[404])

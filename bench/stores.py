@@ -24,7 +24,7 @@ from opensearchpy.serializer import JSONSerializer
 
 from .settings import Settings
 
-__all__ = ["settle_redis", "redis_pipe_load", "redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
+__all__ = ["settle_redis", "settle_opensearch", "redis_pipe_load", "redis_client", "opensearch_client", "clean_redis", "clean_opensearch", "bulk_load",
            "create_scratch_index", "clone_index", "alias_index"]
 
 # Same as sinks/opensearch.py's generation indices, so the baseline writes into the same kind of index.
@@ -159,6 +159,19 @@ def alias_index(client: OpenSearch, alias: str) -> str:
     if len(names) != 1:
         raise RuntimeError(f"alias {alias} points at {names}, expected one index")
     return names[0]
+
+
+def settle_opensearch(client: OpenSearch, timeout: float = 300.0) -> None:
+    """Wait until no segment merge runs on any node (twice in a row, 0.2 s apart): a bulk load
+    leaves merges running for seconds after its last request, which would take CPU from the
+    next measurement (whichever of pgderive and the raw loader came second would gain)."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        stats = client.nodes.stats(metric="indices", index_metric="merge")
+        running = sum(n["indices"]["merges"]["current"] for n in stats["nodes"].values())
+        quiet = quiet + 1 if running == 0 else 0
+        time.sleep(0.2)
 
 
 def clone_index(client: OpenSearch, source: str, target: str) -> None:

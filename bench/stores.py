@@ -118,7 +118,8 @@ def redis_pipe_load(settings: Settings, records: Iterable[tuple[str, dict[str, A
 def opensearch_client(settings: Settings) -> OpenSearch:
     """An OpenSearch client with a generous timeout (bulk loads of 1M documents) and the
     orjson serializer."""
-    return OpenSearch(hosts=[settings.opensearch_url], timeout=120, serializer=OrjsonSerializer())
+    return OpenSearch(hosts=[settings.opensearch_url], timeout=120, serializer=OrjsonSerializer(),
+                      pool_maxsize=BULK_CONCURRENCY + 2)  # as pgderive's sink: no reconnect per request
 
 
 def clean_redis(r: redis.Redis, key_prefix: str, views: Iterable[str]) -> int:

@@ -129,7 +129,11 @@ class OpenSearchSink:
         self._checkpoint_index_ready = False
         # A request that hangs longer than ``timeout`` seconds is a retryable failure: the
         # engine backs off and retries rather than waiting on a stuck node indefinitely.
-        self._client = OpenSearch(hosts, http_compress=False, timeout=timeout)
+        # One kept-alive connection per sender thread plus the calling thread (urllib3 keeps
+        # one per host by default: every concurrent request then opened a new connection and
+        # logged "Connection pool is full, discarding connection").
+        self._client = OpenSearch(hosts, http_compress=False, timeout=timeout,
+                                  pool_maxsize=bulk_concurrency + 2)
         self._targets: dict[str, ViewTarget] = {}
         self._has_alias: set[str] = set()  # views whose alias is known to exist
         self._loading: dict[str, set[str]] = defaultdict(set)  # view -> uncommitted generations
@@ -508,11 +512,13 @@ class OpenSearchSink:
         if self._checkpoint_index_ready:
             return
         with self._errors(f"create index {CHECKPOINT_INDEX}"):
-            try:
-                self._client.indices.create(index=CHECKPOINT_INDEX, body=_CHECKPOINT_BODY)
-            except ox.RequestError as e:
-                if e.error != "resource_already_exists_exception":
-                    raise
+            # Looked up first: a refused create is logged by the client as a warning.
+            if not self._client.indices.exists(index=CHECKPOINT_INDEX):
+                try:
+                    self._client.indices.create(index=CHECKPOINT_INDEX, body=_CHECKPOINT_BODY)
+                except ox.RequestError as e:
+                    if e.error != "resource_already_exists_exception":
+                        raise
         self._checkpoint_index_ready = True
 
     def _write(self, view: str, indices: list[str], ops: Sequence[Op]) -> list[Rejected]:

@@ -497,9 +497,13 @@ class OpenSearchSink:
                     raise
 
     def _alias_indices(self, alias: str) -> list[str]:
+        """The indices behind ``alias`` (none before a view's first commit; looked up with a
+        HEAD first, whose 404 the client does not log as a warning, unlike a GET's)."""
+        if not self._client.indices.exists_alias(name=alias):
+            return []
         try:
             return sorted(self._client.indices.get_alias(name=alias))
-        except ox.NotFoundError:
+        except ox.NotFoundError:  # removed meanwhile
             return []
 
     def _generations(self, alias: str) -> list[str]:

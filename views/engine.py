@@ -492,10 +492,10 @@ class Engine:
                 continue
             gone = False
             used = self._used_columns.get(change.table)
-            full = change.table in self._full_row_tables
-            if change.new is not None and used and (change.maybe_nonfinite or full):
+            if change.new is not None and used and (
+                    change.maybe_nonfinite or change.table in self._full_row_tables):
                 fetch = [c for c in change.maybe_nonfinite if c in used]
-                if full:
+                if change.table in self._full_row_tables:
                     fetch += [c for c in used if c not in change.new]
                 if fetch:
                     self.refetcher.wait_visible((tx.xid,))

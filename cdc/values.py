@@ -201,9 +201,7 @@ def json_bare(type_name: str) -> bool:
     JSON text is the text :func:`text_form` describes (integer types: the decimal digits;
     ``boolean``: ``true``/``false``), so a document can be encoded by Postgres from that text
     without quotes; False when the model value is a ``str`` (a JSON string) or when
-    :func:`text_form` is None."""
-    if type_name.endswith("]"):
-        return False
+    :func:`text_form` is None (arrays included: their converter keeps the text)."""
     return converter(type_name) in (_to_int, _to_bool)
 
 

@@ -86,6 +86,22 @@ def _action_head(action: str, index: str) -> bytes:
     return orjson.dumps({action: {"_index": index}})[:-2] + b',"_id":'
 
 
+def _bulk_failures(resp: dict[str, Any]) -> Iterator[tuple[int, int, str, str, str]]:
+    """``(position, status, _id, _index, reason)`` of every item of a ``_bulk`` response (read
+    with ``_BULK_FILTER``) that failed. A 409 (version conflict: the stored document is as new
+    or newer) and a delete's 404 (already gone) are successes for pgderive."""
+    if not resp.get("errors"):
+        return
+    for pos, item in enumerate(resp["items"]):
+        (action, result), = item.items()
+        status = int(result.get("status", 0))
+        if status < 300 or status == 409 or (action == "delete" and status == 404):
+            continue
+        err = result.get("error") or {}
+        yield (pos, status, result.get("_id", "?"), result.get("_index", "?"),
+               f"{err.get('type', status)}: {err.get('reason', '')}")
+
+
 def generation_index(alias: str, version: int) -> str:
     """Index name of the generation of ``alias`` at ``version`` (int LSN): ``alias-g<16 hex>``."""
     return f"{alias}-g{version_hex(version)}"
@@ -223,48 +239,18 @@ class OpenSearchSink:
         :meth:`load`, which reports such documents one by one. Every action carries the same
         external version, so the whole load may be repeated.
         """
-        rows = 0
+        lines = ((line, len(line)) for chunk in chunks for line, _ in chunk)
+        return sum(self._in_flight(lambda request: self._wire_send(view, request), self._requests(lines)))
 
-        def requests() -> Iterator[list[bytes]]:
-            nonlocal rows
-            lines: list[bytes] = []
-            size = 0
-            for chunk in chunks:
-                for line, _ in chunk:
-                    if lines and size + len(line) > self.bulk_bytes:
-                        yield lines
-                        lines, size = [], 0
-                    lines.append(line)
-                    size += len(line)
-                    if len(lines) >= self.bulk_docs:
-                        yield lines
-                        lines, size = [], 0
-                rows += len(chunk)
-            if lines:
-                yield lines
-
-        for _ in self._in_flight(lambda lines: self._wire_send(view, lines), requests()):
-            pass
-        return rows
-
-    def _wire_send(self, view: str, lines: list[bytes]) -> None:
-        """One ``_bulk`` request of a wire load; raises :class:`SinkError` for any failed item
-        (see :meth:`wire_load`)."""
+    def _wire_send(self, view: str, lines: list[bytes]) -> int:
+        """One ``_bulk`` request of a wire load; returns its number of documents, raises
+        :class:`SinkError` for any failed item (see :meth:`wire_load`)."""
         with self._errors(f"wire_load of {view}"):
             resp = self._client.bulk(body=b"".join(lines), filter_path=_BULK_FILTER)
-        if not resp.get("errors"):
-            return
-        failed = []
-        for item in resp["items"]:
-            (_, result), = item.items()
-            status = int(result.get("status", 0))
-            if status >= 300 and status != 409:
-                err = result.get("error") or {}
-                failed.append((result.get("_id"), status, f"{err.get('type', status)}: {err.get('reason', '')}"))
+        failed = [(key, index, status, reason) for _, status, key, index, reason in _bulk_failures(resp)]
         if failed:
-            shown = "; ".join(f"key {k}: {r}" for k, _, r in failed[:_MAX_REPORTED])
-            raise SinkError(f"sink {self.name}: wire_load of {view}: {len(failed)} document(s) failed: {shown}",
-                            retryable=all(st == 429 or st >= 500 for _, st, _ in failed))
+            raise self._failure(f"wire_load of {view}", failed)
+        return len(lines)
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Move the alias to ``generation`` in one ``_aliases`` call, restore the default delete
@@ -497,14 +483,11 @@ class OpenSearchSink:
                     raise
 
     def _alias_indices(self, alias: str) -> list[str]:
-        """The indices behind ``alias`` (none before a view's first commit; looked up with a
-        HEAD first, whose 404 the client does not log as a warning, unlike a GET's)."""
-        if not self._client.indices.exists_alias(name=alias):
-            return []
-        try:
-            return sorted(self._client.indices.get_alias(name=alias))
-        except ox.NotFoundError:  # removed meanwhile
-            return []
+        """The indices behind ``alias``; none before a view's first commit (asked with
+        ``ignore=404``: the client neither raises nor logs a warning, and the 404 body,
+        ``{"error": str, "status": 404}``, holds no index entry)."""
+        found = self._client.indices.get_alias(name=alias, ignore=404)
+        return sorted(i for i, entry in found.items() if isinstance(entry, dict))
 
     def _generations(self, alias: str) -> list[str]:
         found = self._client.indices.get(
@@ -587,7 +570,7 @@ class OpenSearchSink:
         ``bulk_docs`` actions and about ``bulk_bytes`` bytes; return the refused Ops (each once)."""
         rejected: list[Rejected] = []
         for refused in self._in_flight(lambda actions: self._send(view, actions),
-                                       self._bulk_requests(indices, ops, rejected)):
+                                       self._requests(self._actions(indices, ops, rejected))):
             rejected += refused
         if len(indices) > 1:  # an Op refused by several indices is reported once
             rejected = list({id(r.op): r for r in reversed(rejected)}.values())[::-1]
@@ -616,11 +599,26 @@ class OpenSearchSink:
             for f in pending:
                 f.exception()
 
-    def _bulk_requests(self, indices: list[str], ops: Sequence[Op], rejected: list[Rejected]) -> Iterator[list[_Action]]:
-        """Cut ``ops`` into ``_bulk`` requests (lists of actions); Ops whose document cannot be
-        encoded go to ``rejected``."""
-        actions: list[_Action] = []
+    def _requests(self, items: Iterable[tuple[Any, int]]) -> Iterator[list[Any]]:
+        """Cut ``(item, bytes)`` pairs into ``_bulk`` requests: lists of at most ``bulk_docs``
+        items and about ``bulk_bytes`` bytes (a single larger item goes alone)."""
+        batch: list[Any] = []
         size = 0
+        for item, n in items:
+            if batch and size + n > self.bulk_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(item)
+            size += n
+            if len(batch) >= self.bulk_docs:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _actions(self, indices: list[str], ops: Sequence[Op], rejected: list[Rejected]) -> Iterator[tuple[_Action, int]]:
+        """``(action, bytes)`` for every Op and index; Ops whose document cannot be encoded go
+        to ``rejected``."""
         # The action line is {"ACTION":{"_index":INDEX,"_id":ID,"version":N,"version_type":
         # "external_gte"}}: only the id and the version vary, so the rest is encoded once.
         heads = {(a, i): _action_head(a, i) for a in ("index", "delete") for i in indices}
@@ -636,17 +634,7 @@ class OpenSearchSink:
             ident = orjson.dumps(op.key) + b',"version":%d' % op.version + _ACTION_TAIL
             for index in indices:
                 meta = heads[action, index] + ident
-                n = len(meta) + (len(source) + 2 if source is not None else 1)
-                if actions and size + n > self.bulk_bytes:
-                    yield actions
-                    actions, size = [], 0
-                actions.append((op, meta, source))
-                size += n
-                if len(actions) >= self.bulk_docs:
-                    yield actions
-                    actions, size = [], 0
-        if actions:
-            yield actions
+                yield (op, meta, source), len(meta) + (len(source) + 2 if source is not None else 1)
 
     def _send(self, view: str, actions: list[_Action]) -> list[Rejected]:
         """One ``_bulk`` request; returns the items refused for data reasons, raises
@@ -668,31 +656,25 @@ class OpenSearchSink:
                                  "exceeds the server's http.max_content_length)")]
             half = len(actions) // 2
             return self._send(view, actions[:half]) + self._send(view, actions[half:])
-        if not resp.get("errors"):
-            return []
         rejected: list[Rejected] = []
         failed: list[tuple[str, str, int, str]] = []
-        for (op, _, _), item in zip(actions, resp["items"]):
-            (action, result), = item.items()
-            status = int(result.get("status", 0))
-            if status < 300 or status == 409 or (action == "delete" and status == 404):
-                continue
-            err = result.get("error") or {}
-            reason = f"{err.get('type', status)}: {err.get('reason', '')}"
-            index = result.get("_index", "?")
+        for pos, status, _, index, reason in _bulk_failures(resp):
+            op = actions[pos][0]
             if status in _REJECT_STATUS:
                 rejected.append(Rejected(op, f"index {index}: {reason}"))
             else:
                 failed.append((op.key, index, status, reason))
-        if not failed:
-            return rejected
-        retryable = all(s == 429 or s >= 500 for _, _, s, _ in failed)
+        if failed:
+            raise self._failure(f"view {view}", failed)
+        return rejected
+
+    def _failure(self, what: str, failed: list[tuple[str, str, int, str]]) -> SinkError:
+        """The error for ``_bulk`` items that failed for other than data reasons (``failed``:
+        ``(key, index, status, reason)``); retryable when every status is 429 or 5xx."""
         shown = "; ".join(f"key {k} (index {i}): {r}" for k, i, _, r in failed[:_MAX_REPORTED])
         more = f" (+{len(failed) - _MAX_REPORTED} more)" if len(failed) > _MAX_REPORTED else ""
-        raise SinkError(
-            f"sink {self.name}: view {view}: {len(failed)} document(s) failed: {shown}{more}",
-            retryable=retryable,
-        )
+        return SinkError(f"sink {self.name}: {what}: {len(failed)} document(s) failed: {shown}{more}",
+                         retryable=all(s == 429 or s >= 500 for _, _, s, _ in failed))
 
     def _errors(self, what: str) -> "_ErrorMap":
         return _ErrorMap(self.name, what)

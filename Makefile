@@ -38,9 +38,9 @@ test: services venv
 test-unit: venv
 	$(BIN)/pytest -q -m 'not slow' tests/unit
 
-# Crash harness, long variant: the CI test (tests/test_chaos.py, 20 kills) scaled up. Every
+# Crash harness, long variant: the CI test (tests/chaos/test_chaos.py, 20 kills) scaled up. Every
 # PGDERIVE_CHAOS_* variable may be overridden from the environment, e.g.
-# `PGDERIVE_CHAOS_SEED=42 make chaos` to replay a failure (see tests/chaos.py).
+# `PGDERIVE_CHAOS_SEED=42 make chaos` to replay a failure (see tests/chaos/harness.py).
 chaos: services venv
 	PGDERIVE_CHAOS_KILLS=$${PGDERIVE_CHAOS_KILLS:-100} \
 	PGDERIVE_CHAOS_BOOT_KILLS=$${PGDERIVE_CHAOS_BOOT_KILLS:-6} \
@@ -50,7 +50,7 @@ chaos: services venv
 	PGDERIVE_CHAOS_BIG_TX=$${PGDERIVE_CHAOS_BIG_TX:-15} \
 	PGDERIVE_CHAOS_TRUNCATES=$${PGDERIVE_CHAOS_TRUNCATES:-12} \
 	PGDERIVE_CHAOS_TIMEOUT=$${PGDERIVE_CHAOS_TIMEOUT:-600} \
-	$(BIN)/pytest -q tests/test_chaos.py
+	$(BIN)/pytest -q tests/chaos/test_chaos.py
 
 # Benchmarks against same-run baselines (bench/, see bench/settings.py for PGDERIVE_BENCH_*):
 # writes bench/report.md and bench/plot.png; logs and raw results under bench/out/.

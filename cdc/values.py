@@ -184,7 +184,7 @@ def text_form(type_name: str) -> str | None:
     text, so ``str(value)`` equals the output; ``"boolean"``: the model's ``True``/``False``
     prints as ``true``/``false`` where Postgres prints ``t``/``f``; ``None``: the forms differ
     (floats print by Python's ``repr``, ``jsonb`` is parsed). Lets a snapshot be encoded by
-    Postgres itself (:mod:`views.wire`) exactly as pgderive would encode the model value.
+    Postgres itself (:mod:`pgderive.runtime.wire`) exactly as pgderive would encode the model value.
     """
     if type_name.endswith("]"):
         return "text"

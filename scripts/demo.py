@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc.lsn import format_lsn, parse_lsn  # noqa: E402
-from views.engine import build_views, open_sinks  # noqa: E402
+from views.check import build_views
+from pgderive.runtime.sinks import open_sinks  # noqa: E402
 from views.spec import load_spec  # noqa: E402
-from views.verify import diff_view  # noqa: E402
+from pgderive.ops.verify import diff_view  # noqa: E402
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CONFIG = ROOT / "config" / "pgbench.yaml"
@@ -70,7 +71,7 @@ def main() -> int:
     log_file = OUT / "pgderive.log"
     stats_file.unlink(missing_ok=True)
     with open(log_file, "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "views.cli", "run", "-c", str(CONFIG),
+        daemon = subprocess.Popen([sys.executable, "-m", "pgderive.cli", "run", "-c", str(CONFIG),
                                    "--resnapshot", "--stats-file", str(stats_file)],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:

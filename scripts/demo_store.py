@@ -49,7 +49,7 @@ from views.spec import SpecError, load_spec  # noqa: E402
 CONFIG = ROOT / "config" / "store.yaml"
 OUT = ROOT / ".services" / "demo-store"
 _VENV_PGDERIVE = ROOT / ".venv" / "bin" / "pgderive"
-PGDERIVE = [str(_VENV_PGDERIVE)] if _VENV_PGDERIVE.exists() else [sys.executable, "-m", "views.cli"]
+PGDERIVE = [str(_VENV_PGDERIVE)] if _VENV_PGDERIVE.exists() else [sys.executable, "-m", "pgderive.cli"]
 BOOTSTRAP_TIMEOUT = 600.0
 CATCHUP_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 900.0

@@ -16,9 +16,10 @@ from psycopg import sql
 from cdc.lsn import parse_lsn
 from sinks.factory import make_sink
 from sinks.base import ViewTarget
-from views.engine import build_views, open_sinks
+from views.check import build_views
+from pgderive.runtime.sinks import open_sinks
 from views.spec import load_spec
-from views.verify import diff_view
+from pgderive.ops.verify import diff_view
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_DSN = os.environ.get("PGDERIVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5433/postgres")
@@ -73,7 +74,7 @@ class Daemon:
     def start(self, *more: str) -> "Daemon":
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "views.cli", "run", "-c", str(self.config), *self.extra, *more],
+            [sys.executable, "-m", "pgderive.cli", "run", "-c", str(self.config), *self.extra, *more],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
@@ -135,7 +136,7 @@ def drop_views(config: Path, sink_type: str | None = None) -> None:
 
 
 def diffs(config: Path) -> dict[str, object]:
-    """View name → :class:`views.verify.ViewDiff` for every view of ``config``."""
+    """View name → :class:`pgderive.ops.verify.ViewDiff` for every view of ``config``."""
     spec = load_spec(config)
     out = {}
     with psycopg.connect(spec.source.dsn, autocommit=True) as conn:

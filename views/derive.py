@@ -8,6 +8,7 @@ values omitted by wal2json, rule 6) becomes a *partial* upsert that only sets wh
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import sys
@@ -15,16 +16,16 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
+from cdc.catalog import TableInfo
 from cdc.changes import Change, Row
 from sinks.base import Op, ViewTarget
 
 from .aggregate import Aggregation
-from .catalog import TableInfo, output_fields, resolve_key
 from .include import IncludeNode, IncludeTree, KeyTuple
 from .spec import IncludeSpec, ViewSpec
 from .template import KeyTemplate, TemplateError
 
-__all__ = ["View", "DerivationError"]
+__all__ = ["View", "DerivationError", "view_fingerprint", "load_function", "resolve_key", "output_fields"]
 
 
 class DerivationError(ValueError):
@@ -45,6 +46,26 @@ _FIXED_WIDTH = {"smallint", "integer", "bigint", "real", "double precision", "bo
 
 def _fixed_width(type_name: str) -> bool:
     return type_name.split("(", 1)[0].strip() in _FIXED_WIDTH or type_name.startswith(("timestamp", "time"))
+
+
+def resolve_key(view: ViewSpec, info: TableInfo) -> KeyTemplate:
+    """The view's key template: its ``key``, or the primary key columns joined by ``:``.
+
+    Raises:
+        ValueError: no ``key`` and the table has no primary key.
+    """
+    if view.key_template is not None:
+        return view.key_template
+    if not info.primary_key:
+        raise ValueError(f"table {info.qualified} has no primary key: declare a key template"
+                         " over columns that identify a row, e.g. key: \"{id}\"")
+    return KeyTemplate.from_columns(info.primary_key)
+
+
+def output_fields(view: ViewSpec, info: TableInfo) -> dict[str, str]:
+    """Output name → column: the view's ``fields``, or every column under its own name."""
+    mapping = view.field_map
+    return dict(mapping) if mapping is not None else {c: c for c in info.columns}
 
 
 class View:
@@ -160,7 +181,7 @@ class View:
         return None if doc is None else Op(self.name, key, version, doc)
 
     def group_ops(self, rows: list, touched: list[str], version: int) -> tuple[list[Op], list["DerivationError"]]:
-        """Ops of an aggregate view from :meth:`views.aggregate.AggregateStore.apply`'s result:
+        """Ops of an aggregate view from :meth:`pgderive.state.aggregates.AggregateStore.apply`'s result:
         an upsert per group with rows, a delete per touched group without."""
         agg = self.aggregation
         assert agg is not None
@@ -292,3 +313,17 @@ def _node(name: str, spec: IncludeSpec, infos: Mapping[str, TableInfo], parent: 
                        spec.ordering + tiebreak, spec.limit, parent=parent)
     node.children = [_node(n, s, infos, node) for n, s in (spec.include or {}).items()]
     return node
+
+
+def view_fingerprint(view: View) -> str:
+    """A short hash of what a view derives; a change means its sink data must be rebuilt."""
+    raw = orjson.dumps({"table": view.table, "key": view.key.text, "fields": view.fields,
+                        "sink": view.sink, "target": [view.target.format, view.target.index],
+                        **({"where": view.spec.where} if view.spec.where else {}),
+                        **({"derive": view.spec.derive} if view.spec.derive else {}),
+                        **({"include": view.spec.model_dump(include={"include"})} if view.spec.include else {}),
+                        # "state" 2: group states in pgderive.agg_groups (a view stored before them rebuilds)
+                        **({"group": [view.spec.group_by, view.spec.aggregate], "state": 2}
+                           if view.spec.group_by else {})},
+                       option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()[:16]

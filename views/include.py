@@ -20,7 +20,7 @@ roots a change affects (:meth:`IncludeTree.affected_roots`):
 
 The old value of a link column that is not part of the included table's replica identity
 (``order_items.order_id``) is only in the WAL with ``REPLICA IDENTITY FULL``; the catalog check
-requires it (see :func:`views.catalog.check_source`).
+requires it (see :func:`views.check.check_source`).
 
 Records are read at the time the batch is resolved, i.e. at or after the commit of every change
 that triggered them, and written with the commit LSN of the last such change: later changes of
@@ -37,10 +37,9 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from cdc.catalog import TableInfo
 from cdc.snapshot import output_text
 from cdc.values import Converter, converter, to_text
-
-from .catalog import TableInfo
 
 __all__ = ["IncludeNode", "IncludeTree", "KeyTuple"]
 
@@ -130,7 +129,7 @@ class IncludeTree:
     roots a change affects.
 
     Args:
-        root: the root table's :class:`~views.catalog.TableInfo`.
+        root: the root table's :class:`~cdc.catalog.TableInfo`.
         root_columns: root columns to select (``(name, type)``), identity columns first.
         nodes: top-level :class:`IncludeNode` objects.
         where: SQL of the view's ``where`` (unqualified root columns) or ``None``.

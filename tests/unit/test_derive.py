@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from cdc.changes import Change
-from views.batch import Batch
-from views.catalog import TableInfo
+from pgderive.runtime.batch import Batch
+from cdc.catalog import TableInfo
 from views.derive import DerivationError, View
 from views.spec import parse_spec
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from views.flusher import SaturationMonitor
+from pgderive.runtime.lanes import SaturationMonitor
 
 
 def test_saturation_is_logged_once_per_interval_naming_the_slowest_sink(caplog):
@@ -31,7 +31,7 @@ def test_a_mostly_idle_flusher_is_not_reported(caplog):
 def test_lag_histogram_percentiles_within_one_percent():
     import random
 
-    from views.engine import LagHistogram
+    from pgderive.runtime.stats import LagHistogram
 
     rng = random.Random(7)
     values = [rng.lognormvariate(2, 1.5) for _ in range(50_000)] + [0.0, 0.001]

@@ -1,6 +1,6 @@
 """views.where without services: parsing and refusals, the SQL rendering, three-valued logic,
 LIKE, numbers, dates and times, constant folding and evaluation order. The agreement with a
-real Postgres is checked by tests/test_where_pg.py."""
+real Postgres is checked by tests/integration/test_where_pg.py."""
 from __future__ import annotations
 
 import pytest
@@ -165,7 +165,7 @@ def test_rendering_never_pastes_user_text():
 
 
 # --- evaluation: (expression, row in pgderive's value model, expected) ------------------------
-# tests/test_where_pg.py checks every one of these against Postgres too.
+# tests/integration/test_where_pg.py checks every one of these against Postgres too.
 
 T, F, N = True, False, None
 

@@ -1,0 +1,4 @@
+"""``python -m pgderive``: the same as the ``pgderive`` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,372 @@
+"""The ``pgderive`` command line (click).
+
+Commands: ``run`` (the daemon), ``validate``, ``status``, ``rebuild VIEW``, ``verify VIEW
+[--repair]`` (:mod:`pgderive.ops.verify`), ``dead-letters
+list|retry|discard`` (rows a view could not derive, see :mod:`pgderive.state.deadletters`). Every command takes
+``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
+1 operational error (message on stderr), 2 usage or configuration error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+from cdc.lsn import format_lsn
+from cdc.slot import slot_info
+
+from views.spec import Spec, SpecError, load_spec
+
+log = logging.getLogger("pgderive")
+_console = Console(stderr=False)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("opensearch", "urllib3", "elastic_transport"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(config: str) -> Spec:
+    try:
+        return load_spec(config)
+    except FileNotFoundError:
+        raise click.UsageError(f"config file not found: {config}")
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+
+
+config_option = click.option("-c", "--config", envvar="PGDERIVE_CONFIG", default="pgderive.yaml",
+                             show_default=True, type=click.Path(dir_okay=False),
+                             help="YAML file declaring source, sinks and views.")
+
+
+@click.group()
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """pgderive: keep Redis and OpenSearch views in sync with PostgreSQL (wal2json slot)."""
+    _setup_logging(log_level)
+
+
+def _fail(e: BaseException) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.option("--resnapshot", is_flag=True,
+              help="Drop the slot and this slot's state, then bootstrap every view from a new snapshot.")
+@click.option("--stats-file", type=click.Path(dir_okay=False),
+              help="Write a JSON summary (changes, ops, lag percentiles) here every 2 s.")
+def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
+    """Run the daemon: bootstrap on first run, then stream. SIGTERM/SIGINT stop after a flush."""
+    from views.derive import DerivationError
+
+    from ..runtime.coordinator import Engine
+    from ..runtime.errors import EngineError
+    from sinks.base import SinkError
+
+    spec = _load(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            sys.exit(130)
+        log.info("received %s: flushing and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    engine = Engine(spec, stop=stop, stats_file=stats_file)
+    try:
+        engine.run(resnapshot=resnapshot)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+    except (EngineError, SinkError, DerivationError, psycopg.Error) as e:
+        _fail(e)
+
+
+@main.command()
+@config_option
+def validate(config: str) -> None:
+    """Check the YAML and the source (tables, columns, keys, wal_level, wal2json)."""
+    from views.check import build_views
+
+    spec = _load(config)
+    try:
+        with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+            views = build_views(spec, conn)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+    except psycopg.Error as e:
+        _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+    click.echo(f"{config}: OK ({len(views)} view(s): {', '.join(v.name for v in views)})")
+
+
+@main.command()
+@config_option
+def status(config: str) -> None:
+    """Show the slot, its confirmed LSN, lag in bytes (and seconds while streaming), per-view state."""
+    from views.check import build_views
+
+    from ..runtime.sinks import open_sinks
+    from ..state.deadletters import DeadLetterStore
+    from ..state.slots import StateStore
+
+    spec = _load(config)
+    try:
+        with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+            info = slot_info(conn, spec.source.slot)
+            lag_s = None
+            if info is not None and info.active_pid:
+                row = conn.execute(
+                    "SELECT extract(epoch FROM coalesce(flush_lag, interval '0')) FROM pg_stat_replication WHERE pid = %s",
+                    (info.active_pid,)).fetchone()
+                lag_s = float(row[0]) if row else None
+            views = build_views(spec, conn)
+        state = StateStore(spec.source.dsn).get(spec.source.slot)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+    except psycopg.Error as e:
+        _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+    t = Table(title=f"slot {spec.source.slot}", show_header=False)
+    if info is None:
+        t.add_row("slot", "absent (bootstraps on the next `pgderive run`)")
+    else:
+        t.add_row("active", f"yes (pid {info.active_pid})" if info.active else "no")
+        t.add_row("confirmed LSN", format_lsn(info.confirmed_flush_lsn or 0))
+        t.add_row("current WAL LSN", format_lsn(info.current_wal_lsn))
+        t.add_row("lag", f"{info.lag_bytes} bytes" + (f", {lag_s:.3f} s" if lag_s is not None else ""))
+    t.add_row("state", "none" if state is None else
+              f"{state.status} (consistent point {format_lsn(state.consistent_point)})")
+    _console.print(t)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            dead: dict[str, int] | None = store.count(spec.source.slot)
+    except psycopg.Error as e:  # still show the rest
+        log.warning("cannot count dead letters: %s", e)
+        dead = None
+    vt = Table(title="views")
+    for col in ("view", "table", "sink", "records", "state", "dead letters"):
+        vt.add_column(col)
+    sinks = open_sinks(spec, views)
+    try:
+        for v in views:
+            try:
+                n = str(sinks[v.sink].count(v.name))
+            except Exception as e:  # sink down: still show the rest
+                n = f"? ({type(e).__name__})"
+            vstate = "not bootstrapped" if state is None or v.name not in state.views else state.status
+            vt.add_row(v.name, v.table, v.sink, n, vstate, "?" if dead is None else str(dead.get(v.name, 0)))
+    finally:
+        for s in sinks.values():
+            s.close()
+    _console.print(vt)
+
+
+@main.command()
+@config_option
+@click.argument("view")
+def rebuild(config: str, view: str) -> None:
+    """Rebuild VIEW from a fresh consistent snapshot (stop `pgderive run` first)."""
+    from ..ops.rebuild import rebuild_view
+    from ..runtime.errors import EngineError
+    from sinks.base import SinkError
+
+    spec = _load(config)
+    for name in spec.resolve(view) or [view]:  # a view kept in several sinks: each copy
+        try:
+            lsn, stats = rebuild_view(spec, name)
+        except SpecError as e:
+            click.echo(str(e), err=True)
+            sys.exit(2)
+        except (EngineError, SinkError, psycopg.Error) as e:
+            _fail(e)
+        rows = sum(stats.rows.values())
+        click.echo(f"rebuilt {name} at {format_lsn(lsn)}: {rows} rows")
+
+
+@main.command()
+@config_option
+@click.argument("view")
+@click.option("--repair", is_flag=True,
+              help="Write the fixes (at the snapshot's version, so the daemon's later writes win: "
+                   "safe while it runs), then verify again.")
+@click.option("--wait", "wait", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              metavar="SECONDS",
+              help="Seconds to wait for a running daemon to apply everything up to the snapshot.")
+def verify(config: str, view: str, repair: bool, wait: float) -> None:
+    """Diff VIEW against a consistent snapshot of its source: missing, extra and different
+    records with examples. Exit code 0 only when equal (after --repair: when the second
+    verification is), 1 otherwise or on errors, 2 for usage/configuration errors."""
+    from cdc.slot import ReplicationError
+    from sinks.base import SinkError
+    from ..ops.verify import VerifyError, render_diff, verify as verify_view
+
+    spec = _load(config)
+    names = spec.resolve(view)
+    if not names:
+        click.echo(f"unknown view {view!r}; views in {config}: {', '.join(spec.groups)}", err=True)
+        sys.exit(2)
+    equal = True
+    for name in names:  # a view kept in several sinks: each copy
+        try:
+            first, second = verify_view(spec, name, wait=wait, repair=repair)
+        except SpecError as e:
+            click.echo(str(e), err=True)
+            sys.exit(2)
+        except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
+            _fail(e)
+        sink = spec.views[name].sink
+        _console.print(render_diff(first, sink))
+        final = first
+        if repair:
+            if first.mismatches == 0:
+                _console.print("nothing to repair")
+            else:
+                _console.print(f"repaired {first.repaired:,} record(s) at version "
+                               f"{format_lsn((first.snapshot_lsn or 1) - 1)}"
+                               + (f", {first.refused:,} refused by the sink" if first.refused else "")
+                               + "; verifying again:")
+                assert second is not None
+                _console.print(render_diff(second, sink))
+                final = second
+        equal = equal and final.equal
+    sys.exit(0 if equal else 1)
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Rows a view could not derive and documents a sink rejected (table pgderive.dead_letters
+    in the source database): list them, retry them after fixing the cause, or discard them."""
+
+
+def _short(text: str, width: int = 80) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= width else one[:width - 1] + "…"
+
+
+@dead_letters.command("list")
+@config_option
+@click.option("--view", help="Only this view's dead letters.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Show at most this many (oldest first).")
+def dead_letters_list(config: str, view: str | None, limit: int) -> None:
+    """List the dead letters of the config's slot, oldest first."""
+    from ..state.deadletters import DeadLetterStore
+
+    spec = _load(config)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            records = store.list(spec.source.slot, view=view, limit=limit)
+            total = sum(n for v, n in store.count(spec.source.slot).items() if view is None or v == view)
+    except psycopg.Error as e:
+        _fail(f"cannot read dead letters from {spec.source.redacted_dsn()}: {e}")
+    if not records:
+        click.echo(f"no dead letters for slot {spec.source.slot}" + (f", view {view}" if view else ""))
+        return
+    t = Table(title=f"dead letters of slot {spec.source.slot}"
+                    + (f" ({len(records)} of {total})" if total > len(records) else ""))
+    t.add_column("id", no_wrap=True, justify="right")
+    t.add_column("view", overflow="fold")
+    t.add_column("table", overflow="fold")
+    t.add_column("key", overflow="fold")
+    t.add_column("commit LSN", overflow="fold")
+    t.add_column("error", overflow="fold")
+    t.add_column("retries", justify="right")
+    t.add_column("created", overflow="fold")
+    for r in records:
+        t.add_row(str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
+                  _short(r.error), str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+    # Piped output (no terminal, no $COLUMNS) is not squeezed into 80 columns.
+    wide = not _console.is_terminal and "COLUMNS" not in os.environ
+    (Console(width=200) if wide else _console).print(t)
+
+
+@dead_letters.command("retry")
+@config_option
+@click.option("--view", help="Only this view's dead letters.")
+@click.argument("ids", nargs=-1, type=int)
+def dead_letters_retry(config: str, view: str | None, ids: tuple[int, ...]) -> None:
+    """Derive the CURRENT source row of each dead letter again and apply it at the dead
+    letter's commit LSN (newer stream writes keep winning); a row that no longer exists is
+    deleted at that LSN. Applied ones are removed; ones that fail again are kept (retries + 1).
+
+    Without IDS and --view, every dead letter of the slot is retried. Exit code 1 if any
+    still fails.
+    """
+    from ..ops.deadletters import retry_dead_letters
+    from ..state.deadletters import DeadLetterStore
+    from sinks.base import SinkError
+
+    spec = _load(config)
+    resolved = failed = 0
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            records = store.take_for_retry(spec.source.slot, ids=list(ids) or None, view=view)
+            for missing in sorted(set(ids) - {r.id for r in records}):
+                click.echo(f"{missing}: no such dead letter" + (f" of view {view}" if view else ""))
+                failed += 1
+            if not records and not ids:
+                click.echo(f"no dead letters to retry for slot {spec.source.slot}"
+                           + (f", view {view}" if view else ""))
+                return
+            for outcome in retry_dead_letters(spec, store, records):
+                rec = outcome.record
+                if outcome.resolved:
+                    resolved += 1
+                    click.echo(f"{rec.id} ({rec.view}): {outcome.message}; dead letter removed")
+                else:
+                    failed += 1
+                    click.echo(f"{rec.id} ({rec.view}): still failing: {_short(outcome.message, 200)}"
+                               f" (kept, retries {rec.retries + 1})")
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+    except (SinkError, psycopg.Error) as e:
+        _fail(f"retry stopped: {e} ({resolved} applied so far; the rest are kept)")
+    click.echo(f"{resolved} applied, {failed} still failing")
+    if failed:
+        sys.exit(1)
+
+
+@dead_letters.command("discard")
+@config_option
+@click.option("--view", help="Discard this view's dead letters (with IDS: only those of this view).")
+@click.option("--all", "all_", is_flag=True, help="Discard every dead letter of the slot.")
+@click.argument("ids", nargs=-1, type=int)
+def dead_letters_discard(config: str, view: str | None, all_: bool, ids: tuple[int, ...]) -> None:
+    """Delete dead letters for good: IDS, every one of --view, or --all."""
+    from ..state.deadletters import DeadLetterStore
+
+    if not ids and view is None and not all_:
+        raise click.UsageError("name the dead letters to discard: IDS, --view VIEW or --all")
+    if all_ and (ids or view is not None):
+        raise click.UsageError("--all cannot be combined with IDS or --view")
+    spec = _load(config)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            n = store.discard(spec.source.slot, ids=list(ids) or None, view=view)
+    except psycopg.Error as e:
+        _fail(f"cannot discard dead letters in {spec.source.redacted_dsn()}: {e}")
+    click.echo(f"discarded {n} dead letter(s) of slot {spec.source.slot}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,4 @@
+"""``python -m pgderive.cli``: the same as the ``pgderive`` command."""
+from . import main
+
+main()

@@ -1,0 +1,267 @@
+"""Loading views from a snapshot: the first run's bootstrap and ``rebuild``.
+
+Every snapshot row is written at version = the snapshot's consistent point (DESIGN.md rule 1)
+into a new generation of each view, which is then committed: the sink makes it live and drops
+everything older than the consistent point (rows deleted before it, leftovers of an
+interrupted earlier bootstrap).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import psycopg
+from psycopg import sql
+
+from cdc.lsn import format_lsn
+from cdc.snapshot import read_table
+from sinks.base import Op, Sink, SinkError
+
+from views.derive import DerivationError, View
+
+from ..state.aggregates import AggregateStore
+from ..state.deadletters import DeadLetter
+from .lanes import with_retry
+from .wire import load_wire, wire_query
+
+__all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotStats", "Interrupted"]
+
+log = logging.getLogger("pgderive.bootstrap")
+
+
+class Interrupted(RuntimeError):
+    """The load was stopped (SIGTERM/SIGINT) before it finished; nothing was committed."""
+
+
+@dataclass
+class SnapshotStats:
+    """Rows read per table and records written per view, with wall time in seconds."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    records: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    sink_seconds: dict[str, float] = field(default_factory=dict)  # per view: time inside load()
+
+    def rows_per_second(self, table: str) -> float:
+        secs = self.seconds.get(table) or 0.0
+        return self.rows.get(table, 0) / secs if secs > 0 else 0.0
+
+
+@dataclass
+class SnapshotChunk:
+    """One chunk of a snapshot read: ``rows`` source rows of ``table`` and, per view over it,
+    the Ops derived from them (``ops``: view name → list of :class:`~sinks.base.Op`) and the
+    rows it could not derive (``errors``: view name → list of
+    :class:`~views.derive.DerivationError`)."""
+
+    table: str
+    rows: int
+    views: list[View]
+    ops: dict[str, list[Op]]
+    errors: dict[str, list[DerivationError]]
+
+
+def derive_snapshot(conn: psycopg.Connection, views: Sequence[View], version: int, *,
+                    chunk_rows: int = 5000, aggregates: AggregateStore | None = None) -> Iterator[SnapshotChunk]:
+    """What ``views`` hold according to the snapshot ``conn`` is in, as Ops at ``version``.
+
+    The one derivation path shared by bootstrap, rebuild and ``verify``: each table is read
+    once (``COPY``, chunks bounded by rows and bytes) for all views over it. Memory is bounded
+    by one chunk. Raises :class:`psycopg.Error` on read failures.
+    """
+    # Views over the same table with the same ``where`` share one read.
+    groups: dict[tuple[str, str], list[View]] = defaultdict(list)
+    for v in views:
+        if v.tree is None:
+            groups[(v.table, v.spec.where or "")].append(v)
+    for (table, _), tviews in groups.items():
+        columns = list(dict.fromkeys(ct for v in tviews for ct in v.column_types))
+        where = tviews[0].where.sql() if tviews[0].where is not None else None
+        empty = True
+        for chunk in read_table(conn, table, columns, chunk_rows=chunk_rows, where=where):
+            empty = False
+            yield _derive_chunk(table, tviews, chunk, version)
+        if empty:  # still announce the table (an empty view is a result too)
+            yield SnapshotChunk(table, 0, tviews, {v.name: [] for v in tviews}, {v.name: [] for v in tviews})
+    for v in views:
+        if v.aggregation is not None:
+            yield _snapshot_groups(conn, v, version, aggregates)
+            continue
+        if v.tree is None:
+            continue
+        empty = True
+        for rows in v.tree.rows(conn, chunk_rows=min(chunk_rows, 2000)):
+            empty = False
+            yield _derive_chunk(v.table, [v], rows, version)
+        if empty:
+            yield SnapshotChunk(v.table, 0, [v], {v.name: []}, {v.name: []})
+
+
+def _snapshot_groups(conn: psycopg.Connection, v: View, version: int,
+                     store: AggregateStore | None) -> SnapshotChunk:
+    tree, agg = v.tree, v.aggregation
+    assert tree is not None and agg is not None
+    nrows = 0
+
+    def contributions() -> Iterator[tuple]:
+        nonlocal nrows
+        for rows in tree.rows(conn):
+            nrows += len(rows)
+            for row in rows:
+                yield tree.root_key(row), row
+    if store is not None:
+        store.reset(v.name)
+        store.load(v.name, agg, contributions(), version)
+        groups = store.all_groups(v.name, agg)
+    else:  # verify: straight from the source rows, independent of the stored state
+        groups = conn.execute(agg.direct_query(tree.select(), tree.nodes)).fetchall()
+        nrows = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS q").format(tree.select())).fetchone()[0]
+    ops, errors = v.group_ops(groups, [], version)
+    return SnapshotChunk(v.table, nrows, [v], {v.name: ops}, {v.name: errors})
+
+
+def _derive_chunk(table: str, tviews: list[View], chunk: list, version: int) -> SnapshotChunk:
+    ops: dict[str, list[Op]] = {}
+    errors: dict[str, list[DerivationError]] = {}
+    for v in tviews:
+        vops, bad = [], []
+        for r in chunk:
+            try:
+                op = v.row_op(r, version)
+                if op is not None:
+                    vops.append(op)
+            except DerivationError as e:
+                bad.append(e)
+        ops[v.name], errors[v.name] = vops, bad
+    return SnapshotChunk(table, len(chunk), tviews, ops, errors)
+
+
+def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
+                  version: int, *, chunk_rows: int = 5000,
+                  should_stop: Callable[[], bool] = lambda: False,
+                  on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
+                  aggregates: AggregateStore | None = None, wire_loads: bool = True) -> SnapshotStats:
+    """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
+
+    Views that qualify for a wire load (:mod:`pgderive.runtime.wire`; ``wire_loads=False`` turns it off)
+    are loaded first, one ``COPY`` each, encoded by Postgres. The others are read row by row:
+    each table once (``COPY``) for all views over it. Progress is logged every 5 s
+    with rows/s. Rows a view cannot derive and documents a sink rejects become dead letters
+    passed to ``on_dead_letters`` (without it, the first one raises). Raises
+    :class:`Interrupted` when ``should_stop()`` turns true (checked per chunk) and
+    :class:`~sinks.base.SinkError` when a sink fails.
+    """
+    def dead(entries: list[DeadLetter]) -> None:
+        if not entries:
+            return
+        if on_dead_letters is None:
+            raise DerivationError(entries[0].view, entries[0].table, entries[0].row, entries[0].error)
+        on_dead_letters(entries)
+
+    def write(v: View, ops: list) -> list:
+        """Load one chunk of ``v`` into its generation (retrying), timing the sink's share."""
+        sink = sinks[v.sink]
+        t0 = time.monotonic()
+        rejected = list(with_retry(f"sink {sink.name} (snapshot of {v.name})",
+                                   lambda: sink.load(v.name, generations[v.name], ops) or [], stop_event))
+        stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
+        return rejected
+
+    def settle(futures: list[tuple[View, Future]]) -> None:
+        for v, f in futures:
+            dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
+
+    def wire(v: View, query: sql.Composable) -> bool:
+        """Load ``v`` by a wire load; False (nothing lost: the caller loads it row by row) when
+        the sink refuses it, e.g. a record key holding another Redis type."""
+        sink = sinks[v.sink]
+        log.info("snapshot of %s at %s for view %s (wire load: encoded by Postgres)", v.table,
+                 format_lsn(version), v.name)
+
+        def attempt() -> tuple[int, float]:
+            conn.execute("SAVEPOINT pgderive_wire")  # a failed COPY must not abort the snapshot
+            try:
+                out = load_wire(conn, v, sink, query, should_stop, interrupted)
+            except BaseException:
+                conn.execute("ROLLBACK TO SAVEPOINT pgderive_wire")
+                raise
+            conn.execute("RELEASE SAVEPOINT pgderive_wire")
+            return out
+
+        def interrupted(rows: int) -> Interrupted:
+            stop_event.set()
+            return Interrupted(f"snapshot of {v.table} for view {v.name} interrupted after {rows} rows")
+        try:
+            records, secs = with_retry(f"sink {sink.name} (snapshot of {v.name})", attempt, stop_event)
+        except SinkError as e:
+            if e.retryable:
+                raise
+            log.warning("%s; loading view %s row by row instead", " ".join(str(e).split())[:300], v.name)
+            return False
+        stats.rows[v.table] = records
+        stats.seconds[v.table] = stats.seconds.get(v.table, 0.0) + secs
+        stats.records[v.name] = records
+        stats.sink_seconds[v.name] = secs
+        log.info("snapshot of %s for view %s done: %d rows in %.1f s (%.0f rows/s, wire load)", v.table,
+                 v.name, records, secs, records / secs if secs else 0.0)
+        return True
+
+    stats = SnapshotStats()
+    stop_event = threading.Event()  # set when should_stop() turns true: gives up retries
+    generations = {v.name: sinks[v.sink].begin_generation(v.name, version) for v in views}
+    row_by_row = []
+    for v in views:
+        query = wire_query(conn, v, sinks[v.sink], version) if wire_loads else None
+        if query is None or not wire(v, query):
+            row_by_row.append(v)
+    # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
+    # read and derived while the previous one is being written (at most 2 chunks in memory).
+    with ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-load") as pool:
+        in_flight: list[tuple[View, Future]] = []
+        table, t0, last_log, rows = None, 0.0, 0.0, 0
+
+        def table_done() -> None:
+            settle(in_flight)
+            in_flight.clear()
+            if table is None:
+                return
+            secs = time.monotonic() - t0
+            stats.rows[table], stats.seconds[table] = rows, secs
+            log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
+                     rows / secs if secs else 0.0)
+
+        # A table's time starts when its first chunk is asked for: an aggregate view's chunk
+        # arrives only after all its rows were read and folded into groups.
+        asked = time.monotonic()
+        for chunk in derive_snapshot(conn, row_by_row, version, chunk_rows=chunk_rows, aggregates=aggregates):
+            if chunk.table != table:
+                table_done()
+                table, t0, rows = chunk.table, asked, 0
+                last_log = t0
+                log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
+                         ", ".join(v.name for v in chunk.views))
+            if should_stop():
+                stop_event.set()
+                raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
+            dead([DeadLetter.from_derivation_error(e, version) for errs in chunk.errors.values() for e in errs])
+            settle(in_flight)
+            in_flight[:] = [(v, pool.submit(write, v, chunk.ops[v.name])) for v in chunk.views]
+            for v in chunk.views:
+                stats.records[v.name] = stats.records.get(v.name, 0) + len(chunk.ops[v.name])
+            rows += chunk.rows
+            now = time.monotonic()
+            if now - last_log >= 5:
+                log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
+                last_log = now
+            asked = now
+        table_done()
+    for v in views:
+        sinks[v.sink].commit_generation(v.name, generations[v.name], version)
+        # The view is complete as of ``version``: its checkpoint says so (see engine startup).
+        sinks[v.sink].write_checkpoint([v.name], version)
+    return stats

@@ -1,0 +1,128 @@
+"""Wire loads: a snapshot encoded by Postgres straight into the sink's protocol.
+
+For a plain projection (no ``derive``, ``include`` or aggregate) whose columns all print in the
+value model exactly as Postgres prints them (:func:`cdc.values.text_form`), the snapshot query
+itself renders each row as the sink's write commands and pgderive only relays bytes: no row is
+decoded, derived or encoded in Python. Redis gets RESP commands
+(:meth:`sinks.redis.RedisSink.wire_select`), OpenSearch ``_bulk`` lines
+(:meth:`sinks.opensearch.OpenSearchSink.wire_select`). The result is the same as the row-by-row
+path (:func:`pgderive.runtime.bootstrap.derive_snapshot` + ``Sink.load``), which ``tests/integration/test_wire.py``
+checks (byte for byte in Redis, document and version in OpenSearch), and that path remains
+the fallback whenever a view, its sink or the server does not qualify, or the sink answers an
+error.
+
+A sink offering wire loads has two methods: ``wire_select(view, fields, version, types)``
+returns the SELECT list over an inner query with columns ``k`` (the record key as text) and
+``f0``, ``f1``, .. (the text of output field ``fields[i]``, whose column has type name
+``types[i]``), yielding two ``bytea`` columns, or None when it cannot serve the view; and
+``wire_load(view, chunks)`` relays the rows (lists of those byte pairs) and returns the number
+of records, raising :class:`~sinks.base.SinkError` (``retryable=False`` makes the caller load
+the view row by row instead).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import closing
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from cdc.snapshot import output_text
+from cdc.values import text_form
+
+from views.derive import View
+
+__all__ = ["wire_query", "load_wire"]
+
+log = logging.getLogger("pgderive.bootstrap")
+
+_CHUNK_BYTES = 1 << 20  # bytes of record commands handed to the sink per send
+
+
+def _text(column: str, type_name: str) -> sql.Composable | None:
+    """SQL printing ``column``'s value as pgderive prints its model value, or None if the two
+    differ for this type."""
+    form = text_form(type_name)
+    ident = sql.Identifier(column)
+    if form == "text":
+        return output_text(ident)
+    if form == "boolean":
+        return sql.SQL("CASE WHEN {0} THEN 'true' WHEN NOT {0} THEN 'false' END").format(ident)
+    return None
+
+
+def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) -> sql.Composable | None:
+    """The ``COPY`` statement of a wire load of ``view`` into ``sink`` at ``version`` (int LSN),
+    or None when the view does not qualify: a ``derive``/``include``/aggregate view, a key
+    column outside the primary key (it could be NULL, which must become a dead letter), a column
+    whose model value prints differently from Postgres (floats, ``jsonb``), a server encoding
+    other than UTF8, or a sink without wire loads. Raises :class:`~sinks.base.SinkError`."""
+    if view.derive_fn is not None or view.tree is not None or view.aggregation is not None:
+        return None
+    if not hasattr(sink, "wire_select"):
+        return None
+    types = view.info.columns
+    if any(c not in view.info.primary_key for c in view.key.columns):
+        return None
+    if any(_text(c, types[c]) is None for c in view.columns):
+        return None
+    if conn.execute("SHOW server_encoding").fetchone()[0] != "UTF8":
+        return None
+    names = list(view.fields)
+    select = sink.wire_select(view.name, names, version, [types[view.fields[n]] for n in names])
+    if select is None:
+        return None
+    key = sql.SQL(" || ").join(
+        sql.Literal(part) if isinstance(part, str) else _text(part[1], types[part[1]])
+        for part in view.key.pieces())
+    inner = sql.SQL("SELECT {} AS k{} FROM {}{} OFFSET 0").format(
+        key, sql.SQL("").join(sql.SQL(", {} AS {}").format(_text(view.fields[n], types[view.fields[n]]),
+                                                            sql.Identifier(f"f{i}"))
+                              for i, n in enumerate(names)),
+        sql.Identifier(*view.table.split(".", 1)),
+        sql.SQL(" WHERE {}").format(view.where.sql()) if view.where is not None else sql.SQL(""))
+    # OFFSET 0 keeps the inner query a subquery: each value is printed once, not once per use.
+    return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT (FORMAT binary)").format(select, inner)
+
+
+def load_wire(conn: psycopg.Connection, view: View, sink: Any, query: sql.Composable,
+              should_stop: Callable[[], bool], stopped: Callable[[int], BaseException]) -> tuple[int, float]:
+    """Run ``query`` (from :func:`wire_query`) and relay its rows to ``sink``. Returns
+    ``(records, seconds)``. Logs progress every 5 s. Raises what ``stopped(rows)`` returns when
+    ``should_stop()`` turns true (checked per MiB), :class:`~sinks.base.SinkError` from the sink
+    and :class:`psycopg.Error` from the read."""
+    t0 = last_log = time.monotonic()
+    sent = 0
+
+    def chunks() -> Iterator[list[tuple[bytes, bytes]]]:
+        nonlocal sent, last_log
+        chunk: list[tuple[bytes, bytes]] = []
+        size = 0
+        with conn.cursor().copy(query) as copy:
+            copy.set_types(["bytea", "bytea"])
+            for row in copy.rows():
+                chunk.append(row)
+                size += len(row[0])
+                if size >= _CHUNK_BYTES:
+                    if should_stop():
+                        raise stopped(sent)
+                    yield chunk
+                    sent += len(chunk)
+                    chunk, size = [], 0
+                    now = time.monotonic()
+                    if now - last_log >= 5:
+                        log.info("snapshot of %s for view %s: %d rows, %.0f rows/s (wire load)",
+                                 view.table, view.name, sent, sent / (now - t0))
+                        last_log = now
+        if chunk:
+            yield chunk
+            sent += len(chunk)
+
+    # Closed explicitly: when the sink fails, the COPY (which holds the connection's lock) is
+    # cancelled now, not when the traceback lets go of the generator, so the caller's
+    # ROLLBACK TO SAVEPOINT can run.
+    with closing(chunks()) as gen:
+        records = sink.wire_load(view.name, gen)
+    return records, time.monotonic() - t0

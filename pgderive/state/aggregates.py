@@ -1,0 +1,168 @@
+"""Aggregate state in the source database: ``pgderive.agg_rows`` (each source row's
+contribution with its version) and ``pgderive.agg_groups`` (each group's state).
+
+Why the state lives in Postgres and how a batch moves it exactly once is explained in
+:mod:`views.aggregate`, which defines the aggregations themselves.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import psycopg
+from psycopg import sql
+
+from views.aggregate import Aggregation, row_key
+from views.include import KeyTuple
+
+__all__ = ["AggregateStore"]
+
+_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS pgderive;
+CREATE TABLE IF NOT EXISTS pgderive.agg_rows (
+    view     text   NOT NULL,
+    row_key  text   NOT NULL,
+    version  bigint NOT NULL,
+    grp      jsonb,
+    vals     jsonb,
+    PRIMARY KEY (view, row_key)
+);
+CREATE INDEX IF NOT EXISTS agg_rows_group ON pgderive.agg_rows (view, grp);
+CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
+    view     text   NOT NULL,
+    grp      jsonb  NOT NULL,
+    state    jsonb  NOT NULL,
+    PRIMARY KEY (view, grp)
+);
+"""
+
+
+class AggregateStore:
+    """``pgderive.agg_rows`` and ``pgderive.agg_groups`` in the source database: the
+    contributions of every row of every aggregate view with their versions, and every group's
+    state (see the module docstring).
+
+    Args:
+        dsn: libpq connection string of the source (the schema is created on first use).
+    """
+
+    TABLE = sql.Identifier("pgderive", "agg_rows")
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: psycopg.Connection | None = None
+
+    def connection(self) -> psycopg.Connection:
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.dsn, application_name="pgderive-aggregates")
+            with self.conn.transaction():
+                self.conn.execute(_SCHEMA)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def apply(self, view: str, agg: Aggregation,
+              items: Iterable[tuple[KeyTuple, int, dict[str, Any] | None]]) -> tuple[list, list[str]]:
+        """Store contributions ``(root identity, version, row or None)`` of ``view`` (newer
+        versions only) and move the states of the groups they leave and enter by the
+        replaced contributions, in one transaction.
+
+        Returns ``(rows, touched)``: :meth:`Aggregation.result_sql` rows of the touched groups
+        that still have rows, and the JSON texts of all touched groups (those without a row
+        are empty: to delete). A replay changes no state and returns the current groups.
+        Raises :class:`psycopg.Error`."""
+        keyed = {}
+        for key, version, row in items:
+            keyed[row_key(key)] = (version, agg.contribution(row) if row is not None else (None, None))
+        if not keyed:
+            return [], []
+        conn = self.connection()
+        with conn.transaction():
+            old = conn.execute(sql.SQL("SELECT row_key, version, grp::text, vals::text FROM {} WHERE view = %s "
+                                       "AND row_key = ANY(%s) FOR UPDATE").format(self.TABLE),
+                               (view, list(keyed))).fetchall()
+            stored = {k: (v, g, x) for k, v, g, x in old}
+            touched: set[str] = {g for _, g, _ in stored.values() if g is not None}
+            write, deltas = [], []
+            for k, (version, (grp, vals)) in keyed.items():
+                if grp is not None:
+                    touched.add(grp)
+                prev = stored.get(k)
+                if prev is None or version > prev[0]:
+                    write.append((view, k, version, grp, vals))
+                    if prev is not None and prev[1] is not None:
+                        deltas.append((-1, prev[1], prev[2]))
+                    if grp is not None:
+                        deltas.append((1, grp, vals))
+            if write:
+                with conn.cursor() as cur:
+                    cur.executemany(sql.SQL(
+                        "INSERT INTO {} (view, row_key, version, grp, vals) VALUES (%s, %s, %s, %s, %s) "
+                        "ON CONFLICT (view, row_key) DO UPDATE SET version = excluded.version, "
+                        "grp = excluded.grp, vals = excluded.vals").format(self.TABLE), write)
+            if deltas:
+                self._move(conn, view, agg, deltas)
+            groups = sorted(touched)
+            rows = conn.execute(agg.result_sql(True), {"view": view, "groups": groups}).fetchall() if groups else []
+        return rows, groups
+
+    @staticmethod
+    def _move(conn: psycopg.Connection, view: str, agg: Aggregation, deltas: list[tuple[int, str, str]]) -> None:
+        """Apply ``(sign, grp, vals)`` deltas to the stored group states (inside the caller's
+        transaction): merged where exact, recomputed from the contributions where not."""
+        if agg.incremental:
+            merged = conn.execute(agg.merge_sql(), {"view": view, "sign": [d[0] for d in deltas],
+                                                    "grp": [d[1] for d in deltas],
+                                                    "vals": [d[2] for d in deltas]}).fetchall()
+        else:
+            merged = [(g, None, True, True) for g in {d[1] for d in deltas}]
+        keep = [(g, s) for g, s, rows, stale in merged if rows and not stale]
+        gone = [g for g, _, rows, stale in merged if not rows or stale]
+        stale = [g for g, _, rows, stale in merged if rows and stale]
+        if gone:
+            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s AND grp = ANY(%s::jsonb[])", (view, gone))
+        if keep:
+            conn.execute("INSERT INTO pgderive.agg_groups (view, grp, state) SELECT %s, g, s FROM "
+                         "unnest(%s::jsonb[], %s::jsonb[]) AS u(g, s) ON CONFLICT (view, grp) DO UPDATE "
+                         "SET state = excluded.state", (view, [k[0] for k in keep], [k[1] for k in keep]))
+        if stale:
+            conn.execute(agg.state_sql(True), {"view": view, "groups": stale})
+
+    def truncate(self, view: str, agg: Aggregation, version: int) -> None:
+        """Every row of ``view``'s table is gone as of ``version`` (a TRUNCATE): tombstones;
+        the group states are recomputed from what is left (rows a replay already re-added)."""
+        conn = self.connection()
+        with conn.transaction():
+            conn.execute(sql.SQL("UPDATE {} SET grp = NULL, vals = NULL, version = %s WHERE view = %s "
+                                 "AND version < %s").format(self.TABLE), (version, view, version))
+            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
+            conn.execute(agg.state_sql(False), {"view": view})
+
+    def reset(self, view: str) -> None:
+        """Forget ``view``'s contributions and states (before a bootstrap or rebuild loads
+        them again)."""
+        conn = self.connection()
+        with conn.transaction():
+            conn.execute(sql.SQL("DELETE FROM {} WHERE view = %s").format(self.TABLE), (view,))
+            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
+
+    def load(self, view: str, agg: Aggregation, rows: Iterable[tuple[KeyTuple, dict[str, Any]]],
+             version: int) -> None:
+        """Append snapshot contributions at ``version`` (after :meth:`reset`) and compute every
+        group's state from them, committed."""
+        conn = self.connection()
+        with conn.transaction():
+            with conn.cursor().copy(sql.SQL(
+                    "COPY {} (view, row_key, version, grp, vals) FROM STDIN").format(self.TABLE)) as copy:
+                for key, row in rows:
+                    grp, vals = agg.contribution(row)
+                    copy.write_row((view, row_key(key), version, grp, vals))
+            conn.execute(agg.state_sql(False), {"view": view})
+
+    def all_groups(self, view: str, agg: Aggregation) -> list:
+        """:meth:`Aggregation.result_sql` rows of every group of ``view``."""
+        conn = self.connection()
+        with conn.transaction():
+            return conn.execute(agg.result_sql(False), {"view": view}).fetchall()

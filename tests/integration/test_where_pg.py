@@ -144,7 +144,7 @@ DEC_LITS = ["1.5", "-1.5", "10.5", "0.1", "2.50", "1e3", "1.5e-3", "0.000001", "
 UNKNOWN_NUM = ["'10.5'", "'3'", "' 7 '", "'NaN'", "'Infinity'", "'-0'", "'1e3'", "'-Infinity'"]
 TEXT_LITS = ["''", "'a'", "'abc'", "'ABC'", "'ab'", "'ab  '", "'héllo'", "'😀'", "'x😀y'",
              "'happy'", "'10'", "'a%b'", "'a\\b'", "' ab'", "'straße'", "$$it's$$", "'ab '"]
-LIKE_BAD = ["'%a\\'", "'a\\'"]  # end with an escape: refused (see views/where.py)
+LIKE_BAD = ["'%a\\'", "'a\\'"]  # end with an escape: refused (see views/where/compiler.py)
 LIKE_PATS = ["'%'", "'a%'", "'%b'", "'a_c'", "'%\\%%'", "'a\\_b'", "'%😀%'", "'ab  '",
              "'ab%'", "'_'", "''", "'A%'", "'h_llo'", "'%É%'", "'%ß%'", "'i%'", "'σ%'",
              "'%\\\\%'", "'__'", "'%_%'", "'x%y'", "'%LLO'", "'ab%  '",
@@ -579,7 +579,7 @@ def test_unit_cases_agree_with_postgres(scratch):
 def test_case_folding_matches_the_server(scratch):
     """ILIKE, lower() and upper() fold case like this server's lower()/upper(), for every code
     point (a UTF-8 libc locale: per-character simple mappings)."""
-    from views.where import _lower, _upper
+    from views.pgtypes.text import lower as _lower, upper as _upper
 
     text = "".join(chr(i) for i in range(1, 0x110000) if not 0xD800 <= i <= 0xDFFF)
     with psycopg.connect(scratch, autocommit=True) as conn:

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from views.spec import (OpenSearchSinkSpec, RedisSinkSpec, SpecError, load_spec, parse_spec,
+from views.spec import (OpenSearchSinkSpec, RedisSinkSpec, SpecError, ViewSpec, load_spec, parse_spec,
                         parse_table, redact_dsn)
 from views.template import KeyTemplate, TemplateError
 
@@ -80,6 +80,35 @@ def test_redis_format_defaults_to_hash_and_json_is_kept() -> None:
     assert spec.views["b"].format == "json"
     assert spec.views["a"].qualified == "public.t"
     assert spec.views["a"].fields is None and spec.views["a"].field_map is None
+
+
+def test_a_view_on_several_sinks_becomes_one_view_per_sink() -> None:
+    spec = parse_spec(HEAD + '  a: {table: t, sink: [cache, search], key: "a:{id}", index: ai}\n'
+                             '  b: {table: u, sink: cache, key: "b:{id}"}\n', env={})
+    assert spec.groups == {"a": ["a@cache", "a@search"], "b": ["b"]}
+    assert spec.resolve("a") == ["a@cache", "a@search"] and spec.resolve("a@search") == ["a@search"]
+    got = {n: (v.sink, v.sinks, v.sink_name, v.format, v.index) for n, v in spec.views.items()}
+    assert got == {"a@cache": ("cache", ["cache"], "cache", "hash", None),
+                   "a@search": ("search", ["search"], "search", None, "ai"),
+                   "b": ("cache", ["cache"], "cache", "hash", None)}
+
+
+def test_sinks_and_sink_name_of_a_view_as_declared() -> None:
+    view = ViewSpec(table="t", sink=["cache", "search"], key="{id}")
+    assert view.sinks == ["cache", "search"]
+    with pytest.raises(ValueError, match="lists sinks"):
+        view.sink_name
+    assert ViewSpec(table="t", sink="cache", key="{id}").sinks == ["cache"]
+
+
+def test_aggregate_measures_are_checked() -> None:
+    spec = parse_spec(HEAD + '  a: {table: t, sink: cache, key: "a:{g}", group_by: [g],'
+                             ' aggregate: {n: count(*), total: sum(x)}}\n', env={})
+    assert spec.views["a"].aggregate == {"n": "count(*)", "total": "sum(x)"}
+    assert one(HEAD + '  a: {table: t, sink: cache, key: "a:{g}", group_by: [g],'
+                      ' aggregate: {m: median(x)}}\n') == (
+        "views.a.aggregate.m", 6, "expected count(*), count(col), sum(col), min(col), max(col) or"
+        " avg(col), got 'median(x)'")
 
 
 def test_table_names_follow_sql_rules() -> None:

@@ -1,32 +1,30 @@
-"""The YAML spec: one file declaring the source, the sinks and the views (DESIGN.md, "YAML").
+"""The spec's pydantic models and the rules they check (README.md, "YAML").
 
-Loading goes: YAML text → node tree (for line numbers) → plain data → ``${VAR}``
-interpolation → pydantic models → cross checks (view ↔ sink). Every problem found on the way is
-collected into one :class:`SpecError` whose lines read ``file:line: dotted.path: message``.
-
-Interpolation applies to string scalars after YAML parsing: ``${VAR}`` is the variable (an error
-if unset), ``${VAR:-default}`` the default when the variable is unset or empty, ``$$`` a literal
-``$``; any other ``$`` is kept as is. Defaults cannot themselves contain ``}`` or ``${...}``.
+:class:`Spec` is the whole file: a :class:`SourceSpec`, named sinks (:class:`RedisSinkSpec`,
+:class:`OpenSearchSinkSpec`) and named views (:class:`ViewSpec`, with nested
+:class:`IncludeSpec`). Field validators raise :func:`~views.spec.errors._fail` so their messages
+reach the user as written; :func:`_cross_problems` holds the checks that span sections (view ↔
+sink), run on the raw data alongside the model validation by :func:`views.spec.parse_spec`.
 
 Table names follow SQL: ``schema.name`` or ``name`` (schema ``public``); unquoted parts are
 folded to lower case, double-quoted parts (``'public."Orders"'``) are kept exactly.
 """
 from __future__ import annotations
 
-import os
 import re
-from typing import Annotated, Any, Iterable, Literal, Mapping, NamedTuple, Union
+from typing import Annotated, Any, Iterable, Literal, Union
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
-                      ValidationError, field_validator)
-from pydantic_core import PydanticCustomError
+                      field_validator)
 
 from views.template import KeyTemplate
 
+from .errors import SpecError, _child, _fail, _kind, _lookup_line
+
 __all__ = [
     "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
-    "SpecError", "Problem", "load_spec", "parse_spec", "parse_table",
+    "parse_table", "redact_dsn", "TableName", "Fields",
+    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE",
 ]
 
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -35,64 +33,6 @@ VIEW_NAME_RE = re.compile(r"^[a-zA-Z0-9_]+$")
 # room for the generation suffix of the physical indices behind the alias.
 INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,199}$")
 
-
-# --------------------------------------------------------------------------------------- errors
-
-class Problem(NamedTuple):
-    """One spec problem: dotted YAML path (``""`` for the whole file), 1-based line or None."""
-
-    path: str
-    line: int | None
-    message: str
-
-
-class SpecError(ValueError):
-    """The spec (or the source it names) is not usable.
-
-    Attributes:
-        problems: every :class:`Problem` found, in file order where known.
-        filename: the YAML file name (``"<string>"`` for text).
-
-    ``str(err)`` is one line per problem: ``file:line: path: message`` (``:line`` omitted when
-    unknown, ``path: `` omitted for whole-file problems).
-    """
-
-    def __init__(self, problems: Iterable[tuple[str, int | None, str]], filename: str = "<string>"):
-        self.problems = [Problem(*p) for p in problems]
-        self.filename = filename
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        out = []
-        for path, line, message in self.problems:
-            where = self.filename if line is None else f"{self.filename}:{line}"
-            out.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
-        return "\n".join(out)
-
-
-def _fail(message: str, subpath: str = "") -> PydanticCustomError:
-    """A validator error; ``subpath`` (``"[2]"``, ``".out"``) extends the field's YAML path."""
-    return PydanticCustomError("pgderive", message, {"pgderive_subpath": subpath})
-
-
-def _kind(value: Any) -> str:
-    """How a YAML value is called in messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-# --------------------------------------------------------------------------------------- models
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -329,7 +269,9 @@ class ViewSpec(BaseModel):
             :attr:`qualified`.
         sink: name of a declared sink, or a list of them: the view is then kept in each (one
             internal view ``NAME@SINK`` per sink, see :attr:`Spec.groups`; ``key``/``format``
-            apply to the Redis sinks, ``index`` to the OpenSearch ones).
+            apply to the Redis sinks, ``index`` to the OpenSearch ones). Read it through
+            :attr:`sinks` (always a list) or :attr:`sink_name` (the one sink of a view of a
+            parsed :class:`Spec`) rather than handling the union.
         key: key template (see :class:`~views.template.KeyTemplate`); required for redis views;
             for opensearch views the default is the primary key columns joined by ``:``.
         fields: ``None`` (all columns), a list of column names, or a mapping output name →
@@ -399,7 +341,8 @@ class ViewSpec(BaseModel):
     @field_validator("aggregate")
     @classmethod
     def _aggregate(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        from .aggregate import AggregateError, parse_measure
+        # imported here: views.aggregate imports views.catalog, which imports views.spec
+        from views.aggregate import AggregateError, parse_measure
         for name, text in (v or {}).items():
             try:
                 parse_measure(text)
@@ -441,6 +384,26 @@ class ViewSpec(BaseModel):
     def field_map(self) -> dict[str, str] | None:
         """Output name → column, or ``None`` for all columns under their own names."""
         return _field_map(self.fields)
+
+    @property
+    def sinks(self) -> list[str]:
+        """The sink names :attr:`sink` declares, always a list (``[sink]`` for a single name)."""
+        return [self.sink] if isinstance(self.sink, str) else list(self.sink)
+
+    @property
+    def sink_name(self) -> str:
+        """The view's one sink: use it rather than :attr:`sink` wherever a view meets its sink.
+
+        Every view in :attr:`Spec.views` of a parsed spec has exactly one: a view declared with
+        several sinks is split into one ``NAME@SINK`` view per sink (:attr:`Spec.groups`).
+
+        Raises:
+            ValueError: :attr:`sink` lists sinks (a view not taken from a parsed :class:`Spec`).
+        """
+        if not isinstance(self.sink, str):
+            raise ValueError(f"the view of {self.qualified} lists sinks {self.sink}: take views"
+                             " from a parsed Spec, which has one NAME@SINK view per sink")
+        return self.sink
 
 
 class Spec(BaseModel):
@@ -509,109 +472,7 @@ class Spec(BaseModel):
         return SpecError([(p, self.line(p), m) for p, m in problems], self._filename)
 
 
-# ------------------------------------------------------------------------------ line numbers
-
-def _child(path: str, key: Any, container: Any) -> str:
-    """The dotted path of ``container[key]``: ``a.b`` for mappings, ``a[2]`` for lists."""
-    if isinstance(container, list):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
-
-
-def _parent(path: str) -> str:
-    if path.endswith("]"):
-        return path[:path.rindex("[")]
-    return path.rsplit(".", 1)[0] if "." in path else ""
-
-
-def _lookup_line(lines: Mapping[str, int], path: str) -> int | None:
-    while path:
-        if path in lines:
-            return lines[path]
-        path = _parent(path)
-    return None
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false (any case) are booleans, so keys like
-    ``on:`` (include joins) and values like ``no`` stay strings (YAML 1.1 read them as bools)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def _line_map(root: yaml.Node) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Dotted path → line of its key (mappings) or item (lists); plus duplicate-key problems."""
-    lines: dict[str, int] = {}
-    problems: list[tuple[str, str]] = []
-
-    def walk(node: yaml.Node, path: str, active: set[int]) -> None:
-        if id(node) in active:  # recursive alias
-            return
-        active = active | {id(node)}
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                    continue
-                child = f"{path}.{key_node.value}" if path else key_node.value
-                line = key_node.start_mark.line + 1
-                if child in lines:  # the later one wins: forget the earlier one's lines
-                    problems.append((child, f"duplicate key {key_node.value!r} (also at line"
-                                            f" {lines[child]})"))
-                    for stale in [p for p in lines if p.startswith((child + ".", child + "["))]:
-                        del lines[stale]
-                lines[child] = line
-                walk(value_node, child, active)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                child = f"{path}[{i}]"
-                lines[child] = item.start_mark.line + 1
-                walk(item, child, active)
-
-    walk(root, "", set())
-    return lines, problems
-
-
-# ----------------------------------------------------------------------------- interpolation
-
-_VAR_RE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|(\{[^}]*\}?))")
-
-
-def _interpolate(data: Any, env: Mapping[str, str], path: str,
-                 problems: list[tuple[str, str]]) -> Any:
-    """``data`` with ``${VAR}``, ``${VAR:-default}`` and ``$$`` replaced in string scalars."""
-    if isinstance(data, dict):
-        return {k: _interpolate(v, env, _child(path, k, data), problems) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_interpolate(v, env, _child(path, i, data), problems) for i, v in enumerate(data)]
-    if not isinstance(data, str) or "$" not in data:
-        return data
-
-    def replace(m: re.Match[str]) -> str:
-        dollar, var, default, bad = m.groups()
-        if dollar:
-            return "$"
-        if bad is not None:
-            problems.append((path, f"invalid variable reference '${bad}': use ${{NAME}} or"
-                                   " ${NAME:-default} (and $$ for a literal $)"))
-            return m.group(0)
-        value = env.get(var)
-        if default is not None and not value:
-            return default
-        if value is None:
-            problems.append((path, f"environment variable {var} is not set"
-                                   f" (or give a default: ${{{var}:-default}})"))
-            return m.group(0)
-        return value
-
-    return _VAR_RE.sub(replace, data)
-
-
-# ------------------------------------------------------------------- pydantic → path problems
+# ------------------------------------------------------------------ keys for error messages
 
 def _allowed_keys(model_loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping at ``model_loc`` (pydantic loc, tag included)."""
@@ -627,60 +488,6 @@ def _allowed_keys(model_loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _pydantic_problems(err: ValidationError, data: Any) -> list[tuple[str, str]]:
-    problems = []
-    for e in err.errors():
-        orig = tuple(e["loc"])
-        loc = list(orig)
-        kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
-        is_key = bool(loc) and loc[-1] == "[key]"
-        if is_key:
-            loc.pop()
-        # the discriminated union adds the sink type as a loc element: sinks.NAME.<type>.field
-        if len(loc) >= 3 and loc[0] == "sinks" and loc[2] in ("redis", "opensearch"):
-            del loc[2]
-        path, cur = "", data
-        for part in loc:
-            path = _child(path, part, cur)
-            try:
-                cur = cur[part]
-            except (KeyError, IndexError, TypeError):
-                cur = None
-
-        if is_key:
-            message = f"name must be a string, got {_kind(value)}"
-        elif kind == "pgderive":
-            path += ctx.get("pgderive_subpath", "")
-            message = e["msg"]
-        elif kind == "missing":
-            message = f"missing required key {loc[-1]!r}"
-        elif kind == "extra_forbidden":
-            allowed = _allowed_keys(orig[:-1])
-            message = f"unknown key {loc[-1]!r}"
-            if allowed:
-                message += f" (allowed: {', '.join(allowed)})"
-        elif kind == "string_type":
-            message = f"must be a string, got {_kind(value)}"
-        elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            message = f"must be a mapping, got {_kind(value)}"
-        elif kind == "list_type":
-            message = f"must be a list, got {_kind(value)}"
-        elif kind == "literal_error":
-            message = f"must be {ctx.get('expected')}, got {value!r}"
-        elif kind == "union_tag_invalid":
-            path += ".type"
-            message = f"unknown sink type {ctx.get('tag')!r} (expected {ctx.get('expected_tags')})"
-        elif kind == "union_tag_not_found":
-            path += ".type"
-            message = "missing required key 'type' (expected 'redis' or 'opensearch')"
-        elif kind == "value_error":
-            message = str(ctx.get("error", e["msg"]))
-        else:
-            message = e["msg"][:1].lower() + e["msg"][1:]
-        problems.append((path, message))
-    return problems
-
-
 # ------------------------------------------------------------------------------ cross checks
 
 def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -689,7 +496,8 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     Values of the wrong type are skipped here: the models report them.
     """
     problems: list[tuple[str, str]] = []
-    sinks = data.get("sinks") if isinstance(data.get("sinks"), dict) else {}
+    raw_sinks = data.get("sinks")
+    sinks: dict[str, Any] = raw_sinks if isinstance(raw_sinks, dict) else {}
     views = data.get("views")
     if not isinstance(views, dict):
         return problems
@@ -753,84 +561,3 @@ def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks:
                 problems.append((f"{path}.index", f"index {view['index']!r} is already used"
                                                   f" by view {other!r} on sink {sink!r}"))
     return problems
-
-
-# -------------------------------------------------------------------------------- entry points
-
-def parse_spec(text: str, *, filename: str = "<string>",
-               env: Mapping[str, str] | None = None) -> Spec:
-    """Parse, interpolate and validate a YAML spec.
-
-    Args:
-        text: the YAML document.
-        filename: used in error messages.
-        env: variables for ``${VAR}``; ``os.environ`` (read now) when ``None``.
-
-    Raises:
-        SpecError: with every problem found (syntax, missing variables, validation, cross checks).
-    """
-    env = os.environ if env is None else env
-    try:
-        root = yaml.compose(text, Loader=_Loader)
-        if root is None:
-            raise SpecError([("", None, "the file is empty: expected source, sinks and views")],
-                            filename)
-        lines, problems = _line_map(root)
-        loader = _Loader("")
-        try:
-            data = loader.construct_document(root)
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = "; ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
-        raise SpecError([("", mark.line + 1 if mark else None, f"YAML syntax error: {what}")],
-                        filename) from None
-    except yaml.YAMLError as e:
-        raise SpecError([("", None, f"YAML error: {e}")], filename) from None
-
-    if not isinstance(data, dict):
-        raise SpecError([("", root.start_mark.line + 1,
-                          f"expected a mapping with source, sinks and views, got {_kind(data)}")],
-                        filename)
-    unresolved: list[tuple[str, str]] = []
-    data = _interpolate(data, env, "", unresolved)
-    spec: Spec | None = None
-    later: list[tuple[str, str]] = []
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as e:
-        later += _pydantic_problems(e, data)
-    later += _cross_problems(data)
-    # a value whose variable is unresolved is not worth validating: its one problem is enough
-    skip = {p for p, _ in unresolved}
-    below = tuple(p + sep for p in skip for sep in ".[")
-    problems += unresolved + [(p, m) for p, m in later if p not in skip and not p.startswith(below)]
-    if problems or spec is None:
-        found = [(p, _lookup_line(lines, p), m) for p, m in dict.fromkeys(problems)]
-        found.sort(key=lambda p: p[1] if p[1] is not None else 0)
-        raise SpecError(found, filename)
-
-    spec._expand_sinks()
-    for view in spec.views.values():
-        if isinstance(spec.sinks[view.sink], RedisSinkSpec) and view.format is None:
-            view.format = "hash"
-    spec._filename = filename
-    spec._lines = lines
-    return spec
-
-
-def load_spec(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Spec:
-    """Read and validate the YAML spec at ``path`` (see :func:`parse_spec`).
-
-    Raises:
-        SpecError: the file cannot be read, or the spec is invalid.
-    """
-    filename = os.fspath(path)
-    try:
-        with open(filename, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise SpecError([("", None, f"cannot read the file: {reason}")], filename) from None
-    return parse_spec(text, filename=filename, env=env)

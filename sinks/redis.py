@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import select
 from collections import defaultdict
+from importlib import resources
 from typing import Any, Iterable, Iterator, Sequence
 
 import hiredis
@@ -83,171 +84,24 @@ def _bulk(raw: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
-# Shared Lua helpers. ``older(a, b)``: is version ``a`` < ``b`` (16 hex digits each)? Exact:
-# whole-number compare first, then 32-bit halves when both round to the same double. (Lua's
-# string ``<`` uses strcoll and Redis sets LC_COLLATE from the environment: e.g. da_DK sorts
-# "aa" after "ab", so string comparison is not safe.)
-# ``call_spread(cmd, key, t, i, j)``: ``cmd key t[i] .. t[j]`` in slices (Lua's unpack is bounded).
-_LUA_HELPERS = """
-local function older(a, b)
-  if a == b then return false end
-  local x, y = tonumber(a, 16), tonumber(b, 16)  -- doubles: rounding is monotonic, so
-  if x ~= y then return x < y end                -- distinct doubles order correctly
-  local ah = tonumber(string.sub(a, 1, 8), 16)
-  local bh = tonumber(string.sub(b, 1, 8), 16)
-  if ah ~= bh then return ah < bh end
-  return tonumber(string.sub(a, 9, 16), 16) < tonumber(string.sub(b, 9, 16), 16)
-end
-local function call_spread(cmd, key, t, i, j)
-  while i <= j do
-    local k = math.min(i + 999, j)
-    redis.call(cmd, key, unpack(t, i, k))
-    i = k + 1
-  end
-end
--- like call_spread on a record key; returns the error of a WRONGTYPE reply (other errors raise)
-local function try_spread(cmd, key, t, i, j)
-  while i <= j do
-    local k = math.min(i + 999, j)
-    local r = redis.pcall(cmd, key, unpack(t, i, k))
-    if type(r) == 'table' and r.err then
-      if string.sub(r.err, 1, 9) == 'WRONGTYPE' then return r.err end
-      error(r)
-    end
-    i = k + 1
-  end
-  return nil
-end
-"""
 
-# KEYS[1] = version hash, KEYS[2..] = record keys (may repeat).
-# ARGV, per record key in order: version (16 hex), kind, payload:
-#   'h' n f1 v1 ..                    full hash upsert (n = 2 * fields)
-#   'p' n f1 v1 .. m d1 .. dm         partial hash update (m = fields to delete)
-#   'j' json                          json upsert
-#   'd'                               delete (leaves the tombstone "<version>d")
-# Stored versions are read with one HMGET and written back with one HSET at the end.
-# Returns {applied, skipped, partial_missed, {i1, err1, i2, err2, ..}}: i = 1-based position of a
-# record key whose write failed with WRONGTYPE (rejected: no version entry is written for it).
-_APPLY_FN = """
--- apply(vh, first, last, a): the Ops of record keys KEYS[first..last] of one view, their
--- arguments starting at ARGV[a]; returns the reply described above, and the next ARGV index.
-local function apply(vh, first, last, a)
-local stored = redis.call('HMGET', vh, unpack(KEYS, first, last))
-local latest = {}          -- key -> version entry written by this call (repeated keys)
-local out = {}             -- HSET arguments for the version hash
-local applied, skipped, missed = 0, 0, 0
-local rejected = {}
-local err
-for i = first, last do
-  local key = KEYS[i]
-  local ver = ARGV[a]
-  local kind = ARGV[a + 1]
-  a = a + 2
-  local cur = latest[key]
-  if cur == nil then cur = stored[i - first + 1] end
-  -- Equal versions re-apply: they come from the same transaction, applied in order
-  -- (e.g. chunks of a large transaction, or a commit exactly at a snapshot's consistent point).
-  local newer = (not cur) or not older(ver, string.sub(cur, 1, 16))
-  local entry = ver
-  err = nil
-  if kind == 'h' then
-    local n = tonumber(ARGV[a])
-    if newer then
-      if cur then redis.call('DEL', key) end
-      if n > 0 then err = try_spread('HSET', key, ARGV, a + 1, a + n) end
-    end
-    a = a + 1 + n
-  elseif kind == 'j' then
-    if newer then redis.call('SET', key, ARGV[a]) end
-    a = a + 1
-  elseif kind == 'd' then
-    if newer then
-      redis.call('DEL', key)
-      entry = ver .. 'd'
-    end
-  elseif kind == 'p' then
-    local n = tonumber(ARGV[a])
-    local m = tonumber(ARGV[a + 1 + n])
-    if newer and cur and #cur == 16 then
-      if n > 0 then err = try_spread('HSET', key, ARGV, a + 1, a + n) end
-      if m > 0 and not err then err = try_spread('HDEL', key, ARGV, a + 2 + n, a + 1 + n + m) end
-    elseif newer then
-      missed = missed + 1
-      newer = false
-    end
-    a = a + 2 + n + m
-  else
-    error('pgderive: unknown op kind ' .. tostring(kind))
-  end
-  if err then
-    rejected[#rejected + 1] = i - first + 1
-    rejected[#rejected + 1] = err
-  elseif newer then
-    applied = applied + 1
-    latest[key] = entry
-    out[#out + 1] = key
-    out[#out + 1] = entry
-  else
-    skipped = skipped + 1
-  end
-end
-if #out > 0 then call_spread('HSET', vh, out, 1, #out) end
-return {applied, skipped, missed, rejected}, a
-end
-"""
-_APPLY_LUA = _LUA_HELPERS + _APPLY_FN + """
-local reply = apply(KEYS[1], 2, #KEYS, 1)
-return reply
-"""
+# The Lua scripts live in sinks/redis_lua/ (package data; each file's header describes its KEYS,
+# ARGV and reply). A script is its library files followed by its own body.
+_LUA_DIR = "redis_lua"
 
-# KEYS[1] = version hash, KEYS[2..] = candidate record keys; ARGV[1] = generation version (hex).
-# Deletes each record (and its version entry, tombstones included) still older than ARGV[1].
-# Returns the number of records (not tombstones) deleted.
-_SWEEP_LUA = _LUA_HELPERS + """
-local vh = KEYS[1]
-local stored = redis.call('HMGET', vh, unpack(KEYS, 2))
-local removed = 0
-for i = 2, #KEYS do
-  local cur = stored[i - 1]
-  if cur and older(string.sub(cur, 1, 16), ARGV[1]) then
-    if #cur == 16 then
-      redis.call('DEL', KEYS[i])
-      removed = removed + 1
-    end
-    redis.call('HDEL', vh, KEYS[i])
-  end
-end
-return removed
-"""
 
-# KEYS = checkpoint keys; ARGV[1] = LSN (16 hex). Raises each key to ARGV[1], never lowers it.
-_CHECKPOINT_LUA = _LUA_HELPERS + """
-for i = 1, #KEYS do
-  local cur = redis.call('GET', KEYS[i])
-  if (not cur) or older(cur, ARGV[1]) then redis.call('SET', KEYS[i], ARGV[1]) end
-end
-return #KEYS
-"""
+def _lua(*names: str) -> str:
+    """The concatenated text of ``sinks/redis_lua/<name>.lua`` for each of ``names``."""
+    root = resources.files("sinks").joinpath(_LUA_DIR)
+    return "".join(root.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
 
-# KEYS[1] = version hash, KEYS[2..] = record keys; ARGV[1] = 'HGETALL' (hash views) or 'GET'.
-# Returns {versions, records, errors}: the HMGET of the keys' version entries (nil for none), per
-# key the HGETALL list / GET string (nil for none), and {i1, err1, ..} for keys whose read failed
-# (WRONGTYPE; i = 1-based position among the record keys). Read only.
-_GET_LUA = """
-local versions = redis.call('HMGET', KEYS[1], unpack(KEYS, 2))
-local records, errors = {}, {}
-for i = 2, #KEYS do
-  local r = redis.pcall(ARGV[1], KEYS[i])
-  if type(r) == 'table' and r.err then
-    errors[#errors + 1] = i - 1
-    errors[#errors + 1] = r.err
-    r = false
-  end
-  records[i - 1] = r
-end
-return {versions, records, errors}
-"""
+
+_APPLY_LUA = _lua("lib_helpers", "lib_apply", "apply")
+_SWEEP_LUA = _lua("lib_helpers", "sweep")
+_CHECKPOINT_LUA = _lua("lib_helpers", "checkpoint")
+_ADVANCE_LUA = _lua("lib_helpers", "lib_advance", "advance")
+_APPLY_ADVANCE_LUA = _lua("lib_helpers", "lib_apply", "lib_advance", "apply_advance")
+_GET_LUA = _lua("get")
 
 _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -255,48 +109,6 @@ _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAG
 def versions_key(view: str) -> str:
     """Name of the version hash of ``view``: ``pgderive:{view}:versions``."""
     return f"pgderive:{view}:versions"
-
-
-# KEYS = checkpoint keys; ARGV[1] = new LSN, ARGV[2] = the LSN each must already be at (16 hex).
-# Returns the 1-based indices of keys missing or below ARGV[2] (not written); raises the others.
-_ADVANCE_FN = """
--- advance(n, new, prev): raise checkpoint keys KEYS[1..n] from at least prev to new; returns
--- the indices of those missing or below prev (left untouched).
-local function advance(n, new, prev)
-  local lost = {}
-  for i = 1, n do
-    local cur = redis.call('GET', KEYS[i])
-    if (not cur) or older(cur, prev) then
-      lost[#lost + 1] = i
-    elseif older(cur, new) then
-      redis.call('SET', KEYS[i], new)
-    end
-  end
-  return lost
-end
-"""
-_ADVANCE_LUA = _LUA_HELPERS + _ADVANCE_FN + """
-return advance(#KEYS, ARGV[1], ARGV[2])
-"""
-
-
-# The Ops of one batch and the checkpoint advance in one call, so the checkpoint moves only if
-# every write before it succeeded (an error stops the script before the advance).
-# KEYS = checkpoint keys (ARGV[3] of them), then per view: its version hash and record keys.
-# ARGV[1], ARGV[2] = new and previous LSN as in _ADVANCE_LUA; ARGV[3] = number of checkpoint
-# keys, ARGV[4] = number of views n, ARGV[5..4+n] = record keys per view, then the Ops' arguments
-# as in _APPLY_LUA, view after view. Returns {{reply of _APPLY_LUA per view}, lost}.
-_APPLY_ADVANCE_LUA = _LUA_HELPERS + _APPLY_FN + _ADVANCE_FN + """
-local ncp, nviews = tonumber(ARGV[3]), tonumber(ARGV[4])
-local k, a = ncp + 1, 5 + nviews
-local replies = {}
-for v = 1, nviews do
-  local n = tonumber(ARGV[4 + v])
-  replies[v], a = apply(KEYS[k], k + 1, k + n, a)
-  k = k + 1 + n
-end
-return {replies, advance(ncp, ARGV[1], ARGV[2])}
-"""
 
 
 def checkpoint_key(view: str) -> str:

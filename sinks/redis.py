@@ -58,7 +58,7 @@ from __future__ import annotations
 import select
 from collections import defaultdict
 from importlib import resources
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import hiredis
 import orjson
@@ -68,6 +68,9 @@ from redis import exceptions as rx
 
 from cdc.lsn import version_hex
 from sinks.base import Op, Rejected, SinkError, ViewTarget
+
+if TYPE_CHECKING:
+    from sinks.base import AtomicCheckpoint, Sink, WireLoad
 
 __all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
@@ -798,3 +801,9 @@ class _ErrorMap:
         text = str(e)
         retryable = any(text.startswith(p) or f" {p} " in text for p in _RETRYABLE_REPLIES)
         raise SinkError(f"{self.prefix}: Redis error: {text}", retryable=retryable) from e
+
+
+if TYPE_CHECKING:
+    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad]:
+        """Never called: mypy checks here that RedisSink implements these protocols."""
+        return sink, sink, sink

@@ -1,7 +1,7 @@
 """The sink protocol: what the engine needs from a Redis cache or an OpenSearch index.
 
 Every write is an :class:`Op` carrying a version (the commit LSN of the transaction that produced
-it, or a snapshot's consistent point). Sinks are idempotent (DESIGN.md rule 2): applying an Op
+it, or a snapshot's consistent point). Sinks are idempotent (ARCHITECTURE.md, rule 2): applying an Op
 twice, or an older Op after a newer one, leaves the newer state.
 
 A *generation* is one physical copy of a view (an OpenSearch index behind the view's alias; for

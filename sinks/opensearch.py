@@ -15,7 +15,7 @@ counts as success; deleting a missing document (404) is success too. A generatio
 keeps delete tombstones longer (``index.gc_deletes`` = :data:`LOAD_GC_DELETES`, reset to the
 default when committed) so a snapshot row cannot resurrect a document deleted meanwhile.
 While a generation begun by this sink instance is not committed yet, :meth:`OpenSearchSink.apply`
-writes every Op to both the alias and that generation (DESIGN.md "Online rebuild").
+writes every Op to both the alias and that generation (ARCHITECTURE.md, "Online rebuild").
 
 Partial Ops (``Op.partial``): the ``update`` API does not support external versioning, so they
 are a read-modify-write relying on one writer per key (the daemon applies batches one after the

@@ -50,7 +50,7 @@ bytes of the commands that write the record at the snapshot's version (``DEL key
 view already holds data, ``HSET key f v ..`` — or ``DEL key`` when every field is NULL — and
 ``HSET pgderive:V:versions key version``), and pgderive relays them to Redis without decoding a
 row. No compare-and-set is needed: a snapshot is loaded while nothing else writes the view, at a
-consistent point newer than every version already stored (DESIGN.md rules 1 and 4), exactly as
+consistent point newer than every version already stored (ARCHITECTURE.md, rules 1 and 4), exactly as
 the compare-and-set would decide.
 """
 from __future__ import annotations

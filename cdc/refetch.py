@@ -85,8 +85,8 @@ class RowRefetcher:
         delay, deadline = 0.0005, time.monotonic() + timeout
         conn = self.connection()
         while True:
-            (ok,) = conn.execute(_VISIBLE, (pending,), prepare=True).fetchone()
-            if ok:
+            row = conn.execute(_VISIBLE, (pending,), prepare=True).fetchone()
+            if row is not None and row[0]:
                 break
             if time.monotonic() > deadline:
                 log.warning("transaction(s) %s still not visible after %.0f s; reading anyway", pending, timeout)

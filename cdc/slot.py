@@ -82,7 +82,10 @@ def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:
     ).fetchone()
     if row is None:
         return None
-    lsn = lambda v: parse_lsn(v) if v else None  # noqa: E731
+
+    def lsn(v: str | None) -> int | None:
+        return parse_lsn(v) if v else None
+
     return SlotInfo(row[0], row[1], row[2], row[3], row[4], lsn(row[5]), lsn(row[6]), parse_lsn(row[7]))
 
 

@@ -56,9 +56,11 @@ the compare-and-set would decide.
 from __future__ import annotations
 
 import select
+import socket
 from collections import defaultdict
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, cast
 
 import hiredis
 import orjson
@@ -82,10 +84,23 @@ _SCAN_COUNT = 1000
 _WIRE_IN_FLIGHT = 200_000  # wire load: replies outstanding before the sender waits for Redis
 _CRLF = sql.Literal("\r\n")
 
+_Call = tuple[list[Any], list[Any], list[Op]]
+"""One encoded apply call (:meth:`RedisSink._encode`): ``(KEYS, ARGV, Ops)``, ``Ops[i]`` being the
+Op of ``KEYS[i + 1]``."""
+
 
 def _bulk(raw: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+def _socket(conn: Any) -> socket.socket:
+    """The socket of a connected redis-py connection (``ConnectionInterface`` does not declare
+    it). Raises ``redis.ConnectionError`` when there is none."""
+    sock: socket.socket | None = getattr(conn, "_sock", None)
+    if sock is None:
+        raise rx.ConnectionError("Redis connection has no socket")
+    return sock
 
 
 # The Lua scripts live in sinks/redis_lua/ (package data; each file's header describes its KEYS,
@@ -122,8 +137,10 @@ def checkpoint_key(view: str) -> str:
 def encode_field(value: Any) -> str | bytes | int:
     """Encode one non-None hash field value (see the module docstring for the rules)."""
     t = type(value)
+    same: str | bytes | int  # the value itself (``type(v) is`` tests do not narrow for mypy)
     if t is str or t is int:  # hiredis packs int as decimal
-        return value
+        same = value
+        return same
     if t is bool:
         return "true" if value else "false"
     if t is float:
@@ -131,7 +148,8 @@ def encode_field(value: Any) -> str | bytes | int:
     if t is dict or t is list:
         return orjson.dumps(value)
     if t is bytes:
-        return value
+        same = value
+        return same
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -351,7 +369,7 @@ class RedisSink:
         try:
             conn.send_command("PING")  # a live connection (reconnects a stale one)
             conn.read_response()
-            sock = conn._sock
+            sock = _socket(conn)
             for chunk in chunks:
                 if not chunk:
                     continue
@@ -436,7 +454,7 @@ class RedisSink:
         cursor = 0
         while True:
             with self._errors("scan"):
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                cursor, page = self._hscan(vkey, cursor)
                 keys = [k for k, v in page.items() if len(v) == _VERSION_LEN]
                 pipe = self._client.pipeline(transaction=False)
                 for k in keys:
@@ -448,7 +466,8 @@ class RedisSink:
             for k, raw in zip(keys, values):
                 if fmt == "hash":
                     if raw:  # a version entry whose key vanished (e.g. evicted) is not a record
-                        yield k.decode(), {f.decode(): v.decode() for f, v in raw.items()}
+                        fields: dict[bytes, bytes] = raw
+                        yield k.decode(), {f.decode(): v.decode() for f, v in fields.items()}
                 elif raw is not None:
                     yield k.decode(), orjson.loads(raw)
             if cursor == 0:
@@ -471,8 +490,8 @@ class RedisSink:
             return {}
         vkey = versions_key(view).encode()
         read = "HGETALL" if fmt == "hash" else "GET"
-        calls = [([vkey, *keys[i : i + self.batch_size]], [read])
-                 for i in range(0, len(keys), self.batch_size)]
+        calls: list[tuple[list[Any], list[Any]]] = [
+            ([vkey, *keys[i : i + self.batch_size]], [read]) for i in range(0, len(keys), self.batch_size)]
         with self._errors("get"):
             replies = self._run(self._get_script, calls)
         out: dict[str, tuple[dict[str, Any] | None, int | None]] = {}
@@ -504,7 +523,7 @@ class RedisSink:
         cursor = 0
         while True:
             with self._errors("scan_keys"):
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                cursor, page = self._hscan(vkey, cursor)
             for k, v in page.items():
                 if len(v) == _VERSION_LEN:
                     yield k.decode(), int(v, 16)
@@ -528,7 +547,8 @@ class RedisSink:
                     e = encode_field(v)
                     out[f] = e.decode() if isinstance(e, bytes) else str(e)
             return out
-        return orjson.loads(orjson.dumps(doc))
+        same: dict[str, Any] = orjson.loads(orjson.dumps(doc))
+        return same
 
     def count(self, view: str) -> int:
         """Number of live records of ``view`` (version entries that are not tombstones)."""
@@ -597,10 +617,16 @@ class RedisSink:
         redis-py exceptions: iterate it inside :meth:`_errors`."""
         cursor = 0
         while True:
-            cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            cursor, page = self._hscan(vkey, cursor)
             yield page
             if cursor == 0:
                 return
+
+    def _hscan(self, vkey: bytes, cursor: int) -> tuple[int, dict[bytes, bytes]]:
+        """One HSCAN page of the version hash ``vkey``: ``(next cursor, {record key: entry})``
+        (bytes: the client does not decode replies). Raises redis-py exceptions."""
+        cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+        return cursor, cast("dict[bytes, bytes]", page)
 
     def _write(self, by_view: dict[str, list[Op]], rejected: list[Rejected]) -> None:
         """Apply full/delete/hash-partial Ops with the Lua compare-and-set (all calls in one
@@ -608,7 +634,7 @@ class RedisSink:
         self._apply_calls([c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)],
                           rejected)
 
-    def _apply_calls(self, calls: list, rejected: list[Rejected]) -> None:
+    def _apply_calls(self, calls: list[_Call], rejected: list[Rejected]) -> None:
         """Run encoded apply calls (:meth:`_encode`) in one pipeline, then :meth:`_count`."""
         if not calls:
             return
@@ -616,7 +642,7 @@ class RedisSink:
             results = self._run(self._apply_script, [(keys, args) for keys, args, _ in calls])
         self._count(calls, results, rejected)
 
-    def _count(self, calls: list, results: list, rejected: list[Rejected]) -> None:
+    def _count(self, calls: list[_Call], results: list[Any], rejected: list[Rejected]) -> None:
         """Add the replies of apply calls to :attr:`stats`, append refused Ops to ``rejected``."""
         for (_, _, call_ops), (applied, skipped, missed, refused) in zip(calls, results):
             self.stats["applied"] += applied
@@ -673,16 +699,14 @@ class RedisSink:
                 except (TypeError, ValueError) as e:  # orjson errors subclass both
                     rejected.append(Rejected(op, f"partial update: {e}"))
                     continue
-                doc.update(op.doc)  # type: ignore[arg-type]
+                doc.update(op.doc or {})
                 ver, n = op.version, n + 1
             if doc is not None and n:
                 self.stats["applied"] += n - 1  # n partials become one write
                 out.append(Op(view, key, ver, doc))
         return out
 
-    def _encode(
-        self, view: str, ops: list[Op], rejected: list[Rejected]
-    ) -> Iterator[tuple[list[Any], list[Any], list[Op]]]:
+    def _encode(self, view: str, ops: list[Op], rejected: list[Rejected]) -> Iterator[_Call]:
         """Encode the Ops of one view into Lua calls ``(keys, argv, ops)`` of <= batch_size
         Ops (``ops[i]`` is ``keys[i + 1]``'s Op). Ops whose document cannot be encoded are
         appended to ``rejected`` instead. Partial Ops of a json view must be merged first."""
@@ -793,7 +817,8 @@ class _ErrorMap:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: type | None, e: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError) or not isinstance(e, rx.RedisError):
             return False
         if isinstance(e, (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError)):

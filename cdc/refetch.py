@@ -8,7 +8,7 @@ its replica identity and takes the column's current value from the table.
 
 Reads wait until the transaction being applied is visible (:meth:`RowRefetcher.wait_visible`):
 the walsender may send it a moment before other sessions can see it. Why the current value is
-right once it is: the sinks only need to converge (DESIGN.md rule 1). The row's
+right once it is: the sinks only need to converge (ARCHITECTURE.md, rule 1). The row's
 state read now is at least as new as the change being applied (that change committed before
 pgderive read it), and every later change of the row is still ahead in the stream and carries a
 higher version, so the last write a record gets reflects the last committed state. Until then a
@@ -85,8 +85,8 @@ class RowRefetcher:
         delay, deadline = 0.0005, time.monotonic() + timeout
         conn = self.connection()
         while True:
-            (ok,) = conn.execute(_VISIBLE, (pending,), prepare=True).fetchone()
-            if ok:
+            row = conn.execute(_VISIBLE, (pending,), prepare=True).fetchone()
+            if row is not None and row[0]:
                 break
             if time.monotonic() > deadline:
                 log.warning("transaction(s) %s still not visible after %.0f s; reading anyway", pending, timeout)

@@ -9,7 +9,7 @@ Postgres docs, "Streaming Replication Protocol": after ``START_REPLICATION SLOT 
 The client sends Standby status updates ``'r'``: Int64 write, Int64 flush, Int64 apply,
 Int64 clock (µs since 2000-01-01), Byte1 replyRequested. The slot's ``confirmed_flush_lsn``
 follows the flush position, so pgderive only reports positions the engine has confirmed after
-every sink acknowledged (DESIGN.md rule 3).
+every sink acknowledged (ARCHITECTURE.md, rule 3).
 
 psycopg 3 runs ``START_REPLICATION`` through ``conn.execute`` and leaves the connection in
 COPY_BOTH; CopyData is then exchanged with ``conn.pgconn.get_copy_data`` / ``put_copy_data``.
@@ -82,7 +82,10 @@ def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:
     ).fetchone()
     if row is None:
         return None
-    lsn = lambda v: parse_lsn(v) if v else None  # noqa: E731
+
+    def lsn(v: str | None) -> int | None:
+        return parse_lsn(v) if v else None
+
     return SlotInfo(row[0], row[1], row[2], row[3], row[4], lsn(row[5]), lsn(row[6]), parse_lsn(row[7]))
 
 

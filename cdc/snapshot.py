@@ -1,4 +1,4 @@
-"""Reading tables under an exported snapshot (DESIGN.md rule 4).
+"""Reading tables under an exported snapshot (ARCHITECTURE.md, rule 4).
 
 A snapshot exported by ``CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`` is imported with
 ``SET TRANSACTION SNAPSHOT`` as the first statement of a REPEATABLE READ transaction (Postgres

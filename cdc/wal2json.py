@@ -51,7 +51,10 @@ def plugin_options(tables: Iterable[str] | None = None) -> dict[str, str]:
 
 def _escape_table(qualified: str) -> str:
     schema, _, name = qualified.partition(".")
-    esc = lambda s: s.replace("\\", "\\\\").replace(",", "\\,").replace(".", "\\.")  # noqa: E731
+
+    def esc(s: str) -> str:
+        return s.replace("\\", "\\\\").replace(",", "\\,").replace(".", "\\.")
+
     return f"{esc(schema)}.{esc(name)}"
 
 
@@ -65,23 +68,32 @@ def loads_message(data: bytes | memoryview) -> dict[str, Any]:
     :mod:`cdc.values` converts the literals by column type.
     """
     raw = bytes(data)
+    msg: dict[str, Any]
     if b'"type":"numeric' in raw or b":-0}" in raw or b":-0," in raw:
-        return json.loads(raw, parse_float=str, parse_int=str)
-    return orjson.loads(raw)
+        msg = json.loads(raw, parse_float=str, parse_int=str)
+    else:
+        msg = orjson.loads(raw)
+    return msg
 
 
 class _Inexact(Exception):
     """orjson parsed a number of this message that must be read from its literal."""
 
 
-_INEXACT = object()
+def _INEXACT(value: Any) -> Any:  # noqa: N802 - a sentinel, compared by identity
+    """The converter :func:`_kind` gives ``numeric``: a marker, never called
+    (:meth:`Wal2JsonDecoder._fast_row` raises :class:`_Inexact` instead)."""
+    raise _Inexact
 
 
-def _kind(type_name: str) -> tuple[Any, bool, bool]:
+_Kind = tuple[Converter | None, bool, bool]
+
+
+def _kind(type_name: str) -> _Kind:
     """How :meth:`Wal2JsonDecoder._fast_row` treats a column type: ``(converter, or None when
     orjson's value already is the model value, or _INEXACT for numeric; may print NaN/±Infinity
     as null; a zero may be a float -0)``."""
-    conv = converter(type_name)
+    conv: Converter | None = converter(type_name)
     if is_numeric_type(type_name) and not type_name.endswith("]"):
         conv = _INEXACT
     elif conv is converter("integer") or conv is converter("boolean") or conv is converter("text"):
@@ -106,7 +118,7 @@ class Wal2JsonDecoder:
         self.chunk_bytes = chunk_bytes
         self._tx: Transaction | None = None
         self._converters: dict[str, Converter] = {}
-        self._kinds: dict[str, tuple[Any, bool, bool]] = {}
+        self._kinds: dict[str, _Kind] = {}
 
     @property
     def in_transaction(self) -> bool:

@@ -1,7 +1,7 @@
 """The sink protocol: what the engine needs from a Redis cache or an OpenSearch index.
 
 Every write is an :class:`Op` carrying a version (the commit LSN of the transaction that produced
-it, or a snapshot's consistent point). Sinks are idempotent (DESIGN.md rule 2): applying an Op
+it, or a snapshot's consistent point). Sinks are idempotent (ARCHITECTURE.md, rule 2): applying an Op
 twice, or an older Op after a newer one, leaves the newer state.
 
 A *generation* is one physical copy of a view (an OpenSearch index behind the view's alias; for
@@ -15,13 +15,30 @@ and apply all the others. :class:`SinkError` is for everything else.
 A *checkpoint* is the LSN up to which a view is known to be complete in its sink, stored in the
 sink itself (:meth:`Sink.write_checkpoint`). Comparing it with pgderive's own record detects a
 sink that lost data (e.g. Redis restarted without its AOF) or a slot that moved on without us.
+
+Optional capabilities are separate protocols, tested with ``isinstance`` (they are
+``runtime_checkable``; the check only looks for the methods' names, the signatures are checked
+by mypy):
+
+* :class:`AtomicCheckpoint`: ``apply_and_advance`` — a batch's Ops and the checkpoint advance in
+  one call (Redis).
+* :class:`WireLoad`: ``wire_select`` + ``wire_load`` — snapshot rows encoded by Postgres in the
+  sink's own protocol and relayed as bytes (Redis hash views, OpenSearch; :mod:`views.wire`).
+* :class:`Refreshable`: ``refresh`` — make acknowledged writes visible to scans (OpenSearch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError"]
+if TYPE_CHECKING:
+    from psycopg import sql
+
+__all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
+           "Refreshable", "Doc"]
+
+Doc = dict[str, Any]
+"""A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
 
 
 @dataclass(slots=True)
@@ -97,6 +114,7 @@ class SinkError(RuntimeError):
         self.retryable = retryable
 
 
+@runtime_checkable
 class Sink(Protocol):
     """One sink instance (one Redis database, one OpenSearch cluster) serving several views."""
 
@@ -188,3 +206,80 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class AtomicCheckpoint(Protocol):
+    """A sink that applies a batch and advances its views' checkpoints in one call.
+
+    Without it the runtime calls :meth:`Sink.apply`, then :meth:`Sink.advance_checkpoint`
+    (two round trips); with it, one. Use: ``isinstance(sink, AtomicCheckpoint)``.
+    """
+
+    def apply_and_advance(self, ops: Sequence[Op], views: Sequence[str], previous: int,
+                          lsn: int) -> tuple[list[Rejected], list[str]]:
+        """:meth:`Sink.apply` of ``ops``, then :meth:`Sink.advance_checkpoint` of ``views`` from
+        ``previous`` to ``lsn``.
+
+        Args:
+            ops: Ops of any views served by the sink (as for :meth:`Sink.apply`).
+            views: the views whose checkpoints move (may include views without Ops here).
+            previous: int LSN every checkpoint of ``views`` must already be at or past (what
+                the runtime last acknowledged).
+            lsn: int LSN the checkpoints move to (forward only: one already past it is kept).
+
+        Returns ``(rejected, lost)``: the Ops refused for data reasons (as :meth:`Sink.apply`
+        returns them; all others are applied or skipped as older), and the views whose
+        checkpoint was missing or behind ``previous`` (the sink lost acknowledged data; their
+        checkpoints are left untouched, the Ops are applied all the same).
+
+        The checkpoints never move unless every Op was applied: a failing write raises before
+        the advance. Raises :class:`SinkError`; after a retryable one the whole call may be
+        repeated (both halves are idempotent).
+        """
+        ...
+
+
+@runtime_checkable
+class WireLoad(Protocol):
+    """A sink that loads a snapshot from rows Postgres encodes in the sink's own protocol
+    (:mod:`views.wire`): pgderive relays bytes and decodes no row. The result equals
+    :meth:`Sink.load` of the same rows' Ops at ``version``. Use: ``isinstance(sink, WireLoad)``.
+    """
+
+    def wire_select(self, view: str, fields: Sequence[str], version: int,
+                    types: Sequence[str]) -> sql.Composable | None:
+        """The SELECT list of a wire load of ``view`` at ``version`` (int LSN, the snapshot's
+        consistent point), or None when the sink cannot load this view so.
+
+        It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and
+        ``f0``, ``f1``, .. (the text of output field ``fields[i]``, whose column has the
+        Postgres type name ``types[i]``; NULL for SQL NULL), and yields two ``bytea`` columns
+        per row, opaque to the caller, for :meth:`wire_load`. Call it after
+        :meth:`Sink.begin_generation` of ``view`` at ``version``. Raises :class:`SinkError`.
+        """
+        ...
+
+    def wire_load(self, view: str, chunks: Iterable[Sequence[tuple[bytes, bytes]]]) -> int:
+        """Relay the rows of :meth:`wire_select`'s SELECT list to the sink: ``chunks`` yields
+        lists of ``(bytes, bytes)`` rows. Returns the number of records once the sink
+        acknowledged all of them.
+
+        Raises :class:`SinkError`: ``retryable=True`` for transport failures (the whole load
+        may be repeated: every write carries ``version``), ``retryable=False`` when the sink
+        refused a record (the caller then loads the view through :meth:`Sink.load`, which
+        reports such records one by one as :class:`Rejected`).
+        """
+        ...
+
+
+@runtime_checkable
+class Refreshable(Protocol):
+    """A sink whose scans and searches may lag acknowledged writes by a refresh interval
+    (OpenSearch) and can be told to catch up. Use: ``isinstance(sink, Refreshable)``."""
+
+    def refresh(self, view: str) -> None:
+        """Make every acknowledged write of ``view`` (its live generation and any generation
+        being loaded) visible to :meth:`Sink.scan`, :meth:`Sink.scan_keys` and
+        :meth:`Sink.count`. Raises :class:`SinkError`."""
+        ...

@@ -15,7 +15,7 @@ counts as success; deleting a missing document (404) is success too. A generatio
 keeps delete tombstones longer (``index.gc_deletes`` = :data:`LOAD_GC_DELETES`, reset to the
 default when committed) so a snapshot row cannot resurrect a document deleted meanwhile.
 While a generation begun by this sink instance is not committed yet, :meth:`OpenSearchSink.apply`
-writes every Op to both the alias and that generation (DESIGN.md "Online rebuild").
+writes every Op to both the alias and that generation (ARCHITECTURE.md, "Online rebuild").
 
 Partial Ops (``Op.partial``): the ``update`` API does not support external versioning, so they
 are a read-modify-write relying on one writer per key (the daemon applies batches one after the
@@ -45,7 +45,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import orjson
 from opensearchpy import OpenSearch, helpers
@@ -55,6 +56,9 @@ from psycopg import sql
 from cdc.lsn import version_hex
 from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, ViewTarget
+
+if TYPE_CHECKING:
+    from sinks.base import Refreshable, Sink, WireLoad
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX"]
 
@@ -151,6 +155,7 @@ class OpenSearchSink:
         self._client = OpenSearch(hosts, http_compress=False, timeout=timeout,
                                   pool_maxsize=bulk_concurrency + 2)
         self._targets: dict[str, ViewTarget] = {}
+        self._aliases: dict[str, str] = {}  # view -> its alias (ViewTarget.index)
         self._has_alias: set[str] = set()  # views whose alias is known to exist
         self._loading: dict[str, set[str]] = defaultdict(set)  # view -> uncommitted generations
 
@@ -161,6 +166,7 @@ class OpenSearchSink:
         if not target.index:
             raise ValueError(f"sink {self.name}: view {target.view}: no index (alias) given")
         self._targets[target.view] = target
+        self._aliases[target.view] = target.index
 
     def apply(self, ops: Sequence[Op]) -> list[Rejected]:
         """Write ``ops`` (any views) to their aliases, plus to generations being loaded by this
@@ -352,7 +358,8 @@ class OpenSearchSink:
 
     def stored_form(self, view: str, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` as :meth:`scan` returns it: the ``_source`` JSON round trip."""
-        return orjson.loads(orjson.dumps(doc))
+        same: dict[str, Any] = orjson.loads(orjson.dumps(doc))
+        return same
 
     def count(self, view: str) -> int:
         """Number of documents behind the alias, after a refresh (0 if there is no alias)."""
@@ -441,7 +448,7 @@ class OpenSearchSink:
 
     def _alias(self, view: str) -> str:
         try:
-            return self._targets[view].index  # type: ignore[return-value]
+            return self._aliases[view]
         except KeyError:
             raise SinkError(
                 f"sink {self.name}: view {view!r} is not registered", retryable=False
@@ -557,7 +564,7 @@ class OpenSearchSink:
                     except TypeError as e:
                         rejected.append(Rejected(op, f"partial update: not JSON-encodable: {e}"))
                         continue
-                    doc.update(op.doc)  # type: ignore[arg-type]
+                    doc.update(op.doc or {})
                     ver, last = op.version, op
             if last is not None:
                 merged = Op(view, key, ver, doc)
@@ -587,7 +594,7 @@ class OpenSearchSink:
             return
         if self._senders is None:
             self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
-        pending: deque[Future] = deque()
+        pending: deque[Future[Any]] = deque()
         try:
             for request in requests:
                 while len(pending) >= self.bulk_concurrency:
@@ -689,7 +696,8 @@ class _ErrorMap:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: type | None, e: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError):
             return False
         if isinstance(e, ox.ConnectionError):  # includes timeouts
@@ -712,3 +720,9 @@ def _reason(e: Any) -> str:
     if isinstance(err, dict):
         return str(err.get("reason", ""))
     return str(info or "")
+
+
+if TYPE_CHECKING:
+    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable]:
+        """Never called: mypy checks here that OpenSearchSink implements these protocols."""
+        return sink, sink, sink

@@ -50,14 +50,17 @@ bytes of the commands that write the record at the snapshot's version (``DEL key
 view already holds data, ``HSET key f v ..`` — or ``DEL key`` when every field is NULL — and
 ``HSET pgderive:V:versions key version``), and pgderive relays them to Redis without decoding a
 row. No compare-and-set is needed: a snapshot is loaded while nothing else writes the view, at a
-consistent point newer than every version already stored (DESIGN.md rules 1 and 4), exactly as
+consistent point newer than every version already stored (ARCHITECTURE.md, rules 1 and 4), exactly as
 the compare-and-set would decide.
 """
 from __future__ import annotations
 
 import select
+import socket
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, Sequence
+from importlib import resources
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, cast
 
 import hiredis
 import orjson
@@ -67,6 +70,9 @@ from redis import exceptions as rx
 
 from cdc.lsn import version_hex
 from sinks.base import Op, Rejected, SinkError, ViewTarget
+
+if TYPE_CHECKING:
+    from sinks.base import AtomicCheckpoint, Sink, WireLoad
 
 __all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
@@ -78,176 +84,42 @@ _SCAN_COUNT = 1000
 _WIRE_IN_FLIGHT = 200_000  # wire load: replies outstanding before the sender waits for Redis
 _CRLF = sql.Literal("\r\n")
 
+_Call = tuple[list[Any], list[Any], list[Op]]
+"""One encoded apply call (:meth:`RedisSink._encode`): ``(KEYS, ARGV, Ops)``, ``Ops[i]`` being the
+Op of ``KEYS[i + 1]``."""
+
 
 def _bulk(raw: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
-# Shared Lua helpers. ``older(a, b)``: is version ``a`` < ``b`` (16 hex digits each)? Exact:
-# whole-number compare first, then 32-bit halves when both round to the same double. (Lua's
-# string ``<`` uses strcoll and Redis sets LC_COLLATE from the environment: e.g. da_DK sorts
-# "aa" after "ab", so string comparison is not safe.)
-# ``call_spread(cmd, key, t, i, j)``: ``cmd key t[i] .. t[j]`` in slices (Lua's unpack is bounded).
-_LUA_HELPERS = """
-local function older(a, b)
-  if a == b then return false end
-  local x, y = tonumber(a, 16), tonumber(b, 16)  -- doubles: rounding is monotonic, so
-  if x ~= y then return x < y end                -- distinct doubles order correctly
-  local ah = tonumber(string.sub(a, 1, 8), 16)
-  local bh = tonumber(string.sub(b, 1, 8), 16)
-  if ah ~= bh then return ah < bh end
-  return tonumber(string.sub(a, 9, 16), 16) < tonumber(string.sub(b, 9, 16), 16)
-end
-local function call_spread(cmd, key, t, i, j)
-  while i <= j do
-    local k = math.min(i + 999, j)
-    redis.call(cmd, key, unpack(t, i, k))
-    i = k + 1
-  end
-end
--- like call_spread on a record key; returns the error of a WRONGTYPE reply (other errors raise)
-local function try_spread(cmd, key, t, i, j)
-  while i <= j do
-    local k = math.min(i + 999, j)
-    local r = redis.pcall(cmd, key, unpack(t, i, k))
-    if type(r) == 'table' and r.err then
-      if string.sub(r.err, 1, 9) == 'WRONGTYPE' then return r.err end
-      error(r)
-    end
-    i = k + 1
-  end
-  return nil
-end
-"""
 
-# KEYS[1] = version hash, KEYS[2..] = record keys (may repeat).
-# ARGV, per record key in order: version (16 hex), kind, payload:
-#   'h' n f1 v1 ..                    full hash upsert (n = 2 * fields)
-#   'p' n f1 v1 .. m d1 .. dm         partial hash update (m = fields to delete)
-#   'j' json                          json upsert
-#   'd'                               delete (leaves the tombstone "<version>d")
-# Stored versions are read with one HMGET and written back with one HSET at the end.
-# Returns {applied, skipped, partial_missed, {i1, err1, i2, err2, ..}}: i = 1-based position of a
-# record key whose write failed with WRONGTYPE (rejected: no version entry is written for it).
-_APPLY_FN = """
--- apply(vh, first, last, a): the Ops of record keys KEYS[first..last] of one view, their
--- arguments starting at ARGV[a]; returns the reply described above, and the next ARGV index.
-local function apply(vh, first, last, a)
-local stored = redis.call('HMGET', vh, unpack(KEYS, first, last))
-local latest = {}          -- key -> version entry written by this call (repeated keys)
-local out = {}             -- HSET arguments for the version hash
-local applied, skipped, missed = 0, 0, 0
-local rejected = {}
-local err
-for i = first, last do
-  local key = KEYS[i]
-  local ver = ARGV[a]
-  local kind = ARGV[a + 1]
-  a = a + 2
-  local cur = latest[key]
-  if cur == nil then cur = stored[i - first + 1] end
-  -- Equal versions re-apply: they come from the same transaction, applied in order
-  -- (e.g. chunks of a large transaction, or a commit exactly at a snapshot's consistent point).
-  local newer = (not cur) or not older(ver, string.sub(cur, 1, 16))
-  local entry = ver
-  err = nil
-  if kind == 'h' then
-    local n = tonumber(ARGV[a])
-    if newer then
-      if cur then redis.call('DEL', key) end
-      if n > 0 then err = try_spread('HSET', key, ARGV, a + 1, a + n) end
-    end
-    a = a + 1 + n
-  elseif kind == 'j' then
-    if newer then redis.call('SET', key, ARGV[a]) end
-    a = a + 1
-  elseif kind == 'd' then
-    if newer then
-      redis.call('DEL', key)
-      entry = ver .. 'd'
-    end
-  elseif kind == 'p' then
-    local n = tonumber(ARGV[a])
-    local m = tonumber(ARGV[a + 1 + n])
-    if newer and cur and #cur == 16 then
-      if n > 0 then err = try_spread('HSET', key, ARGV, a + 1, a + n) end
-      if m > 0 and not err then err = try_spread('HDEL', key, ARGV, a + 2 + n, a + 1 + n + m) end
-    elseif newer then
-      missed = missed + 1
-      newer = false
-    end
-    a = a + 2 + n + m
-  else
-    error('pgderive: unknown op kind ' .. tostring(kind))
-  end
-  if err then
-    rejected[#rejected + 1] = i - first + 1
-    rejected[#rejected + 1] = err
-  elseif newer then
-    applied = applied + 1
-    latest[key] = entry
-    out[#out + 1] = key
-    out[#out + 1] = entry
-  else
-    skipped = skipped + 1
-  end
-end
-if #out > 0 then call_spread('HSET', vh, out, 1, #out) end
-return {applied, skipped, missed, rejected}, a
-end
-"""
-_APPLY_LUA = _LUA_HELPERS + _APPLY_FN + """
-local reply = apply(KEYS[1], 2, #KEYS, 1)
-return reply
-"""
+def _socket(conn: Any) -> socket.socket:
+    """The socket of a connected redis-py connection (``ConnectionInterface`` does not declare
+    it). Raises ``redis.ConnectionError`` when there is none."""
+    sock: socket.socket | None = getattr(conn, "_sock", None)
+    if sock is None:
+        raise rx.ConnectionError("Redis connection has no socket")
+    return sock
 
-# KEYS[1] = version hash, KEYS[2..] = candidate record keys; ARGV[1] = generation version (hex).
-# Deletes each record (and its version entry, tombstones included) still older than ARGV[1].
-# Returns the number of records (not tombstones) deleted.
-_SWEEP_LUA = _LUA_HELPERS + """
-local vh = KEYS[1]
-local stored = redis.call('HMGET', vh, unpack(KEYS, 2))
-local removed = 0
-for i = 2, #KEYS do
-  local cur = stored[i - 1]
-  if cur and older(string.sub(cur, 1, 16), ARGV[1]) then
-    if #cur == 16 then
-      redis.call('DEL', KEYS[i])
-      removed = removed + 1
-    end
-    redis.call('HDEL', vh, KEYS[i])
-  end
-end
-return removed
-"""
 
-# KEYS = checkpoint keys; ARGV[1] = LSN (16 hex). Raises each key to ARGV[1], never lowers it.
-_CHECKPOINT_LUA = _LUA_HELPERS + """
-for i = 1, #KEYS do
-  local cur = redis.call('GET', KEYS[i])
-  if (not cur) or older(cur, ARGV[1]) then redis.call('SET', KEYS[i], ARGV[1]) end
-end
-return #KEYS
-"""
+# The Lua scripts live in sinks/redis_lua/ (package data; each file's header describes its KEYS,
+# ARGV and reply). A script is its library files followed by its own body.
+_LUA_DIR = "redis_lua"
 
-# KEYS[1] = version hash, KEYS[2..] = record keys; ARGV[1] = 'HGETALL' (hash views) or 'GET'.
-# Returns {versions, records, errors}: the HMGET of the keys' version entries (nil for none), per
-# key the HGETALL list / GET string (nil for none), and {i1, err1, ..} for keys whose read failed
-# (WRONGTYPE; i = 1-based position among the record keys). Read only.
-_GET_LUA = """
-local versions = redis.call('HMGET', KEYS[1], unpack(KEYS, 2))
-local records, errors = {}, {}
-for i = 2, #KEYS do
-  local r = redis.pcall(ARGV[1], KEYS[i])
-  if type(r) == 'table' and r.err then
-    errors[#errors + 1] = i - 1
-    errors[#errors + 1] = r.err
-    r = false
-  end
-  records[i - 1] = r
-end
-return {versions, records, errors}
-"""
+
+def _lua(*names: str) -> str:
+    """The concatenated text of ``sinks/redis_lua/<name>.lua`` for each of ``names``."""
+    root = resources.files("sinks").joinpath(_LUA_DIR)
+    return "".join(root.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
+
+
+_APPLY_LUA = _lua("lib_helpers", "lib_apply", "apply")
+_SWEEP_LUA = _lua("lib_helpers", "sweep")
+_CHECKPOINT_LUA = _lua("lib_helpers", "checkpoint")
+_ADVANCE_LUA = _lua("lib_helpers", "lib_advance", "advance")
+_APPLY_ADVANCE_LUA = _lua("lib_helpers", "lib_apply", "lib_advance", "apply_advance")
+_GET_LUA = _lua("get")
 
 _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -255,48 +127,6 @@ _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAG
 def versions_key(view: str) -> str:
     """Name of the version hash of ``view``: ``pgderive:{view}:versions``."""
     return f"pgderive:{view}:versions"
-
-
-# KEYS = checkpoint keys; ARGV[1] = new LSN, ARGV[2] = the LSN each must already be at (16 hex).
-# Returns the 1-based indices of keys missing or below ARGV[2] (not written); raises the others.
-_ADVANCE_FN = """
--- advance(n, new, prev): raise checkpoint keys KEYS[1..n] from at least prev to new; returns
--- the indices of those missing or below prev (left untouched).
-local function advance(n, new, prev)
-  local lost = {}
-  for i = 1, n do
-    local cur = redis.call('GET', KEYS[i])
-    if (not cur) or older(cur, prev) then
-      lost[#lost + 1] = i
-    elseif older(cur, new) then
-      redis.call('SET', KEYS[i], new)
-    end
-  end
-  return lost
-end
-"""
-_ADVANCE_LUA = _LUA_HELPERS + _ADVANCE_FN + """
-return advance(#KEYS, ARGV[1], ARGV[2])
-"""
-
-
-# The Ops of one batch and the checkpoint advance in one call, so the checkpoint moves only if
-# every write before it succeeded (an error stops the script before the advance).
-# KEYS = checkpoint keys (ARGV[3] of them), then per view: its version hash and record keys.
-# ARGV[1], ARGV[2] = new and previous LSN as in _ADVANCE_LUA; ARGV[3] = number of checkpoint
-# keys, ARGV[4] = number of views n, ARGV[5..4+n] = record keys per view, then the Ops' arguments
-# as in _APPLY_LUA, view after view. Returns {{reply of _APPLY_LUA per view}, lost}.
-_APPLY_ADVANCE_LUA = _LUA_HELPERS + _APPLY_FN + _ADVANCE_FN + """
-local ncp, nviews = tonumber(ARGV[3]), tonumber(ARGV[4])
-local k, a = ncp + 1, 5 + nviews
-local replies = {}
-for v = 1, nviews do
-  local n = tonumber(ARGV[4 + v])
-  replies[v], a = apply(KEYS[k], k + 1, k + n, a)
-  k = k + 1 + n
-end
-return {replies, advance(ncp, ARGV[1], ARGV[2])}
-"""
 
 
 def checkpoint_key(view: str) -> str:
@@ -307,8 +137,10 @@ def checkpoint_key(view: str) -> str:
 def encode_field(value: Any) -> str | bytes | int:
     """Encode one non-None hash field value (see the module docstring for the rules)."""
     t = type(value)
+    same: str | bytes | int  # the value itself (``type(v) is`` tests do not narrow for mypy)
     if t is str or t is int:  # hiredis packs int as decimal
-        return value
+        same = value
+        return same
     if t is bool:
         return "true" if value else "false"
     if t is float:
@@ -316,7 +148,8 @@ def encode_field(value: Any) -> str | bytes | int:
     if t is dict or t is list:
         return orjson.dumps(value)
     if t is bytes:
-        return value
+        same = value
+        return same
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -536,7 +369,7 @@ class RedisSink:
         try:
             conn.send_command("PING")  # a live connection (reconnects a stale one)
             conn.read_response()
-            sock = conn._sock
+            sock = _socket(conn)
             for chunk in chunks:
                 if not chunk:
                     continue
@@ -621,7 +454,7 @@ class RedisSink:
         cursor = 0
         while True:
             with self._errors("scan"):
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                cursor, page = self._hscan(vkey, cursor)
                 keys = [k for k, v in page.items() if len(v) == _VERSION_LEN]
                 pipe = self._client.pipeline(transaction=False)
                 for k in keys:
@@ -633,7 +466,8 @@ class RedisSink:
             for k, raw in zip(keys, values):
                 if fmt == "hash":
                     if raw:  # a version entry whose key vanished (e.g. evicted) is not a record
-                        yield k.decode(), {f.decode(): v.decode() for f, v in raw.items()}
+                        fields: dict[bytes, bytes] = raw
+                        yield k.decode(), {f.decode(): v.decode() for f, v in fields.items()}
                 elif raw is not None:
                     yield k.decode(), orjson.loads(raw)
             if cursor == 0:
@@ -656,8 +490,8 @@ class RedisSink:
             return {}
         vkey = versions_key(view).encode()
         read = "HGETALL" if fmt == "hash" else "GET"
-        calls = [([vkey, *keys[i : i + self.batch_size]], [read])
-                 for i in range(0, len(keys), self.batch_size)]
+        calls: list[tuple[list[Any], list[Any]]] = [
+            ([vkey, *keys[i : i + self.batch_size]], [read]) for i in range(0, len(keys), self.batch_size)]
         with self._errors("get"):
             replies = self._run(self._get_script, calls)
         out: dict[str, tuple[dict[str, Any] | None, int | None]] = {}
@@ -689,7 +523,7 @@ class RedisSink:
         cursor = 0
         while True:
             with self._errors("scan_keys"):
-                cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+                cursor, page = self._hscan(vkey, cursor)
             for k, v in page.items():
                 if len(v) == _VERSION_LEN:
                     yield k.decode(), int(v, 16)
@@ -713,7 +547,8 @@ class RedisSink:
                     e = encode_field(v)
                     out[f] = e.decode() if isinstance(e, bytes) else str(e)
             return out
-        return orjson.loads(orjson.dumps(doc))
+        same: dict[str, Any] = orjson.loads(orjson.dumps(doc))
+        return same
 
     def count(self, view: str) -> int:
         """Number of live records of ``view`` (version entries that are not tombstones)."""
@@ -782,10 +617,16 @@ class RedisSink:
         redis-py exceptions: iterate it inside :meth:`_errors`."""
         cursor = 0
         while True:
-            cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+            cursor, page = self._hscan(vkey, cursor)
             yield page
             if cursor == 0:
                 return
+
+    def _hscan(self, vkey: bytes, cursor: int) -> tuple[int, dict[bytes, bytes]]:
+        """One HSCAN page of the version hash ``vkey``: ``(next cursor, {record key: entry})``
+        (bytes: the client does not decode replies). Raises redis-py exceptions."""
+        cursor, page = self._client.hscan(vkey, cursor, count=_SCAN_COUNT)
+        return cursor, cast("dict[bytes, bytes]", page)
 
     def _write(self, by_view: dict[str, list[Op]], rejected: list[Rejected]) -> None:
         """Apply full/delete/hash-partial Ops with the Lua compare-and-set (all calls in one
@@ -793,7 +634,7 @@ class RedisSink:
         self._apply_calls([c for view, vops in by_view.items() for c in self._encode(view, vops, rejected)],
                           rejected)
 
-    def _apply_calls(self, calls: list, rejected: list[Rejected]) -> None:
+    def _apply_calls(self, calls: list[_Call], rejected: list[Rejected]) -> None:
         """Run encoded apply calls (:meth:`_encode`) in one pipeline, then :meth:`_count`."""
         if not calls:
             return
@@ -801,7 +642,7 @@ class RedisSink:
             results = self._run(self._apply_script, [(keys, args) for keys, args, _ in calls])
         self._count(calls, results, rejected)
 
-    def _count(self, calls: list, results: list, rejected: list[Rejected]) -> None:
+    def _count(self, calls: list[_Call], results: list[Any], rejected: list[Rejected]) -> None:
         """Add the replies of apply calls to :attr:`stats`, append refused Ops to ``rejected``."""
         for (_, _, call_ops), (applied, skipped, missed, refused) in zip(calls, results):
             self.stats["applied"] += applied
@@ -858,16 +699,14 @@ class RedisSink:
                 except (TypeError, ValueError) as e:  # orjson errors subclass both
                     rejected.append(Rejected(op, f"partial update: {e}"))
                     continue
-                doc.update(op.doc)  # type: ignore[arg-type]
+                doc.update(op.doc or {})
                 ver, n = op.version, n + 1
             if doc is not None and n:
                 self.stats["applied"] += n - 1  # n partials become one write
                 out.append(Op(view, key, ver, doc))
         return out
 
-    def _encode(
-        self, view: str, ops: list[Op], rejected: list[Rejected]
-    ) -> Iterator[tuple[list[Any], list[Any], list[Op]]]:
+    def _encode(self, view: str, ops: list[Op], rejected: list[Rejected]) -> Iterator[_Call]:
         """Encode the Ops of one view into Lua calls ``(keys, argv, ops)`` of <= batch_size
         Ops (``ops[i]`` is ``keys[i + 1]``'s Op). Ops whose document cannot be encoded are
         appended to ``rejected`` instead. Partial Ops of a json view must be merged first."""
@@ -978,7 +817,8 @@ class _ErrorMap:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: type | None, e: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError) or not isinstance(e, rx.RedisError):
             return False
         if isinstance(e, (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError)):
@@ -986,3 +826,9 @@ class _ErrorMap:
         text = str(e)
         retryable = any(text.startswith(p) or f" {p} " in text for p in _RETRYABLE_REPLIES)
         raise SinkError(f"{self.prefix}: Redis error: {text}", retryable=retryable) from e
+
+
+if TYPE_CHECKING:
+    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad]:
+        """Never called: mypy checks here that RedisSink implements these protocols."""
+        return sink, sink, sink

@@ -21,7 +21,7 @@ import select
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import psycopg
 from psycopg import sql
@@ -30,7 +30,7 @@ from .changes import Transaction
 from .lsn import format_lsn, parse_lsn
 from .wal2json import Wal2JsonDecoder, plugin_options
 
-__all__ = ["SlotReader", "SlotInfo", "Keepalive", "ReplicationError", "slot_info"]
+__all__ = ["SlotReader", "SlotInfo", "Keepalive", "ReplicationError", "ChangeReader", "slot_info"]
 
 log = logging.getLogger("pgderive.slot")
 
@@ -87,6 +87,64 @@ def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:
         return parse_lsn(v) if v else None
 
     return SlotInfo(row[0], row[1], row[2], row[3], row[4], lsn(row[5]), lsn(row[6]), parse_lsn(row[7]))
+
+
+@runtime_checkable
+class ChangeReader(Protocol):
+    """What the runtime uses of a change stream: :class:`SlotReader` (a replication slot) and
+    :class:`cdc.testing.ListReader` (a list of wal2json messages, for tests).
+
+    Positions are int LSNs. Usage: :meth:`connect`, :meth:`start`, then :meth:`read` in a
+    loop, :meth:`confirm` what every sink acknowledged; :meth:`close` and :meth:`connect` again
+    after a :class:`ReplicationError`, then :meth:`start` resumes after :attr:`confirmed_lsn`
+    (transactions not confirmed are delivered again: at least once, ARCHITECTURE.md, rule 3).
+    """
+
+    confirmed_lsn: int
+    """The position confirmed to the source: every transaction ending at or before it is
+    applied by all sinks (the runtime may also set it after looking the slot up)."""
+    received_lsn: int
+    """The highest position the source reported having sent (message or keepalive)."""
+
+    @property
+    def connected(self) -> bool:
+        """True between :meth:`connect` and :meth:`close`."""
+        ...
+
+    @property
+    def at_transaction_boundary(self) -> bool:
+        """True when no transaction is half received (a keepalive's position may then be
+        confirmed)."""
+        ...
+
+    def connect(self) -> None:
+        """Open the stream's connection (forgetting a half-received transaction). Raises
+        :class:`psycopg.OperationalError` (a slot) when connecting fails."""
+        ...
+
+    def start(self, start_lsn: int = 0) -> None:
+        """Start streaming after ``start_lsn`` (0: after the confirmed position)."""
+        ...
+
+    def read(self, max_wait: float = 1.0, max_events: int = 10_000) -> Iterator[Transaction | Keepalive]:
+        """Yield committed transactions (or chunks of large ones, ``final=False``) and
+        keepalives in stream order: waits up to ``max_wait`` seconds for the first message,
+        returns once nothing more is at hand or after ``max_events`` messages. Raises
+        :class:`ReplicationError` when the stream ends or fails."""
+        ...
+
+    def confirm(self, lsn: int) -> None:
+        """Everything up to ``lsn`` is applied: raise :attr:`confirmed_lsn` (never lowers it)
+        and report it to the source."""
+        ...
+
+    def send_status(self, reply: bool = False) -> None:
+        """Report the confirmed position to the source now (a heartbeat)."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        ...
 
 
 class SlotReader:
@@ -185,6 +243,12 @@ class SlotReader:
         return self.conn
 
     # -- streaming ---------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """True while the replication connection is open (between :meth:`connect` and
+        :meth:`close`)."""
+        return self.conn is not None
+
     @property
     def at_transaction_boundary(self) -> bool:
         """True when no transaction is half received (safe to confirm a keepalive's walEnd)."""

@@ -1,79 +1,103 @@
-"""A batch of Ops between two flushes, collapsed per sink key.
+"""A lane's batch: the Ops for one sink between two hand-overs, collapsed per sink key.
 
-DESIGN.md rule 1: within a transaction only the last Op per sink key matters. Across the
-transactions of one batch the same holds, because the batch is acknowledged as a whole before
-the slot is confirmed, and later commits carry higher versions. Partial upserts (unchanged
-TOAST values omitted) are merged into what the batch already holds for the key.
+ARCHITECTURE.md, rule 1: within a transaction only the last Op per sink key matters. Across the
+transactions of one batch the same holds, because a lane acknowledges its batch as a whole
+before its position moves, and later commits carry higher versions. Partial upserts (unchanged
+TOAST values omitted, rule 6) are merged into what the batch already holds for the key.
+
+Besides Ops a batch carries what must be settled with them before its position counts as
+acknowledged: dead letters of its views (rule 5), TRUNCATEs (applied after its Ops, in stream
+order) and the commit timestamps of the transactions it covers (for the lag histograms).
 """
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
+
 from sinks.base import Op
 
-__all__ = ["Batch"]
+from ..state.deadletters import DeadLetter
+
+__all__ = ["Batch", "LagToken"]
 
 
+class LagToken:
+    """One transaction that produced Ops for several lanes: the last lane to acknowledge it
+    records the transaction's end-to-end lag (commit → every sink acknowledged).
+
+    Args:
+        commit_time: the transaction's commit timestamp (Unix seconds, from wal2json).
+        lanes: how many lanes must acknowledge it.
+    """
+
+    __slots__ = ("commit_time", "_left", "_lock")
+
+    def __init__(self, commit_time: float, lanes: int) -> None:
+        self.commit_time = commit_time
+        self._left = lanes
+        self._lock = threading.Lock()
+
+    def acknowledge(self) -> bool:
+        """Count one lane's acknowledgement; True for the last one."""
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
+
+
+@dataclass(slots=True)
 class Batch:
-    """Pending Ops per sink, plus the end LSN of the last transaction they cover."""
+    """Pending work of one lane (one sink).
 
-    def __init__(self, end_lsn: int = 0) -> None:
-        self.ops: dict[str, dict[tuple[str, str], Op]] = {}
-        self._count = 0  # Ops in ``ops`` (len() is asked once per transaction)
-        self.end_lsn = end_lsn  # end LSN of the last COMPLETE transaction covered (confirmable)
-        self.transactions = 0  # complete transactions
-        self.open_chunks = 0  # leading chunks of a large transaction not yet committed here
-        self.changes = 0
-        self.nbytes = 0  # wal2json bytes of the changes read into it (a memory estimate)
-        self.commit_times: list[float] = []  # commit timestamps (Unix s) of its transactions
-        self.dead_letters: list = []  # pgderive.state.deadletters.DeadLetter for rows views could not derive
-        # Query-derived views (views.include): what the batch touched, resolved into Ops by the
-        # engine before the batch is applied.
-        self.affected: dict[str, set] = {}  # view → root identity tuples
-        self.links: dict[str, dict[int, tuple]] = {}  # view → id(node) → (IncludeNode, link values)
-        self.rederive_all: set[str] = set()  # views whose every record must be read again
-        self.affected_version: dict[str, int] = {}  # view → version for those records
-        self.xids: set[int] = set()  # transactions whose effects those reads must see
-        self.resolved_bytes = 0  # size of the re-derived records added so far (JSON bytes)
+    Attributes:
+        ops: (view, sink key) → the last Op for it.
+        end_lsn: end LSN (int) of the last COMPLETE transaction whose Ops for this sink are all
+            in the batch (or were handed over before): acknowledging the batch makes the lane
+            complete up to it. 0: nothing confirmable (the Ops of an unfinished transaction).
+        nbytes: a memory estimate: wal2json bytes of the transactions that added Ops here, plus
+            the JSON size of re-derived include/aggregate records.
+        dead_letters: rows this lane's views could not derive (recorded before the ack).
+        truncates: ``(view, version)`` TRUNCATEs to apply after ``ops``, in order.
+        commit_times: commit timestamps (Unix s) of transactions that touched only this lane.
+        shared: transactions that touched this lane and others.
+    """
 
-    @property
-    def pending(self) -> bool:
-        """True when the batch has something to apply (complete transactions or chunks)."""
-        return bool(self.transactions or self.open_chunks or self.ops or self.dead_letters
-                    or self.affected or self.links or self.rederive_all)
+    end_lsn: int = 0
+    ops: dict[tuple[str, str], Op] = field(default_factory=dict)
+    nbytes: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    truncates: list[tuple[str, int]] = field(default_factory=list)
+    commit_times: list[float] = field(default_factory=list)
+    shared: list[LagToken] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return self._count
+        return len(self.ops)
 
-    def add(self, sink: str, op: Op) -> None:
-        """Add ``op`` for ``sink``, collapsing it with an earlier Op on the same key."""
-        per_sink = self.ops.get(sink)
-        if per_sink is None:
-            per_sink = self.ops[sink] = {}
+    @property
+    def has_data(self) -> bool:
+        """True when the batch has something for the sink besides a new position."""
+        return bool(self.ops or self.dead_letters or self.truncates)
+
+    def add(self, op: Op) -> None:
+        """Add ``op``, collapsing it with an earlier Op on the same key."""
         k = (op.view, op.key)
-        prev = per_sink.get(k)
-        if prev is None:
-            self._count += 1
-        elif op.partial and prev.doc is not None:
+        prev = self.ops.get(k)
+        if prev is not None and op.partial and prev.doc is not None and op.doc is not None:
             # A partial update on top of a pending upsert: merge the fields it carries.
             op = Op(op.view, op.key, op.version, {**prev.doc, **op.doc}, partial=prev.partial)
-        per_sink[k] = op
+        self.ops[k] = op
 
-    def drop_view(self, sink: str, view: str) -> None:
+    def drop_view(self, view: str) -> None:
         """Forget pending Ops of ``view`` (superseded by a TRUNCATE later in the stream)."""
-        per_sink = self.ops.get(sink)
-        if per_sink:
-            for k in [k for k in per_sink if k[0] == view]:
-                del per_sink[k]
-                self._count -= 1
+        for k in [k for k in self.ops if k[0] == view]:
+            del self.ops[k]
 
     def take_ops(self) -> Batch:
-        """A batch (end LSN 0: applying it advances no checkpoint) holding this batch's pending
-        Ops, which this batch forgets."""
-        part = Batch(end_lsn=0)
-        part.ops, part._count = self.ops, self._count
-        self.ops, self._count = {}, 0
+        """A batch with no position (applying it advances no checkpoint) holding this batch's
+        Ops and dead letters, which this batch forgets."""
+        part = Batch(end_lsn=0, ops=self.ops, dead_letters=self.dead_letters)
+        self.ops, self.dead_letters, self.nbytes = {}, [], 0
         return part
 
-    def clear_ops(self) -> None:
-        """Forget the pending Ops (applied elsewhere)."""
-        self.ops = {}
-        self._count = 0
+    def successor(self) -> Batch:
+        """An empty batch at this batch's position (what the reader fills next)."""
+        return Batch(end_lsn=self.end_lsn)

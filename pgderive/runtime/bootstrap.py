@@ -26,7 +26,7 @@ from views.derive import DerivationError, View
 
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter
-from .lanes import with_retry
+from .retry import with_retry
 from .wire import load_wire, wire_query
 
 __all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotStats", "Interrupted"]

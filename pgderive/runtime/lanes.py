@@ -1,91 +1,50 @@
-"""Applying batches to the sinks off the reading thread.
+"""Sink lanes: each sink applies its own batches on its own thread, so a slow sink only holds
+back its own views (ARCHITECTURE.md, "Lanes").
 
-The engine's thread reads the slot and derives Ops while the flusher applies the previous
-batch: under load each batch naturally grows to what arrived during one flush (no timer, no
-added latency when idle), and Redis and OpenSearch are written in parallel, one thread per
-sink. Only one batch is in flight at a time, and the engine stops reading once its next batch
-is full (backpressure: memory stays bounded by two batches; a batch is full at 20,000 Ops or
-8 MB of wal2json input, see :class:`pgderive.runtime.coordinator.Engine`).
+The reading thread derives Ops and files them into one :class:`~pgderive.runtime.batch.Batch`
+per lane; a lane that is idle takes its batch, applies it, records its dead letters, advances
+its views' checkpoints and applies its TRUNCATEs, in stream order, then reports its position
+(:attr:`Lane.acked_lsn`: every transaction ending at or before it is acknowledged by this
+sink). The slot is confirmed at the minimum position over all lanes (rule 3, "flush last").
 
-A retryable :class:`~sinks.base.SinkError` is retried with capped backoff inside the flusher;
-anything else is kept in :attr:`Flusher.error` for the engine thread to raise.
+Under load each lane's batch grows to what arrived during its previous apply (no timer, no
+added latency when idle). At most one batch is in flight per lane and the reader stops reading
+while a busy lane's next batch is full (backpressure: memory stays bounded by two batches per
+lane), so a sink that falls behind by more than a batch holds the stream back, and Postgres
+retains WAL meanwhile (``pgderive status`` shows it).
+
+A retryable :class:`~sinks.base.SinkError` is retried with capped backoff inside the lane;
+anything else is kept in :attr:`Lane.error` for the reading thread to raise.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Collection, Mapping, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
-from sinks.base import Sink, SinkError
+from sinks.base import AtomicCheckpoint, Op, Rejected, Sink, SinkError
 
+from ..state.deadletters import DeadLetter
 from .batch import Batch
+from .checkpoints import SinkDataLoss, advance_checkpoints
+from .retry import one_line, with_retry
+from .stats import LaneStats, Stats
 
-__all__ = ["Flusher", "apply_with_retry", "with_retry", "Backoff", "SaturationMonitor", "SinkDataLoss"]
+__all__ = ["Lane", "Lanes", "SaturationMonitor"]
 
-
-class SinkDataLoss(RuntimeError):
-    """A sink no longer holds what it acknowledged (e.g. Redis restarted without its data):
-    the per-view checkpoint is missing or behind. ``views`` need a rebuild."""
-
-    def __init__(self, sink: str, views: list[str], detail: str) -> None:
-        super().__init__(f"sink {sink} lost data of view(s) {', '.join(views)}: {detail}")
-        self.sink, self.views = sink, views
-
-    @classmethod
-    def behind(cls, sink: str, views: list[str], acked: int) -> "SinkDataLoss":
-        """The checkpoints of ``views`` were missing or behind ``acked`` (int LSN)."""
-        return cls(sink, views, f"checkpoint missing or behind the acknowledged position {acked:#x}")
-
-
-log = logging.getLogger("pgderive.flusher")
+log = logging.getLogger("pgderive.lanes")
 T = TypeVar("T")
 
-
-class Backoff:
-    """Capped exponential backoff: 0.5 s, 1 s, 2 s … up to ``cap`` seconds."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
-        self.first, self.cap, self.delay = first, cap, first
-
-    def next(self) -> float:
-        d = self.delay
-        self.delay = min(self.cap, self.delay * 2)
-        return d
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-
-def with_retry(what: str, fn: Callable[[], T], stop: threading.Event) -> T:
-    """``fn()``, retrying retryable :class:`SinkError` with capped backoff until ``stop``.
-
-    Raises the :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
-    """
-    backoff = Backoff()
-    while True:
-        try:
-            return fn()
-        except SinkError as e:
-            if not e.retryable or stop.is_set():
-                raise
-            delay = backoff.next()
-            log.warning("%s failed (%s); retrying in %.1f s", what, " ".join(str(e).split())[:300], delay)
-            stop.wait(delay)
-
-
-def apply_with_retry(sink: Sink, ops: list, stop: threading.Event) -> list:
-    """``sink.apply(ops)`` with :func:`with_retry`; returns the sink's rejected Ops
-    (``list[sinks.base.Rejected]``: data it refused, e.g. a document OpenSearch cannot map)."""
-    return list(with_retry(f"sink {sink.name}", lambda: sink.apply(ops) or [], stop))
+#: ``record(dead letters, rejected Ops)``: stores them (``pgderive.dead_letters``) before the
+#: batch that carried them is acknowledged. Called from lane threads.
+DeadLetterSink = Callable[[Sequence[DeadLetter], Sequence[Rejected]], None]
 
 
 class SaturationMonitor:
-    """Notices sinks that hold the stream back: the flusher busy (applying, retrying,
-    checkpointing) for at least ``threshold`` of a window of at least ``window`` seconds, while
-    the reading thread waits for it. Logs a warning naming the sink that took longest, at most
-    every ``every`` seconds. Called from the flusher thread only."""
+    """Notices a sink that cannot keep up: its lane busy (applying, retrying, checkpointing) for
+    at least ``threshold`` of a window of at least ``window`` seconds. Logs a warning naming the
+    sink, at most every ``every`` seconds. Called from one lane's thread only."""
 
     def __init__(self, window: float = 10.0, threshold: float = 0.9, every: float = 60.0) -> None:
         self.window, self.threshold, self.every = window, threshold, every
@@ -112,54 +71,70 @@ class SaturationMonitor:
         if busy / span >= self.threshold and ended - self._logged >= self.every and per_sink:
             self._logged = ended
             slowest = max(per_sink, key=per_sink.__getitem__)
-            log.warning("sink %s is the bottleneck: the sinks were busy %.0f%% of the last %.0f s "
-                        "(%d ops, %.0f ops/s; %s spent %.1f s applying); the slot is read only as fast "
-                        "as they acknowledge (backpressure; Postgres retains WAL meanwhile)",
+            log.warning("sink %s is the bottleneck: its lane was busy %.0f%% of the last %.0f s "
+                        "(%d ops, %.0f ops/s; %s spent %.1f s applying); its views lag, and once its "
+                        "next batch is full the slot is read only as fast as it acknowledges "
+                        "(backpressure; Postgres retains WAL meanwhile)",
                         slowest, 100 * busy / span, span, n, n / span, slowest, per_sink[slowest])
 
 
-class Flusher:
-    """Applies one :class:`Batch` at a time on a background thread.
+class Lane:
+    """Applies one sink's batches, one at a time, on a thread of its own.
 
     Args:
-        sinks: sink name → sink.
+        sink: the sink.
+        views: names of the views this sink serves (their checkpoints move with the lane).
         stop: shared stop event; retries give up when it is set.
-        on_applied: called on the flusher thread with each batch once every sink acknowledged.
+        acked_lsn: the position (int LSN) already acknowledged (the slot's confirmed LSN).
+        record: stores a batch's dead letters and rejected Ops before it counts as acknowledged.
+        stats: the run's counters (this lane's :class:`~pgderive.runtime.stats.LaneStats` and
+            the end-to-end lag).
+        changed: notified whenever a lane becomes idle (shared by all lanes of a daemon).
     """
 
-    def __init__(self, sinks: Mapping[str, Sink], stop: threading.Event,
-                 on_applied: Callable[[Batch], None],
-                 on_rejected: Callable[[Batch, list], None] | None = None,
-                 views_by_sink: Mapping[str, list[str]] | None = None,
-                 acked_lsn: int = 0) -> None:
-        self.sinks = sinks
+    def __init__(self, sink: Sink, views: Sequence[str], stop: threading.Event, *, acked_lsn: int = 0,
+                 record: DeadLetterSink | None = None, stats: Stats | None = None,
+                 changed: threading.Condition | None = None) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.views = list(views)
         self.stop = stop
-        self.on_applied = on_applied
-        self.on_rejected = on_rejected
-        # Checkpoints: after each batch every view of a sink is complete up to the batch's end
-        # LSN; advancing them also catches a sink that lost data behind our back (SinkDataLoss
-        # through ``error``).
-        self.views_by_sink = dict(views_by_sink or {})
-        self.acked_lsn = acked_lsn  # end LSN of the last batch every sink acknowledged
+        self.acked_lsn = acked_lsn
+        self.record = record
+        self.stats = stats or Stats()
+        self.lane_stats: LaneStats = self.stats.lane(self.name)
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-sink")
-        self._cond = threading.Condition()
+        self._atomic = isinstance(sink, AtomicCheckpoint)
+        self.apply_s = 0.0  # moving average of a batch's apply time (seconds)
+        self._cond = changed or threading.Condition()
         self._batch: Batch | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="pgderive-flusher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"pgderive-lane-{self.name}", daemon=True)
         self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"Lane({self.name!r}, acked={self.acked_lsn:#x}, idle={self.idle})"
 
     @property
     def idle(self) -> bool:
         """True when no batch is in flight."""
         return self._batch is None
 
+    @property
+    def fast(self) -> bool:
+        """True when the sink usually acknowledges a batch within 2 ms (a local Redis): its
+        small batches may be applied on the reading thread (:meth:`apply_direct`) without
+        holding the other lanes back noticeably."""
+        return self.apply_s < 0.002
+
     def submit(self, batch: Batch) -> None:
-        """Hand ``batch`` over; the caller must not touch it afterwards. Requires :attr:`idle`."""
+        """Hand ``batch`` to the lane's thread; the caller must not touch it afterwards.
+
+        Raises ``RuntimeError`` unless :attr:`idle`."""
         with self._cond:
             if self._batch is not None:
-                raise RuntimeError("a batch is already in flight")
+                raise RuntimeError(f"lane {self.name}: a batch is already in flight")
             self._batch = batch
             self._cond.notify_all()
 
@@ -170,16 +145,41 @@ class Flusher:
             return self._batch is None
 
     def apply_now(self, batch: Batch) -> None:
-        """Apply ``batch`` synchronously on the calling thread (the flusher must be idle)."""
-        self._apply(batch)
+        """Apply ``batch`` on the calling thread, retrying until it is acknowledged (the lane
+        must be idle). Raises what :attr:`error` would hold."""
+        self._apply(batch, retry=True)
+
+    def apply_direct(self, batch: Batch) -> bool:
+        """Apply ``batch`` on the calling thread with a single attempt (the lane must be idle):
+        True once acknowledged; False after a retryable :class:`SinkError` (logged: then
+        :meth:`submit` it, applying it again is harmless). Saves two thread wake-ups for the
+        small batches of a lightly loaded stream. Raises what :attr:`error` would hold."""
+        try:
+            self._apply(batch, retry=False)
+        except SinkError as e:
+            if not e.retryable:
+                raise
+            log.warning("sink %s: direct apply failed (%s); retrying on its lane", self.name, one_line(e))
+            return False
+        return True
+
+    def checkpoint(self, lsn: int, retry: bool = True) -> None:
+        """Record in the sink that every view of the lane is complete up to ``lsn`` (int LSN)
+        and make it the lane's position. See :func:`~pgderive.runtime.checkpoints.advance_checkpoints`
+        for the data-loss check (raises :class:`SinkDataLoss`) and ``retry``."""
+        if lsn <= self.acked_lsn:
+            return
+        advance_checkpoints(self.sink, self.views, self.acked_lsn, lsn, self.stop, retry=retry)
+        self.acked_lsn = lsn
 
     def close(self) -> None:
+        """Stop the lane's thread (after the batch in flight, if any)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- the lane's thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -189,95 +189,102 @@ class Flusher:
                 batch = self._batch
             try:
                 if self.error is None:
-                    self._apply(batch)
-                    self.acked_lsn = max(self.acked_lsn, batch.end_lsn)
-                    self.on_applied(batch)
-            except BaseException as e:  # handed to the engine thread
+                    self._apply(batch, retry=True)
+            except BaseException as e:  # handed to the reading thread
                 self.error = e
             with self._cond:
                 self._batch = None
                 self._cond.notify_all()
 
-    def apply_direct(self, batch: Batch) -> bool:
-        """Apply ``batch`` on the calling thread (the flusher must be idle), as the flusher
-        thread would but with a single attempt: returns True once every sink acknowledged it
-        (:attr:`acked_lsn` advanced, ``on_applied`` called), False after a retryable
-        :class:`SinkError` (logged; :meth:`submit` the batch then: applying it again is
-        harmless). Raises what :attr:`error` would hold."""
-        try:
-            self._apply(batch, retry=False)
-        except SinkError as e:
-            if not e.retryable:
-                raise
-            log.warning("direct apply failed (%s); retrying on the flusher thread", " ".join(str(e).split())[:300])
-            return False
-        self.acked_lsn = max(self.acked_lsn, batch.end_lsn)
-        self.on_applied(batch)
-        return True
+    def _call(self, what: str, fn: Callable[[], T], retry: bool) -> T:
+        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop) if retry else fn()
 
-    def _apply(self, batch: Batch, retry: bool = True) -> None:
-        """Apply every sink's Ops (in parallel), then hand rejects and the batch's dead
-        letters to ``on_rejected`` — all before the batch counts as acknowledged."""
+    def _apply(self, batch: Batch, retry: bool) -> None:
+        """Apply the Ops, record dead letters, advance the checkpoints, apply the TRUNCATEs,
+        then move :attr:`acked_lsn` and count the batch."""
         started = time.monotonic()
-        took: dict[str, float] = {}
+        sink, views = self.sink, self.views
         lsn = batch.end_lsn if batch.end_lsn > self.acked_lsn else 0  # 0: no checkpoint to advance
-        names = [name for name, ops in batch.ops.items() if ops]
-        if lsn:  # sinks that advance their checkpoints with their Ops: also those without Ops
-            names += [name for name, views in self.views_by_sink.items() if views and name not in names
-                      and hasattr(self.sinks[name], "apply_and_advance")]
-        work = [(self.sinks[name], list(batch.ops.get(name, {}).values())) for name in names]
-        advanced: set[str] = set()
-        rejected: list = []
-        if len(work) == 1:
-            rejected = self._apply_sink(*work[0], lsn, took, advanced, retry)
-        elif work:
-            futures = [self._pool.submit(self._apply_sink, s, ops, lsn, took, advanced, retry) for s, ops in work]
-            for f in futures:
-                rejected.extend(f.result())
-        if (rejected or batch.dead_letters) and self.on_rejected is not None:
-            self.on_rejected(batch, rejected)
-        if lsn:
-            self.checkpoint(lsn, retry=retry, skip=advanced)
-        self.saturation.record(started, time.monotonic(), len(batch), took)
-        time.sleep(0)  # let the reading thread run between batches
-
-    def _apply_sink(self, sink: Sink, ops: list, lsn: int, took: dict[str, float], advanced: set[str],
-                    retry: bool = True) -> list:
-        """Apply ``ops`` to ``sink`` with retries; returns its rejected Ops. With ``lsn`` (int LSN,
-        0 = none) and a sink that has ``apply_and_advance`` (one round trip for both, the
-        checkpoint moving only if every Op was applied), also advances its views' checkpoints
-        to ``lsn`` and adds the sink's name to ``advanced``. Raises like :meth:`checkpoint`."""
-        started = time.monotonic()
-        try:
-            views = self.views_by_sink.get(sink.name)
-            both = getattr(sink, "apply_and_advance", None)
-            if not (lsn and views and both is not None):
-                return apply_with_retry(sink, ops, self.stop) if retry else list(sink.apply(ops) or [])
+        ops: list[Op] = list(batch.ops.values())
+        rejected: list[Rejected] = []
+        advanced = False
+        if lsn and views and self._atomic:
+            # One round trip for the Ops and the checkpoints, which move only if every Op landed.
+            assert isinstance(sink, AtomicCheckpoint)
             previous = self.acked_lsn
-            call = lambda: both(ops, views, previous, lsn)  # noqa: E731
-            rejected, lost = with_retry(f"sink {sink.name}", call, self.stop) if retry else call()
+            rejected, lost = self._call("", lambda: sink.apply_and_advance(ops, views, previous, lsn), retry)
             if lost:
-                raise SinkDataLoss.behind(sink.name, lost, previous)
-            advanced.add(sink.name)
-            return list(rejected)
-        finally:
-            took[sink.name] = time.monotonic() - started
+                raise SinkDataLoss.behind(self.name, lost, previous)
+            advanced = True
+        elif ops:
+            rejected = self._call("", lambda: sink.apply(ops), retry)
+        if (rejected or batch.dead_letters) and self.record is not None:
+            self.record(batch.dead_letters, rejected)
+        if lsn and not advanced and views:
+            advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry)
+        for view, version in batch.truncates:
+            self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
+        if lsn:
+            self.acked_lsn = lsn
+        ended = time.monotonic()
+        self.apply_s += 0.2 * ((ended - started) - self.apply_s)
+        self.stats.acknowledged(self.lane_stats, batch, ended - started)
+        self.saturation.record(started, ended, len(ops), {self.name: ended - started})
 
-    def checkpoint(self, lsn: int, retry: bool = True, skip: Collection[str] = ()) -> None:
-        """Record in every sink that all its views are complete up to ``lsn`` (int LSN).
 
-        Each checkpoint must still be at :attr:`acked_lsn` or later: if one is missing or
-        behind, the sink lost data it had acknowledged and :class:`SinkDataLoss` is raised.
-        With ``retry``, a retryable :class:`SinkError` (a sink down or hung) is retried with
-        backoff until :attr:`stop`, like the batch itself (moving a checkpoint to ``lsn`` twice is
-        harmless); without it the first :class:`SinkError` is raised. Sinks named in ``skip``
-        are left alone (their checkpoints already moved with the batch's Ops).
-        """
-        for name, views in self.views_by_sink.items():
-            if not views or name in skip:
-                continue
-            sink = self.sinks[name]
-            advance = lambda: sink.advance_checkpoint(views, self.acked_lsn, lsn)  # noqa: E731
-            lost = with_retry(f"sink {name} checkpoint", advance, self.stop) if retry else advance()
-            if lost:
-                raise SinkDataLoss.behind(name, lost, self.acked_lsn)
+class Lanes:
+    """The lanes of one daemon, one per sink.
+
+    Args:
+        sinks: sink name → sink.
+        views_by_sink: sink name → names of its views.
+        stop: shared stop event.
+        acked_lsn: the slot's confirmed position (every lane starts there).
+        record: see :class:`Lane`.
+        stats: the run's counters.
+    """
+
+    def __init__(self, sinks: Mapping[str, Sink], views_by_sink: Mapping[str, Sequence[str]],
+                 stop: threading.Event, *, acked_lsn: int = 0, record: DeadLetterSink | None = None,
+                 stats: Stats | None = None) -> None:
+        self.changed = threading.Condition()
+        self.by_name: dict[str, Lane] = {
+            name: Lane(sink, views_by_sink.get(name, ()), stop, acked_lsn=acked_lsn, record=record,
+                       stats=stats, changed=self.changed)
+            for name, sink in sinks.items()}
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.by_name.values())
+
+    def __getitem__(self, name: str) -> Lane:
+        return self.by_name[name]
+
+    @property
+    def acked_lsn(self) -> int:
+        """The position every lane acknowledged (int LSN): what the slot may be confirmed at."""
+        return min((lane.acked_lsn for lane in self.by_name.values()), default=0)
+
+    @property
+    def idle(self) -> bool:
+        """True when no lane has a batch in flight."""
+        return all(lane.idle for lane in self.by_name.values())
+
+    def raise_error(self) -> None:
+        """Raise the first error a lane's thread hit, if any."""
+        for lane in self.by_name.values():
+            if lane.error is not None:
+                raise lane.error
+
+    def wait_change(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a lane to finish its batch."""
+        with self.changed:
+            self.changed.wait(timeout)
+
+    def wait_idle(self) -> None:
+        """Wait until every lane finished its batch in flight."""
+        for lane in self.by_name.values():
+            lane.wait_idle()
+
+    def close(self) -> None:
+        for lane in self.by_name.values():
+            lane.close()

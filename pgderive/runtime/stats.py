@@ -1,14 +1,18 @@
-"""Counters of a run and the commit → acknowledged lag histogram (``--stats-file``)."""
+"""Counters of a run, per lane and in all, and the commit → acknowledged lag histograms
+(the ``--stats-file`` summary)."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from cdc.lsn import format_lsn
 
-__all__ = ["LagHistogram", "Stats"]
+from .batch import Batch
+
+__all__ = ["LagHistogram", "LaneStats", "Stats"]
 
 
 class LagHistogram:
@@ -48,8 +52,34 @@ class LagHistogram:
 
 
 @dataclass
+class LaneStats:
+    """Counters of one lane (one sink): Ops and batches acknowledged, seconds spent applying,
+    and commit → acknowledged-by-this-sink latencies of the transactions that touched it."""
+
+    ops: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+    acked_lsn: int = 0
+    lag_ms: LagHistogram = field(default_factory=LagHistogram)
+
+    def summary(self) -> dict[str, Any]:
+        return {"ops": self.ops, "batches": self.batches, "busy_s": round(self.busy_s, 2),
+                "acked_lsn": format_lsn(self.acked_lsn), "lag_ms": _lag_summary(self.lag_ms)}
+
+
+def _lag_summary(lag: LagHistogram) -> dict[str, Any]:
+    def pct(p: float) -> float | None:
+        v = lag.percentile(p)
+        return None if v is None else round(v, 2)
+    return {"p50": pct(0.5), "p99": pct(0.99),
+            "max": None if lag.max_ms is None else round(lag.max_ms, 2), "samples": lag.samples}
+
+
+@dataclass
 class Stats:
-    """Counters of a run; ``lag_ms`` holds commit → sink-acknowledged latencies (ms)."""
+    """Counters of a run. ``lag_ms`` holds commit → acknowledged-by-every-sink-it-touched
+    latencies (ms), one per transaction that produced Ops; ``lanes`` the per-sink counters.
+    Lanes report from their own threads (:meth:`acknowledged`)."""
 
     transactions: int = 0
     changes: int = 0
@@ -58,18 +88,42 @@ class Stats:
     confirmed_lsn: int = 0
     refetched_rows: int = 0
     lag_ms: LagHistogram = field(default_factory=LagHistogram)
+    lanes: dict[str, LaneStats] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     snapshot: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def lane(self, name: str) -> LaneStats:
+        """The counters of lane ``name`` (created on first use)."""
+        with self._lock:
+            return self.lanes.setdefault(name, LaneStats())
+
+    def acknowledged(self, lane: LaneStats, batch: Batch, seconds: float) -> None:
+        """A lane acknowledged ``batch`` after applying it for ``seconds``: count it and record
+        the lag of its transactions (end-to-end for those no other lane still holds)."""
+        now = time.time()
+        own = [(now - t) * 1000.0 for t in batch.commit_times]
+        last = [(now - tok.commit_time) * 1000.0 for tok in batch.shared if tok.acknowledge()]
+        lane.ops += len(batch)
+        lane.batches += 1
+        lane.busy_s += seconds
+        lane.acked_lsn = max(lane.acked_lsn, batch.end_lsn)
+        if batch.shared:
+            own += [(now - tok.commit_time) * 1000.0 for tok in batch.shared]
+        lane.lag_ms.add(own)
+        with self._lock:
+            self.ops += len(batch)
+            self.flushes += 1
+            self.lag_ms.add([(now - t) * 1000.0 for t in batch.commit_times])
+            self.lag_ms.add(last)
 
     def summary(self) -> dict[str, Any]:
-        lag = self.lag_ms
-        pct = lambda p: None if lag.samples == 0 else round(lag.percentile(p), 2)  # noqa: E731
-        elapsed = time.time() - self.started
+        """The JSON summary written to ``--stats-file``."""
+        with self._lock:
+            lanes = {name: lane.summary() for name, lane in sorted(self.lanes.items())}
+            lag = _lag_summary(self.lag_ms)
         return {"transactions": self.transactions, "changes": self.changes, "ops": self.ops,
                 "flushes": self.flushes, "confirmed_lsn": format_lsn(self.confirmed_lsn),
                 "refetched_rows": self.refetched_rows,
-                "elapsed_s": round(elapsed, 1),
-                "lag_ms": {"p50": pct(0.5), "p99": pct(0.99),
-                           "max": None if lag.max_ms is None else round(lag.max_ms, 2),
-                           "samples": lag.samples},
-                "snapshot": self.snapshot}
+                "elapsed_s": round(time.time() - self.started, 1),
+                "lag_ms": lag, "sinks": lanes, "snapshot": self.snapshot}

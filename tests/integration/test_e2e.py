@@ -12,10 +12,13 @@ import psycopg
 import pytest
 import redis
 
+from cdc.changes import Transaction
 from cdc.slot import SlotReader
-from pgderive.runtime.batch import Batch
-from pgderive.runtime.coordinator import Engine
-from pgderive.runtime.lanes import Flusher
+from pgderive.runtime.sinks import open_sinks
+from pgderive.runtime.lanes import Lanes
+from pgderive.runtime.stats import Stats
+from pgderive.runtime.stream import Stream, row_refetcher
+from views.check import build_views
 from views.spec import load_spec
 
 from ..support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
@@ -223,31 +226,29 @@ def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):
 
     # Re-apply the suffix after replay_slot's start through the engine's own derivation path.
     spec = load_spec(env.config)
-    engine = Engine(spec)
     with psycopg.connect(env.dsn, autocommit=True) as conn:
-        from pgderive.runtime.sinks import open_sinks
-        from views.check import build_views
-        engine.views = build_views(spec, conn)
-    engine.by_table = {"public.items": engine.views}
-    engine.sinks = open_sinks(spec, engine.views)
+        views = build_views(spec, conn)
+    sinks = open_sinks(spec, views)
     reader = SlotReader(env.dsn, replay_slot, tables=["public.items"])
     reader.connect()
     reader.start(0)
-    flusher = Flusher(engine.sinks, threading.Event(), lambda b: None)
+    lanes = Lanes(sinks, {}, threading.Event())  # no views: replaying moves no checkpoint
+    refetcher = row_refetcher(env.dsn, views)
+    stream = Stream(views, lanes, stats=Stats(), stop=threading.Event(), refetcher=refetcher)
     target = current_lsn(env.dsn)
-    batch, seen = Batch(), 0
+    seen = 0
     deadline = time.monotonic() + 60
     while reader.received_lsn < target and time.monotonic() < deadline:
         for ev in reader.read(max_wait=1.0):
-            if hasattr(ev, "changes"):
-                engine._add_transaction(batch, ev)
+            if isinstance(ev, Transaction):
+                stream.add_transaction(ev)
                 seen += 1
-        flusher.apply_now(batch)
-        batch = Batch()
+        stream.drain()
     reader.close()
-    flusher.close()
+    lanes.close()
+    refetcher.close()
     env.sql("SELECT pg_drop_replication_slot(%s)", (replay_slot,))
-    for s in engine.sinks.values():
+    for s in sinks.values():
         s.close()
     assert reader.received_lsn >= target and seen > 1000
     after = diffs(env.config)

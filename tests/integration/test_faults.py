@@ -163,27 +163,25 @@ def test_checkpoint_waits_out_a_hung_opensearch(opensearch_hosts, caplog):
     this way: the batch landed just before OpenSearch hung, then its checkpoint timed out)."""
     from sinks.base import ViewTarget
     from sinks.opensearch import OpenSearchSink
-    from pgderive.runtime.lanes import Flusher
+    from pgderive.runtime.checkpoints import advance_checkpoints
 
     sink = OpenSearchSink("search", opensearch_hosts, timeout=1.0)
     view = f"t_cp_{os.getpid()}_{int(time.time())}"
     sink.register(ViewTarget(view, index=f"pgd-test-cp-{os.getpid()}-{int(time.time())}"))
     try:
         sink.write_checkpoint([view], 0x10)
-        flusher = Flusher({"search": sink}, threading.Event(), on_applied=lambda b: None,
-                          views_by_sink={"search": [view]}, acked_lsn=0x10)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                flusher.checkpoint(0x20)
+                advance_checkpoints(sink, [view], 0x10, 0x20, threading.Event())
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
         pid = _opensearch_pid()
         os.kill(pid, signal.SIGSTOP)
         t = threading.Thread(target=run)
         try:
-            with caplog.at_level("WARNING", logger="pgderive.flusher"):
+            with caplog.at_level("WARNING", logger="pgderive.lanes"):
                 t.start()
                 time.sleep(3.5)  # > 2 client timeouts of 1 s
                 assert t.is_alive() and not errors, errors

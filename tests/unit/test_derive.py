@@ -60,14 +60,14 @@ def test_key_outside_replica_identity_is_refused():
 def test_batch_collapses_per_key_and_merges_partials(view: View):
     b = Batch()
     for op in view.change_ops(Change("insert", "public.t", new={"id": 1, "name": "a", "big": "x"}), 10):
-        b.add("cache", op)
+        b.add(op)
     for op in view.change_ops(Change("update", "public.t", new={"id": 1, "name": "b"}), 20):
-        b.add("cache", op)
-    [op] = b.ops["cache"].values()
+        b.add(op)
+    [op] = b.ops.values()
     assert not op.partial and op.version == 20 and op.doc == {"ident": 1, "label": "b", "body": "x"}
     for op in view.change_ops(Change("delete", "public.t", old_key={"id": 1}), 30):
-        b.add("cache", op)
-    [op] = b.ops["cache"].values()
+        b.add(op)
+    [op] = b.ops.values()
     assert op.doc is None and op.version == 30
     assert len(b) == 1
 

@@ -1,4 +1,4 @@
-"""The flusher's saturation warning (pure logic, no services needed)."""
+"""Lanes: the saturation warning, and the lane rules with the in-memory sink (no services)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ from pgderive.runtime.lanes import SaturationMonitor
 
 def test_saturation_is_logged_once_per_interval_naming_the_slowest_sink(caplog):
     m = SaturationMonitor(window=10, threshold=0.9, every=60)
-    with caplog.at_level(logging.WARNING, logger="pgderive.flusher"):
+    with caplog.at_level(logging.WARNING, logger="pgderive.lanes"):
         t = 0.0
         for _ in range(30):  # 2 s batches back to back with 0.05 s gaps: ~97% busy
             m.record(t, t + 2.0, 1000, {"cache": 1.9, "search": 0.4})
@@ -20,7 +20,7 @@ def test_saturation_is_logged_once_per_interval_naming_the_slowest_sink(caplog):
 
 def test_a_mostly_idle_flusher_is_not_reported(caplog):
     m = SaturationMonitor(window=10, threshold=0.9, every=60)
-    with caplog.at_level(logging.WARNING, logger="pgderive.flusher"):
+    with caplog.at_level(logging.WARNING, logger="pgderive.lanes"):
         t = 0.0
         for _ in range(30):  # 1 s batches every 2 s: 50% busy
             m.record(t, t + 1.0, 1000, {"cache": 1.0})

@@ -1,0 +1,56 @@
+"""Retrying sink calls: a retryable :class:`~sinks.base.SinkError` (a sink down, hung or
+restarting) is retried with capped exponential backoff until the daemon stops. Sinks are
+idempotent (ARCHITECTURE.md, rule 2), so repeating a call whose outcome is unknown is safe."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, TypeVar
+
+from sinks.base import SinkError
+
+__all__ = ["Backoff", "with_retry", "one_line"]
+
+log = logging.getLogger("pgderive.lanes")
+T = TypeVar("T")
+
+
+def one_line(e: BaseException, width: int = 300) -> str:
+    """``e``'s message on one line, at most ``width`` characters (for log lines)."""
+    return " ".join(str(e).split())[:width]
+
+
+class Backoff:
+    """Capped exponential backoff: ``first`` seconds, then twice as long each time up to
+    ``cap`` seconds (0.5 s, 1 s, 2 s … 30 s by default)."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        """The delay to wait now (seconds); doubles the next one."""
+        d = self.delay
+        self.delay = min(self.cap, self.delay * 2)
+        return d
+
+    def reset(self) -> None:
+        """Back to the first delay (after a success)."""
+        self.delay = self.first
+
+
+def with_retry(what: str, fn: Callable[[], T], stop: threading.Event) -> T:
+    """``fn()``, retrying retryable :class:`SinkError` with :class:`Backoff` until ``stop``.
+
+    ``what`` names the call in the warning logged before each retry. Raises the
+    :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            return fn()
+        except SinkError as e:
+            if not e.retryable or stop.is_set():
+                raise
+            delay = backoff.next()
+            log.warning("%s failed (%s); retrying in %.1f s", what, one_line(e), delay)
+            stop.wait(delay)

@@ -1,0 +1,374 @@
+"""The streaming loop: slot → Transaction → views → Ops → one batch per lane → sinks.
+
+The reading thread reads what the slot has, derives each change into Ops for every view of its
+table and files them into the batch of the view's sink lane (:mod:`pgderive.runtime.lanes`).
+A lane that is idle takes its batch at once; a busy lane's batch grows until the lane is free,
+so every sink gets batches sized to its own speed and none waits for another. The slot is
+confirmed at the minimum position all lanes acknowledged (ARCHITECTURE.md, rule 3). With
+nothing pending anywhere, keepalives advance every checkpoint and the slot, so idle or
+unwatched traffic never makes Postgres retain WAL.
+
+Backpressure: a busy lane whose next batch is full (``batch_ops`` Ops or ``batch_bytes``
+bytes) stops the reading; memory stays bounded by two batches per lane.
+
+TRUNCATE is a barrier for the lane of each emptied view: the Ops before it are applied, then
+the sink drops every record of the view at or below the commit LSN, then the Ops after it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import orjson
+
+
+from cdc.changes import Change, Transaction
+from cdc.lsn import format_lsn
+from cdc.refetch import RowRefetcher
+from cdc.slot import ChangeReader, Keepalive
+from sinks.base import Op, SinkError
+from views.derive import DerivationError, View
+
+from ..state.aggregates import AggregateStore
+from ..state.deadletters import DeadLetter
+from .batch import Batch, LagToken
+from .lanes import Lane, Lanes
+from .resolve import IncludeResolver
+from .retry import one_line
+from .stats import Stats
+
+__all__ = ["Limits", "Stream", "row_refetcher"]
+
+log = logging.getLogger("pgderive.stream")
+
+
+def row_refetcher(dsn: str, views: Sequence[View]) -> RowRefetcher:
+    """A :class:`~cdc.refetch.RowRefetcher` for the tables of ``views`` that stream row by row
+    (columns and the key that finds a row again: primary key, else replica identity)."""
+    tables = {}
+    for v in views:
+        if v.tree is None and v.table not in tables:
+            tables[v.table] = (v.info.columns, v.info.primary_key or v.info.identity_columns)
+    return RowRefetcher(dsn, tables)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Batch bounds of the stream.
+
+    Attributes:
+        batch_ops: a lane's batch is full at this many Ops.
+        batch_bytes: … or at this many bytes (wal2json input of the transactions that added to
+            it, plus re-derived records).
+        direct_ops: a batch of at most this many Ops, for an idle lane, is applied on the
+            reading thread (one attempt; the lane retries it if that fails).
+        checkpoint_every: seconds between hand-overs of a batch that only moves a lane's
+            position (its sink got no Ops meanwhile): bounds the checkpoint writes a quiet
+            sink gets while another sink is busy.
+    """
+
+    batch_ops: int = 20_000
+    batch_bytes: int = 8 << 20
+    direct_ops: int = 500
+    checkpoint_every: float = 0.1
+
+
+class Stream:
+    """Reads a slot and keeps every lane fed until stopped (see the module docstring).
+
+    Args:
+        views: the bound views.
+        lanes: one lane per sink the views use, positioned at the slot's confirmed LSN.
+        stats: the run's counters (transactions and changes are counted as they are read).
+        stop: set it to stop gracefully: what was read is applied and confirmed.
+        refetcher: reads rows back from the source (non-finite numbers, ``where``/``derive``
+            views' unchanged TOAST values, include records); None when no view needs it.
+        aggregates: the aggregate state store; None when no view aggregates.
+        limits: batch bounds.
+        on_tick: called on the reading thread after every read (e.g. to write stats).
+    """
+
+    def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: threading.Event,
+                 refetcher: RowRefetcher | None = None, aggregates: AggregateStore | None = None,
+                 limits: Limits = Limits(), on_tick: Callable[[], None] | None = None) -> None:
+        self.views = list(views)
+        self.lanes = lanes
+        self.stats = stats
+        self.stop = stop
+        self.refetcher = refetcher
+        self.aggregates = aggregates
+        self.limits = limits
+        self.on_tick = on_tick
+        by_table: dict[str, list[View]] = defaultdict(list)
+        for v in self.views:
+            for t in sorted(v.tables):  # a query-derived view also listens to its included tables
+                by_table[t].append(v)
+        self.by_table = dict(by_table)
+        simple: dict[str, list[View]] = defaultdict(list)
+        for v in self.views:
+            if v.tree is None:
+                simple[v.table].append(v)
+        self._used_columns = {t: frozenset(c for v in vs for c in v.columns) for t, vs in simple.items()}
+        self._full_row_tables = {t for t, vs in simple.items() if any(v.needs_full_row for v in vs)}
+        tree_views = [v for v in self.views if v.tree is not None]
+        self.resolver: IncludeResolver | None = None
+        if tree_views:
+            if refetcher is None or aggregates is None:
+                raise ValueError("include/aggregate views need a refetcher and an aggregate store")
+            self.resolver = IncludeResolver(tree_views, refetcher, aggregates)
+        self.pending: dict[str, Batch] = {lane.name: Batch(end_lsn=lane.acked_lsn) for lane in lanes}
+        self._handed: dict[str, float] = {lane.name: 0.0 for lane in lanes}
+        self._touched: set[str] = set()  # lanes the current transaction produced work for
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, reader: ChangeReader) -> None:
+        """Read, derive and hand batches to the lanes until :attr:`stop` is set or the stream
+        fails; then apply and confirm what was read. Raises what a lane raised
+        (:class:`~sinks.base.SinkError`, :class:`~pgderive.runtime.checkpoints.SinkDataLoss`),
+        and the reader's errors (:class:`cdc.slot.ReplicationError`)."""
+        lanes = self.lanes
+        last_idle_checkpoint = 0.0
+        while True:
+            lanes.raise_error()
+            reader.confirm(lanes.acked_lsn)
+            if self._hand_over():
+                reader.confirm(lanes.acked_lsn)
+            if self.stop.is_set():
+                break
+            if self._blocked():
+                # Backpressure: a busy lane's next batch is full; wait for it, keep the
+                # walsender informed meanwhile.
+                lanes.wait_change(1.0)
+                if self._blocked():
+                    reader.send_status()
+                continue
+            for event in reader.read(max_wait=self._read_wait(), max_events=self.limits.batch_ops):
+                if isinstance(event, Keepalive):
+                    if (event.wal_end > lanes.acked_lsn and reader.at_transaction_boundary and self._quiet()
+                            and time.monotonic() - last_idle_checkpoint >= 1.0):
+                        # Nothing pending: the sinks are complete up to walEnd. Record it,
+                        # then let the slot go (rule 3: unwatched traffic frees WAL).
+                        last_idle_checkpoint = time.monotonic()
+                        if self._idle_checkpoint(event.wal_end):
+                            reader.confirm(event.wal_end)
+                    continue
+                self.add_transaction(event)
+                if self._blocked():
+                    break
+            self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
+            if self.on_tick is not None:
+                self.on_tick()
+        self.drain()
+        reader.confirm(lanes.acked_lsn)
+        reader.send_status()
+        self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
+
+    def drain(self) -> None:
+        """Apply everything read so far and wait until every lane acknowledged it."""
+        lanes = self.lanes
+        for lane in lanes:
+            lane.wait_idle()
+        lanes.raise_error()
+        self._resolve()
+        for lane in lanes:
+            batch = self.pending[lane.name]
+            if batch.has_data or batch.end_lsn > lane.acked_lsn:
+                lane.wait_idle()
+                lanes.raise_error()
+                self.pending[lane.name] = batch.successor()
+                lane.submit(batch)
+        for lane in lanes:
+            lane.wait_idle()
+        lanes.raise_error()
+
+    # -- deriving ----------------------------------------------------------------------------------
+    def add_transaction(self, tx: Transaction) -> None:
+        """Derive ``tx`` (or one chunk of a large transaction) into the lanes' batches."""
+        version = tx.commit_lsn
+        pending, touched = self.pending, self._touched
+        for change in tx.changes:
+            views = self.by_table.get(change.table)
+            if not views:
+                continue
+            if change.kind == "truncate":
+                emptied = [v for v in views if v.table == change.table]
+                if emptied:
+                    self._truncate(emptied, version)
+                    touched.update(v.sink for v in emptied)
+                for v in views:
+                    if v.tree is not None and v.table != change.table:
+                        assert self.resolver is not None
+                        self.resolver.note_emptied(v, version, tx.xid)  # an included table emptied
+                        touched.add(v.sink)
+                continue
+            gone = self._refetch(change, tx.xid)
+            for v in views:
+                if v.tree is not None:
+                    assert self.resolver is not None
+                    self.resolver.note(v, change, version, tx.xid)
+                    touched.add(v.sink)
+                    continue
+                if gone and v.needs_full_row:
+                    continue
+                try:
+                    ops = v.change_ops(change, version)
+                except DerivationError as e:
+                    pending[v.sink].dead_letters.append(DeadLetter.from_derivation_error(e, version))
+                    touched.add(v.sink)
+                    continue
+                if ops:
+                    batch = pending[v.sink]
+                    for op in ops:
+                        batch.add(op)
+                    touched.add(v.sink)
+        self.stats.changes += len(tx.changes)
+        for name in touched:
+            pending[name].nbytes += tx.nbytes
+        if not tx.final:
+            return  # a chunk of a large transaction: applied, not confirmable
+        self.stats.transactions += 1
+        for batch in pending.values():
+            batch.end_lsn = tx.end_lsn
+        if touched and tx.commit_time is not None:
+            t = tx.commit_time.timestamp()
+            if len(touched) == 1:
+                pending[next(iter(touched))].commit_times.append(t)
+            else:
+                token = LagToken(t, len(touched))
+                for name in touched:
+                    pending[name].shared.append(token)
+        touched.clear()
+
+    def _refetch(self, change: Change, xid: int) -> bool:
+        """Complete ``change`` from the table where wal2json cannot carry a value (non-finite
+        numbers, unchanged TOAST values of views that need whole rows); True when the row is
+        gone (its delete is ahead in the stream) and a needed value is missing."""
+        used = self._used_columns.get(change.table)
+        if change.new is None or not used or not (change.maybe_nonfinite or change.table in self._full_row_tables):
+            return False
+        fetch = [c for c in change.maybe_nonfinite if c in used]
+        if change.table in self._full_row_tables:
+            fetch += [c for c in used if c not in change.new]
+        if not fetch:
+            return False
+        assert self.refetcher is not None
+        self.refetcher.wait_visible((xid,))
+        if self.refetcher.fill(change, fetch):
+            return False
+        return any(c not in change.new for c in fetch)
+
+    def _resolve(self) -> None:
+        """Read back the include/aggregate records the batches touched (before any lane gets a
+        batch whose position covers their changes)."""
+        if self.resolver is not None and self.resolver.pending:
+            self.resolver.resolve(self._emit)
+
+    def _emit(self, view: View, ops: Sequence[Op], errors: Sequence[DerivationError], version: int) -> None:
+        """Add re-derived Ops; when they pile up past ``batch_bytes`` (a category rename can
+        touch every product), hand them to the lane at once without a position, so memory
+        stays bounded by the batch size, not by the fan-out."""
+        batch = self.pending[view.sink]
+        for op in ops:
+            batch.add(op)
+            batch.nbytes += 64 + (len(orjson.dumps(op.doc)) if op.doc is not None else 0)
+        batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+        if batch.nbytes >= self.limits.batch_bytes:
+            lane = self.lanes[view.sink]
+            lane.wait_idle()
+            self.lanes.raise_error()
+            lane.submit(batch.take_ops())
+
+    def _truncate(self, views: list[View], version: int) -> None:
+        """TRUNCATE barrier: pending Ops of the emptied views are dropped (the TRUNCATE removes
+        them anyway), the rest of each affected lane's batch is handed over with the TRUNCATEs
+        after its Ops; later Ops go into the next batch."""
+        for v in views:
+            self.pending[v.sink].drop_view(v.name)
+        self._resolve()
+        for v in views:
+            if v.aggregation is not None:
+                assert self.aggregates is not None
+                self.aggregates.truncate(v.name, v.aggregation, version)
+        for name in dict.fromkeys(v.sink for v in views):
+            lane = self.lanes[name]
+            lane.wait_idle()
+            self.lanes.raise_error()
+            batch = self.pending[name]
+            batch.truncates += [(v.name, version) for v in views if v.sink == name]
+            self.pending[name] = batch.successor()
+            self._handed[name] = time.monotonic()
+            lane.submit(batch)
+        for v in views:
+            log.info("TRUNCATE of %s empties view %s at %s", v.table, v.name, format_lsn(version))
+
+    # -- handing batches to lanes ----------------------------------------------------------------
+    def _has_work(self, lane: Lane, now: float) -> bool:
+        batch = self.pending[lane.name]
+        if batch.has_data:
+            return True
+        return batch.end_lsn > lane.acked_lsn and now - self._handed[lane.name] >= self.limits.checkpoint_every
+
+    def _hand_over(self) -> bool:
+        """Give every idle lane with work its batch; True if any got one."""
+        now = time.monotonic()
+        ready = [lane for lane in self.lanes if lane.idle and self._has_work(lane, now)]
+        if not ready:
+            return False
+        if self.resolver is not None and self.resolver.pending:
+            self._resolve()
+            ready = [lane for lane in self.lanes if lane.idle and self._has_work(lane, now)]
+        for lane in ready:
+            batch = self.pending[lane.name]
+            self.pending[lane.name] = batch.successor()
+            self._handed[lane.name] = now
+            # A small batch for a fast sink is applied here: handing it to the lane's thread and
+            # noticing its end would cost two thread wake-ups for nothing to overlap.
+            direct = lane.fast and not batch.truncates and len(batch) <= self.limits.direct_ops
+            if not (direct and lane.apply_direct(batch)):
+                lane.submit(batch)
+        return True
+
+    def _full(self, batch: Batch) -> bool:
+        return len(batch) >= self.limits.batch_ops or batch.nbytes >= self.limits.batch_bytes
+
+    def _blocked(self) -> bool:
+        """True when a busy lane's next batch is full (the reader must wait for it)."""
+        return any(not lane.idle and self._full(self.pending[lane.name]) for lane in self.lanes)
+
+    def _quiet(self) -> bool:
+        """Nothing read is unacknowledged: every lane idle and at its batch's position."""
+        if self.resolver is not None and self.resolver.pending:
+            return False
+        return all(lane.idle and not self.pending[lane.name].has_data
+                   and self.pending[lane.name].end_lsn <= lane.acked_lsn for lane in self.lanes)
+
+    def _read_wait(self) -> float:
+        """How long the next read may wait for the first message (seconds): short while some
+        batch has data to hand over, long when everything is acknowledged."""
+        if (self.resolver is not None and self.resolver.pending) or any(
+                b.has_data for b in self.pending.values()):
+            return 0.002
+        if any(b.end_lsn > lane.acked_lsn or not lane.idle for lane, b in
+               ((lane, self.pending[lane.name]) for lane in self.lanes)):
+            return self.limits.checkpoint_every
+        return 0.5
+
+    def _idle_checkpoint(self, lsn: int) -> bool:
+        """Checkpoint every view at ``lsn`` (int LSN, a keepalive's walEnd) while nothing is
+        pending. Only an optimisation (it lets the slot free WAL nobody watches), so a sink that
+        is down is not waited for: False after a retryable :class:`SinkError` (logged), True once
+        every lane recorded it. Raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss` and
+        non-retryable :class:`SinkError`."""
+        for lane in self.lanes:
+            try:
+                lane.checkpoint(lsn, retry=False)
+            except SinkError as e:
+                if not e.retryable:
+                    raise
+                log.warning("idle checkpoint of sink %s at %s skipped: %s", lane.name, format_lsn(lsn), one_line(e))
+                return False
+        return True

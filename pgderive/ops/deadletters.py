@@ -11,7 +11,7 @@ import psycopg
 from cdc.catalog import table_info
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_rows
-from sinks.base import Op, SinkError
+from sinks.base import Op, Rejected, SinkError
 from views.check import build_views
 
 from ..runtime.sinks import open_sinks
@@ -67,11 +67,9 @@ def _source_row(view: Any, info: Any, stored: dict[str, Any]) -> tuple[dict[str,
     return stored, None
 
 
-def _rejections(result: Any) -> list[str]:
-    """Error texts of what ``Sink.apply`` returned: ``None`` (old protocol) or ``list[Rejected]``."""
-    if not result:
-        return []
-    return [str(getattr(r, "error", r)) for r in result]
+def _rejections(result: Sequence[Rejected]) -> list[str]:
+    """Error texts of what ``Sink.apply`` returned."""
+    return [r.error for r in result]
 
 
 def retry_dead_letters(spec: Any, store: DeadLetterStore,

@@ -76,7 +76,7 @@ from cdc.changes import Transaction
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.slot import SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
-from sinks.base import Op, Sink
+from sinks.base import Op, Refreshable, Sink
 from views.check import build_views
 from views.derive import View
 from views.template import TemplateError
@@ -284,7 +284,7 @@ class _ChangesSince:
     def __init__(self, reader: SlotReader, view: View) -> None:
         self.reader, self.view = reader, view
         self.tables = _view_tables(view)
-        self.per_key = getattr(view, "tree", None) is None
+        self.per_key = view.tree is None
         self.keys: set[int] = set()
         self.everything = False  # a TRUNCATE, or any change of a query-derived view's tables
         self.started = False
@@ -329,7 +329,7 @@ class _ChangesSince:
 
 def _view_tables(view: View) -> frozenset[str]:
     """Every table a view's records depend on (the root table, plus included ones)."""
-    return frozenset(getattr(view, "tables", None) or {view.table})
+    return view.tables
 
 
 class _Verifier:
@@ -479,9 +479,8 @@ class _Verifier:
 
     def _refresh(self) -> None:
         """OpenSearch: make every acknowledged write visible to searches and scans."""
-        refresh = getattr(self.sink, "refresh", None)
-        if refresh is not None:
-            refresh(self.view.name)
+        if isinstance(self.sink, Refreshable):
+            self.sink.refresh(self.view.name)
 
     def _flush_fixes(self, force: bool = False) -> None:
         if not self.fixes or (not force and len(self.fixes) < _FIX_BATCH):

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
-from sinks.base import Op, Sink, SinkError
+from sinks.base import Op, Sink, SinkError, WireLoad
 
 from views.derive import DerivationError, View
 
@@ -180,6 +180,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         """Load ``v`` by a wire load; False (nothing lost: the caller loads it row by row) when
         the sink refuses it, e.g. a record key holding another Redis type."""
         sink = sinks[v.sink]
+        assert isinstance(sink, WireLoad)  # wire_query() returned a query only for such a sink
         log.info("snapshot of %s at %s for view %s (wire load: encoded by Postgres)", v.table,
                  format_lsn(version), v.name)
 

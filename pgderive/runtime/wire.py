@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import closing
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -32,6 +32,7 @@ from psycopg import sql
 from cdc.snapshot import output_text
 from cdc.values import text_form
 
+from sinks.base import Sink, WireLoad
 from views.derive import View
 
 __all__ = ["wire_query", "load_wire"]
@@ -53,7 +54,7 @@ def _text(column: str, type_name: str) -> sql.Composable | None:
     return None
 
 
-def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) -> sql.Composable | None:
+def wire_query(conn: psycopg.Connection, view: View, sink: Sink, version: int) -> sql.Composable | None:
     """The ``COPY`` statement of a wire load of ``view`` into ``sink`` at ``version`` (int LSN),
     or None when the view does not qualify: a ``derive``/``include``/aggregate view, a key
     column outside the primary key (it could be NULL, which must become a dead letter), a column
@@ -61,7 +62,7 @@ def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) ->
     other than UTF8, or a sink without wire loads. Raises :class:`~sinks.base.SinkError`."""
     if view.derive_fn is not None or view.tree is not None or view.aggregation is not None:
         return None
-    if not hasattr(sink, "wire_select"):
+    if not isinstance(sink, WireLoad):
         return None
     types = view.info.columns
     if any(c not in view.info.primary_key for c in view.key.columns):
@@ -87,7 +88,7 @@ def wire_query(conn: psycopg.Connection, view: View, sink: Any, version: int) ->
     return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT (FORMAT binary)").format(select, inner)
 
 
-def load_wire(conn: psycopg.Connection, view: View, sink: Any, query: sql.Composable,
+def load_wire(conn: psycopg.Connection, view: View, sink: WireLoad, query: sql.Composable,
               should_stop: Callable[[], bool], stopped: Callable[[int], BaseException]) -> tuple[int, float]:
     """Run ``query`` (from :func:`wire_query`) and relay its rows to ``sink``. Returns
     ``(records, seconds)``. Logs progress every 5 s. Raises what ``stopped(rows)`` returns when

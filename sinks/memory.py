@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -105,6 +106,8 @@ class MemorySink:
         self._gate: threading.Event | None = None
         self._gate_methods: frozenset[str] = frozenset()
         self._gate_timeout: float | None = None
+        self._delay = 0.0
+        self._delay_methods: frozenset[str] = frozenset()
 
     # --- test hooks -------------------------------------------------------------------------
 
@@ -128,6 +131,12 @@ class MemorySink:
         with self._lock:
             self._gate, self._gate_methods, self._gate_timeout = gate, frozenset(methods), timeout
         return gate
+
+    def slow(self, seconds: float, *, methods: Iterable[str] = WRITE_METHODS) -> None:
+        """Make every call of ``methods`` take ``seconds`` longer (a sink that keeps up, slowly:
+        a remote search cluster); 0 removes the delay. The lock is not held while delaying."""
+        with self._lock:
+            self._delay, self._delay_methods = seconds, frozenset(methods)
 
     def unblock(self) -> None:
         """Release the calls waiting in :meth:`block` and stop blocking new ones."""
@@ -308,11 +317,14 @@ class MemorySink:
     # --- internals --------------------------------------------------------------------------
 
     def _enter(self, method: str) -> None:
-        """Count the call, then apply the :meth:`block` and :meth:`fail_next` hooks."""
+        """Count the call, then apply the :meth:`slow`, :meth:`block` and :meth:`fail_next` hooks."""
         with self._lock:
             self.calls[method] += 1
             gate = self._gate if method in self._gate_methods else None
             timeout = self._gate_timeout
+            delay = self._delay if method in self._delay_methods else 0.0
+        if delay:
+            time.sleep(delay)
         if gate is not None and not gate.is_set():
             self.waiting.set()
             if not gate.wait(timeout):

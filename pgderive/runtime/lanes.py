@@ -106,7 +106,10 @@ class Lane:
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
         self._atomic = isinstance(sink, AtomicCheckpoint)
-        self.apply_s = 0.0  # moving average of a batch's apply time (seconds)
+        # Moving average of a batch's apply time (seconds). It starts high: a lane earns direct
+        # applies on the reading thread only after ~30 quick batches on its own thread, so a
+        # sink that turns out slow (or hangs on its first call) never stalls the reader.
+        self.apply_s = 1.0
         self._cond = changed or threading.Condition()
         self._batch: Batch | None = None
         self._closed = False

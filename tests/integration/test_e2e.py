@@ -247,6 +247,13 @@ def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):
     reader.close()
     lanes.close()
     refetcher.close()
+    # The walsender may outlive the closed connection by a moment; the slot is busy until then.
+    def released() -> bool:
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (replay_slot,)).fetchone()
+        return row is not None and not row[0]
+    wait_until(released, 10, what="replay slot released")
     env.sql("SELECT pg_drop_replication_slot(%s)", (replay_slot,))
     for s in sinks.values():
         s.close()

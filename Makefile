@@ -33,6 +33,7 @@ demo-store: services venv
 	$(BIN)/python scripts/demo_store.py
 
 test: services venv
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q tests
 
 test-unit: venv

@@ -1,7 +1,7 @@
 """Derivations: a source row or Change becomes Ops for one view.
 
 A single-table view projects ``fields`` (output name → column) and names each record by its
-``key`` template. Inserts and updates become upserts, deletes become deletes (DESIGN.md rule 1:
+``key`` template. Inserts and updates become upserts, deletes become deletes (ARCHITECTURE.md, rule 1:
 every Op carries the commit LSN of its transaction). An update that changes the key deletes the
 old sink key and writes the new one. An update missing some projected columns (unchanged TOAST
 values omitted by wal2json, rule 6) becomes a *partial* upsert that only sets what it carries.

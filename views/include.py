@@ -25,7 +25,7 @@ requires it (see :func:`views.check.check_source`).
 Records are read at the time the batch is resolved, i.e. at or after the commit of every change
 that triggered them, and written with the commit LSN of the last such change: later changes of
 any involved row are still ahead in the stream and re-derive the record with a higher version,
-so every record converges to the source (DESIGN.md rule 1).
+so every record converges to the source (ARCHITECTURE.md, rule 1).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A TEMPORARY logical slot created with an exported snapshot gives a snapshot exac
 LSN X (its consistent point). The view is loaded into a new generation at version X and
 committed, which drops every record older than X. When the daemon restarts it replays the main
 slot from its confirmed position (< X): versions protect the newer snapshot records, and the
-replay itself converges for the rest (DESIGN.md, "Online rebuild"; the online variant comes
+replay itself converges for the rest (ARCHITECTURE.md, "Online rebuild"; the online variant comes
 later). The daemon must be stopped: the main slot must not be active.
 """
 from __future__ import annotations

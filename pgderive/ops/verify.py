@@ -25,7 +25,7 @@ confirmed by a realtime read. Memory: two or three chunks plus one 8-byte digest
 key (a Python ``set`` of ints, about 70 bytes per key: ~14 MB for 200k rows, ~70 MB for 1M),
 never the documents of the whole view. Progress is logged every 5 s.
 
-**Versions decide what counts.** Versions are commit LSNs (DESIGN.md rule 1). A record whose
+**Versions decide what counts.** Versions are commit LSNs (ARCHITECTURE.md, rule 1). A record whose
 stored version is >= X was written for a commit at or after X, after the snapshot: it is not
 compared ("newer, skipped"). A record whose version the sink does not know (OpenSearch returns
 no version for a deleted document and forgets it after ``index.gc_deletes``, 60 s; a Redis key

@@ -1,6 +1,6 @@
 """Loading views from a snapshot: the first run's bootstrap and ``rebuild``.
 
-Every snapshot row is written at version = the snapshot's consistent point (DESIGN.md rule 1)
+Every snapshot row is written at version = the snapshot's consistent point (ARCHITECTURE.md, rule 1)
 into a new generation of each view, which is then committed: the sink makes it live and drops
 everything older than the consistent point (rows deleted before it, leftovers of an
 interrupted earlier bootstrap).

@@ -1,4 +1,4 @@
-"""Dead letters: rows a view could not derive and documents a sink rejected (DESIGN.md rule 5).
+"""Dead letters: rows a view could not derive and documents a sink rejected (ARCHITECTURE.md, rule 5).
 
 "Never lose silently": a poison row — its key template needs a NULL column, a derivation raised,
 a sink refused the document — must not stop the stream, and must not vanish either. It becomes a

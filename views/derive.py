@@ -91,7 +91,7 @@ class View:
         self.spec = spec
         self.info = info
         self.table = info.qualified
-        self.sink = spec.sink
+        self.sink: str = spec.sink_name  # a parsed Spec's view has one sink
         self.aggregation: Aggregation | None = None
         if spec.group_by is not None:
             self.key = spec.key_template or KeyTemplate.from_columns(spec.group_by)

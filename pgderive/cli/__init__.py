@@ -233,7 +233,7 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
             sys.exit(2)
         except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
             _fail(e)
-        sink = spec.views[name].sink
+        sink = spec.views[name].sink_name
         _console.print(render_diff(first, sink))
         final = first
         if repair:

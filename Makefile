@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: services services-down status venv demo demo-store test test-unit chaos bench clean
+.PHONY: services services-down status venv demo demo-store test test-unit typecheck chaos bench clean
 
 $(BIN)/pgderive: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: services venv
 
 test-unit: venv
 	$(BIN)/pytest -q -m 'not slow' tests/unit
+
+# mypy over every package ([tool.mypy] in pyproject.toml); `make test` runs it before the tests.
+typecheck: venv
+	$(BIN)/mypy cdc sinks views pgderive
+
+test: typecheck
 
 # Crash harness, long variant: the CI test (tests/chaos/test_chaos.py, 20 kills) scaled up. Every
 # PGDERIVE_CHAOS_* variable may be overridden from the environment, e.g.

@@ -73,7 +73,7 @@ def table_info(conn: psycopg.Connection, schema: str, name: str) -> TableInfo | 
     if rel is None or rel[1] != "r":
         return None
     oid, _, replident = rel
-    columns = dict(conn.execute(
+    columns: dict[str, str] = dict(conn.execute(
         """SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
             WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
         (oid,)).fetchall())
@@ -98,7 +98,9 @@ def probe_plugin(conn: psycopg.Connection, plugin: str, wait: float = 15.0) -> s
     slot = f"pgderive_probe_{conn.info.backend_pid}"
     try:
         with conn.transaction():
-            previous = conn.execute("SHOW lock_timeout").fetchone()[0]
+            shown = conn.execute("SHOW lock_timeout").fetchone()
+            assert shown is not None  # SHOW always returns one row
+            previous = shown[0]
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(wait * 1000)}ms",))
             conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, true)", (slot, plugin))
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))

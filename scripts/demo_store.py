@@ -296,7 +296,7 @@ def _report(spec, args, results: list[dict[str, Any]], counts: dict[str, int], s
         for col in ("view", "sink", "records", "differences", "verify exit", "seconds"):
             t.add_column(col, justify="left" if col in ("view", "sink") else "right")
         for r in results:
-            sink = spec.views[r["view"]].sink
+            sink = spec.views[r["view"]].sink_name
             ok = r["exit_code"] == 0
             diffs = "?" if r["differences"] is None else f"{r['differences']:,}"
             t.add_row(r["view"], f"{sink} ({spec.sinks[sink].type})",

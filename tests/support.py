@@ -124,12 +124,13 @@ def drop_views(config: Path, sink_type: str | None = None) -> None:
     sinks = {}
     try:
         for name, v in spec.views.items():
-            if sink_type is not None and spec.sinks[v.sink].type != sink_type:
+            sink = v.sink_name
+            if sink_type is not None and spec.sinks[sink].type != sink_type:
                 continue
-            if v.sink not in sinks:
-                sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump())
-            sinks[v.sink].register(ViewTarget(view=name, format=v.format, index=v.index))
-            sinks[v.sink].drop_view(name)
+            if sink not in sinks:
+                sinks[sink] = make_sink(sink, spec.sinks[sink].model_dump())
+            sinks[sink].register(ViewTarget(view=name, format=v.format, index=v.index))
+            sinks[sink].drop_view(name)
     finally:
         for s in sinks.values():
             s.close()

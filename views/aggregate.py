@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Sequence
 
 import orjson
@@ -84,6 +85,16 @@ def parse_measure(text: str) -> tuple[str, str | None]:
 
 def _base(typ: str | None) -> str:
     return (typ or "").split("(", 1)[0].strip()
+
+
+def _counter(i: int, name: str) -> sql.Literal:
+    """The key ``i.name`` of measure ``i``'s counter ``name`` in a state's ``add`` object."""
+    return sql.Literal(f"{i}.{name}")
+
+
+def _has(i: int, name: str) -> sql.Composed:
+    """``(a ? 'i.name')``: the state's ``add`` object ``a`` has measure ``i``'s counter ``name``."""
+    return sql.SQL("(a ? {})").format(_counter(i, name))
 
 
 @dataclass(frozen=True)
@@ -212,7 +223,7 @@ class Aggregation:
         for i, m in enumerate(self.measures):
             if m.kind != "additive":
                 continue
-            v, k = self._value(m), (lambda s, i=i: sql.Literal(f"{i}.{s}"))
+            v, k = self._value(m), partial(_counter, i)
             pairs = [sql.SQL("{}, CASE WHEN {} IS NOT NULL THEN 1 END").format(k("c"), v)]
             if m.func != "count" and _base(m.type) == "numeric":
                 pairs += [sql.SQL("{}, CASE WHEN scale({}) IS NOT NULL THEN {} END").format(k("s"), v, v),
@@ -233,7 +244,7 @@ class Aggregation:
         return sql.SQL(" || ").join(sql.SQL("jsonb_build_object({}, {})").format(sql.Literal(str(i)), output_text(e))
                                     for i, e in items)
 
-    def state_sql(self, groups: bool) -> sql.Composable:
+    def state_sql(self, groups: bool) -> sql.Composed:
         """``INSERT … ON CONFLICT DO UPDATE`` of ``pgderive.agg_groups``: the states of every
         (``groups`` False) or the given groups (``%(groups)s``, ``jsonb[]``) of view
         ``%(view)s``, computed from all their stored contributions with plain aggregates (the
@@ -243,7 +254,7 @@ class Aggregation:
         scales: list[tuple[int, sql.Composable]] = []
         x: list[tuple[int, sql.Composable]] = []
         for i, m in enumerate(self.measures):
-            v, k = self._value(m), (lambda s, i=i: sql.Literal(f"{i}.{s}"))
+            v, k = self._value(m), partial(_counter, i)
             if m.kind in ("extreme", "recompute"):
                 x.append((i, sql.SQL("{}({})").format(sql.SQL(m.func), v)))
                 continue
@@ -278,7 +289,7 @@ class Aggregation:
             "ON CONFLICT (view, grp) DO UPDATE SET state = excluded.state").format(
                 ctes=sql.SQL(", ").join(ctes), add=add, joins=joins)
 
-    def merge_sql(self) -> sql.Composable:
+    def merge_sql(self) -> sql.Composed:
         """The deltas ``%(sign)s`` (``int[]``, ±1), ``%(grp)s``, ``%(vals)s`` (``jsonb[]``)
         applied to the stored states of view ``%(view)s``: one row per group, ``(grp text,
         new state text, has rows bool, stale bool)``; a stale group's ``min``/``max`` lost its
@@ -314,14 +325,14 @@ class Aggregation:
                 vec=self._vector(), add=sql.SQL("").join(sql.SQL(", ") + p for p in add),
                 new=self._x_object(new), stale=sql.SQL(" OR ").join([*stale, sql.SQL("false")]))
 
-    def result_sql(self, groups: bool) -> sql.Composable:
+    def result_sql(self, groups: bool) -> sql.Composed:
         """``(grp text, one output text per measure)`` of every (``groups`` False) or the
         given groups (``%(groups)s``) of view ``%(view)s``, from their stored states: the
         values Postgres' own aggregates give over the groups' rows."""
         items: list[sql.Composable] = [sql.SQL("grp::text")]
         for i, m in enumerate(self.measures):
-            k = (lambda s, i=i: sql.Literal(f"{i}.{s}"))
-            has = (lambda s, k=k: sql.SQL("(a ? {})").format(k(s)))
+            k, has = partial(_counter, i), partial(_has, i)
+            expr: sql.Composable
             if m.kind == "rows":
                 expr = sql.SQL("(a->>'n')::bigint")
             elif m.kind in ("extreme", "recompute"):
@@ -329,7 +340,7 @@ class Aggregation:
             elif m.func == "count":
                 expr = sql.SQL("coalesce((a->>{})::bigint, 0)").format(k("c"))
             else:
-                total = sql.SQL("coalesce((a->>{})::numeric, 0)").format(k("s"))
+                total: sql.Composable = sql.SQL("coalesce((a->>{})::numeric, 0)").format(k("s"))
                 if _base(m.type) == "numeric":
                     scale = sql.SQL("(SELECT max(substr(d, {})::int) FROM jsonb_object_keys(a) AS d "
                                     "WHERE starts_with(d, {}))").format(sql.Literal(len(f"{i}.d") + 1), k("d"))
@@ -338,7 +349,7 @@ class Aggregation:
                 else:
                     count = sql.SQL("(a->>{})::numeric").format(k("c"))
                 value = total if m.func == "sum" else sql.SQL("{} / {}").format(total, count)
-                special = sql.SQL("")
+                special: sql.Composable = sql.SQL("")
                 if _base(m.type) == "numeric":
                     special = sql.SQL("WHEN {n} OR ({p} AND {m}) THEN 'NaN' WHEN {p} THEN 'Infinity' "
                                       "WHEN {m} THEN '-Infinity' ").format(n=has("n"), p=has("p"), m=has("m"))
@@ -349,7 +360,7 @@ class Aggregation:
         return sql.SQL("SELECT {} FROM (SELECT grp, state->'add' AS a, state->'x' AS x FROM pgderive.agg_groups "
                        "WHERE view = %(view)s{}) AS g").format(sql.SQL(", ").join(items), cond)
 
-    def direct_query(self, rows: sql.Composable, nodes: Sequence[IncludeNode]) -> sql.Composable:
+    def direct_query(self, rows: sql.Composable, nodes: Sequence[IncludeNode]) -> sql.Composed:
         """SQL computing every group straight from the source rows ``rows`` (the SELECT of
         :meth:`views.include.IncludeTree.select`) with Postgres' own aggregates, same result
         shape as :meth:`result_sql`: how ``verify`` checks the stored state independently."""
@@ -366,6 +377,7 @@ class Aggregation:
         grp = sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(output_text(sql.Identifier("q", c)) for c in self.group_by))
         items: list[sql.Composable] = [sql.SQL("{}::text").format(grp)]
         for m in self.measures:
+            expr: sql.Composable
             if m.path is None:
                 expr = sql.SQL("count(*)")
             else:

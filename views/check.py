@@ -170,7 +170,9 @@ def check_source(spec: Spec, conn: psycopg.Connection) -> dict[str, TableInfo]:
 def _check(spec: Spec, conn: psycopg.Connection,
            problems: list[tuple[str, str]]) -> dict[str, TableInfo]:
     where = spec.source.redacted_dsn()
-    wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+    shown = conn.execute("SHOW wal_level").fetchone()
+    assert shown is not None  # SHOW always returns one row
+    wal_level = shown[0]
     if wal_level != "logical":
         problems.append(("source.dsn", f"wal_level is {wal_level!r} on {where}: set"
                                        " wal_level=logical in postgresql.conf and restart the"

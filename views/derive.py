@@ -12,7 +12,7 @@ import hashlib
 import importlib
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import orjson
 
@@ -24,6 +24,9 @@ from .aggregate import Aggregation
 from .include import IncludeNode, IncludeTree, KeyTuple
 from .spec import IncludeSpec, ViewSpec
 from .template import KeyTemplate, TemplateError
+
+if TYPE_CHECKING:
+    from .where import Where
 
 __all__ = ["View", "DerivationError", "view_fingerprint", "load_function", "resolve_key", "output_fields"]
 
@@ -91,11 +94,11 @@ class View:
         self.spec = spec
         self.info = info
         self.table = info.qualified
-        self.sink = spec.sink
+        self.sink: str = spec.sink_name  # a parsed Spec's view has one sink
         self.aggregation: Aggregation | None = None
         if spec.group_by is not None:
             self.key = spec.key_template or KeyTemplate.from_columns(spec.group_by)
-            self.fields = {}
+            self.fields: dict[str, str] = {}
             bad = [c for c in self.key.columns if c not in spec.group_by]
             if bad:
                 raise ValueError(f"key column(s) {', '.join(bad)} of view {name} are not in its group_by")
@@ -108,7 +111,7 @@ class View:
                 f"key column(s) {', '.join(missing)} of view {name} are not part of the replica "
                 f"identity of {info.qualified} ({', '.join(info.identity_columns) or 'none'}); "
                 "deletes could not be routed")
-        self.where = None
+        self.where: Where | None = None
         if spec.where is not None:
             from .where import Where
             self.where = Where(spec.where, info.columns)
@@ -144,12 +147,12 @@ class View:
                 doc[n.name] = row.get(n.name)
         return doc
 
-    def _matches(self, row: Row) -> bool:
+    def _matches(self, where: Where, row: Row) -> bool:
         """``where`` on a streamed row; an evaluation error (e.g. division by zero, which
         Postgres raises too) makes the row a dead letter."""
         from .where import WhereError
         try:
-            return self.where.matches(row)  # type: ignore[union-attr]
+            return where.matches(row)
         except WhereError as e:
             raise DerivationError(self.name, self.table, row, f"where: {e}") from e
 
@@ -180,14 +183,15 @@ class View:
         doc = self._final(row, self.doc(row))
         return None if doc is None else Op(self.name, key, version, doc)
 
-    def group_ops(self, rows: list, touched: list[str], version: int) -> tuple[list[Op], list["DerivationError"]]:
+    def group_ops(self, rows: Sequence[Sequence[Any]], touched: list[str],
+                  version: int) -> tuple[list[Op], list["DerivationError"]]:
         """Ops of an aggregate view from :meth:`pgderive.state.aggregates.AggregateStore.apply`'s result:
         an upsert per group with rows, a delete per touched group without."""
         agg = self.aggregation
         assert agg is not None
         ops: list[Op] = []
         errors: list[DerivationError] = []
-        seen: set[tuple] = set()  # compared parsed: jsonb and orjson print arrays differently
+        seen: set[tuple[Any, ...]] = set()  # compared parsed: jsonb and orjson print arrays differently
         for grp, *texts in rows:
             seen.add(tuple(orjson.loads(grp)))
             group, doc = agg.group_record(grp, texts)
@@ -212,7 +216,7 @@ class View:
         assert self.tree is not None
         ops: list[Op] = []
         errors: list[DerivationError] = []
-        found: set[KeyTuple] = set()
+        found: set[KeyTuple | None] = set()
         for row in rows:
             k = self.tree.root_key(row)
             found.add(k)
@@ -261,7 +265,7 @@ class View:
                 raise DerivationError(self.name, self.table, new,
                                       f"column(s) {', '.join(missing)} missing from the {kind} and "
                                       "not readable from the table (dropped or renamed?)")
-            if self.where is not None and not self._matches(new):
+            if self.where is not None and not self._matches(self.where, new):
                 # Not (or no longer) in the view. An insert never was: nothing to remove.
                 if kind == "update":
                     ops.append(Op(self.name, key, version, None))
@@ -293,7 +297,7 @@ def load_function(ref: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        fn = getattr(importlib.import_module(module), attr)
+        fn: Callable[[dict[str, Any]], dict[str, Any] | None] = getattr(importlib.import_module(module), attr)
     except ImportError as e:
         raise ValueError(f"cannot import {module}: {e}") from e
     except AttributeError:

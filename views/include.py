@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeAlias
 
 import orjson
 import psycopg
@@ -43,7 +43,7 @@ from cdc.values import Converter, converter, to_text
 
 __all__ = ["IncludeNode", "IncludeTree", "KeyTuple"]
 
-KeyTuple = tuple  # the root's identity values, in identity-column order (model values)
+KeyTuple: TypeAlias = tuple[Any, ...]  # the root's identity values, in identity-column order (model values)
 
 
 def _text(alias: str, column: str) -> sql.Composable:
@@ -157,12 +157,12 @@ class IncludeTree:
         return {self.root.qualified} | {n.table for n in self.all_nodes()}
 
     # -- reading records -------------------------------------------------------------------
-    def select(self, keys: Sequence[KeyTuple] | None = None) -> sql.Composable:
+    def select(self, keys: Sequence[KeyTuple] | None = None) -> sql.Composed:
         """The ``SELECT`` of the view's source rows: root columns by name, then one column per
         include named after it (a ``json`` value); see :meth:`rows`."""
         aliases = (f"t{i}" for i in itertools.count(1))
         schema, _, name = self.root.qualified.partition(".")
-        items = [sql.Identifier("t0", c) for c, _ in self.columns]
+        items: list[sql.Composable] = [sql.Identifier("t0", c) for c, _ in self.columns]
         items += [sql.SQL("{} AS {}").format(n.expression("t0", aliases), sql.Identifier(n.name)) for n in self.nodes]
         conds: list[sql.Composable] = []
         if self.where is not None:
@@ -184,7 +184,7 @@ class IncludeTree:
         return sql.SQL("SELECT {} FROM {} AS t0{}").format(
             sql.SQL(", ").join(items), sql.Identifier(schema, name), where)
 
-    def _select(self, keys: Sequence[KeyTuple] | None) -> sql.Composable:
+    def _select(self, keys: Sequence[KeyTuple] | None) -> sql.Composed:
         return sql.SQL("COPY ({}) TO STDOUT").format(self.select(keys))
 
     def rows(self, conn: psycopg.Connection, keys: Sequence[KeyTuple] | None = None, *,

@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from types import FrameType
+from typing import NoReturn
 
 import click
 import psycopg
@@ -59,7 +60,7 @@ def main(log_level: str) -> None:
     _setup_logging(log_level)
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException | str) -> NoReturn:
     click.echo(f"error: {e}", err=True)
     sys.exit(1)
 
@@ -81,7 +82,7 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     spec = _load(config)
     stop = threading.Event()
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
             log.warning("second signal: exiting now")
             sys.exit(130)
@@ -233,7 +234,7 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
             sys.exit(2)
         except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
             _fail(e)
-        sink = spec.views[name].sink
+        sink = spec.views[name].sink_name
         _console.print(render_diff(first, sink))
         final = first
         if repair:

@@ -8,11 +8,13 @@ from typing import Any, Iterator, Sequence
 
 import psycopg
 
-from cdc.catalog import table_info
+from cdc.catalog import TableInfo, table_info
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_rows
 from sinks.base import Op, Rejected, SinkError
 from views.check import build_views
+from views.derive import View
+from views.spec import Spec
 
 from ..runtime.sinks import open_sinks
 from ..state.deadletters import DeadLetterRecord, DeadLetterStore
@@ -39,7 +41,7 @@ class RetryOutcome:
     message: str
 
 
-def lookup_columns(info: Any, row: dict[str, Any]) -> tuple[str, ...] | None:
+def lookup_columns(info: TableInfo, row: dict[str, Any]) -> tuple[str, ...] | None:
     """The columns that find ``row`` again in its table: the primary key if the row carries
     it, else the replica identity columns (every column for REPLICA IDENTITY FULL without a
     primary key); ``None`` if the row lacks them."""
@@ -49,7 +51,8 @@ def lookup_columns(info: Any, row: dict[str, Any]) -> tuple[str, ...] | None:
     return None
 
 
-def _source_row(view: Any, info: Any, stored: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...] | None]:
+def _source_row(view: View, info: TableInfo,
+                stored: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...] | None]:
     """The stored row in column names, and the columns that find it again (or None).
 
     A dead letter holds either a source row (a row the view could not derive: column names)
@@ -72,7 +75,7 @@ def _rejections(result: Sequence[Rejected]) -> list[str]:
     return [r.error for r in result]
 
 
-def retry_dead_letters(spec: Any, store: DeadLetterStore,
+def retry_dead_letters(spec: Spec, store: DeadLetterStore,
                        records: Sequence[DeadLetterRecord]) -> Iterator[RetryOutcome]:
     """Retry ``records`` (from :meth:`DeadLetterStore.take_for_retry`) one by one, in order.
 
@@ -95,7 +98,7 @@ def retry_dead_letters(spec: Any, store: DeadLetterStore,
     with psycopg.connect(spec.source.dsn, autocommit=True, application_name="pgderive-retry") as conn:
         views = {v.name: v for v in build_views(spec, conn, names)} if names else {}
         sinks = open_sinks(spec, list(views.values()))
-        infos: dict[str, Any] = {}
+        infos: dict[str, TableInfo | None] = {}
         try:
             for rec in records:
                 def failed(message: str) -> RetryOutcome:
@@ -134,6 +137,9 @@ def retry_dead_letters(spec: Any, store: DeadLetterStore,
                     if current is not None and view.tree is not None:
                         # Query-derived: read the whole record (includes) for this root.
                         root = view.tree.root_key({**stored, **current})
+                        if root is None:
+                            raise ValueError(f"the row lacks the identity columns of {view.table} "
+                                             f"({', '.join(view.tree.identity)}): cannot read its record")
                         rows = [r for chunk in view.tree.rows(conn, [root]) for r in chunk]
                         ops, errors = view.key_ops([root], rows, version)
                         if errors:

@@ -68,26 +68,33 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import psycopg
 
 from cdc.changes import Transaction
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.slot import SlotReader, slot_info
+from cdc.slot import Keepalive, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
-from sinks.base import Op, Refreshable, Sink
+from sinks.base import Doc, Op, Refreshable, Sink
 from views.check import build_views
 from views.derive import View
+from views.spec import Spec
 from views.template import TemplateError
 
 from ..runtime.bootstrap import derive_snapshot
 from ..runtime.sinks import open_sinks
 
+if TYPE_CHECKING:
+    from rich.console import Group, RenderableType
+
 __all__ = ["ViewDiff", "Example", "VerifyError", "verify_view", "diff_view", "render_diff",
            "EXAMPLES_PER_KIND"]
 
 log = logging.getLogger("pgderive.verify")
+
+# What Sink.get returns: key -> (stored doc or None, stored version or None).
+_Stored = dict[str, tuple[Doc | None, int | None]]
 
 EXAMPLES_PER_KIND = 5
 _VALUE_WIDTH = 60          # characters of a value shown in an example
@@ -309,7 +316,7 @@ class _ChangesSince:
         if self.started:
             self._consume(self.reader.read(max_wait=0))
 
-    def _consume(self, events: Iterable[Any]) -> None:
+    def _consume(self, events: Iterable[Transaction | Keepalive]) -> None:
         for ev in events:
             if not isinstance(ev, Transaction):
                 continue
@@ -354,7 +361,7 @@ class _Verifier:
         # Prefetch: the sink reads the keys of the last _PREFETCH chunks while the oldest is
         # compared and the next one is read from the source.
         with ThreadPoolExecutor(max_workers=_PREFETCH, thread_name_prefix="pgderive-verify") as pool:
-            inflight: deque[tuple[list[Op], Future]] = deque()
+            inflight: deque[tuple[list[Op], Future[_Stored]]] = deque()
             for chunk in derive_snapshot(conn, [self.view], self.version, chunk_rows=chunk_rows):
                 ops = chunk.ops.get(name, [])
                 for e in chunk.errors.get(name, []):
@@ -373,7 +380,7 @@ class _Verifier:
         self._extras()
         self._flush_fixes(force=True)
 
-    def _check(self, ops: list[Op], fut: Future) -> None:
+    def _check(self, ops: list[Op], fut: Future[_Stored]) -> None:
         got = fut.result()
         r, name = self.result, self.view.name
         stored_form, expected_add = self.sink.stored_form, self.expected.add
@@ -554,7 +561,7 @@ def diff_view(dsn: str, view: View, sink: Sink) -> ViewDiff:
     return verify_view(dsn, view, sink)
 
 
-def verify(spec: Any, name: str, *, wait: float = 60.0, repair: bool = False) -> tuple[ViewDiff, ViewDiff | None]:
+def verify(spec: Spec, name: str, *, wait: float = 60.0, repair: bool = False) -> tuple[ViewDiff, ViewDiff | None]:
     """``pgderive verify``: verify view ``name`` of ``spec`` (a :class:`~views.spec.Spec`),
     repair it if asked and there is something to repair, then verify again.
 
@@ -581,7 +588,7 @@ def verify(spec: Any, name: str, *, wait: float = 60.0, repair: bool = False) ->
             s.close()
 
 
-def render_diff(diff: ViewDiff, sink: str | None = None) -> Any:
+def render_diff(diff: ViewDiff, sink: str | None = None) -> Group:
     """A rich renderable of ``diff`` for the terminal (see ``pgderive verify``)."""
     from rich.console import Group
     from rich.table import Table
@@ -594,13 +601,16 @@ def render_diff(diff: ViewDiff, sink: str | None = None) -> Any:
     if diff.snapshot_lsn is not None:
         head.append(f", snapshot at {format_lsn(diff.snapshot_lsn)}")
     head.append(f", {diff.elapsed_s:.1f} s ({diff.rows_per_second:,.0f} rows/s)")
-    parts: list[Any] = [head]
+    parts: list[RenderableType] = [head]
     if diff.daemon_note:
-        parts.append(Text(diff.daemon_note, style=None if diff.daemon_caught_up else "yellow"))
+        parts.append(Text(diff.daemon_note, style="" if diff.daemon_caught_up else "yellow"))
     t = Table(show_header=False, box=None, padding=(0, 2))
     t.add_column(justify="left")
     t.add_column(justify="right")
-    bad = lambda n: "red" if n else "green"  # noqa: E731
+
+    def bad(n: int) -> str:
+        return "red" if n else "green"
+
     t.add_row("source rows", f"{diff.source_rows:,}")
     t.add_row("sink records", f"{diff.sink_records:,}")
     t.add_row("missing", Text(f"{diff.missing:,}", style=bad(diff.missing)))

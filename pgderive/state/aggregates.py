@@ -2,7 +2,14 @@
 contribution with its version) and ``pgderive.agg_groups`` (each group's state).
 
 Why the state lives in Postgres and how a batch moves it exactly once is explained in
-:mod:`views.aggregate`, which defines the aggregations themselves.
+:mod:`views.aggregate`, which defines the aggregations themselves (ARCHITECTURE.md, "State").
+
+Table ``pgderive.agg_rows``: ``view``, ``row_key`` (text, :func:`views.aggregate.row_key` of the
+root identity; PK with ``view``), ``version`` (bigint: the commit LSN, as an int, of the change
+that last set the row — versions are LSNs, ARCHITECTURE.md rule 1), ``grp`` and ``vals`` (jsonb;
+both NULL for a deleted row's tombstone); index on ``(view, grp)``. Table ``pgderive.agg_groups``:
+``view``, ``grp`` (jsonb; PK with ``view``), ``state`` (jsonb). Their DDL is migration
+``0003_aggregates.sql``, applied by :func:`pgderive.state.schema.migrate`.
 """
 from __future__ import annotations
 
@@ -12,28 +19,22 @@ import psycopg
 from psycopg import sql
 
 from views.aggregate import Aggregation, row_key
-from views.include import KeyTuple
+
+from .schema import migrate
 
 __all__ = ["AggregateStore"]
 
-_SCHEMA = """
-CREATE SCHEMA IF NOT EXISTS pgderive;
-CREATE TABLE IF NOT EXISTS pgderive.agg_rows (
-    view     text   NOT NULL,
-    row_key  text   NOT NULL,
-    version  bigint NOT NULL,
-    grp      jsonb,
-    vals     jsonb,
-    PRIMARY KEY (view, row_key)
-);
-CREATE INDEX IF NOT EXISTS agg_rows_group ON pgderive.agg_rows (view, grp);
-CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
-    view     text   NOT NULL,
-    grp      jsonb  NOT NULL,
-    state    jsonb  NOT NULL,
-    PRIMARY KEY (view, grp)
-);
-"""
+Row = tuple[Any, ...]
+#: A root's identity values: views.include.KeyTuple, a bare ``tuple`` alias that mypy --strict
+#: rejects with or without type arguments.
+Key = tuple[Any, ...]
+
+
+def _query(part: sql.Composable) -> sql.Composed:
+    """``part`` as a :class:`~psycopg.sql.Composed`: :class:`views.aggregate.Aggregation`'s
+    builders return the :class:`~psycopg.sql.Composable` base, which ``execute`` is not typed
+    to accept."""
+    return sql.Composed([part])
 
 
 class AggregateStore:
@@ -42,20 +43,27 @@ class AggregateStore:
     state (see the module docstring).
 
     Args:
-        dsn: libpq connection string of the source (the schema is created on first use).
+        dsn: libpq connection string of the source. Schema ``pgderive`` is migrated
+            (:func:`~pgderive.state.schema.migrate`) once per connection, when it opens.
     """
 
     TABLE = sql.Identifier("pgderive", "agg_rows")
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self.conn: psycopg.Connection | None = None
+        self.conn: psycopg.Connection[Any] | None = None
 
-    def connection(self) -> psycopg.Connection:
+    def connection(self) -> psycopg.Connection[Any]:
+        """The store's connection (not autocommit; every method runs one transaction), opened
+        and migrated on first use and after it was closed."""
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.dsn, application_name="pgderive-aggregates")
-            with self.conn.transaction():
-                self.conn.execute(_SCHEMA)
+            conn = psycopg.connect(self.dsn, application_name="pgderive-aggregates")
+            try:
+                migrate(conn)
+            except BaseException:
+                conn.close()  # never hand out a connection to an unmigrated schema
+                raise
+            self.conn = conn
         return self.conn
 
     def close(self) -> None:
@@ -64,7 +72,7 @@ class AggregateStore:
             self.conn = None
 
     def apply(self, view: str, agg: Aggregation,
-              items: Iterable[tuple[KeyTuple, int, dict[str, Any] | None]]) -> tuple[list, list[str]]:
+              items: Iterable[tuple[Key, int, dict[str, Any] | None]]) -> tuple[list[Row], list[str]]:
         """Store contributions ``(root identity, version, row or None)`` of ``view`` (newer
         versions only) and move the states of the groups they leave and enter by the
         replaced contributions, in one transaction.
@@ -73,7 +81,7 @@ class AggregateStore:
         that still have rows, and the JSON texts of all touched groups (those without a row
         are empty: to delete). A replay changes no state and returns the current groups.
         Raises :class:`psycopg.Error`."""
-        keyed = {}
+        keyed: dict[str, tuple[int, tuple[str | None, str | None]]] = {}
         for key, version, row in items:
             keyed[row_key(key)] = (version, agg.contribution(row) if row is not None else (None, None))
         if not keyed:
@@ -105,7 +113,8 @@ class AggregateStore:
             if deltas:
                 self._move(conn, view, agg, deltas)
             groups = sorted(touched)
-            rows = conn.execute(agg.result_sql(True), {"view": view, "groups": groups}).fetchall() if groups else []
+            rows = (conn.execute(_query(agg.result_sql(True)), {"view": view, "groups": groups}).fetchall()
+                    if groups else [])
         return rows, groups
 
     @staticmethod
@@ -113,7 +122,7 @@ class AggregateStore:
         """Apply ``(sign, grp, vals)`` deltas to the stored group states (inside the caller's
         transaction): merged where exact, recomputed from the contributions where not."""
         if agg.incremental:
-            merged = conn.execute(agg.merge_sql(), {"view": view, "sign": [d[0] for d in deltas],
+            merged = conn.execute(_query(agg.merge_sql()), {"view": view, "sign": [d[0] for d in deltas],
                                                     "grp": [d[1] for d in deltas],
                                                     "vals": [d[2] for d in deltas]}).fetchall()
         else:
@@ -128,7 +137,7 @@ class AggregateStore:
                          "unnest(%s::jsonb[], %s::jsonb[]) AS u(g, s) ON CONFLICT (view, grp) DO UPDATE "
                          "SET state = excluded.state", (view, [k[0] for k in keep], [k[1] for k in keep]))
         if stale:
-            conn.execute(agg.state_sql(True), {"view": view, "groups": stale})
+            conn.execute(_query(agg.state_sql(True)), {"view": view, "groups": stale})
 
     def truncate(self, view: str, agg: Aggregation, version: int) -> None:
         """Every row of ``view``'s table is gone as of ``version`` (a TRUNCATE): tombstones;
@@ -138,7 +147,7 @@ class AggregateStore:
             conn.execute(sql.SQL("UPDATE {} SET grp = NULL, vals = NULL, version = %s WHERE view = %s "
                                  "AND version < %s").format(self.TABLE), (version, view, version))
             conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
-            conn.execute(agg.state_sql(False), {"view": view})
+            conn.execute(_query(agg.state_sql(False)), {"view": view})
 
     def reset(self, view: str) -> None:
         """Forget ``view``'s contributions and states (before a bootstrap or rebuild loads
@@ -148,7 +157,7 @@ class AggregateStore:
             conn.execute(sql.SQL("DELETE FROM {} WHERE view = %s").format(self.TABLE), (view,))
             conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
 
-    def load(self, view: str, agg: Aggregation, rows: Iterable[tuple[KeyTuple, dict[str, Any]]],
+    def load(self, view: str, agg: Aggregation, rows: Iterable[tuple[Key, dict[str, Any]]],
              version: int) -> None:
         """Append snapshot contributions at ``version`` (after :meth:`reset`) and compute every
         group's state from them, committed."""
@@ -159,10 +168,10 @@ class AggregateStore:
                 for key, row in rows:
                     grp, vals = agg.contribution(row)
                     copy.write_row((view, row_key(key), version, grp, vals))
-            conn.execute(agg.state_sql(False), {"view": view})
+            conn.execute(_query(agg.state_sql(False)), {"view": view})
 
-    def all_groups(self, view: str, agg: Aggregation) -> list:
+    def all_groups(self, view: str, agg: Aggregation) -> list[Row]:
         """:meth:`Aggregation.result_sql` rows of every group of ``view``."""
         conn = self.connection()
         with conn.transaction():
-            return conn.execute(agg.result_sql(False), {"view": view}).fetchall()
+            return conn.execute(_query(agg.result_sql(False)), {"view": view}).fetchall()

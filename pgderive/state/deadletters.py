@@ -1,4 +1,5 @@
-"""Dead letters: rows a view could not derive and documents a sink rejected (ARCHITECTURE.md, rule 5).
+"""Dead letters: rows a view could not derive and documents a sink rejected (ARCHITECTURE.md,
+rule 5).
 
 "Never lose silently": a poison row — its key template needs a NULL column, a derivation raised,
 a sink refused the document — must not stop the stream, and must not vanish either. It becomes a
@@ -18,23 +19,28 @@ Table ``pgderive.dead_letters``: ``id`` (bigserial PK), ``slot``, ``view``, ``so
 ``sink_key`` (NULL when the key could not be rendered), ``commit_lsn`` (pg_lsn), ``error``,
 ``row`` (jsonb: column → value in the model of :mod:`cdc.changes`; odd Python values are
 encoded as text — ``Decimal`` as its digits, ``bytes`` as Postgres hex ``\\x…``, datetimes in
-ISO 8601), ``created_at``, ``retries`` (how many retries failed again).
+ISO 8601), ``created_at``, ``retries`` (how many retries failed again); index on ``(slot, view,
+id)``. Its DDL is migration ``0002_dead_letters.sql``, applied by
+:func:`pgderive.state.schema.migrate` (ARCHITECTURE.md, "State").
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import orjson
 import psycopg
 from psycopg import sql
 
 from cdc.lsn import format_lsn, parse_lsn
+
+from .schema import migrate
 
 __all__ = ["DeadLetter", "DeadLetterRecord", "DeadLetterStore", "encode_row"]
 
@@ -43,24 +49,7 @@ log = logging.getLogger("pgderive.deadletters")
 SCHEMA = "pgderive"
 TABLE = "dead_letters"
 _QUALIFIED = sql.Identifier(SCHEMA, TABLE)
-
-_DDL = sql.SQL("""
-CREATE SCHEMA IF NOT EXISTS {schema};
-CREATE TABLE IF NOT EXISTS {table} (
-    id           bigserial PRIMARY KEY,
-    slot         text NOT NULL,
-    view         text NOT NULL,
-    source_table text NOT NULL,
-    sink_key     text NULL,
-    commit_lsn   pg_lsn NOT NULL,
-    error        text NOT NULL,
-    row          jsonb NULL,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    retries      int NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS {index} ON {table} (slot, view, id);
-""").format(schema=sql.Identifier(SCHEMA), table=_QUALIFIED,
-            index=sql.Identifier(f"{TABLE}_slot_view_id_idx"))
+_T = TypeVar("_T")
 
 _COLUMNS = sql.SQL("id, slot, view, source_table, sink_key, commit_lsn::text, error, row, created_at, retries")
 
@@ -163,18 +152,19 @@ class DeadLetterStore:
     """Reads and writes ``pgderive.dead_letters`` in the source database at ``dsn``.
 
     Holds one autocommit connection (opened on first use, reopened after a failure); safe to
-    share between threads (calls are serialized). The table is created on the first write;
-    reads of a database without it return nothing instead of creating it.
+    share between threads (calls are serialized). Schema ``pgderive`` is migrated
+    (:func:`~pgderive.state.schema.migrate`) once per store, on the first write; reads of a
+    database without the table return nothing instead of creating it.
     """
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self._conn: psycopg.Connection | None = None
+        self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         self._schema_ready = False
 
     # connection handling ------------------------------------------------------------------
-    def _connection(self) -> psycopg.Connection:
+    def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 self._conn.close()
@@ -182,18 +172,18 @@ class DeadLetterStore:
                                          application_name="pgderive-deadletters")
         return self._conn
 
-    def _run(self, fn: Any) -> Any:
+    def _run(self, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         """Call ``fn(conn)`` under the lock; after a lost connection, reconnect and retry once."""
         with self._lock:
-            for attempt in (1, 2):
-                conn = self._connection()
-                try:
-                    return fn(conn)
-                except psycopg.OperationalError:
-                    if attempt == 2 or not conn.broken:
-                        raise
-                    log.warning("dead-letter store: connection lost; reconnecting")
-                    conn.close()
+            conn = self._connection()
+            try:
+                return fn(conn)
+            except psycopg.OperationalError:
+                if not conn.broken:
+                    raise
+                log.warning("dead-letter store: connection lost; reconnecting")
+                conn.close()
+            return fn(self._connection())
 
     def close(self) -> None:
         with self._lock:
@@ -208,22 +198,18 @@ class DeadLetterStore:
         self.close()
 
     @staticmethod
-    def _exists(conn: psycopg.Connection) -> bool:
+    def _exists(conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{TABLE}",)).fetchone()
         return row is not None and row[0] is not None
 
-    def _ensure(self, conn: psycopg.Connection) -> None:
-        if self._schema_ready:
-            return
-        try:
-            conn.execute(_DDL)
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
-            # Another process created it at the same moment; its DDL has committed by now.
-            conn.execute(_DDL)
-        self._schema_ready = True
+    def _ensure(self, conn: psycopg.Connection[Any]) -> None:
+        if not self._schema_ready:
+            migrate(conn)  # serialized against concurrent starts by its advisory lock
+            self._schema_ready = True
 
     def ensure_schema(self) -> None:
-        """Create schema ``pgderive`` and table ``pgderive.dead_letters`` if missing (idempotent)."""
+        """Bring schema ``pgderive`` to the current version, ``pgderive.dead_letters`` included
+        (:func:`~pgderive.state.schema.migrate`; idempotent, reads only when current)."""
         self._schema_ready = False
         self._run(self._ensure)
 
@@ -249,7 +235,7 @@ class DeadLetterStore:
             " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
             " %s::pg_lsn[], %s::text[], %s::jsonb[])").format(_QUALIFIED)
 
-        def insert(conn: psycopg.Connection) -> None:
+        def insert(conn: psycopg.Connection[Any]) -> None:
             self._ensure(conn)
             conn.execute(query, cols)
 
@@ -283,19 +269,19 @@ class DeadLetterStore:
         """Number of dead letters of ``slot`` per view (views without any are absent)."""
         query = sql.SQL("SELECT view, count(*) FROM {} WHERE slot = %s GROUP BY view ORDER BY view").format(_QUALIFIED)
 
-        def run(conn: psycopg.Connection) -> dict[str, int]:
+        def run(conn: psycopg.Connection[Any]) -> dict[str, int]:
             if not self._exists(conn):
                 return {}
             return {v: int(n) for v, n in conn.execute(query, (slot,))}
 
         return self._run(run)
 
-    def list(self, slot: str, view: str | None = None, limit: int | None = 50) -> list[DeadLetterRecord]:
+    def list(self, slot: str, view: str | None = None, limit: int | None = 50) -> builtins.list[DeadLetterRecord]:
         """Dead letters of ``slot`` (of ``view`` if given), oldest first, at most ``limit``."""
         return self._select(slot, None, view, order=sql.SQL("id"), limit=limit)
 
     def take_for_retry(self, slot: str, ids: Sequence[int] | None = None,
-                       view: str | None = None) -> list[DeadLetterRecord]:
+                       view: str | None = None) -> builtins.list[DeadLetterRecord]:
         """The dead letters to retry, in stream order (commit LSN, then id).
 
         Selects those in ``ids`` and/or of ``view`` (every one of the slot's if both are None).
@@ -305,13 +291,13 @@ class DeadLetterStore:
         return self._select(slot, ids, view, order=sql.SQL("commit_lsn, id"), limit=None)
 
     def _select(self, slot: str, ids: Sequence[int] | None, view: str | None, *,
-                order: sql.Composable, limit: int | None) -> list[DeadLetterRecord]:
+                order: sql.Composable, limit: int | None) -> builtins.list[DeadLetterRecord]:
         where, params = self._where(slot, ids, view)
         query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(_COLUMNS, _QUALIFIED, where, order)
         if limit is not None:
             query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(int(limit)))
 
-        def run(conn: psycopg.Connection) -> list[DeadLetterRecord]:
+        def run(conn: psycopg.Connection[Any]) -> builtins.list[DeadLetterRecord]:
             if not self._exists(conn):
                 return []
             return [DeadLetterRecord(id=r[0], slot=r[1], view=r[2], table=r[3], key=r[4],
@@ -322,9 +308,9 @@ class DeadLetterStore:
         return self._run(run)
 
     @staticmethod
-    def _where(slot: str, ids: Sequence[int] | None, view: str | None) -> tuple[sql.Composable, list[Any]]:
-        parts: list[sql.Composable] = [sql.SQL("slot = %s")]
-        params: list[Any] = [slot]
+    def _where(slot: str, ids: Sequence[int] | None, view: str | None) -> tuple[sql.Composable, builtins.list[Any]]:
+        parts: builtins.list[sql.Composable] = [sql.SQL("slot = %s")]
+        params: builtins.list[Any] = [slot]
         if ids is not None:
             parts.append(sql.SQL("id = ANY(%s)"))
             params.append([int(i) for i in ids])

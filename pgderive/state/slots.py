@@ -7,7 +7,8 @@ restart by reading it back. The table is outside every view's table list, so wal
 
 Table ``pgderive.slot_state``: one row per slot — ``slot`` (text, PK), ``status``
 (``bootstrapping`` | ``streaming``), ``consistent_point`` (pg_lsn), ``views`` (jsonb: view
-name → spec fingerprint), ``updated_at``.
+name → spec fingerprint), ``updated_at``. Its DDL is migration ``0001_slot_state.sql``, applied by
+:func:`pgderive.state.schema.migrate` (ARCHITECTURE.md, "State").
 """
 from __future__ import annotations
 
@@ -19,23 +20,16 @@ import psycopg
 
 from cdc.lsn import format_lsn, parse_lsn
 
-__all__ = ["StateStore", "SlotState"]
+from .schema import migrate
 
-_DDL = """
-CREATE SCHEMA IF NOT EXISTS pgderive;
-CREATE TABLE IF NOT EXISTS pgderive.slot_state (
-    slot             text PRIMARY KEY,
-    status           text NOT NULL CHECK (status IN ('bootstrapping', 'streaming')),
-    consistent_point pg_lsn NOT NULL,
-    views            jsonb NOT NULL DEFAULT '{}',
-    updated_at       timestamptz NOT NULL DEFAULT now()
-);
-"""
+__all__ = ["StateStore", "SlotState"]
 
 
 @dataclass(slots=True, frozen=True)
 class SlotState:
-    """The stored state of one slot; ``consistent_point`` is an LSN (int)."""
+    """The stored state of one slot: ``status`` is ``bootstrapping`` or ``streaming``;
+    ``consistent_point`` is an LSN as an int (a pg_lsn column); ``views`` maps view name → spec
+    fingerprint."""
 
     slot: str
     status: str
@@ -44,24 +38,33 @@ class SlotState:
 
 
 class StateStore:
-    """Reads and writes ``pgderive.slot_state`` through its own autocommit connection."""
+    """Reads and writes ``pgderive.slot_state``; every call opens its own autocommit connection.
+
+    :meth:`ensure_schema` migrates schema ``pgderive`` (the daemon calls it once at start);
+    :meth:`get` and :meth:`delete` of a database without the table neither fail nor create it.
+    """
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-state")
 
+    @staticmethod
+    def _exists(conn: psycopg.Connection[Any]) -> bool:
+        row = conn.execute("SELECT to_regclass('pgderive.slot_state') IS NOT NULL").fetchone()
+        return row is not None and bool(row[0])
+
     def ensure_schema(self) -> None:
-        """Create the ``pgderive`` schema and table if missing."""
+        """Bring schema ``pgderive`` to the current version (:func:`~pgderive.state.schema.migrate`);
+        reads only when it is current."""
         with self._connect() as conn:
-            conn.execute(_DDL)
+            migrate(conn)
 
     def get(self, slot: str) -> SlotState | None:
         """The stored state of ``slot``, or None if pgderive never bootstrapped it."""
         with self._connect() as conn:
-            exists = conn.execute("SELECT to_regclass('pgderive.slot_state')").fetchone()
-            if exists is None or exists[0] is None:
+            if not self._exists(conn):
                 return None
             row = conn.execute(
                 "SELECT slot, status, consistent_point::text, views FROM pgderive.slot_state WHERE slot = %s",
@@ -71,7 +74,8 @@ class StateStore:
         return SlotState(row[0], row[1], parse_lsn(row[2]), row[3] or {})
 
     def set(self, slot: str, status: str, consistent_point: int, views: dict[str, Any]) -> None:
-        """Upsert the state of ``slot``."""
+        """Upsert the state of ``slot`` (``consistent_point``: an LSN as an int). The table must
+        exist (:meth:`ensure_schema`)."""
         with self._connect() as conn:
             conn.execute(
                 """INSERT INTO pgderive.slot_state (slot, status, consistent_point, views)
@@ -84,5 +88,5 @@ class StateStore:
     def delete(self, slot: str) -> None:
         """Forget ``slot`` (used by ``run --resnapshot``)."""
         with self._connect() as conn:
-            if conn.execute("SELECT to_regclass('pgderive.slot_state')").fetchone()[0]:
+            if self._exists(conn):
                 conn.execute("DELETE FROM pgderive.slot_state WHERE slot = %s", (slot,))

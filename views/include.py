@@ -216,6 +216,11 @@ class IncludeTree:
             return None
         return tuple(row[c] for c in self.identity)
 
+    def row_identity(self, row: dict[str, Any]) -> KeyTuple:
+        """The identity tuple of a root row read from the table (it carries every identity
+        column). Raises ``KeyError`` naming the column if it does not."""
+        return tuple(row[c] for c in self.identity)
+
     def affected_roots(self, conn: psycopg.Connection, node: IncludeNode,
                        values: Iterable[Any]) -> set[KeyTuple]:
         """Roots whose record contains rows of ``node.table`` with ``node.col`` in ``values``:

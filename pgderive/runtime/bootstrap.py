@@ -13,16 +13,18 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
 
+from cdc.changes import Row
 from cdc.lsn import format_lsn
 from cdc.snapshot import read_table
-from sinks.base import Op, Sink, SinkError, WireLoad
+from sinks.base import Op, Rejected, Sink, SinkError, WireLoad
 
 from views.derive import DerivationError, View
+from views.include import KeyTuple
 
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter
@@ -108,24 +110,25 @@ def _snapshot_groups(conn: psycopg.Connection, v: View, version: int,
     assert tree is not None and agg is not None
     nrows = 0
 
-    def contributions() -> Iterator[tuple]:
+    def contributions() -> Iterator[tuple[KeyTuple, dict[str, Any]]]:
         nonlocal nrows
         for rows in tree.rows(conn):
             nrows += len(rows)
             for row in rows:
-                yield tree.root_key(row), row
+                yield tree.row_identity(row), row
     if store is not None:
         store.reset(v.name)
         store.load(v.name, agg, contributions(), version)
         groups = store.all_groups(v.name, agg)
     else:  # verify: straight from the source rows, independent of the stored state
         groups = conn.execute(agg.direct_query(tree.select(), tree.nodes)).fetchall()
-        nrows = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS q").format(tree.select())).fetchone()[0]
+        counted = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS q").format(tree.select())).fetchone()
+        nrows = counted[0] if counted is not None else 0
     ops, errors = v.group_ops(groups, [], version)
     return SnapshotChunk(v.table, nrows, [v], {v.name: ops}, {v.name: errors})
 
 
-def _derive_chunk(table: str, tviews: list[View], chunk: list, version: int) -> SnapshotChunk:
+def _derive_chunk(table: str, tviews: list[View], chunk: list[Row], version: int) -> SnapshotChunk:
     ops: dict[str, list[Op]] = {}
     errors: dict[str, list[DerivationError]] = {}
     for v in tviews:
@@ -163,7 +166,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             raise DerivationError(entries[0].view, entries[0].table, entries[0].row, entries[0].error)
         on_dead_letters(entries)
 
-    def write(v: View, ops: list) -> list:
+    def write(v: View, ops: list[Op]) -> list[Rejected]:
         """Load one chunk of ``v`` into its generation (retrying), timing the sink's share."""
         sink = sinks[v.sink]
         t0 = time.monotonic()
@@ -172,11 +175,11 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
         return rejected
 
-    def settle(futures: list[tuple[View, Future]]) -> None:
+    def settle(futures: list[tuple[View, Future[list[Rejected]]]]) -> None:
         for v, f in futures:
             dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
 
-    def wire(v: View, query: sql.Composable) -> bool:
+    def wire(v: View, query: sql.Composed) -> bool:
         """Load ``v`` by a wire load; False (nothing lost: the caller loads it row by row) when
         the sink refuses it, e.g. a record key holding another Redis type."""
         sink = sinks[v.sink]
@@ -223,7 +226,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
     # read and derived while the previous one is being written (at most 2 chunks in memory).
     with ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-load") as pool:
-        in_flight: list[tuple[View, Future]] = []
+        in_flight: list[tuple[View, Future[list[Rejected]]]] = []
         table, t0, last_log, rows = None, 0.0, 0.0, 0
 
         def table_done() -> None:

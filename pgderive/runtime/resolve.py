@@ -101,8 +101,8 @@ class IncludeResolver:
                 parts.append(None)
             for part_keys, rows in _read_roots(tree, conn, parts):
                 if view.aggregation is not None:
-                    items: list[tuple[KeyTuple | None, int, dict[str, Any] | None]] = [
-                        (tree.root_key(r), version, r) for r in rows]
+                    items: list[tuple[KeyTuple, int, dict[str, Any] | None]] = [
+                        (tree.row_identity(r), version, r) for r in rows]
                     present = {k for k, _, _ in items}
                     items += [(k, version, None) for k in part_keys if k not in present]
                     result, touched = self.aggregates.apply(view.name, view.aggregation, items)

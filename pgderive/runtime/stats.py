@@ -47,7 +47,7 @@ class LagHistogram:
         for b in sorted(self.counts):
             seen += self.counts[b]
             if seen >= rank:
-                return self._FLOOR_MS * self._BASE ** (b + 0.5)
+                return float(self._FLOOR_MS * self._BASE ** (b + 0.5))
         return self.max_ms
 
 

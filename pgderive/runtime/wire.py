@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import closing
-from typing import Callable, Iterator
+from typing import Any, Callable, Generator
 
 import psycopg
 from psycopg import sql
@@ -54,7 +54,7 @@ def _text(column: str, type_name: str) -> sql.Composable | None:
     return None
 
 
-def wire_query(conn: psycopg.Connection, view: View, sink: Sink, version: int) -> sql.Composable | None:
+def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: int) -> sql.Composed | None:
     """The ``COPY`` statement of a wire load of ``view`` into ``sink`` at ``version`` (int LSN),
     or None when the view does not qualify: a ``derive``/``include``/aggregate view, a key
     column outside the primary key (it could be NULL, which must become a dead letter), a column
@@ -69,7 +69,8 @@ def wire_query(conn: psycopg.Connection, view: View, sink: Sink, version: int) -
         return None
     if any(_text(c, types[c]) is None for c in view.columns):
         return None
-    if conn.execute("SHOW server_encoding").fetchone()[0] != "UTF8":
+    encoding = conn.execute("SHOW server_encoding").fetchone()
+    if encoding is None or encoding[0] != "UTF8":
         return None
     names = list(view.fields)
     select = sink.wire_select(view.name, names, version, [types[view.fields[n]] for n in names])
@@ -88,7 +89,7 @@ def wire_query(conn: psycopg.Connection, view: View, sink: Sink, version: int) -
     return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT (FORMAT binary)").format(select, inner)
 
 
-def load_wire(conn: psycopg.Connection, view: View, sink: WireLoad, query: sql.Composable,
+def load_wire(conn: psycopg.Connection[Any], view: View, sink: WireLoad, query: sql.Composed,
               should_stop: Callable[[], bool], stopped: Callable[[int], BaseException]) -> tuple[int, float]:
     """Run ``query`` (from :func:`wire_query`) and relay its rows to ``sink``. Returns
     ``(records, seconds)``. Logs progress every 5 s. Raises what ``stopped(rows)`` returns when
@@ -97,7 +98,7 @@ def load_wire(conn: psycopg.Connection, view: View, sink: WireLoad, query: sql.C
     t0 = last_log = time.monotonic()
     sent = 0
 
-    def chunks() -> Iterator[list[tuple[bytes, bytes]]]:
+    def chunks() -> Generator[list[tuple[bytes, bytes]], None, None]:
         nonlocal sent, last_log
         chunk: list[tuple[bytes, bytes]] = []
         size = 0

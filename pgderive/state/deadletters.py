@@ -39,6 +39,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.lsn import format_lsn, parse_lsn
+from views.derive import DerivationError
 
 from .schema import migrate
 
@@ -76,10 +77,10 @@ class DeadLetter:
     row: dict[str, Any] | None
 
     @classmethod
-    def from_derivation_error(cls, err: Any, lsn: int) -> "DeadLetter":
+    def from_derivation_error(cls, err: DerivationError, lsn: int) -> "DeadLetter":
         """A dead letter for a :class:`views.derive.DerivationError` raised at ``lsn``."""
         return cls(view=err.view, table=err.table, key=None, lsn=lsn,
-                   error=str(getattr(err, "reason", err)), row=err.row)
+                   error=err.reason, row=err.row)
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,13 +1,29 @@
 #!/usr/bin/env python3
-"""`make demo`: pgbench → wal2json slot → pgderive → Redis + OpenSearch, then a full comparison.
+"""`make demo`: pgbench → wal2json slot → pgderive → Redis + OpenSearch, then a full comparison,
+then the same workload with the Redis views only, to show what OpenSearch costs the Redis views.
 
-Steps: (re)create database ``bench`` and ``pgbench -i -s SCALE``; start ``pgderive run
---resnapshot`` (bootstrap of SCALE × 100k accounts); run ``pgbench -c 4 -T 30`` while it
-streams; wait until the slot's confirmed LSN reaches the end of the workload; stop the daemon
-gracefully; print per view: rows in the source, records in the sink, mismatches, snapshot rows/s
-and the end-to-end lag. Exits 1 if any view has a mismatch.
+Run 1 ("all sinks", config/pgbench.yaml): (re)create database ``bench`` and ``pgbench -i -s
+SCALE``; start ``pgderive run --resnapshot`` (bootstrap of SCALE × 100k accounts); run
+``pgbench -c CLIENTS -T SECONDS`` while it streams; wait until the slot's confirmed LSN reaches
+the end of the workload; stop the daemon gracefully; print per view: rows in the source, records
+in the sink, mismatches, snapshot rows/s; and per sink: Ops, batches, seconds busy and the lag
+commit → acknowledged by that sink (p50/p99/max, from the stats file's ``sinks``).
 
-Environment: PGDERIVE_DEMO_SCALE (10), PGDERIVE_DEMO_SECONDS (30), PGDERIVE_DEMO_CLIENTS (4).
+Run 2 ("Redis only"): the same steps (fresh ``pgbench -i`` at the same scale, fresh slot via
+``--resnapshot``, same ``-c``/``-T``) with a config derived from config/pgbench.yaml that keeps
+only the views whose sink is Redis (written to .services/demo/pgbench-redis-only.yaml).
+
+Then a comparison table: each Redis sink's lag p50/p99 with all sinks vs Redis only, the ratio
+and whether the p99 is within 2x; and each other sink's own lag. Both runs are saved in
+.services/demo/result.json (stats files and daemon logs next to it). Exits 1 if any view of
+either run has a mismatch.
+
+At the end the replication slot (``pgderive_bench``) is dropped: an inactive slot makes Postgres
+retain WAL until the disk fills. PGDERIVE_DEMO_KEEP_SLOT=1 keeps it (e.g. to run ``pgderive
+status`` or resume the daemon afterwards).
+
+Environment: PGDERIVE_DEMO_SCALE (10), PGDERIVE_DEMO_SECONDS (30), PGDERIVE_DEMO_CLIENTS (4),
+PGDERIVE_DEMO_KEEP_SLOT (unset).
 """
 from __future__ import annotations
 
@@ -17,9 +33,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
+import yaml
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
@@ -28,17 +46,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc.lsn import format_lsn, parse_lsn  # noqa: E402
-from views.check import build_views
-from pgderive.runtime.sinks import open_sinks  # noqa: E402
-from views.spec import load_spec  # noqa: E402
 from pgderive.ops.verify import diff_view  # noqa: E402
+from pgderive.runtime.sinks import open_sinks  # noqa: E402
+from views.check import build_views  # noqa: E402
+from views.spec import Spec, load_spec  # noqa: E402
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CONFIG = ROOT / "config" / "pgbench.yaml"
 SCALE = int(os.environ.get("PGDERIVE_DEMO_SCALE", "10"))
 SECONDS = int(os.environ.get("PGDERIVE_DEMO_SECONDS", "30"))
 CLIENTS = int(os.environ.get("PGDERIVE_DEMO_CLIENTS", "4"))
+KEEP_SLOT = os.environ.get("PGDERIVE_DEMO_KEEP_SLOT", "") not in ("", "0")
 OUT = ROOT / ".services" / "demo"
+REDIS_ONLY_CONFIG = OUT / "pgbench-redis-only.yaml"
+WITHIN = 2.0  # the Redis views' p99 lag with every sink must stay within this factor of Redis only
 console = Console(width=int(os.environ.get("COLUMNS", "120")))
 
 
@@ -49,10 +70,37 @@ def step(msg: str) -> None:
 def main() -> int:
     spec = load_spec(CONFIG)
     dsn = spec.source.dsn
+    OUT.mkdir(parents=True, exist_ok=True)
+    redis_sinks = {name for name, s in spec.sinks.items() if s.type == "redis"}
+    if not redis_sinks:
+        raise SystemExit(f"{CONFIG} has no Redis sink to compare with")
+    try:
+        both = run_once("all sinks", CONFIG, "all")
+        write_redis_only_config(redis_sinks)
+        redis_only = run_once("Redis only", REDIS_ONLY_CONFIG, "redis-only")
+        compare(spec, both, redis_only, redis_sinks)
+        failed = both["failed"] or redis_only["failed"]
+        (OUT / "result.json").write_bytes(orjson.dumps(
+            {"scale": SCALE, "clients": CLIENTS, "seconds": SECONDS, "failed": failed,
+             "runs": {"all_sinks": both, "redis_only": redis_only},
+             "comparison": comparison_rows(both, redis_only, redis_sinks)},
+            option=orjson.OPT_INDENT_2))
+        console.print(f"summary of both runs: {OUT / 'result.json'}")
+    finally:
+        drop_slot(dsn, spec.source.slot)
+    return 1 if failed else 0
+
+
+# -- one run ------------------------------------------------------------------------------------
+def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
+    """Fresh database and slot, bootstrap, pgbench while streaming, catch up, stop, compare every
+    view; prints the per-view and per-sink tables and returns the run's summary."""
+    console.rule(f"[bold]run: {label}[/] ({config.relative_to(ROOT)})")
+    spec = load_spec(config)
+    dsn = spec.source.dsn
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     admin = psycopg.conninfo.make_conninfo(dsn, dbname="postgres")
     pg_env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": "5433", "PGUSER": "postgres"}
-    OUT.mkdir(parents=True, exist_ok=True)
 
     step(f"fresh database {dbname}: pgbench -i -s {SCALE}")
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -67,11 +115,11 @@ def main() -> int:
         raise SystemExit(f"pgbench -i failed:\n{init.stderr}")
 
     step("starting pgderive run (bootstrap from an exported snapshot, then streaming)")
-    stats_file = OUT / "stats.json"
-    log_file = OUT / "pgderive.log"
+    stats_file = OUT / f"stats-{tag}.json"
+    log_file = OUT / f"pgderive-{tag}.log"
     stats_file.unlink(missing_ok=True)
     with open(log_file, "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "pgderive.cli", "run", "-c", str(CONFIG),
+        daemon = subprocess.Popen([sys.executable, "-m", "pgderive.cli", "run", "-c", str(config),
                                    "--resnapshot", "--stats-file", str(stats_file)],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -81,15 +129,16 @@ def main() -> int:
                 console.print(log_file.read_text()[-4000:])
                 raise SystemExit("pgderive exited during the bootstrap")
             time.sleep(0.5)
-        console.print(f"    bootstrap finished in {time.monotonic() - t0:.1f} s")
+        bootstrap_s = time.monotonic() - t0
+        console.print(f"    bootstrap finished in {bootstrap_s:.1f} s")
 
         step(f"pgbench -c {CLIENTS} -T {SECONDS} while pgderive streams")
         start_lsn = _current_lsn(dsn)
         bench = subprocess.run([str(PG_BIN / "pgbench"), "-n", "-c", str(CLIENTS), "-j", "2",
                                 "-T", str(SECONDS), dbname], env=pg_env, check=True,
                                capture_output=True, text=True)
-        tps = next((ln for ln in bench.stdout.splitlines() if ln.startswith("tps")), "")
-        console.print(f"    {tps.strip()}")
+        tps_line = next((ln for ln in bench.stdout.splitlines() if ln.startswith("tps")), "").strip()
+        console.print(f"    {tps_line}")
         end_lsn = _current_lsn(dsn)
         step(f"waiting for the slot to confirm {format_lsn(end_lsn)} "
              f"({(end_lsn - start_lsn) / 1e6:.0f} MB of WAL)")
@@ -105,7 +154,11 @@ def main() -> int:
         console.print(f"    caught up {catchup:.1f} s after pgbench ended")
     finally:
         daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(60)
+        try:
+            code = daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            code = daemon.wait()
     if code != 0:
         console.print(log_file.read_text()[-4000:])
         raise SystemExit(f"pgderive exited with {code}")
@@ -114,28 +167,34 @@ def main() -> int:
     step("comparing every view with the source")
     with psycopg.connect(dsn, autocommit=True) as conn:
         views = build_views(spec, conn)
-    table = Table(title=f"pgderive demo: pgbench scale {SCALE}, {CLIENTS} clients × {SECONDS} s")
+    table = Table(title=f"{label}: pgbench scale {SCALE}, {CLIENTS} clients × {SECONDS} s")
     for col in ("view", "sink", "source rows", "sink records", "mismatches", "snapshot rows/s",
                 "sink write rows/s"):
         table.add_column(col, justify="right" if col != "view" else "left")
     failed = False
+    view_rows = []
     sinks = open_sinks(spec, views)
-    for v in views:
-        sink = sinks[v.sink]
-        if hasattr(sink, "refresh"):
-            sink.refresh(v.name)
-        d = diff_view(dsn, v, sink)
-        failed |= d.mismatches > 0
-        snap = stats.get("snapshot", {}).get("tables", {}).get(v.table, {})
-        vsnap = stats.get("snapshot", {}).get("views", {}).get(v.name, {})
-        table.add_row(v.name, v.sink, f"{d.source_rows:,}", f"{d.sink_records:,}",
-                      f"[{'red' if d.mismatches else 'green'}]{d.mismatches}[/]",
-                      f"{snap.get('rows_per_s', 0):,}", f"{vsnap.get('sink_records_per_s') or 0:,}")
-        for ex in d.examples:
-            console.print(f"    [red]{v.name}: {ex}[/]")
-    for s in sinks.values():
-        s.close()
+    try:
+        for v in views:
+            sink = sinks[v.sink]
+            if hasattr(sink, "refresh"):
+                sink.refresh(v.name)
+            d = diff_view(dsn, v, sink)
+            failed |= d.mismatches > 0
+            snap = stats.get("snapshot", {}).get("tables", {}).get(v.table, {})
+            vsnap = stats.get("snapshot", {}).get("views", {}).get(v.name, {})
+            view_rows.append({"view": v.name, "sink": v.sink, "source_rows": d.source_rows,
+                              "sink_records": d.sink_records, "mismatches": d.mismatches})
+            table.add_row(v.name, v.sink, f"{d.source_rows:,}", f"{d.sink_records:,}",
+                          f"[{'red' if d.mismatches else 'green'}]{d.mismatches}[/]",
+                          f"{snap.get('rows_per_s', 0):,}", f"{vsnap.get('sink_records_per_s') or 0:,}")
+            for ex in d.examples:
+                console.print(f"    [red]{v.name}: {ex}[/]")
+    finally:
+        for s in sinks.values():
+            s.close()
     console.print(table)
+    console.print(sink_table(f"{label}: lag per sink (commit → acknowledged by that sink)", spec, stats))
     lag = stats.get("lag_ms", {})
     elapsed_stream = max(1e-9, SECONDS + catchup)
     console.print(
@@ -144,8 +203,103 @@ def main() -> int:
         f"{stats['ops']:,} sink ops in {stats['flushes']:,} flushes; "
         f"end-to-end lag (commit → all sinks acknowledged): p50 {lag.get('p50')} ms, "
         f"p99 {lag.get('p99')} ms, max {lag.get('max')} ms")
-    (OUT / "result.json").write_bytes(orjson.dumps({"stats": stats, "failed": failed}))
-    return 1 if failed else 0
+    return {"label": label, "config": str(config.relative_to(ROOT)), "bootstrap_s": round(bootstrap_s, 1),
+            "tps": _tps(tps_line), "wal_mb": round((end_lsn - start_lsn) / 1e6, 1),
+            "catchup_s": round(catchup, 1), "failed": failed, "views": view_rows,
+            "sink_types": {name: s.type for name, s in spec.sinks.items()}, "stats": stats}
+
+
+def sink_table(title: str, spec: Spec, stats: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    for col in ("sink", "type", "ops", "batches", "busy s", "lag p50 ms", "lag p99 ms", "lag max ms",
+                "samples"):
+        table.add_column(col, justify="left" if col in ("sink", "type") else "right")
+    for name, s in stats.get("sinks", {}).items():
+        lag = s.get("lag_ms", {})
+        table.add_row(name, spec.sinks[name].type if name in spec.sinks else "?", f"{s['ops']:,}",
+                      f"{s['batches']:,}", f"{s['busy_s']:.1f}", _ms(lag.get("p50")), _ms(lag.get("p99")),
+                      _ms(lag.get("max")), f"{lag.get('samples', 0):,}")
+    return table
+
+
+# -- Redis only -----------------------------------------------------------------------------------
+def write_redis_only_config(redis_sinks: set[str]) -> None:
+    """config/pgbench.yaml with only the views whose sink is Redis (and only those sinks); the
+    ${VAR} placeholders are kept, so both runs resolve the environment the same way."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["views"] = {name: v for name, v in raw["views"].items() if v["sink"] in redis_sinks}
+    raw["sinks"] = {name: s for name, s in raw["sinks"].items() if name in redis_sinks}
+    header = (f"# Generated by scripts/demo.py from {CONFIG.relative_to(ROOT)}: its Redis views only.\n"
+              "# Do not edit: rewritten by every `make demo`.\n")
+    REDIS_ONLY_CONFIG.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+
+
+def comparison_rows(both: dict[str, Any], redis_only: dict[str, Any], redis_sinks: set[str]) -> list[dict]:
+    rows = []
+    b_sinks, r_sinks = both["stats"].get("sinks", {}), redis_only["stats"].get("sinks", {})
+    for name in sorted(b_sinks):
+        b = b_sinks[name].get("lag_ms", {})
+        r = r_sinks.get(name, {}).get("lag_ms", {}) if name in redis_sinks else {}
+        for p in ("p50", "p99", "max"):
+            bv, rv = b.get(p), r.get(p)
+            ratio = bv / rv if bv is not None and rv else None
+            rows.append({"sink": name, "type": both["sink_types"].get(name), "metric": p,
+                         "all_sinks_ms": bv, "redis_only_ms": rv,
+                         "ratio": None if ratio is None else round(ratio, 2),
+                         "within_2x": None if ratio is None or p != "p99" else ratio <= WITHIN})
+    return rows
+
+
+def compare(spec: Spec, both: dict[str, Any], redis_only: dict[str, Any], redis_sinks: set[str]) -> None:
+    console.rule("[bold]comparison[/]")
+    table = Table(title=f"lag commit → acknowledged by the sink (ms): all sinks vs Redis only "
+                        f"(pgbench scale {SCALE}, {CLIENTS} clients × {SECONDS} s)")
+    for col in ("sink", "type", "lag", "all sinks", "Redis only", "ratio", f"p99 within {WITHIN:g}x"):
+        table.add_column(col, justify="left" if col in ("sink", "type", "lag") else "right")
+    for row in comparison_rows(both, redis_only, redis_sinks):
+        if row["sink"] in redis_sinks:
+            verdict = ("" if row["within_2x"] is None else
+                       "[green]yes[/]" if row["within_2x"] else "[red]no[/]")
+            table.add_row(row["sink"], row["type"], row["metric"], _ms(row["all_sinks_ms"]),
+                          _ms(row["redis_only_ms"]),
+                          "—" if row["ratio"] is None else f"{row['ratio']:.2f}", verdict)
+        else:  # not in the Redis-only run: its own lag only
+            table.add_row(row["sink"], row["type"], row["metric"], _ms(row["all_sinks_ms"]), "—", "—", "")
+    console.print(table)
+    lag_b, lag_r = both["stats"].get("lag_ms", {}), redis_only["stats"].get("lag_ms", {})
+    console.print(f"end-to-end lag p50/p99: all sinks {lag_b.get('p50')}/{lag_b.get('p99')} ms, "
+                  f"Redis only {lag_r.get('p50')}/{lag_r.get('p99')} ms; pgbench: all sinks "
+                  f"{both['tps'] or 0:,.0f} tps ({both['stats']['transactions']:,} transactions streamed), "
+                  f"Redis only {redis_only['tps'] or 0:,.0f} tps "
+                  f"({redis_only['stats']['transactions']:,} transactions streamed)")
+
+
+def drop_slot(dsn: str, slot: str) -> None:
+    if KEEP_SLOT:
+        console.print(f"keeping replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT is set): "
+                      f"it retains WAL until dropped")
+        return
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                               "WHERE slot_name = %s AND NOT active", (slot,)).fetchone()
+    except psycopg.Error as e:
+        console.print(f"[yellow]could not drop replication slot {slot}: {e}[/]")
+        return
+    if row is not None:
+        console.print(f"dropped replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT=1 keeps it)")
+
+
+def _tps(line: str) -> float | None:
+    """``tps = 1012.269933 (without initial connection time)`` → 1012.27."""
+    try:
+        return round(float(line.split()[2]), 2)
+    except (IndexError, ValueError):
+        return None
+
+
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.1f}"
 
 
 def _streaming(dsn: str, slot: str) -> bool:

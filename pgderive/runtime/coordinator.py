@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -46,6 +47,13 @@ from .stream import Limits, Stream, row_refetcher
 __all__ = ["Engine", "EngineError"]
 
 log = logging.getLogger("pgderive.engine")
+
+#: CPython's GIL switch interval while streaming (seconds; the default is 0.005). The lanes hand
+#: work between threads; with the default a CPU-bound thread (the reader deriving, a lane encoding
+#: a large OpenSearch batch) keeps the GIL up to 5 ms while another lane's acknowledged I/O waits
+#: for it: a 10-command Redis pipeline measured 0.2 ms alone, 10.4 ms beside a CPU-bound thread,
+#: 0.19 ms with 0.0005 (ARCHITECTURE.md, "Lanes").
+SWITCH_INTERVAL = 0.0005
 
 
 class Engine:
@@ -87,6 +95,7 @@ class Engine:
         Raises :class:`EngineError` for conditions that need an operator (slot vanished,
         another daemon active, views changed), :class:`~views.spec.SpecError` for bad YAML.
         """
+        sys.setswitchinterval(SWITCH_INTERVAL)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             self.views = build_views(self.spec, conn)
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table

@@ -8,8 +8,11 @@ Table ``pgderive.agg_rows``: ``view``, ``row_key`` (text, :func:`views.aggregate
 root identity; PK with ``view``), ``version`` (bigint: the commit LSN, as an int, of the change
 that last set the row — versions are LSNs, ARCHITECTURE.md rule 1), ``grp`` and ``vals`` (jsonb;
 both NULL for a deleted row's tombstone); index on ``(view, grp)``. Table ``pgderive.agg_groups``:
-``view``, ``grp`` (jsonb; PK with ``view``), ``state`` (jsonb). Their DDL is migration
-``0003_aggregates.sql``, applied by :func:`pgderive.state.schema.migrate`.
+``view``, ``grp`` (jsonb; PK with ``view``), ``state`` (jsonb). Table ``pgderive.agg_touched``:
+``view``, ``grp`` (jsonb; PK with ``view``), ``version`` (bigint: the highest version of a batch
+that touched the group; what a replay re-emits, see :meth:`AggregateStore.apply`). Their DDL is
+migrations ``0003_aggregates.sql`` and ``0004_agg_touched.sql``, applied by
+:func:`pgderive.state.schema.migrate`.
 """
 from __future__ import annotations
 
@@ -79,7 +82,10 @@ class AggregateStore:
 
         Returns ``(rows, touched)``: :meth:`Aggregation.result_sql` rows of the touched groups
         that still have rows, and the JSON texts of all touched groups (those without a row
-        are empty: to delete). A replay changes no state and returns the current groups.
+        are empty: to delete). A replay changes no state and returns the current groups: those
+        its rows are in, and every group another batch moved at or after the replayed version
+        (``pgderive.agg_touched``), since the crash that caused the replay may have come
+        between that batch's commit here and its write to the sink.
         Raises :class:`psycopg.Error`."""
         keyed: dict[str, tuple[int, tuple[str | None, str | None]]] = {}
         for key, version, row in items:
@@ -94,11 +100,14 @@ class AggregateStore:
             stored = {k: (v, g, x) for k, v, g, x in old}
             touched: set[str] = {g for _, g, _ in stored.values() if g is not None}
             write, deltas = [], []
+            replayed: int | None = None  # lowest version of a contribution already stored
             for k, (version, (grp, vals)) in keyed.items():
                 if grp is not None:
                     touched.add(grp)
                 prev = stored.get(k)
-                if prev is None or version > prev[0]:
+                if prev is not None and version <= prev[0]:
+                    replayed = version if replayed is None else min(replayed, version)
+                elif prev is None or version > prev[0]:
                     write.append((view, k, version, grp, vals))
                     if prev is not None and prev[1] is not None:
                         deltas.append((-1, prev[1], prev[2]))
@@ -112,7 +121,17 @@ class AggregateStore:
                         "grp = excluded.grp, vals = excluded.vals").format(self.TABLE), write)
             if deltas:
                 self._move(conn, view, agg, deltas)
+            if replayed is not None:
+                touched.update(g for (g,) in conn.execute(
+                    "SELECT grp::text FROM pgderive.agg_touched WHERE view = %s AND version >= %s",
+                    (view, replayed)))
             groups = sorted(touched)
+            if groups:
+                top = max(version for version, _ in keyed.values())
+                conn.execute("INSERT INTO pgderive.agg_touched (view, grp, version) SELECT %s, g, %s "
+                             "FROM unnest(%s::jsonb[]) AS u(g) ON CONFLICT (view, grp) DO UPDATE SET "
+                             "version = greatest(pgderive.agg_touched.version, excluded.version)",
+                             (view, top, groups))
             rows = (conn.execute(_query(agg.result_sql(True)), {"view": view, "groups": groups}).fetchall()
                     if groups else [])
         return rows, groups
@@ -156,6 +175,7 @@ class AggregateStore:
         with conn.transaction():
             conn.execute(sql.SQL("DELETE FROM {} WHERE view = %s").format(self.TABLE), (view,))
             conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
+            conn.execute("DELETE FROM pgderive.agg_touched WHERE view = %s", (view,))
 
     def load(self, view: str, agg: Aggregation, rows: Iterable[tuple[Key, dict[str, Any]]],
              version: int) -> None:

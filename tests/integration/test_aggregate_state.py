@@ -123,3 +123,45 @@ def test_incremental_states_equal_postgres_aggregates(seed):
     finally:
         store.close()
         drop_database(name)
+
+
+def test_a_replay_re_emits_groups_a_lost_batch_moved():
+    """kill -9 between a batch's commit in pgderive.agg_* and its sink write: the stream replays
+    the batch, whose contributions are already stored. The groups it moved must come back from
+    the replay too — here a group the row left and that became empty (its sink record would
+    otherwise stay forever), and one changed by a later lost batch the replay precedes."""
+    name = unique("aggreplay")
+    dsn = create_database(name)
+    store = AggregateStore(dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE src (id int PRIMARY KEY, g int, n int)")
+            conn.execute("INSERT INTO src VALUES (1, 10, 1), (2, 20, 2), (3, 30, 3)")
+            info = table_info(conn, "public", "src")
+            assert info is not None
+            agg = Aggregation(["g"], {"c": "count(*)", "s": "sum(n)"}, info, [])
+            tree = IncludeTree(info, [(c, info.columns[c]) for c in info.columns], [], None)
+            store.reset("v")
+            store.load("v", agg, ((tree.root_key(r), r) for rows in tree.rows(conn) for r in rows), 1)
+
+            def current(i: int) -> dict | None:
+                found = [r for rows in tree.rows(conn, [(i,)]) for r in rows]
+                return found[0] if found else None
+            # Batch at version 5 (lost): row 1 moves from group 10 (now empty) to group 20.
+            conn.execute("UPDATE src SET g = 20 WHERE id = 1")
+            lost5 = [((1,), 5, current(1))]
+            _, touched = store.apply("v", agg, lost5)
+            assert sorted(touched) == ['["10"]', '["20"]']
+            # Batch at version 7 (lost too): row 3 leaves group 30 for group 20.
+            conn.execute("UPDATE src SET g = 20 WHERE id = 3")
+            store.apply("v", agg, [((3,), 7, current(3))])
+            # The replay of version 5 must name group 10 (to delete) and 30 (moved at 7 >= 5).
+            rows, touched = store.apply("v", agg, lost5)
+            assert {'["10"]', '["20"]', '["30"]'} <= set(touched)
+            assert _groups(rows, agg) == {("20",): ("3", "6")}  # 10 and 30 are empty: deletes
+            # A replay of version 7 alone no longer names group 10 (moved at 5 < 7).
+            _, touched = store.apply("v", agg, [((3,), 7, current(3))])
+            assert '["10"]' not in touched and {'["20"]', '["30"]'} <= set(touched)
+    finally:
+        store.close()
+        drop_database(name)

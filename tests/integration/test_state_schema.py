@@ -66,9 +66,9 @@ CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
     PRIMARY KEY (view, grp)
 );
 """
-STATE_TABLES = ["agg_groups", "agg_rows", "dead_letters", "slot_state"]
-ALL_TABLES = ["agg_groups", "agg_rows", "dead_letters", "schema_version", "slot_state"]
-EXPECTED_VERSIONS = [(1, "slot_state"), (2, "dead_letters"), (3, "aggregates")]
+STATE_TABLES = ["agg_groups", "agg_rows", "dead_letters", "slot_state"]  # the old DDL's tables
+ALL_TABLES = ["agg_groups", "agg_rows", "agg_touched", "dead_letters", "schema_version", "slot_state"]
+EXPECTED_VERSIONS = [(1, "slot_state"), (2, "dead_letters"), (3, "aggregates"), (4, "agg_touched")]
 
 
 @pytest.fixture
@@ -107,8 +107,8 @@ def shape(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
             (STATE_TABLES,)).fetchall()
         cons = conn.execute(
             "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
-            " WHERE connamespace = 'pgderive'::regnamespace AND conrelid::regclass::text <> 'pgderive.schema_version'"
-            " ORDER BY 1, 2").fetchall()
+            " WHERE connamespace = 'pgderive'::regnamespace AND conrelid::regclass::text = ANY(%s)"
+            " ORDER BY 1, 2", ([f"pgderive.{t}" for t in STATE_TABLES],)).fetchall()
         idx = conn.execute(
             "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgderive'"
             " AND tablename = ANY(%s) ORDER BY 1, 2", (STATE_TABLES,)).fetchall()
@@ -117,7 +117,7 @@ def shape(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
 
 def test_shipped_migrations_are_numbered_without_gaps() -> None:
     assert [(m.version, m.name) for m in schema.migrations()] == EXPECTED_VERSIONS
-    assert latest_version() == 3
+    assert latest_version() == 4
 
 
 def test_fresh_database_gets_every_table_and_the_latest_version(dsn: str) -> None:
@@ -187,7 +187,7 @@ def test_newer_database_is_refused_naming_both_versions(dsn: str) -> None:
     with connect(dsn) as conn:
         migrate(conn)
         conn.execute("INSERT INTO pgderive.schema_version (version, name) VALUES (99, 'from_the_future')")
-        with pytest.raises(SchemaVersionError, match=r"version 99, newer than version 3"):
+        with pytest.raises(SchemaVersionError, match=r"version 99, newer than version 4"):
             migrate(conn)
     with pytest.raises(SchemaVersionError, match="99"):
         StateStore(dsn).ensure_schema()

@@ -66,10 +66,19 @@ class SlotInfo:
 
     @property
     def lag_bytes(self) -> int | None:
-        """WAL bytes written since the confirmed position (what the slot makes Postgres keep)."""
+        """WAL bytes written since the confirmed position (what pgderive has yet to acknowledge)."""
         if self.confirmed_flush_lsn is None:
             return None
         return max(0, self.current_wal_lsn - self.confirmed_flush_lsn)
+
+    @property
+    def retained_bytes(self) -> int | None:
+        """WAL bytes Postgres keeps for this slot: from its ``restart_lsn`` (the oldest WAL the
+        slot may still need to decode) to the current position (Postgres manual, "Replication
+        Slots", ``pg_replication_slots``)."""
+        if self.restart_lsn is None:
+            return None
+        return max(0, self.current_wal_lsn - self.restart_lsn)
 
 
 def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:

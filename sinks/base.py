@@ -23,7 +23,7 @@ by mypy):
 * :class:`AtomicCheckpoint`: ``apply_and_advance`` — a batch's Ops and the checkpoint advance in
   one call (Redis).
 * :class:`WireLoad`: ``wire_select`` + ``wire_load`` — snapshot rows encoded by Postgres in the
-  sink's own protocol and relayed as bytes (Redis hash views, OpenSearch; :mod:`views.wire`).
+  sink's own protocol and relayed as bytes (Redis hash views, OpenSearch; :mod:`pgderive.runtime.wire`).
 * :class:`Refreshable`: ``refresh`` — make acknowledged writes visible to scans (OpenSearch).
 """
 from __future__ import annotations
@@ -243,7 +243,7 @@ class AtomicCheckpoint(Protocol):
 @runtime_checkable
 class WireLoad(Protocol):
     """A sink that loads a snapshot from rows Postgres encodes in the sink's own protocol
-    (:mod:`views.wire`): pgderive relays bytes and decodes no row. The result equals
+    (:mod:`pgderive.runtime.wire`): pgderive relays bytes and decodes no row. The result equals
     :meth:`Sink.load` of the same rows' Ops at ``version``. Use: ``isinstance(sink, WireLoad)``.
     """
 

@@ -67,7 +67,7 @@ class MemorySink:
     """A :class:`~sinks.base.Sink` and :class:`~sinks.base.AtomicCheckpoint` held in memory.
 
     Args:
-        name: the sink's name (for error messages and ``Flusher.views_by_sink``).
+        name: the sink's name (for error messages and the runtime's lanes).
         reject: optional predicate ``op -> error text | None``: Ops for which it returns a text
             are refused as :class:`~sinks.base.Rejected` with that text (see also
             :meth:`reject_keys`).

@@ -33,7 +33,7 @@ Requests hold at most ``bulk_docs`` actions and about ``bulk_bytes`` bytes.
 
 Wire loads (:meth:`OpenSearchSink.wire_select`, :meth:`OpenSearchSink.wire_load`): a snapshot of
 a plain projection is rendered into ``_bulk`` lines by the snapshot query itself (see
-:mod:`views.wire`) and relayed in requests of the same size and concurrency; any refused document
+:mod:`pgderive.runtime.wire`) and relayed in requests of the same size and concurrency; any refused document
 makes the load fall back to :meth:`OpenSearchSink.load`, which reports it.
 
 Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes`` 0), one document
@@ -208,7 +208,7 @@ class OpenSearchSink:
 
     def wire_select(self, view: str, fields: Sequence[str], version: int,
                     types: Sequence[str]) -> sql.Composable:
-        """The SELECT list of a wire load (:mod:`views.wire`) of ``view`` at ``version`` (int
+        """The SELECT list of a wire load (:mod:`pgderive.runtime.wire`) of ``view`` at ``version`` (int
         LSN) into its generation index (begun by :meth:`begin_generation`).
 
         It reads the inner query's ``k`` (the document ``_id``, never NULL) and ``f0``, ``f1``,

@@ -288,7 +288,7 @@ class RedisSink:
 
     def wire_select(self, view: str, fields: Sequence[str], version: int,
                     types: Sequence[str] = ()) -> sql.Composable | None:
-        """The SELECT list of a wire load of ``view`` at ``version`` (int LSN) (:mod:`views.wire`;
+        """The SELECT list of a wire load of ``view`` at ``version`` (int LSN) (:mod:`pgderive.runtime.wire`;
         ``types``, the fields' column types, do not matter here: a hash field is the value's text).
 
         It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and

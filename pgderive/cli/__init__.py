@@ -37,6 +37,16 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _size(n: int) -> str:
+    """``n`` bytes for a person: ``"0 B"``, ``"1.5 MiB"``, ``"6.6 GiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def _load(config: str) -> Spec:
     try:
         return load_spec(config)
@@ -154,6 +164,8 @@ def status(config: str) -> None:
         t.add_row("confirmed LSN", format_lsn(info.confirmed_flush_lsn or 0))
         t.add_row("current WAL LSN", format_lsn(info.current_wal_lsn))
         t.add_row("lag", f"{info.lag_bytes} bytes" + (f", {lag_s:.3f} s" if lag_s is not None else ""))
+        t.add_row("retained WAL", "?" if info.retained_bytes is None else
+                  f"{info.retained_bytes} bytes ({_size(info.retained_bytes)})")
     t.add_row("state", "none" if state is None else
               f"{state.status} (consistent point {format_lsn(state.consistent_point)})")
     _console.print(t)
@@ -164,17 +176,21 @@ def status(config: str) -> None:
         log.warning("cannot count dead letters: %s", e)
         dead = None
     vt = Table(title="views")
-    for col in ("view", "table", "sink", "records", "state", "dead letters"):
+    for col in ("view", "table", "sink", "records", "checkpoint", "state", "dead letters"):
         vt.add_column(col)
     sinks = open_sinks(spec, views)
     try:
         for v in views:
             try:
                 n = str(sinks[v.sink].count(v.name))
+                cp = sinks[v.sink].read_checkpoint(v.name)
+                # Each sink's lane moves its views' checkpoints: a slow sink shows here.
+                checkpoint = "none" if cp is None else (
+                    format_lsn(cp) if info is None else f"{format_lsn(cp)} ({_size(max(0, info.current_wal_lsn - cp))} behind)")
             except Exception as e:  # sink down: still show the rest
-                n = f"? ({type(e).__name__})"
+                n = checkpoint = f"? ({type(e).__name__})"
             vstate = "not bootstrapped" if state is None or v.name not in state.views else state.status
-            vt.add_row(v.name, v.table, v.sink, n, vstate, "?" if dead is None else str(dead.get(v.name, 0)))
+            vt.add_row(v.name, v.table, v.sink, n, checkpoint, vstate, "?" if dead is None else str(dead.get(v.name, 0)))
     finally:
         for s in sinks.values():
             s.close()

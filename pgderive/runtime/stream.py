@@ -69,12 +69,18 @@ class Limits:
         checkpoint_every: seconds between hand-overs of a batch that only moves a lane's
             position (its sink got no Ops meanwhile): bounds the checkpoint writes a quiet
             sink gets while another sink is busy.
+        linger: seconds a slow lane's batch (one whose sink takes ≥ 2 ms per batch, e.g.
+            OpenSearch) may wait for more Ops after the lane's previous hand-over, unless it
+            is full: fewer, larger requests cost the sink and the reading process less CPU,
+            which on a shared machine is CPU the fast lanes get. Small next to a search index's
+            own refresh interval (1 s by default), after which writes become visible anyway.
     """
 
     batch_ops: int = 20_000
     batch_bytes: int = 8 << 20
     direct_ops: int = 500
     checkpoint_every: float = 0.1
+    linger: float = 0.05
 
 
 class Stream:
@@ -157,8 +163,8 @@ class Stream:
                             reader.confirm(event.wal_end)
                     continue
                 self.add_transaction(event)
-                if self._blocked():
-                    break
+                if any(self._full(b) for b in self.pending.values()):
+                    break  # hand it over (or wait for its lane) before reading on
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
             if self.on_tick is not None:
                 self.on_tick()
@@ -308,9 +314,10 @@ class Stream:
     # -- handing batches to lanes ----------------------------------------------------------------
     def _has_work(self, lane: Lane, now: float) -> bool:
         batch = self.pending[lane.name]
+        waited = now - self._handed[lane.name]
         if batch.has_data:
-            return True
-        return batch.end_lsn > lane.acked_lsn and now - self._handed[lane.name] >= self.limits.checkpoint_every
+            return lane.fast or waited >= self.limits.linger or batch.truncates != [] or self._full(batch)
+        return batch.end_lsn > lane.acked_lsn and waited >= self.limits.checkpoint_every
 
     def _hand_over(self) -> bool:
         """Give every idle lane with work its batch; True if any got one."""

@@ -1,0 +1,2 @@
+"""pgderive's own state in the source database (schema ``pgderive``, versioned SQL migrations):
+slot state, dead letters, aggregate contributions and group states. ARCHITECTURE.md, "State"."""

@@ -1,4 +1,4 @@
-"""Wire loads (views/wire.py): a snapshot encoded by Postgres into RESP must land in Redis
+"""Wire loads (pgderive/runtime/wire.py): a snapshot encoded by Postgres into RESP must land in Redis
 byte for byte as the row-by-row path writes it, for every type it accepts, NULLs, awkward text
 and both an empty and a populated view; views it cannot serve fall back to the row-by-row path."""
 from __future__ import annotations

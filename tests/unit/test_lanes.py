@@ -1,4 +1,5 @@
-"""Lanes: the saturation warning, and the lane rules with the in-memory sink (no services)."""
+"""Lanes: the saturation warning and the lag histogram (pure logic; the lane rules themselves are
+in test_stream.py, with the shipped test doubles)."""
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,7 @@ def test_saturation_is_logged_once_per_interval_naming_the_slowest_sink(caplog):
     assert warnings[0].startswith("sink cache is the bottleneck")
 
 
-def test_a_mostly_idle_flusher_is_not_reported(caplog):
+def test_a_mostly_idle_lane_is_not_reported(caplog):
     m = SaturationMonitor(window=10, threshold=0.9, every=60)
     with caplog.at_level(logging.WARNING, logger="pgderive.lanes"):
         t = 0.0

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence, TypeVar
 
-from sinks.base import AtomicCheckpoint, Op, Rejected, Sink, SinkError
+from sinks.base import AtomicCheckpoint, Op, Refreshable, Rejected, Sink, SinkError
 
 from ..state.deadletters import DeadLetter
 from .batch import Batch
@@ -106,6 +106,9 @@ class Lane:
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
         self._atomic = isinstance(sink, AtomicCheckpoint)
+        # A sink whose readers see writes only after a refresh interval (OpenSearch: 1 s) loses
+        # nothing visible when its batch waits a little for more Ops (Limits.linger).
+        self.lingers = isinstance(sink, Refreshable)
         # Moving average of a batch's apply time (seconds). It starts high: a lane earns direct
         # applies on the reading thread only after ~30 quick batches on its own thread, so a
         # sink that turns out slow (or hangs on its first call) never stalls the reader.

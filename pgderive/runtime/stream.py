@@ -69,11 +69,11 @@ class Limits:
         checkpoint_every: seconds between hand-overs of a batch that only moves a lane's
             position (its sink got no Ops meanwhile): bounds the checkpoint writes a quiet
             sink gets while another sink is busy.
-        linger: seconds a slow lane's batch (one whose sink takes ≥ 2 ms per batch, e.g.
-            OpenSearch) may wait for more Ops after the lane's previous hand-over, unless it
-            is full: fewer, larger requests cost the sink and the reading process less CPU,
-            which on a shared machine is CPU the fast lanes get. Small next to a search index's
-            own refresh interval (1 s by default), after which writes become visible anyway.
+        linger: seconds the batch of a lane whose sink shows writes only after a refresh
+            interval (:class:`~sinks.base.Refreshable`: OpenSearch, 1 s by default) may wait for
+            more Ops after the lane's previous hand-over, unless it is full: fewer, larger
+            requests cost the sink and the reading process less CPU, which on a shared machine
+            is CPU the other lanes get, and the sink's readers see no difference.
     """
 
     batch_ops: int = 20_000
@@ -316,7 +316,7 @@ class Stream:
         batch = self.pending[lane.name]
         waited = now - self._handed[lane.name]
         if batch.has_data:
-            return lane.fast or waited >= self.limits.linger or batch.truncates != [] or self._full(batch)
+            return not lane.lingers or waited >= self.limits.linger or bool(batch.truncates) or self._full(batch)
         return batch.end_lsn > lane.acked_lsn and waited >= self.limits.checkpoint_every
 
     def _hand_over(self) -> bool:

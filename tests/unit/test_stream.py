@@ -39,14 +39,22 @@ T = TableInfo("public.t", {"id": "bigint", "v": "text"}, ("id",), "d", ("id",))
 U = TableInfo("public.u", {"id": "bigint", "v": "text"}, ("id",), "d", ("id",))
 
 
+class RefreshingSink(MemorySink):
+    """A MemorySink whose readers would see writes after a refresh (like OpenSearch)."""
+
+    def refresh(self, view: str) -> None:
+        pass
+
+
 class Harness:
     """A stream over a ListReader with two MemorySinks, running on a thread."""
 
-    def __init__(self, messages: Sequence[object] = (), limits: Limits = Limits(checkpoint_every=0.0)) -> None:
+    def __init__(self, messages: Sequence[object] = (), limits: Limits = Limits(checkpoint_every=0.0),
+                 search: MemorySink | None = None) -> None:
         spec = parse_spec(SPEC)
         self.views = [View(n, spec.views[n], T if spec.views[n].qualified == "public.t" else U)
                       for n in spec.views]
-        self.cache, self.search = MemorySink("cache"), MemorySink("search")
+        self.cache, self.search = MemorySink("cache"), search or MemorySink("search")
         self.sinks: dict[str, Sink] = {"cache": self.cache, "search": self.search}
         by_sink: dict[str, list[str]] = {}
         for v in self.views:
@@ -292,3 +300,18 @@ def test_random_streams_end_equal_to_their_last_writes_whatever_the_sink_speed(s
     h.finish()
     assert h.search.records("t_search") == {str(i): {"id": i, "v": v} for i, v in want.items()}
     assert h.cache.records("t_cache") == {f"t:{i}": {"id": i, "v": v} for i, v in want.items()}
+
+
+def test_a_refreshable_sink_gets_fewer_larger_batches_and_the_others_do_not_wait():
+    h = Harness(search=RefreshingSink("search"), limits=Limits(checkpoint_every=0.0, linger=0.2))
+    assert h.lanes["search"].lingers and not h.lanes["cache"].lingers
+    h.start()
+    for i in range(1, 21):  # a trickle: each row once the previous one is in the cache
+        h.reader.feed(tx(i, 0x1000 + 0x10 * i, insert("t", {"id": i, "v": "x"})))
+        h.wait(lambda: len(h.cache.records("t_cache")) == i, f"row {i} in the cache")
+    h.wait(lambda: h.reader.confirmed_lsn == 0x1000 + 0x10 * 20 + 8, "all confirmed")
+    h.finish()
+    cache_writes = [ops for _, ops in h.cache.batches if ops]
+    search_writes = [ops for _, ops in h.search.batches if ops]
+    assert len(cache_writes) >= 15  # each row went to Redis on its own, at once
+    assert len(search_writes) <= 6 and sum(map(len, search_writes)) == 20

@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cdc.lsn import format_lsn
-from cdc.slot import slot_info
 
 from views.spec import Spec, SpecError, load_spec
 
@@ -132,30 +131,19 @@ def validate(config: str) -> None:
 @main.command()
 @config_option
 def status(config: str) -> None:
-    """Show the slot, its confirmed LSN, lag in bytes (and seconds while streaming), per-view state."""
-    from views.check import build_views
-
-    from ..runtime.sinks import open_sinks
-    from ..state.deadletters import DeadLetterStore
-    from ..state.slots import StateStore
+    """Show the slot, its confirmed LSN, lag in bytes (and seconds while streaming), retained WAL,
+    and per view its records, checkpoint and state."""
+    from ..ops.status import slot_status
 
     spec = _load(config)
     try:
-        with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
-            info = slot_info(conn, spec.source.slot)
-            lag_s = None
-            if info is not None and info.active_pid:
-                row = conn.execute(
-                    "SELECT extract(epoch FROM coalesce(flush_lag, interval '0')) FROM pg_stat_replication WHERE pid = %s",
-                    (info.active_pid,)).fetchone()
-                lag_s = float(row[0]) if row else None
-            views = build_views(spec, conn)
-        state = StateStore(spec.source.dsn).get(spec.source.slot)
+        st = slot_status(spec)
     except SpecError as e:
         click.echo(str(e), err=True)
         sys.exit(2)
     except psycopg.Error as e:
         _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+    info = st.info
     t = Table(title=f"slot {spec.source.slot}", show_header=False)
     if info is None:
         t.add_row("slot", "absent (bootstraps on the next `pgderive run`)")
@@ -163,37 +151,25 @@ def status(config: str) -> None:
         t.add_row("active", f"yes (pid {info.active_pid})" if info.active else "no")
         t.add_row("confirmed LSN", format_lsn(info.confirmed_flush_lsn or 0))
         t.add_row("current WAL LSN", format_lsn(info.current_wal_lsn))
-        t.add_row("lag", f"{info.lag_bytes} bytes" + (f", {lag_s:.3f} s" if lag_s is not None else ""))
+        t.add_row("lag", f"{info.lag_bytes} bytes" + (f", {st.lag_s:.3f} s" if st.lag_s is not None else ""))
         t.add_row("retained WAL", "?" if info.retained_bytes is None else
                   f"{info.retained_bytes} bytes ({_size(info.retained_bytes)})")
-    t.add_row("state", "none" if state is None else
-              f"{state.status} (consistent point {format_lsn(state.consistent_point)})")
+    t.add_row("state", "none" if st.state is None else
+              f"{st.state.status} (consistent point {format_lsn(st.state.consistent_point)})")
     _console.print(t)
-    try:
-        with DeadLetterStore(spec.source.dsn) as store:
-            dead: dict[str, int] | None = store.count(spec.source.slot)
-    except psycopg.Error as e:  # still show the rest
-        log.warning("cannot count dead letters: %s", e)
-        dead = None
     vt = Table(title="views")
     for col in ("view", "table", "sink", "records", "checkpoint", "state", "dead letters"):
         vt.add_column(col)
-    sinks = open_sinks(spec, views)
-    try:
-        for v in views:
-            try:
-                n = str(sinks[v.sink].count(v.name))
-                cp = sinks[v.sink].read_checkpoint(v.name)
-                # Each sink's lane moves its views' checkpoints: a slow sink shows here.
-                checkpoint = "none" if cp is None else (
-                    format_lsn(cp) if info is None else f"{format_lsn(cp)} ({_size(max(0, info.current_wal_lsn - cp))} behind)")
-            except Exception as e:  # sink down: still show the rest
-                n = checkpoint = f"? ({type(e).__name__})"
-            vstate = "not bootstrapped" if state is None or v.name not in state.views else state.status
-            vt.add_row(v.name, v.table, v.sink, n, checkpoint, vstate, "?" if dead is None else str(dead.get(v.name, 0)))
-    finally:
-        for s in sinks.values():
-            s.close()
+    for v in st.views:
+        if v.error is not None:
+            records = checkpoint = f"? ({v.error})"
+        else:
+            records = str(v.records)
+            behind = st.behind(v.checkpoint)
+            checkpoint = "none" if v.checkpoint is None else (
+                format_lsn(v.checkpoint) + ("" if behind is None else f" ({_size(behind)} behind)"))
+        vt.add_row(v.name, v.table, v.sink, records, checkpoint, v.state,
+                   "?" if v.dead_letters is None else str(v.dead_letters))
     _console.print(vt)
 
 

@@ -1,0 +1,119 @@
+"""``pgderive status``: the facts about a slot and its views, gathered once, rendered by the CLI.
+
+Everything comes from the source and the sinks, not from the daemon: the slot row of
+``pg_replication_slots`` (confirmed and restart LSN, active pid; Postgres manual, "Replication
+Slots"), the walsender's ``flush_lag`` in ``pg_stat_replication`` while it streams,
+``pgderive.slot_state``, the dead-letter counts, and each view's record count and checkpoint in
+its sink. Each lane moves its own views' checkpoints, so a slow sink shows as checkpoints behind
+the current WAL position, and the slot (the slowest lane) as retained WAL.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+
+from cdc.slot import SlotInfo, slot_info
+from views.check import build_views
+from views.spec import Spec
+
+from ..runtime.sinks import open_sinks
+from ..state.deadletters import DeadLetterStore
+from ..state.slots import SlotState, StateStore
+
+__all__ = ["SlotStatus", "ViewStatus", "slot_status"]
+
+log = logging.getLogger("pgderive.status")
+
+
+@dataclass(frozen=True, slots=True)
+class ViewStatus:
+    """One view as its sink holds it.
+
+    Attributes:
+        name, table, sink: from the spec.
+        records: live records in the sink, or None when the sink could not be asked.
+        checkpoint: the LSN (int) the view is complete up to in its sink; None when it holds none.
+        state: ``streaming``/``bootstrapping`` (the slot's), or ``not bootstrapped``.
+        dead_letters: its dead letters, or None when they could not be counted.
+        error: why the sink could not be asked (e.g. ``ConnectionError``), else None.
+    """
+
+    name: str
+    table: str
+    sink: str
+    records: int | None
+    checkpoint: int | None
+    state: str
+    dead_letters: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStatus:
+    """The slot and its views.
+
+    Attributes:
+        slot: the slot's name (from the spec).
+        info: its ``pg_replication_slots`` row and the current WAL LSN, None when it does not exist.
+        lag_s: the walsender's ``flush_lag`` (seconds) while a daemon streams, else None.
+        state: pgderive's record of the slot (``pgderive.slot_state``), None when there is none.
+        views: one entry per view of the spec.
+    """
+
+    slot: str
+    info: SlotInfo | None
+    lag_s: float | None
+    state: SlotState | None
+    views: list[ViewStatus] = field(default_factory=list)
+
+    def behind(self, checkpoint: int | None) -> int | None:
+        """Bytes of WAL between ``checkpoint`` (int LSN) and the current position, or None."""
+        if checkpoint is None or self.info is None:
+            return None
+        return max(0, self.info.current_wal_lsn - checkpoint)
+
+
+def slot_status(spec: Spec) -> SlotStatus:
+    """Gather the status of ``spec``'s slot and views.
+
+    Raises :class:`views.spec.SpecError` when the spec does not match the source and
+    :class:`psycopg.Error` when the source is unreachable; a sink that cannot be asked is
+    reported in its views' ``error`` instead.
+    """
+    with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+        info = slot_info(conn, spec.source.slot)
+        lag_s = None
+        if info is not None and info.active_pid:
+            row = conn.execute(
+                "SELECT extract(epoch FROM coalesce(flush_lag, interval '0')) FROM pg_stat_replication WHERE pid = %s",
+                (info.active_pid,)).fetchone()
+            lag_s = float(row[0]) if row else None
+        views = build_views(spec, conn)
+    state = StateStore(spec.source.dsn).get(spec.source.slot)
+    try:
+        with DeadLetterStore(spec.source.dsn) as store:
+            dead: dict[str, int] | None = store.count(spec.source.slot)
+    except psycopg.Error as e:  # still show the rest
+        log.warning("cannot count dead letters: %s", e)
+        dead = None
+    out = SlotStatus(spec.source.slot, info, lag_s, state)
+    sinks = open_sinks(spec, views)
+    try:
+        for v in views:
+            vstate = "not bootstrapped" if state is None or v.name not in state.views else state.status
+            records: int | None = None
+            checkpoint: int | None = None
+            error: str | None = None
+            try:
+                records = sinks[v.sink].count(v.name)
+                checkpoint = sinks[v.sink].read_checkpoint(v.name)
+            except Exception as e:  # a sink down: still show the rest
+                error = type(e).__name__
+            out.views.append(ViewStatus(v.name, v.table, v.sink, records, checkpoint, vstate,
+                                        None if dead is None else dead.get(v.name, 0), error))
+    finally:
+        for s in sinks.values():
+            s.close()
+    return out

@@ -26,7 +26,8 @@ from cdc.lsn import format_lsn
 from views.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("pgderive")
-_console = Console(stderr=False)
+# Not a terminal (a pipe, a log): wide enough that no table wraps a view name or an LSN.
+_console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _setup_logging(level: str) -> None:

@@ -48,11 +48,12 @@ __all__ = ["Engine", "EngineError"]
 
 log = logging.getLogger("pgderive.engine")
 
-#: CPython's GIL switch interval while streaming (seconds; the default is 0.005). The lanes hand
-#: work between threads; with the default a CPU-bound thread (the reader deriving, a lane encoding
-#: a large OpenSearch batch) keeps the GIL up to 5 ms while another lane's acknowledged I/O waits
-#: for it: a 10-command Redis pipeline measured 0.2 ms alone, 10.4 ms beside a CPU-bound thread,
-#: 0.19 ms with 0.0005 (ARCHITECTURE.md, "Lanes").
+#: CPython's GIL switch interval while the views use several sinks (seconds; the default is
+#: 0.005). Their lanes hand work between threads; with the default a CPU-bound thread (the reader
+#: deriving, a lane encoding a large OpenSearch batch) keeps the GIL up to 5 ms while another
+#: lane's acknowledged I/O waits for it: a 10-command Redis pipeline measured 0.2 ms alone,
+#: 10.4 ms beside a CPU-bound thread, 0.19 ms with 0.0005 (ARCHITECTURE.md, "Lanes"). With one
+#: sink the default stays: more switches only cost the reader throughput there.
 SWITCH_INTERVAL = 0.0005
 
 
@@ -95,9 +96,10 @@ class Engine:
         Raises :class:`EngineError` for conditions that need an operator (slot vanished,
         another daemon active, views changed), :class:`~views.spec.SpecError` for bad YAML.
         """
-        sys.setswitchinterval(SWITCH_INTERVAL)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             self.views = build_views(self.spec, conn)
+        if len({v.sink for v in self.views}) > 1:
+            sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
         self.refetcher = row_refetcher(self.dsn, self.views)
         self.sinks = open_sinks(self.spec, self.views)

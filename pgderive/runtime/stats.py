@@ -102,19 +102,19 @@ class Stats:
         """A lane acknowledged ``batch`` after applying it for ``seconds``: count it and record
         the lag of its transactions (end-to-end for those no other lane still holds)."""
         now = time.time()
-        own = [(now - t) * 1000.0 for t in batch.commit_times]
-        last = [(now - tok.commit_time) * 1000.0 for tok in batch.shared if tok.acknowledge()]
+        solo = [(now - t) * 1000.0 for t in batch.commit_times]  # transactions of this lane only
+        shared = [(now - tok.commit_time) * 1000.0 for tok in batch.shared]
+        last = [ms for ms, tok in zip(shared, batch.shared) if tok.acknowledge()]
         lane.ops += len(batch)
         lane.batches += 1
         lane.busy_s += seconds
         lane.acked_lsn = max(lane.acked_lsn, batch.end_lsn)
-        if batch.shared:
-            own += [(now - tok.commit_time) * 1000.0 for tok in batch.shared]
-        lane.lag_ms.add(own)
+        lane.lag_ms.add(solo)
+        lane.lag_ms.add(shared)
         with self._lock:
             self.ops += len(batch)
             self.flushes += 1
-            self.lag_ms.add([(now - t) * 1000.0 for t in batch.commit_times])
+            self.lag_ms.add(solo)
             self.lag_ms.add(last)
 
     def summary(self) -> dict[str, Any]:

@@ -162,9 +162,8 @@ class Stream:
                         if self._idle_checkpoint(event.wal_end):
                             reader.confirm(event.wal_end)
                     continue
-                self.add_transaction(event)
-                if any(self._full(b) for b in self.pending.values()):
-                    break  # hand it over (or wait for its lane) before reading on
+                if self.add_transaction(event):
+                    break  # a batch is full: hand it over (or wait for its lane) before reading on
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
             if self.on_tick is not None:
                 self.on_tick()
@@ -192,10 +191,12 @@ class Stream:
         lanes.raise_error()
 
     # -- deriving ----------------------------------------------------------------------------------
-    def add_transaction(self, tx: Transaction) -> None:
-        """Derive ``tx`` (or one chunk of a large transaction) into the lanes' batches."""
+    def add_transaction(self, tx: Transaction) -> bool:
+        """Derive ``tx`` (or one chunk of a large transaction) into the lanes' batches; True
+        when a batch it added to is now full (hand it over before reading on)."""
         version = tx.commit_lsn
         pending, touched = self.pending, self._touched
+        full_rows = self._full_row_tables
         for change in tx.changes:
             views = self.by_table.get(change.table)
             if not views:
@@ -211,7 +212,9 @@ class Stream:
                         self.resolver.note_emptied(v, version, tx.xid)  # an included table emptied
                         touched.add(v.sink)
                 continue
-            gone = self._refetch(change, tx.xid)
+            # Most changes need no read-back: test that inline (this loop runs per change).
+            gone = (change.new is not None and (change.maybe_nonfinite or change.table in full_rows)
+                    and self._refetch(change, tx.xid))
             for v in views:
                 if v.tree is not None:
                     assert self.resolver is not None
@@ -232,10 +235,13 @@ class Stream:
                         batch.add(op)
                     touched.add(v.sink)
         self.stats.changes += len(tx.changes)
+        full = False
         for name in touched:
-            pending[name].nbytes += tx.nbytes
+            batch = pending[name]
+            batch.nbytes += tx.nbytes
+            full = full or self._full(batch)
         if not tx.final:
-            return  # a chunk of a large transaction: applied, not confirmable
+            return full  # a chunk of a large transaction: applied, not confirmable
         self.stats.transactions += 1
         for batch in pending.values():
             batch.end_lsn = tx.end_lsn
@@ -248,6 +254,7 @@ class Stream:
                 for name in touched:
                     pending[name].shared.append(token)
         touched.clear()
+        return full
 
     def _refetch(self, change: Change, xid: int) -> bool:
         """Complete ``change`` from the table where wal2json cannot carry a value (non-finite

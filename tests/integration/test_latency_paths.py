@@ -11,12 +11,12 @@ import redis
 from redis import exceptions as rx
 
 from cdc.changes import Transaction
-from cdc.lsn import version_hex
+from cdc.lsn import format_lsn, version_hex
 from cdc.slot import SlotReader
 from sinks.base import Op, ViewTarget
 from sinks.redis import RedisSink, checkpoint_key
 
-from ..support import REDIS_URL, Scenario
+from ..support import REDIS_URL, Scenario, current_lsn, wait_until
 
 
 def test_one_read_takes_everything_already_sent(tmp_path):
@@ -26,13 +26,23 @@ def test_one_read_takes_everything_already_sent(tmp_path):
         reader = SlotReader(s.dsn, s.slot, tables=["public.t"])
         reader.connect()
         reader.create_slot()
-        for i in range(400):  # ~150 kB of wal2json output: ten libpq buffers' worth
+        # ~90 kB of wal2json output: six libpq buffers' worth, under the socket's receive buffer
+        # (with 400 rows, ~150 kB, the rest waited in the walsender's send buffer for our reads
+        # to open the TCP window, and one read took 363 of them)
+        for i in range(250):
             s.sql("INSERT INTO t VALUES (%s, repeat('x', 200))", (i,))
+        end = current_lsn(s.dsn)
         reader.start(0)
-        time.sleep(2)  # the walsender sends it all into our socket meanwhile
+
+        def all_sent() -> bool:  # the walsender decoded and sent everything into our socket
+            row = s.sql("SELECT r.sent_lsn >= %s::pg_lsn FROM pg_stat_replication r JOIN pg_replication_slots s "
+                        "ON s.active_pid = r.pid WHERE s.slot_name = %s", (format_lsn(end), s.slot))
+            return bool(row and row[0][0])
+        wait_until(all_sent, 30, interval=0.05, what="walsender to send the inserts")
+        time.sleep(0.2)  # the last bytes reach the socket
         first = [e for e in reader.read(max_wait=5, max_events=100_000) if isinstance(e, Transaction) and e.changes]
         reader.close()
-        assert len(first) == 400, len(first)
+        assert len(first) == 250, len(first)
     finally:
         s.close()
 

@@ -28,7 +28,7 @@ from views.include import KeyTuple
 
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter
-from .retry import with_retry
+from .retry import one_line, with_retry
 from .wire import load_wire, wire_query
 
 __all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotStats", "Interrupted"]
@@ -205,7 +205,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         except SinkError as e:
             if e.retryable:
                 raise
-            log.warning("%s; loading view %s row by row instead", " ".join(str(e).split())[:300], v.name)
+            log.warning("%s; loading view %s row by row instead", one_line(e), v.name)
             return False
         stats.rows[v.table] = records
         stats.seconds[v.table] = stats.seconds.get(v.table, 0.0) + secs

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from sinks.base import AtomicCheckpoint, Op, Refreshable, Rejected, Sink, SinkError
 
@@ -156,11 +156,6 @@ class Lane:
             self._cond.wait_for(lambda: self._batch is None, timeout)
             return self._batch is None
 
-    def apply_now(self, batch: Batch) -> None:
-        """Apply ``batch`` on the calling thread, retrying until it is acknowledged (the lane
-        must be idle). Raises what :attr:`error` would hold."""
-        self._apply(batch, retry=True)
-
     def apply_direct(self, batch: Batch) -> bool:
         """Apply ``batch`` on the calling thread with a single attempt (the lane must be idle):
         True once acknowledged; False after a retryable :class:`SinkError` (logged: then
@@ -265,7 +260,7 @@ class Lanes:
                        stats=stats, changed=self.changed)
             for name, sink in sinks.items()}
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Lane]:
         return iter(self.by_name.values())
 
     def __getitem__(self, name: str) -> Lane:
@@ -275,11 +270,6 @@ class Lanes:
     def acked_lsn(self) -> int:
         """The position every lane acknowledged (int LSN): what the slot may be confirmed at."""
         return min((lane.acked_lsn for lane in self.by_name.values()), default=0)
-
-    @property
-    def idle(self) -> bool:
-        """True when no lane has a batch in flight."""
-        return all(lane.idle for lane in self.by_name.values())
 
     def raise_error(self) -> None:
         """Raise the first error a lane's thread hit, if any."""
@@ -293,9 +283,19 @@ class Lanes:
             self.changed.wait(timeout)
 
     def wait_idle(self) -> None:
-        """Wait until every lane finished its batch in flight."""
+        """Wait until every lane finished its batch in flight, then raise the first error a
+        lane's thread hit, if any."""
         for lane in self.by_name.values():
             lane.wait_idle()
+        self.raise_error()
+
+    def submit(self, name: str, batch: Batch) -> None:
+        """Hand ``batch`` to lane ``name`` once it finished its batch in flight (raising first
+        the error a lane's thread hit, if any)."""
+        lane = self.by_name[name]
+        lane.wait_idle()
+        self.raise_error()
+        lane.submit(batch)
 
     def close(self) -> None:
         for lane in self.by_name.values():

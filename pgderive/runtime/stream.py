@@ -175,20 +175,14 @@ class Stream:
     def drain(self) -> None:
         """Apply everything read so far and wait until every lane acknowledged it."""
         lanes = self.lanes
-        for lane in lanes:
-            lane.wait_idle()
-        lanes.raise_error()
+        lanes.wait_idle()
         self._resolve()
         for lane in lanes:
             batch = self.pending[lane.name]
             if batch.has_data or batch.end_lsn > lane.acked_lsn:
-                lane.wait_idle()
-                lanes.raise_error()
                 self.pending[lane.name] = batch.successor()
-                lane.submit(batch)
-        for lane in lanes:
-            lane.wait_idle()
-        lanes.raise_error()
+                lanes.submit(lane.name, batch)
+        lanes.wait_idle()
 
     # -- deriving ----------------------------------------------------------------------------------
     def add_transaction(self, tx: Transaction) -> bool:
@@ -290,10 +284,7 @@ class Stream:
             batch.nbytes += 64 + (len(orjson.dumps(op.doc)) if op.doc is not None else 0)
         batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
         if batch.nbytes >= self.limits.batch_bytes:
-            lane = self.lanes[view.sink]
-            lane.wait_idle()
-            self.lanes.raise_error()
-            lane.submit(batch.take_ops())
+            self.lanes.submit(view.sink, batch.take_ops())
 
     def _truncate(self, views: list[View], version: int) -> None:
         """TRUNCATE barrier: pending Ops of the emptied views are dropped (the TRUNCATE removes
@@ -307,14 +298,11 @@ class Stream:
                 assert self.aggregates is not None
                 self.aggregates.truncate(v.name, v.aggregation, version)
         for name in dict.fromkeys(v.sink for v in views):
-            lane = self.lanes[name]
-            lane.wait_idle()
-            self.lanes.raise_error()
             batch = self.pending[name]
             batch.truncates += [(v.name, version) for v in views if v.sink == name]
             self.pending[name] = batch.successor()
             self._handed[name] = time.monotonic()
-            lane.submit(batch)
+            self.lanes.submit(name, batch)
         for v in views:
             log.info("TRUNCATE of %s empties view %s at %s", v.table, v.name, format_lsn(version))
 

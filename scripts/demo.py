@@ -4,13 +4,15 @@ then the same workload with the Redis views only, to show what OpenSearch costs 
 
 Run 1 ("all sinks", config/pgbench.yaml): (re)create database ``bench`` and ``pgbench -i -s
 SCALE``; start ``pgderive run --resnapshot`` (bootstrap of SCALE × 100k accounts); run
-``pgbench -c CLIENTS -T SECONDS`` while it streams; wait until the slot's confirmed LSN reaches
+``pgbench -c CLIENTS -R RATE -T SECONDS`` while it streams (a fixed rate, so both runs offer
+the same transactions at the same times: an unthrottled pgbench saturates the machine and its
+rate differs between the runs, and lag under saturation measures the run queue, not pgderive); wait until the slot's confirmed LSN reaches
 the end of the workload; stop the daemon gracefully; print per view: rows in the source, records
 in the sink, mismatches, snapshot rows/s; and per sink: Ops, batches, seconds busy and the lag
 commit → acknowledged by that sink (p50/p99/max, from the stats file's ``sinks``).
 
 Run 2 ("Redis only"): the same steps (fresh ``pgbench -i`` at the same scale, fresh slot via
-``--resnapshot``, same ``-c``/``-T``) with a config derived from config/pgbench.yaml that keeps
+``--resnapshot``, same ``-c``/``-R``/``-T``) with a config derived from config/pgbench.yaml that keeps
 only the views whose sink is Redis (written to .services/demo/pgbench-redis-only.yaml).
 
 Then a comparison table: each Redis sink's lag p50/p99 with all sinks vs Redis only, the ratio
@@ -23,7 +25,8 @@ retain WAL until the disk fills. PGDERIVE_DEMO_KEEP_SLOT=1 keeps it (e.g. to run
 status`` or resume the daemon afterwards).
 
 Environment: PGDERIVE_DEMO_SCALE (10), PGDERIVE_DEMO_SECONDS (30), PGDERIVE_DEMO_CLIENTS (4),
-PGDERIVE_DEMO_KEEP_SLOT (unset).
+PGDERIVE_DEMO_RATE (1000 transactions/s; 0 runs pgbench unthrottled), PGDERIVE_DEMO_KEEP_SLOT
+(unset).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from cdc.lsn import format_lsn, parse_lsn  # noqa: E402
 from pgderive.ops.verify import diff_view  # noqa: E402
 from pgderive.runtime.sinks import open_sinks  # noqa: E402
+from sinks.base import Refreshable  # noqa: E402
 from views.check import build_views  # noqa: E402
 from views.spec import Spec, load_spec  # noqa: E402
 
@@ -56,6 +60,9 @@ CONFIG = ROOT / "config" / "pgbench.yaml"
 SCALE = int(os.environ.get("PGDERIVE_DEMO_SCALE", "10"))
 SECONDS = int(os.environ.get("PGDERIVE_DEMO_SECONDS", "30"))
 CLIENTS = int(os.environ.get("PGDERIVE_DEMO_CLIENTS", "4"))
+RATE = int(os.environ.get("PGDERIVE_DEMO_RATE", "1000"))
+RATE_ARGS = ["-R", str(RATE)] if RATE > 0 else []
+WORKLOAD = f"{CLIENTS} clients × {SECONDS} s" + (f" at {RATE:,} tps" if RATE > 0 else " unthrottled")
 KEEP_SLOT = os.environ.get("PGDERIVE_DEMO_KEEP_SLOT", "") not in ("", "0")
 OUT = ROOT / ".services" / "demo"
 REDIS_ONLY_CONFIG = OUT / "pgbench-redis-only.yaml"
@@ -81,7 +88,7 @@ def main() -> int:
         compare(spec, both, redis_only, redis_sinks)
         failed = both["failed"] or redis_only["failed"]
         (OUT / "result.json").write_bytes(orjson.dumps(
-            {"scale": SCALE, "clients": CLIENTS, "seconds": SECONDS, "failed": failed,
+            {"scale": SCALE, "clients": CLIENTS, "seconds": SECONDS, "rate": RATE, "failed": failed,
              "runs": {"all_sinks": both, "redis_only": redis_only},
              "comparison": comparison_rows(both, redis_only, redis_sinks)},
             option=orjson.OPT_INDENT_2))
@@ -132,10 +139,10 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
         bootstrap_s = time.monotonic() - t0
         console.print(f"    bootstrap finished in {bootstrap_s:.1f} s")
 
-        step(f"pgbench -c {CLIENTS} -T {SECONDS} while pgderive streams")
+        step(f"pgbench -c {CLIENTS} {' '.join(RATE_ARGS)} -T {SECONDS} while pgderive streams")
         start_lsn = _current_lsn(dsn)
         bench = subprocess.run([str(PG_BIN / "pgbench"), "-n", "-c", str(CLIENTS), "-j", "2",
-                                "-T", str(SECONDS), dbname], env=pg_env, check=True,
+                                *RATE_ARGS, "-T", str(SECONDS), dbname], env=pg_env, check=True,
                                capture_output=True, text=True)
         tps_line = next((ln for ln in bench.stdout.splitlines() if ln.startswith("tps")), "").strip()
         console.print(f"    {tps_line}")
@@ -167,7 +174,7 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
     step("comparing every view with the source")
     with psycopg.connect(dsn, autocommit=True) as conn:
         views = build_views(spec, conn)
-    table = Table(title=f"{label}: pgbench scale {SCALE}, {CLIENTS} clients × {SECONDS} s")
+    table = Table(title=f"{label}: pgbench scale {SCALE}, {WORKLOAD}")
     for col in ("view", "sink", "source rows", "sink records", "mismatches", "snapshot rows/s",
                 "sink write rows/s"):
         table.add_column(col, justify="right" if col != "view" else "left")
@@ -177,7 +184,7 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
     try:
         for v in views:
             sink = sinks[v.sink]
-            if hasattr(sink, "refresh"):
+            if isinstance(sink, Refreshable):
                 sink.refresh(v.name)
             d = diff_view(dsn, v, sink)
             failed |= d.mismatches > 0
@@ -253,7 +260,7 @@ def comparison_rows(both: dict[str, Any], redis_only: dict[str, Any], redis_sink
 def compare(spec: Spec, both: dict[str, Any], redis_only: dict[str, Any], redis_sinks: set[str]) -> None:
     console.rule("[bold]comparison[/]")
     table = Table(title=f"lag commit → acknowledged by the sink (ms): all sinks vs Redis only "
-                        f"(pgbench scale {SCALE}, {CLIENTS} clients × {SECONDS} s)")
+                        f"(pgbench scale {SCALE}, {WORKLOAD})")
     for col in ("sink", "type", "lag", "all sinks", "Redis only", "ratio", f"p99 within {WITHIN:g}x"):
         table.add_column(col, justify="left" if col in ("sink", "type", "lag") else "right")
     for row in comparison_rows(both, redis_only, redis_sinks):
@@ -266,6 +273,9 @@ def compare(spec: Spec, both: dict[str, Any], redis_only: dict[str, Any], redis_
         else:  # not in the Redis-only run: its own lag only
             table.add_row(row["sink"], row["type"], row["metric"], _ms(row["all_sinks_ms"]), "—", "—", "")
     console.print(table)
+    read_b, read_r = both["stats"].get("read_lag_ms", {}), redis_only["stats"].get("read_lag_ms", {})
+    console.print(f"commit → read by pgderive (before any sink) p50/p99: all sinks "
+                  f"{read_b.get('p50')}/{read_b.get('p99')} ms, Redis only {read_r.get('p50')}/{read_r.get('p99')} ms")
     lag_b, lag_r = both["stats"].get("lag_ms", {}), redis_only["stats"].get("lag_ms", {})
     console.print(f"end-to-end lag p50/p99: all sinks {lag_b.get('p50')}/{lag_b.get('p99')} ms, "
                   f"Redis only {lag_r.get('p50')}/{lag_r.get('p99')} ms; pgbench: all sinks "

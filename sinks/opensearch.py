@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict, deque
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
@@ -588,10 +589,21 @@ class OpenSearchSink:
         at once (on the sink's sender threads); yields their results in request order. A failed
         call raises here, but only once none of the calls is still running (a retry of the
         caller must not race with them)."""
-        if self.bulk_concurrency == 1:
-            for request in requests:
-                yield send(request)
+        requests = iter(requests)
+        first = next(requests, None)
+        if first is None:
             return
+        second = next(requests, None)
+        if self.bulk_concurrency == 1 or second is None:
+            # One request (the small batches of a stream) is sent on the calling thread: a
+            # sender thread would only add two thread switches (and GIL hand-offs).
+            yield send(first)
+            if second is not None:
+                yield send(second)
+                for request in requests:
+                    yield send(request)
+            return
+        requests = itertools.chain((first, second), requests)
         if self._senders is None:
             self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
         pending: deque[Future[Any]] = deque()

@@ -38,6 +38,14 @@ class LagHistogram:
             if self.max_ms is None or ms > self.max_ms:
                 self.max_ms = ms
 
+    def add_one(self, ms: float) -> None:
+        """Record one latency in ms (see :meth:`add`)."""
+        b = int(math.log(max(ms, self._FLOOR_MS) / self._FLOOR_MS) / math.log(self._BASE))
+        self.counts[b] = self.counts.get(b, 0) + 1
+        self.samples += 1
+        if self.max_ms is None or ms > self.max_ms:
+            self.max_ms = ms
+
     def percentile(self, p: float) -> float | None:
         """The ``p`` quantile (0 < p ≤ 1) in ms, within 1%; None without samples."""
         if not self.samples:
@@ -78,7 +86,10 @@ def _lag_summary(lag: LagHistogram) -> dict[str, Any]:
 @dataclass
 class Stats:
     """Counters of a run. ``lag_ms`` holds commit → acknowledged-by-every-sink-it-touched
-    latencies (ms), one per transaction that produced Ops; ``lanes`` the per-sink counters.
+    latencies (ms), one per transaction that produced Ops; ``read_lag_ms`` commit → read and
+    derived by pgderive (the part of the lag spent before any sink: Postgres flushing and
+    decoding the WAL, the walsender, the reading thread), one per transaction that produced
+    Ops; ``lanes`` the per-sink counters.
     Lanes report from their own threads (:meth:`acknowledged`)."""
 
     transactions: int = 0
@@ -88,6 +99,7 @@ class Stats:
     confirmed_lsn: int = 0
     refetched_rows: int = 0
     lag_ms: LagHistogram = field(default_factory=LagHistogram)
+    read_lag_ms: LagHistogram = field(default_factory=LagHistogram)
     lanes: dict[str, LaneStats] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     snapshot: dict[str, Any] = field(default_factory=dict)
@@ -122,8 +134,9 @@ class Stats:
         with self._lock:
             lanes = {name: lane.summary() for name, lane in sorted(self.lanes.items())}
             lag = _lag_summary(self.lag_ms)
+            read_lag = _lag_summary(self.read_lag_ms)
         return {"transactions": self.transactions, "changes": self.changes, "ops": self.ops,
                 "flushes": self.flushes, "confirmed_lsn": format_lsn(self.confirmed_lsn),
                 "refetched_rows": self.refetched_rows,
                 "elapsed_s": round(time.time() - self.started, 1),
-                "lag_ms": lag, "sinks": lanes, "snapshot": self.snapshot}
+                "lag_ms": lag, "read_lag_ms": read_lag, "sinks": lanes, "snapshot": self.snapshot}

@@ -241,6 +241,7 @@ class Stream:
             batch.end_lsn = tx.end_lsn
         if touched and tx.commit_time is not None:
             t = tx.commit_time.timestamp()
+            self.stats.read_lag_ms.add_one((time.time() - t) * 1000.0)
             if len(touched) == 1:
                 pending[next(iter(touched))].commit_times.append(t)
             else:

@@ -147,6 +147,10 @@ def test_a_blocked_sink_holds_back_only_its_own_views_and_the_slot():
     assert lanes["cache"]["lag_ms"]["samples"] == 50 and lanes["search"]["lag_ms"]["samples"] == 50
     # Every transaction touched both lanes: one end-to-end sample each, by the last lane.
     assert h.stats.lag_ms.samples == 50
+    # Each transaction was read once, before any sink acknowledged it (search was blocked).
+    read = h.stats.summary()["read_lag_ms"]
+    assert read["samples"] == 50
+    assert read["max"] < lanes["search"]["lag_ms"]["max"]
 
 
 def test_a_busy_lane_collapses_what_arrived_meanwhile_into_one_op_per_key():

@@ -25,6 +25,14 @@ by mypy):
 * :class:`WireLoad`: ``wire_select`` + ``wire_load`` — snapshot rows encoded by Postgres in the
   sink's own protocol and relayed as bytes (Redis hash views, OpenSearch; :mod:`pgderive.runtime.wire`).
 * :class:`Refreshable`: ``refresh`` — make acknowledged writes visible to scans (OpenSearch).
+* :class:`LegacyLayout`: ``adopt_legacy`` — move bookkeeping written before it was namespaced by
+  deployment to the deployment's own keys (Redis, OpenSearch).
+
+Deployments: every key or document a sink writes for pgderive's own bookkeeping (version
+entries, checkpoints) is namespaced by the deployment (:func:`cdc.catalog.deployment_id`: the
+source cluster's system identifier, the database and the slot), so two daemons with same-named
+views sharing one Redis database or one OpenSearch cluster never see each other's state. The
+records themselves live where the view's ``key``/``index`` say: those names are the user's.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "Doc"]
+           "Refreshable", "LegacyLayout", "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -282,4 +290,17 @@ class Refreshable(Protocol):
         """Make every acknowledged write of ``view`` (its live generation and any generation
         being loaded) visible to :meth:`Sink.scan`, :meth:`Sink.scan_keys` and
         :meth:`Sink.count`. Raises :class:`SinkError`."""
+        ...
+
+
+@runtime_checkable
+class LegacyLayout(Protocol):
+    """A sink that may hold bookkeeping written before it was namespaced by deployment (see the
+    module docstring) and can adopt it. Use: ``isinstance(sink, LegacyLayout)``; called once
+    per start by :func:`pgderive.runtime.sinks.open_sinks`."""
+
+    def adopt_legacy(self, views: Sequence[str]) -> list[str]:
+        """Move the legacy bookkeeping of ``views`` (registered views) to this deployment's
+        keys: read old, write new, then remove old; a view that already has its own is left
+        alone. Idempotent; returns the views adopted. Raises :class:`SinkError`."""
         ...

@@ -36,9 +36,15 @@ a plain projection is rendered into ``_bulk`` lines by the snapshot query itself
 :mod:`pgderive.runtime.wire`) and relayed in requests of the same size and concurrency; any refused document
 makes the load fall back to :meth:`OpenSearchSink.load`, which reports it.
 
-Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes`` 0), one document
-``{"lsn": <int>}`` per view with ``_id`` = view name, written with ``version`` = LSN
-(``external``: a checkpoint only moves forward) and without refresh; read with a realtime GET.
+Checkpoints: index :attr:`OpenSearchSink.checkpoint_index` (YAML ``checkpoint_index``, default
+:data:`CHECKPOINT_INDEX`; 1 shard, 0 replicas, ``gc_deletes`` 0), one document ``{"lsn": <int>}``
+per view with ``_id`` = ``<deployment>:<view>`` (:func:`checkpoint_id`; the deployment,
+:func:`cdc.catalog.deployment_id`, keeps deployments sharing a cluster apart), written with
+``version`` = LSN (``external``: a checkpoint only moves forward) and without refresh; read with a
+realtime GET. Documents written before namespacing (``_id`` = view, in :data:`CHECKPOINT_INDEX`)
+are adopted on the first start (:meth:`OpenSearchSink.adopt_legacy`). The aliases and generation
+indices are named by the user's ``index``: two deployments declaring the same alias clash, a
+configuration error.
 """
 from __future__ import annotations
 
@@ -59,9 +65,9 @@ from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, ViewTarget
 
 if TYPE_CHECKING:
-    from sinks.base import Refreshable, Sink, WireLoad
+    from sinks.base import LegacyLayout, Refreshable, Sink, WireLoad
 
-__all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX"]
+__all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
 LOAD_GC_DELETES = "6h"
 _GEN_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
@@ -107,6 +113,12 @@ def _bulk_failures(resp: dict[str, Any]) -> Iterator[tuple[int, int, str, str, s
                f"{err.get('type', status)}: {err.get('reason', '')}")
 
 
+def checkpoint_id(view: str, deployment: str | None = None) -> str:
+    """``_id`` of the checkpoint document of ``view``: ``"<deployment>:<view>"``, or the legacy
+    ``"<view>"`` when ``deployment`` is None (before namespacing)."""
+    return view if deployment is None else f"{deployment}:{view}"
+
+
 def generation_index(alias: str, version: int) -> str:
     """Index name of the generation of ``alias`` at ``version`` (int LSN): ``alias-g<16 hex>``."""
     return f"{alias}-g{version_hex(version)}"
@@ -127,6 +139,12 @@ class OpenSearchSink:
         bulk_concurrency: ``_bulk`` requests of one call in flight at once (each Op of a
             call has its own key, and versions order writes anyway, so requests may land in any
             order); 1 sends them one after the other.
+        timeout: seconds before a request counts as failed (retryable).
+        deployment: namespaces the checkpoint documents (:func:`checkpoint_id`,
+            :func:`cdc.catalog.deployment_id`) so deployments sharing the cluster keep separate
+            checkpoints; None uses the legacy ``_id`` = view (tests and tools only).
+        checkpoint_index: the index holding the checkpoint documents (YAML
+            ``checkpoint_index``; default :data:`self.checkpoint_index`), a public attribute.
 
     Attributes:
         stats: running counter ``partial_missed`` (partial Op for a document found nowhere).
@@ -138,10 +156,13 @@ class OpenSearchSink:
     """
 
     def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000,
-                 bulk_bytes: int = 16 << 20, bulk_concurrency: int = 2, timeout: float = 30.0) -> None:
+                 bulk_bytes: int = 16 << 20, bulk_concurrency: int = 2, timeout: float = 30.0,
+                 deployment: str | None = None, checkpoint_index: str = CHECKPOINT_INDEX) -> None:
         if bulk_docs < 1 or bulk_bytes < 1 or bulk_concurrency < 1:
             raise ValueError("bulk_docs, bulk_bytes and bulk_concurrency must be >= 1")
         self.name = name
+        self.deployment = deployment
+        self.checkpoint_index = checkpoint_index
         self.bulk_docs = bulk_docs
         self.bulk_bytes = bulk_bytes
         self.bulk_concurrency = bulk_concurrency
@@ -383,14 +404,14 @@ class OpenSearchSink:
     def write_checkpoint(self, views: Sequence[str], lsn: int) -> None:
         """Raise the checkpoint of each of ``views`` to ``lsn`` (int LSN, < 2**63) in one
         ``_bulk`` request without refresh; a checkpoint at or past ``lsn`` is kept (409).
-        Creates :data:`CHECKPOINT_INDEX` on first use. Raises :class:`SinkError`."""
+        Creates :attr:`checkpoint_index` on first use. Raises :class:`SinkError`."""
         if not views:
             return
         self._ensure_checkpoint_index()
         source = orjson.dumps({"lsn": lsn})
         lines: list[bytes] = []
         for view in views:
-            meta = {"_index": CHECKPOINT_INDEX, "_id": view, "version": lsn,
+            meta = {"_index": self.checkpoint_index, "_id": self._cid(view), "version": lsn,
                     "version_type": "external"}
             lines += (orjson.dumps({"index": meta}), source)
         with self._errors("write_checkpoint"):
@@ -412,8 +433,9 @@ class OpenSearchSink:
             return []
         self._ensure_checkpoint_index()
         with self._errors("advance_checkpoint"):
-            resp = self._client.mget(index=CHECKPOINT_INDEX, body={"ids": list(views)}, realtime=True)
-        lost = [d["_id"] for d in resp.get("docs", [])
+            resp = self._client.mget(index=self.checkpoint_index,
+                                     body={"ids": [self._cid(v) for v in views]}, realtime=True)
+        lost = [view for view, d in zip(views, resp.get("docs", []))
                 if not d.get("found") or int(d["_source"]["lsn"]) < previous]
         self.write_checkpoint([v for v in views if v not in lost], lsn)
         return lost
@@ -422,7 +444,7 @@ class OpenSearchSink:
         """The checkpoint LSN (int) of ``view`` by a realtime GET, or None if there is none.
         Raises :class:`SinkError`."""
         with self._errors("read_checkpoint"):  # 404: no such document, or no index yet
-            doc = self._client.get(index=CHECKPOINT_INDEX, id=view, _source_includes="lsn",
+            doc = self._client.get(index=self.checkpoint_index, id=self._cid(view), _source_includes="lsn",
                                    ignore=404)
         return int(doc["_source"]["lsn"]) if doc.get("found") else None
 
@@ -434,7 +456,7 @@ class OpenSearchSink:
             names = set(self._alias_indices(alias)) | set(self._generations(alias))
             if names:
                 self._client.indices.delete(index=",".join(sorted(names)), ignore_unavailable=True)
-            self._client.delete(index=CHECKPOINT_INDEX, id=view, refresh="false", ignore=404)
+            self._client.delete(index=self.checkpoint_index, id=self._cid(view), refresh="false", ignore=404)
         self._has_alias.discard(view)
         self._loading.pop(view, None)
 
@@ -445,7 +467,43 @@ class OpenSearchSink:
             self._senders = None
         self._client.close()
 
+    def adopt_legacy(self, views: Sequence[str]) -> list[str]:
+        """Move the checkpoint documents of ``views`` written before namespacing (index
+        :data:`CHECKPOINT_INDEX`, ``_id`` = view) to this deployment's (:attr:`checkpoint_index`,
+        ``_id`` = :func:`checkpoint_id`): read old, write new (external version = the LSN, so
+        a repeat is harmless), then delete old. A view that already has its new document is
+        left alone and so is its legacy one (another deployment sharing the cluster may adopt
+        it), unless both hold the same LSN (a previous adoption interrupted before the delete).
+        Returns the views adopted. Nothing to do without a deployment. Raises
+        :class:`SinkError`."""
+        if self.deployment is None or not views:
+            return []
+        views = list(views)
+        with self._errors("adopt legacy checkpoints"):
+            if not self._client.indices.exists(index=CHECKPOINT_INDEX):
+                return []
+            old = self._client.mget(index=CHECKPOINT_INDEX, body={"ids": views}, realtime=True)
+            found = {v: int(d["_source"]["lsn"]) for v, d in zip(views, old.get("docs", [])) if d.get("found")}
+            if not found:
+                return []
+            current = {v: self.read_checkpoint(v) for v in found}
+        adopted: list[str] = []
+        for view, lsn in found.items():
+            now = current[view]
+            if now is None:
+                self.write_checkpoint([view], lsn)
+                adopted.append(view)
+            elif now != lsn:
+                continue
+            with self._errors("adopt legacy checkpoints"):
+                self._client.delete(index=CHECKPOINT_INDEX, id=view, refresh="false", ignore=404)
+        return adopted
+
     # --- internals ------------------------------------------------------------------------
+
+    def _cid(self, view: str) -> str:
+        """``_id`` of the checkpoint document of ``view`` (:func:`checkpoint_id`)."""
+        return checkpoint_id(view, self.deployment)
 
     def _alias(self, view: str) -> str:
         try:
@@ -506,11 +564,11 @@ class OpenSearchSink:
     def _ensure_checkpoint_index(self) -> None:
         if self._checkpoint_index_ready:
             return
-        with self._errors(f"create index {CHECKPOINT_INDEX}"):
+        with self._errors(f"create index {self.checkpoint_index}"):
             # Looked up first: a refused create is logged by the client as a warning.
-            if not self._client.indices.exists(index=CHECKPOINT_INDEX):
+            if not self._client.indices.exists(index=self.checkpoint_index):
                 try:
-                    self._client.indices.create(index=CHECKPOINT_INDEX, body=_CHECKPOINT_BODY)
+                    self._client.indices.create(index=self.checkpoint_index, body=_CHECKPOINT_BODY)
                 except ox.RequestError as e:
                     if e.error != "resource_already_exists_exception":
                         raise
@@ -735,6 +793,6 @@ def _reason(e: Any) -> str:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable]:
+    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, LegacyLayout]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink
+        return sink, sink, sink, sink

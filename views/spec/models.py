@@ -24,7 +24,7 @@ from .errors import SpecError, _child, _fail, _kind, _lookup_line
 __all__ = [
     "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
-    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE",
+    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
 ]
 
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -32,6 +32,7 @@ VIEW_NAME_RE = re.compile(r"^[a-zA-Z0-9_]+$")
 # Lowercase, not starting with '_', '-', '+' or '.', no '\/*?"<>| ,#:'; short enough to leave
 # room for the generation suffix of the physical indices behind the alias.
 INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,199}$")
+DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
 _STRICT = ConfigDict(extra="forbid")
@@ -50,12 +51,26 @@ class SourceSpec(BaseModel):
 
     Attributes:
         dsn: libpq connection string (URI or key=value). Never log it: use :meth:`redacted_dsn`.
+            TLS: libpq's ``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey`` parameters
+            (Postgres manual, "libpq: Connection Strings" and "SSL Support").
         slot: replication slot name, ``^[a-z0-9_]{1,63}$``.
+        deployment: optional id namespacing pgderive's bookkeeping in the sinks (default
+            ``<system identifier>:<database>:<slot>``, :func:`cdc.catalog.deployment_id`); set
+            it when two physical copies of one cluster (same system identifier) with the same
+            database and slot names share a sink. ``^[A-Za-z0-9_.:-]{1,200}$``.
     """
 
     model_config = _STRICT
     dsn: str = Field(repr=False)
     slot: str
+    deployment: str | None = None
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, v: str | None) -> str | None:
+        if v is not None and not DEPLOYMENT_RE.match(v):
+            raise _fail(f"invalid deployment id {v!r}: use 1-200 letters, digits and '_.:-'")
+        return v
 
     @field_validator("dsn")
     @classmethod
@@ -93,11 +108,25 @@ class RedisSinkSpec(BaseModel):
 
 
 class OpenSearchSinkSpec(BaseModel):
-    """``{type: opensearch, hosts: [...]}`` — an OpenSearch cluster (``http(s)://host:port``)."""
+    """``{type: opensearch, hosts: [...]}`` — an OpenSearch cluster (``http(s)://host:port``).
+
+    Attributes:
+        checkpoint_index: the index holding pgderive's checkpoint documents (default
+            ``pgderive-checkpoints``); an OpenSearch index name (lowercase, ``INDEX_RE``).
+    """
 
     model_config = _STRICT
     type: Literal["opensearch"]
     hosts: list[str]
+    checkpoint_index: str = "pgderive-checkpoints"
+
+    @field_validator("checkpoint_index")
+    @classmethod
+    def _checkpoint_index(cls, v: str) -> str:
+        if not INDEX_RE.match(v):
+            raise _fail(f"invalid index name {v!r}: use lowercase letters, digits and '_.+-',"
+                        " not starting with '_', '-' or '+'")
+        return v
 
     @field_validator("hosts")
     @classmethod

@@ -402,3 +402,35 @@ def test_template_null_or_missing_column() -> None:
     with pytest.raises(TemplateError) as info:
         t.render({"bid": 1})
     assert info.value.column == "aid" and "missing" in str(info.value)
+
+
+# ---------------------------------------------------------- deployments (issue 14, item 11)
+def test_checkpoint_index_and_deployment_keys() -> None:
+    spec = parse_spec(textwrap.dedent("""\
+        source: {dsn: "postgresql://h/db", slot: s, deployment: "staging.eu-1:db"}
+        sinks:
+          search: {type: opensearch, hosts: ["http://h:9200"], checkpoint_index: pgd-cp}
+        views:
+          v: {table: t, sink: search, index: items}
+        """), filename="t.yaml", env={})
+    assert spec.source.deployment == "staging.eu-1:db"
+    assert spec.sinks["search"].model_dump()["checkpoint_index"] == "pgd-cp"
+    spec = parse_spec(HEAD + "  v: {table: t, sink: search, index: items}\n", filename="t.yaml", env={})
+    assert spec.source.deployment is None
+    assert spec.sinks["search"].model_dump()["checkpoint_index"] == "pgderive-checkpoints"
+    assert problems("""\
+        source: {dsn: x, slot: s, deployment: "a b"}
+        sinks:
+          search: {type: opensearch, hosts: ["http://h:9200"], checkpoint_index: Bad}
+          other: {type: opensearch, hosts: ["http://h:9200"]}
+        views:
+          v: {table: t, sink: search, index: items}
+          w: {table: t, sink: search, index: bad}
+          x: {table: t, sink: other, index: pgderive-checkpoints}
+        """) == [
+        ("source.deployment", 1, "invalid deployment id 'a b': use 1-200 letters, digits and '_.:-'"),
+        ("sinks.search.checkpoint_index", 3, "invalid index name 'Bad': use lowercase letters, digits"
+                                             " and '_.+-', not starting with '_', '-' or '+'"),
+        ("views.x.index", 8, "index 'pgderive-checkpoints' is sink 'other''s checkpoint_index: pick"
+                             " another name"),
+    ]

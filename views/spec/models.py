@@ -589,4 +589,9 @@ def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks:
             if other != str(name):
                 problems.append((f"{path}.index", f"index {view['index']!r} is already used"
                                                   f" by view {other!r} on sink {sink!r}"))
+            spec = sinks.get(sink)
+            cp_index = spec.get("checkpoint_index") if isinstance(spec, dict) else None
+            if view["index"] == (cp_index if isinstance(cp_index, str) else "pgderive-checkpoints"):
+                problems.append((f"{path}.index", f"index {view['index']!r} is sink {sink!r}'s"
+                                                  " checkpoint_index: pick another name"))
     return problems

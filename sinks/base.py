@@ -36,6 +36,7 @@ records themselves live where the view's ``key``/``index`` say: those names are 
 """
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "LegacyLayout", "Doc"]
+           "Refreshable", "LegacyLayout", "TlsOptions", "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -106,6 +107,46 @@ class ViewTarget:
     view: str
     format: Literal["hash", "json"] | None = None
     index: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class TlsOptions:
+    """TLS settings of a sink connection (YAML ``ca_certs``, ``client_cert``, ``client_key``,
+    ``verify_certs`` of a ``rediss://`` Redis or ``https://`` OpenSearch sink).
+
+    Attributes:
+        ca_certs: path of a PEM file with the CA certificates that sign the server's
+            certificate; None: the system's trust store (OpenSSL's default paths).
+        client_cert, client_key: paths of the PEM client certificate and its private key,
+            for servers that authenticate clients by certificate; both or neither.
+        verify: verify the server's certificate chain and that it names the host connected
+            to (Python's ``ssl`` module, ``CERT_REQUIRED`` + ``check_hostname``); False
+            encrypts without authenticating the server.
+    """
+
+    ca_certs: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    verify: bool = True
+
+
+def tls_verify_failure(e: BaseException) -> str | None:
+    """The reason when ``e`` (or an exception it was raised from or during) is a failed TLS
+    certificate verification (``ssl.SSLCertVerificationError``, as raised through redis-py,
+    urllib3 or opensearch-py), else None. Such a failure is not retryable: only another CA,
+    certificate or host name fixes it."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur.verify_message or str(cur)
+        stack += [cur.__cause__, cur.__context__, *(a for a in cur.args if isinstance(a, BaseException))]
+    text = str(e)
+    return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in text else None
 
 
 class SinkError(RuntimeError):

@@ -48,12 +48,14 @@ configuration error.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict, deque
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
+from urllib.parse import urlsplit
 
 import orjson
 from opensearchpy import OpenSearch, helpers
@@ -62,12 +64,14 @@ from psycopg import sql
 
 from cdc.lsn import version_hex
 from cdc.values import json_bare
-from sinks.base import Op, Rejected, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
     from sinks.base import LegacyLayout, Refreshable, Sink, WireLoad
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
+
+log = logging.getLogger("pgderive.sinks.opensearch")
 
 LOAD_GC_DELETES = "6h"
 _GEN_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
@@ -113,6 +117,28 @@ def _bulk_failures(resp: dict[str, Any]) -> Iterator[tuple[int, int, str, str, s
                f"{err.get('type', status)}: {err.get('reason', '')}")
 
 
+def _connection_options(name: str, hosts: list[str], tls: TlsOptions | None,
+                        basic_auth: tuple[str, str] | None) -> dict[str, Any]:
+    """opensearch-py's keyword arguments for TLS and basic auth (its ``Urllib3HttpConnection``:
+    ``use_ssl`` follows each host's scheme, ``verify_certs``, ``ca_certs``, ``client_cert``,
+    ``client_key``, ``http_auth``); logs a warning when credentials would go over plain http
+    or certificates are not verified."""
+    options: dict[str, Any] = {}
+    secure = all(h.startswith("https://") for h in hosts)
+    if tls is not None:
+        options.update(verify_certs=tls.verify, ca_certs=tls.ca_certs, client_cert=tls.client_cert,
+                       client_key=tls.client_key, ssl_show_warn=False)
+        if not tls.verify:
+            log.warning("sink %s: verify_certs is false: TLS without checking who answers", name)
+    if basic_auth is not None:
+        options["http_auth"] = basic_auth
+    has_userinfo = any("@" in urlsplit(h).netloc for h in hosts)
+    if (basic_auth is not None or has_userinfo) and not secure:
+        log.warning("sink %s: basic auth credentials are sent over plain http:// (readable on the "
+                    "network); use https:// hosts", name)
+    return options
+
+
 def checkpoint_id(view: str, deployment: str | None = None) -> str:
     """``_id`` of the checkpoint document of ``view``: ``"<deployment>:<view>"``, or the legacy
     ``"<view>"`` when ``deployment`` is None (before namespacing)."""
@@ -143,6 +169,12 @@ class OpenSearchSink:
         deployment: namespaces the checkpoint documents (:func:`checkpoint_id`,
             :func:`cdc.catalog.deployment_id`) so deployments sharing the cluster keep separate
             checkpoints; None uses the legacy ``_id`` = view (tests and tools only).
+        tls: TLS settings for ``https://`` hosts (opensearch-py's ``ca_certs``,
+            ``client_cert``, ``client_key``, ``verify_certs``); default: verify the server
+            against the system's trust store (certifi's bundle when installed).
+        basic_auth: ``(username, password)`` for HTTP basic auth; never logged. With a plain
+            ``http://`` host (or credentials in a host URL) a warning is logged once: they
+            cross the network in clear text.
         checkpoint_index: the index holding the checkpoint documents (YAML
             ``checkpoint_index``; default :data:`self.checkpoint_index`), a public attribute.
 
@@ -157,7 +189,8 @@ class OpenSearchSink:
 
     def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000,
                  bulk_bytes: int = 16 << 20, bulk_concurrency: int = 2, timeout: float = 30.0,
-                 deployment: str | None = None, checkpoint_index: str = CHECKPOINT_INDEX) -> None:
+                 deployment: str | None = None, checkpoint_index: str = CHECKPOINT_INDEX,
+                 tls: TlsOptions | None = None, basic_auth: tuple[str, str] | None = None) -> None:
         if bulk_docs < 1 or bulk_bytes < 1 or bulk_concurrency < 1:
             raise ValueError("bulk_docs, bulk_bytes and bulk_concurrency must be >= 1")
         self.name = name
@@ -175,7 +208,8 @@ class OpenSearchSink:
         # one per host by default: every concurrent request then opened a new connection and
         # logged "Connection pool is full, discarding connection").
         self._client = OpenSearch(hosts, http_compress=False, timeout=timeout,
-                                  pool_maxsize=bulk_concurrency + 2)
+                                  pool_maxsize=bulk_concurrency + 2,
+                                  **_connection_options(name, hosts, tls, basic_auth))
         self._targets: dict[str, ViewTarget] = {}
         self._aliases: dict[str, str] = {}  # view -> its alias (ViewTarget.index)
         self._has_alias: set[str] = set()  # views whose alias is known to exist
@@ -770,6 +804,10 @@ class _ErrorMap:
                  tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError):
             return False
+        reason = tls_verify_failure(e)
+        if reason is not None and isinstance(e, ox.ConnectionError):
+            raise SinkError(f"{self.prefix}: TLS certificate verification failed ({reason}): check "
+                            "ca_certs and the host names in hosts", retryable=False) from e
         if isinstance(e, ox.ConnectionError):  # includes timeouts
             raise SinkError(f"{self.prefix}: OpenSearch unavailable: {e}", retryable=True) from e
         if isinstance(e, ox.TransportError):

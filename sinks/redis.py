@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 from collections import defaultdict
 from importlib import resources
 from types import TracebackType
@@ -77,7 +78,7 @@ from psycopg import sql
 from redis import exceptions as rx
 
 from cdc.lsn import version_hex
-from sinks.base import Op, Rejected, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
     from sinks.base import AtomicCheckpoint, LegacyLayout, Sink, WireLoad
@@ -177,6 +178,10 @@ class RedisSink:
         url: a redis-py URL, e.g. ``redis://127.0.0.1:6380/0``.
         batch_size: maximum Ops per Lua call (1..4000); all calls of one :meth:`apply` share
             one pipeline. A call blocks Redis for roughly ``batch_size`` x 2-10 us.
+        tls: TLS settings for a ``rediss://`` URL (redis-py's ``ssl_ca_certs``,
+            ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ``ssl_check_hostname``);
+            default: verify the server against the system's trust store. ``ValueError`` with
+            another scheme.
         deployment: namespaces pgderive's own keys (:func:`cdc.catalog.deployment_id`), so that
             deployments sharing the database keep separate version hashes and checkpoints;
             None writes the legacy un-namespaced keys (tests and tools only).
@@ -192,14 +197,22 @@ class RedisSink:
     """
 
     def __init__(self, name: str, url: str, *, batch_size: int = 1000,
-                 deployment: str | None = None) -> None:
+                 deployment: str | None = None, tls: TlsOptions | None = None) -> None:
         if not 1 <= batch_size <= 4000:
             raise ValueError("batch_size must be within 1..4000 (Lua unpack limit)")
         self.name = name
         self.batch_size = batch_size
         self.deployment = deployment
+        options: dict[str, Any] = {}
+        if url.startswith("rediss://"):
+            tls = tls or TlsOptions()
+            options = {"ssl_ca_certs": tls.ca_certs, "ssl_certfile": tls.client_cert,
+                       "ssl_keyfile": tls.client_key, "ssl_cert_reqs": "required" if tls.verify else "none",
+                       "ssl_check_hostname": tls.verify}
+        elif tls is not None:
+            raise ValueError(f"sink {name}: TLS options need a rediss:// URL")
         self._client = redis.Redis.from_url(
-            url, decode_responses=False, socket_timeout=60, socket_connect_timeout=10
+            url, decode_responses=False, socket_timeout=60, socket_connect_timeout=10, **options
         )
         self._apply_script = self._client.register_script(_APPLY_LUA)
         self._sweep_script = self._client.register_script(_SWEEP_LUA)
@@ -373,7 +386,9 @@ class RedisSink:
 
         def receive(block: bool) -> None:
             nonlocal got, error, tail
-            if not block and not select.select([sock], [], [], 0)[0]:
+            # A TLS socket may hold decrypted bytes the kernel no longer reports as readable.
+            if not block and not (isinstance(sock, ssl.SSLSocket) and sock.pending()) \
+                    and not select.select([sock], [], [], 0)[0]:
                 return
             data = sock.recv(1 << 20)
             if not data:
@@ -861,6 +876,10 @@ class _ErrorMap:
                  tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError) or not isinstance(e, rx.RedisError):
             return False
+        reason = tls_verify_failure(e)
+        if reason is not None:
+            raise SinkError(f"{self.prefix}: TLS certificate verification failed ({reason}): check "
+                            "ca_certs and the host name in the URL", retryable=False) from e
         if isinstance(e, (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError)):
             raise SinkError(f"{self.prefix}: Redis unavailable: {e}", retryable=True) from e
         text = str(e)

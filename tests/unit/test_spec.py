@@ -296,7 +296,8 @@ def test_colliding_keys_and_indexes_across_views() -> None:
       ("sinks.b.type", 4, "missing required key 'type' (expected 'redis' or 'opensearch')"),
       ("sinks.c", 5, "must be a mapping, got a number"),
       ("sinks.d.url", 6, "must be a redis://, rediss:// or unix:// URL"),
-      ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url)"),
+      ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url, ca_certs, client_cert, client_key,"
+                                 " verify_certs)"),
       ("sinks.e.hosts", 7, "must list at least one host, e.g. [\"http://127.0.0.1:9201\"]"),
       ("sinks.f.hosts[0]", 8, "must be an http:// or https:// URL"),
       ("sinks.g.hosts", 9, "must be a list, got a string"),
@@ -433,4 +434,42 @@ def test_checkpoint_index_and_deployment_keys() -> None:
                                              " and '_.+-', not starting with '_', '-' or '+'"),
         ("views.x.index", 8, "index 'pgderive-checkpoints' is sink 'other''s checkpoint_index: pick"
                              " another name"),
+    ]
+
+
+# ------------------------------------------------------------------- TLS (issue 14, item 10)
+def test_tls_keys_name_the_missing_file_and_the_yaml_path(tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    spec = parse_spec(textwrap.dedent(f"""\
+        source: {{dsn: "host=h dbname=d sslmode=verify-full sslrootcert={ca}", slot: s}}
+        sinks:
+          cache: {{type: redis, url: "rediss://h:6390/0", ca_certs: {ca}, client_cert: {ca}, client_key: {ca}}}
+          search: {{type: opensearch, hosts: ["https://h:9443"], ca_certs: {ca}, verify_certs: false,
+                    username: u, password: "${{OS_PASSWORD}}"}}
+        views:
+          v: {{table: t, sink: cache, key: "a:{{id}}"}}
+        """), filename="t.yaml", env={"OS_PASSWORD": "pw"})
+    search = spec.sinks["search"].model_dump()
+    assert (search["ca_certs"], search["verify_certs"], search["password"]) == (str(ca), False, "pw")
+    assert "pw" not in repr(spec.sinks["search"])  # the password is kept out of reprs
+    assert problems(f"""\
+        source: {{dsn: "postgresql://u:secret@h/db?sslmode=verify-ca&sslrootcert={tmp_path}/no-ca.pem", slot: s}}
+        sinks:
+          a: {{type: redis, url: "rediss://h", ca_certs: {tmp_path}/missing.pem}}
+          b: {{type: redis, url: "redis://h", ca_certs: {ca}}}
+          c: {{type: redis, url: "rediss://h", client_cert: {ca}}}
+          d: {{type: opensearch, hosts: ["http://h:9200"], client_key: {tmp_path}, client_cert: {ca}}}
+          e: {{type: opensearch, hosts: ["http://h:9200", "https://h:9443"], ca_certs: {ca}}}
+          f: {{type: opensearch, hosts: ["https://h:9443"], username: u}}
+        views:
+          v: {{table: t, sink: a, key: "a:{{id}}"}}
+        """) == [
+        ("source.dsn", 1, f"sslrootcert: file not found: {tmp_path}/no-ca.pem"),
+        ("sinks.a.ca_certs", 3, f"file not found: {tmp_path}/missing.pem"),
+        ("sinks.b.url", 4, "TLS options (ca_certs) need a rediss:// URL"),
+        ("sinks.c.client_key", 5, "client_cert and client_key go together"),
+        ("sinks.d.client_key", 6, f"not a file: {tmp_path}"),
+        ("sinks.e.hosts", 7, "TLS options (ca_certs) need https:// hosts"),
+        ("sinks.f.password", 8, "username and password go together"),
     ]

@@ -11,11 +11,16 @@ folded to lower case, double-quoted parts (``'public."Orders"'``) are kept exact
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
-                      field_validator)
+                      field_validator, model_validator)
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from pydantic_core import PydanticCustomError
 
 from views.template import KeyTemplate
 
@@ -77,6 +82,17 @@ class SourceSpec(BaseModel):
     def _dsn(cls, v: str) -> str:
         if not v.strip():
             raise _fail("must be a Postgres connection string, e.g. postgresql://user@host:5432/db")
+        try:
+            params = conninfo_to_dict(v)
+        except psycopg.ProgrammingError:
+            return v  # libpq reports it on connecting (its message never shows the password)
+        for key in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
+            path = params.get(key)
+            if isinstance(path, str) and path and path != "system":
+                try:
+                    _check_file(path)
+                except PydanticCustomError as e:
+                    raise _fail(f"{key}: {e.message()}") from None
         return v
 
     @field_validator("slot")
@@ -92,12 +108,60 @@ class SourceSpec(BaseModel):
         return redact_dsn(self.dsn)
 
 
+def _check_file(v: str | None) -> str | None:
+    """A TLS file option: ``None``, or a path (relative to the working directory) to a file
+    this process can read; else the problem, naming the file."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise _fail("must be a file path")
+    if not os.path.exists(v):
+        raise _fail(f"file not found: {v}")
+    if not os.path.isfile(v):
+        raise _fail(f"not a file: {v}")
+    try:
+        with open(v, "rb"):
+            pass
+    except OSError as e:
+        raise _fail(f"cannot read {v}: {e.strerror}") from None
+    return v
+
+
+#: TLS file options of both sink kinds: an existing, readable file (or omitted).
+TlsFile = Annotated[Union[str, None], AfterValidator(_check_file)]
+
+_TLS_KEYS = ("ca_certs", "client_cert", "client_key")
+
+
+def _tls_pairing(spec: Any) -> None:
+    """``client_cert`` and ``client_key`` go together (a key inside the certificate's PEM file
+    is not supported: name the file twice)."""
+    if (spec.client_cert is None) != (spec.client_key is None):
+        missing = "client_key" if spec.client_key is None else "client_cert"
+        raise _fail("client_cert and client_key go together", f".{missing}")
+
+
 class RedisSinkSpec(BaseModel):
-    """``{type: redis, url: ...}`` — a Redis server (``redis://``, ``rediss://``, ``unix://``)."""
+    """``{type: redis, url: ...}`` — a Redis server (``redis://``, ``rediss://``, ``unix://``).
+
+    TLS (``rediss://`` URLs; redis-py's ``ssl_*`` connection options, Redis manual "TLS"):
+
+    Attributes:
+        ca_certs: PEM file of the CA(s) that sign the server's certificate (default: the
+            system's trust store).
+        client_cert, client_key: PEM files of a client certificate and its key, for a server
+            started with ``tls-auth-clients yes``.
+        verify_certs: verify the server's certificate chain and host name (default true;
+            false encrypts without knowing who answers).
+    """
 
     model_config = _STRICT
     type: Literal["redis"]
     url: str = Field("redis://127.0.0.1:6380/0", repr=False)
+    ca_certs: TlsFile = None
+    client_cert: TlsFile = None
+    client_key: TlsFile = None
+    verify_certs: bool = True
 
     @field_validator("url")
     @classmethod
@@ -106,6 +170,15 @@ class RedisSinkSpec(BaseModel):
             raise _fail("must be a redis://, rediss:// or unix:// URL")
         return v
 
+    @model_validator(mode="after")
+    def _tls(self) -> "RedisSinkSpec":
+        _tls_pairing(self)
+        given = [k for k in _TLS_KEYS if getattr(self, k) is not None]
+        if (given or not self.verify_certs) and not self.url.startswith("rediss://"):
+            raise _fail(f"TLS options ({', '.join(given) or 'verify_certs'}) need a rediss:// URL",
+                        ".url")
+        return self
+
 
 class OpenSearchSinkSpec(BaseModel):
     """``{type: opensearch, hosts: [...]}`` — an OpenSearch cluster (``http(s)://host:port``).
@@ -113,12 +186,37 @@ class OpenSearchSinkSpec(BaseModel):
     Attributes:
         checkpoint_index: the index holding pgderive's checkpoint documents (default
             ``pgderive-checkpoints``); an OpenSearch index name (lowercase, ``INDEX_RE``).
+        ca_certs, client_cert, client_key, verify_certs: TLS for ``https://`` hosts, as
+            :class:`RedisSinkSpec` (opensearch-py's options of the same names).
+        username, password: HTTP basic auth (OpenSearch security plugin, "HTTP basic
+            authentication"); give them from the environment, e.g. ``password:
+            ${OPENSEARCH_PASSWORD}``. Never logged. Sent over plain ``http://`` hosts with a
+            warning.
     """
 
     model_config = _STRICT
     type: Literal["opensearch"]
     hosts: list[str]
     checkpoint_index: str = "pgderive-checkpoints"
+    ca_certs: TlsFile = None
+    client_cert: TlsFile = None
+    client_key: TlsFile = None
+    verify_certs: bool = True
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+
+    @model_validator(mode="after")
+    def _tls(self) -> "OpenSearchSinkSpec":
+        _tls_pairing(self)
+        given = [k for k in _TLS_KEYS if getattr(self, k) is not None]
+        plain = [h for h in self.hosts if not h.startswith("https://")]
+        if (given or not self.verify_certs) and plain:
+            raise _fail(f"TLS options ({', '.join(given) or 'verify_certs'}) need https:// hosts",
+                        ".hosts")
+        if (self.username is None) != (self.password is None):
+            raise _fail("username and password go together",
+                        ".password" if self.password is None else ".username")
+        return self
 
     @field_validator("checkpoint_index")
     @classmethod

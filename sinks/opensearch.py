@@ -73,6 +73,18 @@ __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_
 
 log = logging.getLogger("pgderive.sinks.opensearch")
 
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """opensearch-py logs every failed request at WARNING with the exception's traceback
+    (``Connection.log_request_fail``); pgderive reports the failure itself, in one line, as a
+    :class:`SinkError`. Keep the client's one-line message, drop the traceback."""
+    record.exc_info = None
+    record.exc_text = None
+    return True
+
+
+logging.getLogger("opensearch").addFilter(_without_traceback)
+
 LOAD_GC_DELETES = "6h"
 _GEN_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
 _BULK_FILTER = (

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "LegacyLayout", "TlsOptions", "Doc"]
+           "Refreshable", "LegacyLayout", "Claims", "TlsOptions", "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -102,11 +102,15 @@ class ViewTarget:
         view: view name; namespaces the sink's own bookkeeping (e.g. Redis version hash).
         format: Redis only: ``"hash"`` (one field per output field) or ``"json"`` (a JSON string).
         index: OpenSearch only: the alias users query; generations are indices behind it.
+        key_shape: the view's key template with placeholders as ``{}``
+            (:meth:`views.template.KeyTemplate.shape`), e.g. ``"account:{}"``; None when
+            unknown. A Redis sink claims it for the deployment (:class:`Claims`).
     """
 
     view: str
     format: Literal["hash", "json"] | None = None
     index: str | None = None
+    key_shape: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -344,4 +348,19 @@ class LegacyLayout(Protocol):
         """Move the legacy bookkeeping of ``views`` (registered views) to this deployment's
         keys: read old, write new, then remove old; a view that already has its own is left
         alone. Idempotent; returns the views adopted. Raises :class:`SinkError`."""
+        ...
+
+
+@runtime_checkable
+class Claims(Protocol):
+    """A sink that records which deployment writes a view's user-visible names (Redis: the
+    key template's shape; OpenSearch: the alias) and refuses another deployment's view that
+    would write the same ones. Use: ``isinstance(sink, Claims)``; called once per start by
+    :func:`pgderive.runtime.sinks.open_sinks`, after :class:`LegacyLayout` adoption."""
+
+    def claim(self, views: Sequence[str]) -> None:
+        """Claim the names of ``views`` (registered views) for this deployment. A claim held
+        by another deployment whose view still has its bookkeeping in this sink refuses:
+        :class:`SinkError` with ``retryable=False``, naming that deployment and what to do.
+        A claim whose owner left no bookkeeping is taken over. Raises :class:`SinkError`."""
         ...

@@ -67,7 +67,7 @@ from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import LegacyLayout, Refreshable, Sink, WireLoad
+    from sinks.base import Claims, LegacyLayout, Refreshable, Sink, WireLoad
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
@@ -99,7 +99,8 @@ _CHECKPOINT_BODY = {
     "settings": {"index": {"number_of_shards": 1, "number_of_replicas": 0, "gc_deletes": "0s"}},
     "mappings": {"dynamic": "strict", "properties": {"lsn": {"type": "long"}}},
 }
-_REJECT_STATUS = (400, 413)  # bulk item statuses meaning "this document", not "this cluster"
+_REJECT_STATUS = (400, 413)
+_META = "pgderive"  # key of the generation indices' mapping ``_meta``: {deployment, view}  # bulk item statuses meaning "this document", not "this cluster"
 
 # one bulk action: (the Op to report, action line, source line or None for a delete)
 _Action = tuple[Op, bytes, Optional[bytes]]
@@ -259,7 +260,7 @@ class OpenSearchSink:
             if not self._client.indices.exists_alias(name=alias):
                 self._refuse_legacy(alias)
         index = generation_index(alias, version)
-        self._create_index(index, loading=True)
+        self._create_index(index, view, loading=True)
         self._loading[view].add(index)
         return index
 
@@ -359,7 +360,7 @@ class OpenSearchSink:
         with self._errors(f"truncate {view}"):
             if self._client.indices.exists(index=index):
                 self._client.indices.delete(index=index)
-        self._create_index(index, loading=False)
+        self._create_index(index, view, loading=False)
         self.commit_generation(view, index, version + 1)
 
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -545,6 +546,30 @@ class OpenSearchSink:
                 self._client.delete(index=CHECKPOINT_INDEX, id=view, refresh="false", ignore=404)
         return adopted
 
+    def claim(self, views: Sequence[str]) -> None:
+        """Refuse views whose alias serves another deployment: the indices behind it carry
+        their deployment in the mapping's ``_meta`` (written by pgderive when it creates a
+        generation; indices without it, e.g. from before namespacing, claim nothing). One
+        ``get_mapping`` per view with an alias. Raises :class:`SinkError` (``retryable=False``
+        for a conflict, naming the other deployment and what to do)."""
+        if self.deployment is None:
+            return
+        for view in views:
+            alias = self._alias(view)
+            with self._errors(f"claim {view}"):
+                if not self._client.indices.exists_alias(name=alias):
+                    continue
+                found = self._client.indices.get_mapping(index=alias, filter_path=f"*.mappings._meta.{_META}")
+            for index, entry in (found or {}).items():
+                meta = entry.get("mappings", {}).get("_meta", {}).get(_META, {})
+                other = meta.get("deployment")
+                if other is not None and other != self.deployment:
+                    raise SinkError(
+                        f"sink {self.name}: view {view}: alias {alias!r} already serves deployment {other} "
+                        f"(view {meta.get('view')}, index {index}); two deployments must not share an alias: "
+                        f"change the view's index, or if {other} is retired, delete the alias' indices",
+                        retryable=False)
+
     # --- internals ------------------------------------------------------------------------
 
     def _cid(self, view: str) -> str:
@@ -567,7 +592,7 @@ class OpenSearchSink:
             if not self._client.indices.exists_alias(name=alias):
                 self._refuse_legacy(alias)
                 first = generation_index(alias, 0)
-                self._create_index(first, loading=False)
+                self._create_index(first, view, loading=False)
                 self._client.indices.update_aliases(
                     body={"actions": [{"add": {"index": first, "alias": alias}}]}
                 )
@@ -583,13 +608,18 @@ class OpenSearchSink:
                 retryable=False,
             )
 
-    def _create_index(self, index: str, *, loading: bool) -> None:
+    def _create_index(self, index: str, view: str, *, loading: bool) -> None:
+        """Create generation ``index`` of ``view`` (existing: kept), stamped with the deployment
+        and view in its mapping's ``_meta`` (read by :meth:`claim`)."""
         settings = dict(_GEN_SETTINGS)
         if loading:
             settings["gc_deletes"] = LOAD_GC_DELETES
+        body: dict[str, Any] = {"settings": {"index": settings}}
+        if self.deployment is not None:
+            body["mappings"] = {"_meta": {_META: {"deployment": self.deployment, "view": view}}}
         with self._errors(f"create index {index}"):
             try:
-                self._client.indices.create(index=index, body={"settings": {"index": settings}})
+                self._client.indices.create(index=index, body=body)
             except ox.RequestError as e:
                 if e.error != "resource_already_exists_exception":
                     raise
@@ -843,6 +873,6 @@ def _reason(e: Any) -> str:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, LegacyLayout]:
+    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, LegacyLayout, Claims]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink
+        return sink, sink, sink, sink, sink

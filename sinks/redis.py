@@ -81,11 +81,14 @@ from cdc.lsn import version_hex
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import AtomicCheckpoint, LegacyLayout, Sink, WireLoad
+    from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, WireLoad
 
-__all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
+__all__ = ["RedisSink", "versions_key", "checkpoint_key", "CLAIMS_KEY", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
 TOMBSTONE_SUFFIX = b"d"
+CLAIMS_KEY = "pgderive:claims"
+"""Hash shared by every deployment: key template shape → ``"<deployment>\n<view>"``
+(:meth:`RedisSink.claim`)."""
 WRONGTYPE_FIELD = "<redis WRONGTYPE>"  # :meth:`RedisSink.get`: a record key of another Redis type
 _VERSION_LEN = 16
 _MAX_ARGS_PER_CALL = 50_000  # bounds one Lua call for views with very wide documents
@@ -130,6 +133,7 @@ _ADVANCE_LUA = _lua("lib_helpers", "lib_advance", "advance")
 _APPLY_ADVANCE_LUA = _lua("lib_helpers", "lib_apply", "lib_advance", "apply_advance")
 _GET_LUA = _lua("get")
 _ADOPT_LUA = _lua("adopt")
+_CLAIM_LUA = _lua("claim")
 
 _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -221,6 +225,7 @@ class RedisSink:
         self._apply_advance_script = self._client.register_script(_APPLY_ADVANCE_LUA)
         self._get_script = self._client.register_script(_GET_LUA)
         self._adopt_script = self._client.register_script(_ADOPT_LUA)
+        self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self._wire_plans: dict[str, tuple[int, bytes]] = {}  # view -> (commands per row, version hash key)
         self._fresh: set[str] = set()  # views whose current generation began with no version entry
@@ -619,14 +624,15 @@ class RedisSink:
         return None if raw is None else int(raw, 16)
 
     def drop_view(self, view: str) -> None:
-        """Delete every record key listed in the version hash, then the version hash and the
-        checkpoint."""
+        """Delete every record key listed in the version hash, then the version hash, the
+        checkpoint and this deployment's claim of the view's key shape."""
         vkey = self._vkey(view)
         with self._errors("drop_view"):
             for page in self._version_pages(vkey):
                 if page:
                     self._client.unlink(*page.keys())
             self._client.unlink(vkey, self._ckey(view))
+            self._release(view)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -645,6 +651,37 @@ class RedisSink:
         with self._errors("adopt legacy keys"):
             moved = self._run(self._adopt_script, calls)
         return [v for v, n in zip(views, moved) if int(n)]
+
+    def claim(self, views: Sequence[str]) -> None:
+        """Claim the record keys of ``views`` for this deployment in :data:`CLAIMS_KEY`, by
+        their key template's shape (``ViewTarget.key_shape``, e.g. ``account:{}``), in one Lua
+        call: all or none. Two deployments whose views have the same shape write the same
+        keys; a shape held by another deployment that still has bookkeeping for its view here
+        raises :class:`SinkError` (``retryable=False``) naming it; a claim whose owner left
+        none is taken over. Nothing to do without a deployment. Raises :class:`SinkError`."""
+        pairs = [(t.key_shape, v) for v in views if (t := self._target(v)).key_shape]
+        if self.deployment is None or not pairs:
+            return
+        with self._errors("claim"):
+            (conflicts,) = self._run(self._claim_script,
+                                     [([CLAIMS_KEY], [self.deployment, *(x for p in pairs for x in p)])])
+        if conflicts:
+            shape = conflicts[0].decode()
+            dep, _, other = conflicts[1].decode().partition("\n")
+            view = next(v for s, v in pairs if s == shape)
+            raise SinkError(
+                f"sink {self.name}: view {view}: its record keys ({shape!r}) are already written by "
+                f"deployment {dep} (view {other}); two deployments must not share record keys: change "
+                f"the key template, or if {dep} is retired, delete its bookkeeping (redis-cli DEL "
+                f"{checkpoint_key(other, dep)} {versions_key(other, dep)})", retryable=False)
+
+    def _release(self, view: str) -> None:
+        """Drop this deployment's claim of ``view``'s key shape (after :meth:`drop_view`)."""
+        shape = self._target(view).key_shape
+        if self.deployment is None or not shape:
+            return
+        if self._client.hget(CLAIMS_KEY, shape) == f"{self.deployment}\n{view}".encode():
+            self._client.hdel(CLAIMS_KEY, shape)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -888,6 +925,6 @@ class _ErrorMap:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout]:
+    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout, Claims]:
         """Never called: mypy checks here that RedisSink implements these protocols."""
-        return sink, sink, sink, sink
+        return sink, sink, sink, sink, sink

@@ -136,7 +136,8 @@ def drop_views(config: Path, sink_type: str | None = None) -> None:
                 continue
             if sink not in sinks:
                 sinks[sink] = make_sink(sink, spec.sinks[sink].model_dump(), deployment=dep)
-            sinks[sink].register(ViewTarget(view=name, format=v.format, index=v.index))
+            shape = v.key_template.shape() if v.key_template is not None else None
+            sinks[sink].register(ViewTarget(view=name, format=v.format, index=v.index, key_shape=shape))
             sinks[sink].drop_view(name)
     finally:
         for s in sinks.values():

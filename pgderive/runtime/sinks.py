@@ -7,7 +7,7 @@ from typing import Sequence
 import psycopg
 
 from cdc.catalog import deployment_id
-from sinks.base import LegacyLayout, Sink
+from sinks.base import Claims, LegacyLayout, Sink
 from sinks.factory import make_sink
 from views.derive import View
 from views.spec import Spec
@@ -29,11 +29,12 @@ def deployment_of(spec: Spec) -> str:
 
 def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = None) -> dict[str, Sink]:
     """Connect the sinks the views use, namespaced by ``deployment`` (default
-    :func:`deployment_of` ``spec``), register each view's target layout, and adopt each view's
+    :func:`deployment_of` ``spec``), register each view's target layout, adopt each view's
     bookkeeping written before namespacing (:class:`~sinks.base.LegacyLayout`; logged per
-    view). Raises ``psycopg.Error`` (reading the deployment) and
-    :class:`~sinks.base.SinkError` (a sink refusing the adoption); closes the sinks it opened
-    before raising."""
+    view) and claim the views' record keys and aliases for the deployment
+    (:class:`~sinks.base.Claims`). Raises ``psycopg.Error`` (reading the deployment) and
+    :class:`~sinks.base.SinkError` (a sink unreachable, or another deployment writing the same
+    record keys or alias: ``retryable=False``); closes the sinks it opened before raising."""
     if deployment is None:
         deployment = deployment_of(spec)
     sinks: dict[str, Sink] = {}
@@ -48,6 +49,8 @@ def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = No
                 if adopted:
                     log.info("sink %s: adopted the bookkeeping of view(s) %s written before it was "
                              "namespaced by deployment %s", name, ", ".join(adopted), deployment)
+            if isinstance(sink, Claims):
+                sink.claim([v.name for v in views if v.sink == name])
     except BaseException:
         for sink in sinks.values():
             sink.close()

@@ -6,6 +6,8 @@ state; bookkeeping written before namespacing is adopted on the first start afte
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -15,9 +17,9 @@ from opensearchpy import OpenSearch
 
 from cdc.lsn import parse_lsn
 from sinks.opensearch import CHECKPOINT_INDEX, checkpoint_id
-from sinks.redis import checkpoint_key, versions_key
+from sinks.redis import CLAIMS_KEY, checkpoint_key, versions_key
 
-from ..support import (OPENSEARCH_URL, REDIS_URL, Daemon, assert_views_equal, create_database, current_lsn,
+from ..support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database, current_lsn,
                        deployment, drop_database, drop_views, slot_caught_up, streaming, unique, wait_until)
 
 pytestmark = pytest.mark.slow
@@ -29,12 +31,13 @@ class Deployment:
     """A scratch database, a slot and a YAML whose views are named ``view`` + ``_r``/``_s``
     (shared with the other deployment), with their own record keys and alias."""
 
-    def __init__(self, tmp_path: Path, label: str, view: str, checkpoint_index: str) -> None:
+    def __init__(self, tmp_path: Path, label: str, view: str, checkpoint_index: str, *,
+                 keys: str | None = None, alias: str | None = None) -> None:
         self.db = unique(f"pgd_dep{label}")
         self.dsn = create_database(self.db)
         self.slot = unique("slot")
-        self.keys = unique(f"dep{label}")
-        self.alias = unique(f"dep{label}").lower()
+        self.keys = keys or unique(f"dep{label}")
+        self.alias = alias or unique(f"dep{label}").lower()
         self.view = view
         self.config = tmp_path / f"pgderive-{label}.yaml"
         self.config.write_text(f"""
@@ -201,3 +204,48 @@ def test_bookkeeping_written_before_namespacing_is_adopted(tmp_path, clients):
     finally:
         d.close()
         es.indices.delete(index=cp_index, ignore=404)
+
+
+def slot_exists(d: Deployment) -> bool:
+    with psycopg.connect(d.dsn, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                            (d.slot,)).fetchone()[0] > 0
+
+
+def test_another_deployment_writing_the_same_keys_or_alias_is_refused(tmp_path, clients):
+    r, es = clients
+    cp_index = unique("pgd-cp").lower()
+    x = Deployment(tmp_path, "x", unique("x"), cp_index)
+    same_keys = Deployment(tmp_path, "k", unique("k"), cp_index, keys=x.keys)
+    same_alias = Deployment(tmp_path, "i", unique("i"), cp_index, alias=x.alias)
+    try:
+        x.sql("INSERT INTO items SELECT g, 'x' || g, g FROM generate_series(1, 20) g")
+        x.start()
+        x.caught_up()
+        dep_x = deployment(x.config)
+        for other, expect in ((same_keys, f"its record keys ('{x.keys}:{{}}') are already written by deployment {dep_x}"),
+                              (same_alias, f"alias '{x.alias}' already serves deployment {dep_x}")):
+            res = subprocess.run([sys.executable, "-m", "pgderive.cli", "run", "-c", str(other.config)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 1, res.stderr
+            errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+            assert len(errors) == 1 and expect in errors[0], res.stderr
+            assert not slot_exists(other) and not streaming(other.dsn, other.slot)  # refused before anything
+        assert x.daemon is not None and x.daemon.stop() == 0
+        # X retired without cleaning up its claim: once its bookkeeping is gone, the claim is stale
+        # and another deployment may take the keys over.
+        r.delete(checkpoint_key(f"{x.view}_r", dep_x), versions_key(f"{x.view}_r", dep_x))
+        assert r.hget(CLAIMS_KEY, f"{x.keys}:{{}}") == f"{dep_x}\n{x.view}_r".encode()
+        same_keys.sql("INSERT INTO items SELECT g, 'k' || g, g FROM generate_series(1, 30) g")
+        same_keys.start()
+        same_keys.caught_up()
+        assert_views_equal(same_keys.config)
+        dep_k = deployment(same_keys.config)
+        assert r.hget(CLAIMS_KEY, f"{x.keys}:{{}}") == f"{dep_k}\n{same_keys.view}_r".encode()
+        assert same_keys.daemon is not None and same_keys.daemon.stop() == 0
+    finally:
+        for d in (x, same_keys, same_alias):
+            d.close()
+        es.indices.delete(index=cp_index, ignore=404)
+    # drop_views released the claims
+    assert r.hget(CLAIMS_KEY, f"{x.keys}:{{}}") is None

@@ -473,3 +473,9 @@ def test_tls_keys_name_the_missing_file_and_the_yaml_path(tmp_path) -> None:
         ("sinks.e.hosts", 7, "TLS options (ca_certs) need https:// hosts"),
         ("sinks.f.password", 8, "username and password go together"),
     ]
+
+
+def test_key_template_shape_ignores_column_names() -> None:
+    assert KeyTemplate("account:{aid}").shape() == KeyTemplate("account:{id}").shape() == "account:{}"
+    assert KeyTemplate("{{x}}:{a}-{b}").shape() == "{{x}}:{}-{}"
+    assert KeyTemplate("a:{x}").shape() != KeyTemplate("b:{x}").shape()

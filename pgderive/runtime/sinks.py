@@ -27,12 +27,15 @@ def deployment_of(spec: Spec) -> str:
         return deployment_id(conn, spec.source.slot)
 
 
-def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = None) -> dict[str, Sink]:
+def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = None,
+               prepare: bool = True) -> dict[str, Sink]:
     """Connect the sinks the views use, namespaced by ``deployment`` (default
     :func:`deployment_of` ``spec``), register each view's target layout, adopt each view's
     bookkeeping written before namespacing (:class:`~sinks.base.LegacyLayout`; logged per
     view) and claim the views' record keys and aliases for the deployment
-    (:class:`~sinks.base.Claims`). Raises ``psycopg.Error`` (reading the deployment) and
+    (:class:`~sinks.base.Claims`). With ``prepare=False`` the last two steps are skipped and
+    nothing is written or asked of the sinks (read-only commands such as ``status``, which must
+    work while a sink is down). Raises ``psycopg.Error`` (reading the deployment) and
     :class:`~sinks.base.SinkError` (a sink unreachable, or another deployment writing the same
     record keys or alias: ``retryable=False``); closes the sinks it opened before raising."""
     if deployment is None:
@@ -43,7 +46,7 @@ def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = No
             if v.sink not in sinks:
                 sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump(), deployment=deployment)
             sinks[v.sink].register(v.target)
-        for name, sink in sinks.items():
+        for name, sink in sinks.items() if prepare else ():
             if isinstance(sink, LegacyLayout):
                 adopted = sink.adopt_legacy([v.name for v in views if v.sink == name])
                 if adopted:

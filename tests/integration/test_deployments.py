@@ -6,6 +6,7 @@ state; bookkeeping written before namespacing is adopted on the first start afte
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,17 @@ def test_another_deployment_writing_the_same_keys_or_alias_is_refused(tmp_path, 
         es.indices.delete(index=cp_index, ignore=404)
     # drop_views released the claims
     assert r.hget(CLAIMS_KEY, f"{x.keys}:{{}}") is None
+
+
+def test_status_stays_read_only_and_works_with_a_sink_down(tmp_path):
+    """open_sinks(prepare=False): status neither adopts nor claims, so a sink that is down is
+    reported per view instead of failing the command."""
+    d = Deployment(tmp_path, "s", unique("st"), "pgderive-checkpoints")
+    try:
+        d.config.write_text(d.config.read_text().replace(REDIS_URL, "redis://127.0.0.1:1/0"))
+        res = subprocess.run([sys.executable, "-m", "pgderive.cli", "status", "-c", str(d.config)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", **os.environ})
+        assert res.returncode == 0, res.stderr
+        assert f"{d.view}_r" in res.stdout and "? (SinkError)" in res.stdout, res.stdout
+    finally:
+        drop_database(d.db)

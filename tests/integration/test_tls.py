@@ -248,6 +248,9 @@ def test_every_connection_over_tls(tmp_path, monkeypatch, pki, tls_redis, tls_op
         assert_views_equal(config, timeout=30)  # read back through the same TLS sinks
         out = daemon.output()
         assert OS_PASSWORD not in out and "Traceback" not in out
+        # both snapshots went over the wire-load paths (raw sockets: the TLS socket for Redis)
+        assert f"view {prefix}_r done" in out and f"view {prefix}_s done" in out and "row by row instead" not in out
+        assert out.count("wire load)") >= 2, out
         assert daemon.stop() == 0
 
         # A wrong CA: one clear line, exit 1, for each connection.

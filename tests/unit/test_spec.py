@@ -344,6 +344,9 @@ def test_all_problems_are_collected_in_file_order() -> None:
     ("host=h user=u password=s3cret dbname=d", "host=h user=u password=*** dbname=d"),
     ("host=h password = 'with space\\' quote' user=u", "host=h password = *** user=u"),
     ("host=h user=u", "host=h user=u"),
+    # the passphrase of an encrypted TLS client key (libpq sslpassword)
+    ("host=h sslmode=verify-full sslpassword=s3cret", "host=h sslmode=verify-full sslpassword=***"),
+    ("postgresql://h/db?sslpassword=s3cret&sslmode=verify-ca", "postgresql://h/db?sslpassword=***&sslmode=verify-ca"),
 ])
 def test_redacted_dsn(dsn: str, expected: str) -> None:
     assert redact_dsn(dsn) == expected

@@ -44,11 +44,12 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***`` (URI userinfo, URI query, key=value form)."""
+    """``dsn`` with any password replaced by ``***`` (URI userinfo, URI query, key=value form),
+    including libpq's ``sslpassword`` (the passphrase of an encrypted ``sslkey``)."""
     if re.match(r"\s*postgres(?:ql)?://", dsn):
         dsn = re.sub(r"^(\s*postgres(?:ql)?://[^:/?#@]*):[^/?#]*@", r"\1:***@", dsn)
-        return re.sub(r"([?&]password=)[^&#]*", r"\1***", dsn)
-    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
+        return re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", dsn)
+    return re.sub(r"((?:\bssl|\b)password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
 
 
 class SourceSpec(BaseModel):

@@ -99,8 +99,8 @@ _CHECKPOINT_BODY = {
     "settings": {"index": {"number_of_shards": 1, "number_of_replicas": 0, "gc_deletes": "0s"}},
     "mappings": {"dynamic": "strict", "properties": {"lsn": {"type": "long"}}},
 }
-_REJECT_STATUS = (400, 413)
-_META = "pgderive"  # key of the generation indices' mapping ``_meta``: {deployment, view}  # bulk item statuses meaning "this document", not "this cluster"
+_REJECT_STATUS = (400, 413)  # bulk item statuses meaning "this document", not "this cluster"
+_META = "pgderive"  # key of the generation indices' mapping ``_meta``: {deployment, view}
 
 # one bulk action: (the Op to report, action line, source line or None for a delete)
 _Action = tuple[Op, bytes, Optional[bytes]]

@@ -647,7 +647,8 @@ class RedisSink:
         :class:`SinkError`."""
         if self.deployment is None or not views:
             return []
-        calls: list[tuple[list[Any], list[Any]]] = [([versions_key(v), checkpoint_key(v), self._vkey(v), self._ckey(v)], []) for v in views]
+        calls: list[tuple[list[Any], list[Any]]] = [
+            ([versions_key(v), checkpoint_key(v), self._vkey(v), self._ckey(v)], []) for v in views]
         with self._errors("adopt legacy keys"):
             moved = self._run(self._adopt_script, calls)
         return [v for v, n in zip(views, moved) if int(n)]

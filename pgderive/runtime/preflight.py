@@ -15,8 +15,8 @@ What is checked (every problem is collected, none stops the others):
   configuration problem (exit code 2).
 * **Names**: a view's OpenSearch alias must not be one of the names pgderive keeps for itself
   in that sink (:class:`sinks.base.ReservedNames`, e.g. the checkpoint index), nor could its
-  generation indices (``ALIAS-g<16 hex digits>``) be one; two views of one sink must not share
-  an alias.
+  generation indices (``ALIAS-g<16 hex digits>``) be one, nor may it have the form of another
+  view's generation index (two views on one alias are refused by the spec already).
 * **Privileges of the role** the DSN logs in as:
 
   - ``REPLICATION`` (or superuser): creating and reading a logical slot needs it (Postgres
@@ -152,7 +152,8 @@ def _generation_of(alias: str, index: str) -> bool:
 
 def check_names(spec: Spec, sinks: Mapping[str, Sink]) -> list[Problem]:
     """Views' OpenSearch aliases against the names pgderive keeps for itself in their sink and
-    against each other (same sink): one problem per clash, at ``views.X.index``."""
+    against the other views' generation indices (same sink): one problem per clash, at
+    ``views.X.index``."""
     problems: list[Problem] = []
     taken: dict[tuple[str, str], str] = {}  # (sink, alias) -> first view
     for name, view in spec.views.items():
@@ -172,10 +173,7 @@ def check_names(spec: Spec, sinks: Mapping[str, Sink]) -> list[Problem]:
                                                   f"({alias}-g<16 hex digits>) could take {own!r}, the index "
                                                   f"pgderive keeps its own bookkeeping in (sink "
                                                   f"{view.sink_name}): choose another name"))
-        first = taken.setdefault((view.sink_name, alias), name)
-        if first != name:
-            problems.append(Problem(path, f"view {name}: index {alias!r} is already view {first}'s in sink "
-                                          f"{view.sink_name}: each view needs its own alias"))
+        taken.setdefault((view.sink_name, alias), name)  # two views on one alias: a spec error already
     for (sink_name, alias), name in taken.items():
         for (other_sink, other), other_name in taken.items():
             if other_sink == sink_name and other_name != name and _generation_of(other, alias):

@@ -333,3 +333,39 @@ def test_status_flags_an_inactive_slot_that_retains_wal(env: Env) -> None:
         if daemon.alive():
             daemon.stop()
         drop_views(config)
+
+
+def test_select_revoked_while_running_stops_the_daemon_naming_the_view(env: Env) -> None:
+    """An include view reads its records back from the source while streaming: with SELECT on
+    the included table revoked under a running daemon, the next change of that table stops it
+    with exit code 1 and an error naming the view, the privilege and the table; the slot stays."""
+    env.sql("""CREATE TABLE child (id int PRIMARY KEY, name text);
+               CREATE TABLE parent (id int PRIMARY KEY, cid int);
+               INSERT INTO child VALUES (1, 'one'); INSERT INTO parent VALUES (10, 1)""")
+    env.grant("GRANT SELECT ON parent, child TO {role}")
+    env.init("--owner", env.role)
+    config = env.config("""
+  P_par:
+    table: parent
+    sink: cache
+    key: "P_par:{id}"
+    format: json
+    include:
+      child: {table: child, on: {cid: id}, fields: [name]}
+""")
+    daemon = Daemon(config, env.tmp / "daemon.log").start()
+    try:
+        wait_until(lambda: streaming(env.dsn, f"{env.p}_slot") or not daemon.alive(), 60, what="bootstrap")
+        assert daemon.alive(), daemon.output()
+        env.grant("REVOKE SELECT ON child FROM {role}")
+        env.sql("UPDATE child SET name = 'uno' WHERE id = 1")
+        wait_until(lambda: not daemon.alive(), 30, what="the daemon to stop")
+        assert daemon.proc is not None and daemon.proc.returncode == 1, daemon.output()
+        out = daemon.output()
+        assert f'view {env.p}_par: role "{env.role}" lacks SELECT on public.child' in out, out
+        assert "Traceback" not in out, out
+        assert env.slots() == [f"{env.p}_slot"]
+    finally:
+        if daemon.alive():
+            daemon.stop()
+        drop_views(config)

@@ -178,6 +178,29 @@ def test_validate_malformed_redis_port_is_a_config_error(env: Env) -> None:
     assert "hunter2" not in lines(out)
 
 
+def test_validate_refused_redis_credentials_are_a_config_error(env: Env) -> None:
+    """A Redis ACL user (made for the test, deleted after) with a wrong password, and a database
+    index the server does not have: exit 2, the password never printed."""
+    env.init("--owner", env.role)
+    user = unique("pgd_pf_acl")
+    r = redis.Redis.from_url(REDIS_URL)
+    r.execute_command("ACL", "SETUSER", user, "on", ">right-pw-1", "~*", "+@all")
+    try:
+        host = REDIS_URL.split("://", 1)[1].split("/", 1)[0]
+        out = cli("validate", "-c", str(env.config(VIEWS, redis_url=f"redis://{user}:wrong-pw-2@{host}/0")))
+        assert out.returncode == 2, lines(out)
+        assert "sinks.cache: sink cache: Redis refused the credentials" in out.stderr
+        assert "wrong-pw-2" not in lines(out)
+        out = cli("validate", "-c", str(env.config(VIEWS, redis_url=f"redis://{user}:right-pw-1@{host}/0")))
+        assert out.returncode == 0, lines(out)
+        out = cli("validate", "-c", str(env.config(VIEWS, redis_url=f"redis://{host}/999")))
+        assert out.returncode == 2, lines(out)
+        assert "sinks.cache: sink cache: Redis refused the connection: DB index is out of range" in out.stderr
+    finally:
+        r.execute_command("ACL", "DELUSER", user)
+        r.close()
+
+
 def test_validate_refuses_an_alias_clashing_with_pgderive_indices(env: Env) -> None:
     own = OpenSearchSink("probe", [OPENSEARCH_URL]).checkpoint_index  # read from the sink: configurable
     env.init("--owner", env.role)

@@ -392,3 +392,28 @@ def test_select_revoked_while_running_stops_the_daemon_naming_the_view(env: Env)
         if daemon.alive():
             daemon.stop()
         drop_views(config)
+
+
+def test_a_slot_that_cannot_be_dropped_is_named_with_the_sql_to_drop_it(env: Env) -> None:
+    """When dropping the slot of a failed bootstrap fails (here: the daemon's role lost
+    REPLICATION, which pg_drop_replication_slot needs), the error keeps the bootstrap's cause
+    and gives the exact statement, which then works."""
+    from pgderive.runtime.coordinator import Engine
+    from pgderive.runtime.errors import EngineError
+    from cdc.slot import SlotReader
+    from views.spec import load_spec
+
+    env.init("--owner", env.role)
+    slot = f"{env.p}_slot"
+    engine = Engine(load_spec(env.config(VIEWS)))
+    engine.reader = SlotReader(env.admin_dsn, slot)  # the slot exists, made by someone allowed to
+    engine.reader.connect()
+    engine.reader.create_slot()
+    env.grant("ALTER ROLE {role} NOREPLICATION")
+    with pytest.raises(EngineError) as e:
+        engine._abandon_bootstrap(RuntimeError("the snapshot failed"))
+    drop = f"SELECT pg_drop_replication_slot('{slot}')"
+    assert str(e.value).startswith("the snapshot failed; ") and drop in str(e.value), str(e.value)
+    assert env.slots() == [slot]
+    env.sql(drop)
+    assert env.slots() == []

@@ -211,8 +211,7 @@ class Engine:
                                       should_stop=self.stop.is_set,
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
-            self._abandon_bootstrap(e)
-            log.warning("%s; the next start redoes the bootstrap", e)
+            self._abandon_bootstrap(e)  # logs that the next start bootstraps from scratch
             return None
         except BaseException as e:
             self._abandon_bootstrap(e)

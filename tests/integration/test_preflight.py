@@ -417,3 +417,33 @@ def test_a_slot_that_cannot_be_dropped_is_named_with_the_sql_to_drop_it(env: Env
     assert env.slots() == [slot]
     env.sql(drop)
     assert env.slots() == []
+
+
+def slow_derive(record: dict) -> dict:
+    """A derive function for the interrupted-bootstrap test: 1 ms per row."""
+    import time
+    time.sleep(0.001)
+    return record
+
+
+def test_bootstrap_interrupted_by_sigterm_drops_its_slot(env: Env) -> None:
+    """SIGTERM while the snapshot loads (10,000 rows at 1 ms each, checked every 5,000-row
+    chunk): the daemon exits 0 and leaves neither the slot nor pgderive's record of it."""
+    env.sql("CREATE TABLE big (id int PRIMARY KEY); INSERT INTO big SELECT generate_series(1, 10000)")
+    env.grant("GRANT SELECT ON big TO {role}")
+    env.init("--owner", env.role)
+    config = env.config("""
+  P_big: {table: big, sink: cache, key: "P_big:{id}", derive: "tests.integration.test_preflight:slow_derive"}
+""")
+    daemon = Daemon(config, env.tmp / "daemon.log").start()
+    try:
+        wait_until(lambda: "created slot" in daemon.output() or not daemon.alive(), 30, what="the slot")
+        assert daemon.alive(), daemon.output()
+        assert daemon.stop(60) == 0, daemon.output()
+        out = daemon.output()
+        assert "interrupted" in out and f"dropped slot {env.p}_slot" in out, out
+        assert env.slots() == [] and env.slot_state() == []
+    finally:
+        if daemon.alive():
+            daemon.stop()
+        drop_views(config)

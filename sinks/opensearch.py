@@ -42,6 +42,7 @@ Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes``
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict, deque
 import itertools
@@ -59,7 +60,7 @@ from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, ViewTarget
 
 if TYPE_CHECKING:
-    from sinks.base import Refreshable, Sink, WireLoad
+    from sinks.base import Refreshable, ReservedNames, Sink, WireLoad
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX"]
 
@@ -148,6 +149,9 @@ class OpenSearchSink:
         self._senders: ThreadPoolExecutor | None = None  # created on the first concurrent call
         self.stats = {"partial_missed": 0}
         self._checkpoint_index_ready = False
+        #: The index holding pgderive's checkpoints in this cluster (one document per view); no
+        #: view alias may take it (:meth:`reserved_names`).
+        self.checkpoint_index = CHECKPOINT_INDEX
         # A request that hangs longer than ``timeout`` seconds is a retryable failure: the
         # engine backs off and retries rather than waiting on a stuck node indefinitely.
         # One kept-alive connection per sender thread plus the calling thread (urllib3 keeps
@@ -161,6 +165,39 @@ class OpenSearchSink:
         self._loading: dict[str, set[str]] = defaultdict(set)  # view -> uncommitted generations
 
     # --- protocol -------------------------------------------------------------------------
+
+    def check(self, timeout: float = 10.0) -> None:
+        """``GET /`` (the cluster's info, OpenSearch REST API "Info"): proves the cluster
+        reachable and the credentials accepted, creating nothing. ``timeout`` (seconds) bounds
+        each attempt.
+
+        Raises :class:`SinkError`: ``retryable=True`` when no node answers (or answers 429/5xx),
+        ``retryable=False`` for HTTP 401/403 (credentials refused) and other refusals.
+        """
+        prefix = f"sink {self.name}: OpenSearch"
+        # The client logs every failed attempt as a warning with a traceback; the SinkError
+        # below says it once, in one line.
+        client_log = logging.getLogger("opensearch")
+        level = client_log.level
+        client_log.setLevel(logging.ERROR)
+        try:
+            self._client.info(request_timeout=timeout)
+        except ox.ConnectionError as e:  # includes timeouts
+            raise SinkError(f"{prefix} unreachable: {_cause(e)}", retryable=True) from e
+        except ox.TransportError as e:
+            status = e.status_code
+            if status in (401, 403):
+                raise SinkError(f"{prefix} refused the credentials (HTTP {status}): {_reason(e) or e.error}",
+                                retryable=False) from e
+            retryable = not isinstance(status, int) or status == 429 or status >= 500
+            raise SinkError(f"{prefix} error {status}: {e.error}: {_reason(e)}", retryable=retryable) from e
+        finally:
+            client_log.setLevel(level)
+
+    def reserved_names(self) -> frozenset[str]:
+        """The index names pgderive keeps for itself in this cluster: :attr:`checkpoint_index`
+        (:class:`~sinks.base.ReservedNames`)."""
+        return frozenset({self.checkpoint_index})
 
     def register(self, target: ViewTarget) -> None:
         """Declare a view; ``target.index`` (the alias) is required."""
@@ -726,6 +763,17 @@ class _ErrorMap:
         return False
 
 
+def _cause(e: Any) -> str:
+    """The innermost reason of an opensearch-py ``ConnectionError`` (e.g. ``[Errno 111]
+    Connection refused``), without the client's object reprs."""
+    info = getattr(e, "info", None)
+    text = str(info if isinstance(info, BaseException) else e)
+    marker = "Failed to establish a new connection: "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text.split(")", 1)[0] if text.startswith("[Errno") else text
+
+
 def _reason(e: Any) -> str:
     info = e.info if isinstance(e.info, dict) else {}
     err = info.get("error")
@@ -735,6 +783,6 @@ def _reason(e: Any) -> str:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable]:
+    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink
+        return sink, sink, sink, sink

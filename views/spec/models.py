@@ -12,6 +12,7 @@ folded to lower case, double-quoted parts (``'public."Orders"'``) are kept exact
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
@@ -89,6 +90,19 @@ class RedisSinkSpec(BaseModel):
     def _url(cls, v: str) -> str:
         if not re.match(r"^(redis|rediss|unix)://", v):
             raise _fail("must be a redis://, rediss:// or unix:// URL")
+        if v.startswith("unix://"):
+            return v
+        # What redis-py's from_url would only report when the daemon connects (a bare
+        # ValueError), checked here so the error names sinks.NAME.url. The URL's text is not
+        # repeated: it may hold a password.
+        parts = urlsplit(v)
+        try:
+            port = parts.port
+        except ValueError:
+            port_text = parts.netloc.rsplit("@", 1)[-1].rsplit(":", 1)[-1]
+            raise _fail(f"the port {port_text!r} is not a number from 1 to 65535") from None
+        if port == 0:
+            raise _fail("the port 0 is not a number from 1 to 65535")
         return v
 
 

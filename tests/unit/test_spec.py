@@ -115,7 +115,10 @@ def test_table_names_follow_sql_rules() -> None:
     assert parse_table("t") == ("public", "t")
     assert parse_table("Sales.Orders") == ("sales", "orders")
     assert parse_table('public."Orders"') == ("public", "Orders")
-    assert parse_table('"a.b"."x""y"') == ("a.b", 'x"y')
+    assert parse_table('"a,b"."x""y"') == ("a,b", 'x"y')
+    assert parse_table('"A b"."c.d"') == ("A b", "c.d")
+    with pytest.raises(ValueError, match="contains '.'"):
+        parse_table('"a.b"."x"')  # a dot in a schema name: refused
     for bad in ["", "a.b.c", "a.", ".b", "a b", '"unterminated']:
         with pytest.raises(ValueError, match="invalid table name"):
             parse_table(bad)
@@ -402,3 +405,18 @@ def test_template_null_or_missing_column() -> None:
     with pytest.raises(TemplateError) as info:
         t.render({"bid": 1})
     assert info.value.column == "aid" and "missing" in str(info.value)
+
+
+def test_a_schema_with_a_dot_is_refused_at_its_yaml_path():
+    text = """
+source: {dsn: "postgresql://postgres@127.0.0.1:5433/x", slot: s}
+sinks: {cache: {type: redis}}
+views:
+  v: {table: '"my.schema"."t"', sink: cache, key: "k:{id}"}
+"""
+    with pytest.raises(SpecError) as e:
+        parse_spec(text, filename="t.yaml")
+    msg = str(e.value)
+    assert "views.v.table" in msg and "'my.schema'" in msg and "Traceback" not in msg
+    # a dot in the table name is fine
+    parse_spec(text.replace('"my.schema"."t"', 'public."a.b"'), filename="t.yaml")

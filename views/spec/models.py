@@ -123,7 +123,8 @@ def parse_table(text: str) -> tuple[str, str]:
     Unquoted parts fold to lower case; double-quoted parts are kept (``""`` → ``"``).
 
     Raises:
-        ValueError: not one or two SQL identifiers separated by a dot.
+        ValueError: not one or two SQL identifiers separated by a dot, or a schema name holding
+            a dot (table names may hold any character).
     """
     m = _TABLE_RE.match(text.strip())
     if not m:
@@ -134,7 +135,15 @@ def parse_table(text: str) -> tuple[str, str]:
         return part[1:-1].replace('""', '"') if part.startswith('"') else part.lower()
 
     first, second = m.group(1), m.group(2)
-    return ("public", ident(first)) if second is None else (ident(first), ident(second))
+    schema, name = ("public", ident(first)) if second is None else (ident(first), ident(second))
+    if "." in schema:
+        # pgderive names a table "schema.name" (Change.table, dead letters, add-tables) and
+        # splits that at the first dot: a dot in the table name is fine, one in the schema not.
+        raise ValueError(f"schema {schema!r} contains '.', which pgderive does not support in schema"
+                         " names (table names may contain any character): rename the schema")
+    if "\x00" in schema + name:
+        raise ValueError("a table name cannot contain NUL")
+    return schema, name
 
 
 ORDER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_$]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)

@@ -45,6 +45,43 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
 
 
+_INT_OPTIONS = ("port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                "keepalives_count", "tcp_user_timeout")
+
+
+def _check_dsn(dsn: str) -> None:
+    """Refuse a DSN libpq would refuse at connect time, without echoing it (it may hold a
+    password): not parseable as key=value pairs or a URI (libpq ``PQconninfoParse``, Postgres
+    manual 34.1.1 "Connection Strings"), an unknown option, or a non-integer where libpq wants
+    an integer (``port`` also takes a comma-separated list, 34.1.1.3; ``1``–``65535``).
+    Raises the spec's validation error (reported at ``source.dsn``)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError as e:
+        m = re.search(r'invalid (?:connection|URI query parameter):? ?(?:option )?"([A-Za-z_]+)"', str(e))
+        if m:
+            raise _fail(f"unknown connection option {m.group(1)!r} (see the libpq connection"
+                        " parameters)") from None
+        raise _fail("not a libpq connection string: use key=value pairs (host=... dbname=...)"
+                    " or a postgresql:// URI, quoting values with spaces in single quotes") from None
+    for name in _INT_OPTIONS:
+        raw = params.get(name)
+        if raw is None:
+            continue
+        parts = str(raw).split(",") if name == "port" else [str(raw)]
+        for part in parts:
+            part = part.strip()
+            if name == "port" and part == "":
+                continue  # an empty entry means the default port
+            if not re.fullmatch(r"-?[0-9]+", part) or (name == "port" and not 1 <= int(part) <= 65535):
+                raise _fail(f"{name} must be an integer" + (" from 1 to 65535 (or a comma-separated list)"
+                                                               if name == "port" else "")
+                            + f", got {part[:20]!r}")
+
+
 class SourceSpec(BaseModel):
     """``source:`` — the Postgres database and the logical replication slot.
 
@@ -62,6 +99,7 @@ class SourceSpec(BaseModel):
     def _dsn(cls, v: str) -> str:
         if not v.strip():
             raise _fail("must be a Postgres connection string, e.g. postgresql://user@host:5432/db")
+        _check_dsn(v)
         return v
 
     @field_validator("slot")

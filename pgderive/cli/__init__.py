@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import click
 import psycopg
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -286,8 +287,10 @@ def dead_letters_list(config: str, view: str | None, limit: int) -> None:
     t.add_column("retries", justify="right")
     t.add_column("created", overflow="fold")
     for r in records:
+        # escape: rich would read "[...]" in an error or a column name as markup and drop it
+        error = escape(_short(r.error) + (f" (row truncated: {', '.join(r.truncated)})" if r.truncated else ""))
         t.add_row(str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
-                  _short(r.error), str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+                  error, str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
     # Piped output (no terminal, no $COLUMNS) is not squeezed into 80 columns.
     wide = not _console.is_terminal and "COLUMNS" not in os.environ
     (Console(width=200) if wide else _console).print(t)

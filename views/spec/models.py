@@ -22,7 +22,7 @@ from views.template import KeyTemplate
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
-    "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
+    "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE",
 ]
@@ -453,8 +453,37 @@ class ViewSpec(BaseModel):
         return self.sink
 
 
+#: Default and bounds of ``dead_letters.max_bytes`` (bytes of a dead letter's stored row JSON).
+DEAD_LETTER_MAX_BYTES = 64 * 1024
+DEAD_LETTER_MAX_BYTES_RANGE = (1024, 64 << 20)
+
+
+class DeadLettersSpec(BaseModel):
+    """``dead_letters:`` — how dead letters are stored (``pgderive.dead_letters``).
+
+    Attributes:
+        max_bytes: cap on the JSON of one dead letter's stored row, in bytes (default 65536 =
+            64 KiB, from 1024 to 67108864): larger values are cut to a prefix and their columns
+            listed in the dead letter's ``truncated`` (the row's identity columns are never cut).
+    """
+
+    model_config = _STRICT
+    max_bytes: int = DEAD_LETTER_MAX_BYTES
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _max_bytes(cls, v: Any) -> Any:
+        low, high = DEAD_LETTER_MAX_BYTES_RANGE
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _fail(f"must be a number of bytes, got {_kind(v)}")
+        if not low <= v <= high:
+            raise _fail(f"must be from {low} to {high} bytes, got {v}")
+        return v
+
+
 class Spec(BaseModel):
-    """The whole file: ``source``, ``sinks`` (by name) and ``views`` (by name).
+    """The whole file: ``source``, ``sinks`` (by name), ``views`` (by name) and the optional
+    ``dead_letters`` settings (:class:`DeadLettersSpec`).
 
     Build it with :func:`load_spec` / :func:`parse_spec`, which also run the cross checks (view
     names, sink references, per-sink-type options) and fill defaults (redis ``format: hash``).
@@ -466,6 +495,7 @@ class Spec(BaseModel):
     source: SourceSpec
     sinks: dict[str, SinkSpec]
     views: dict[str, ViewSpec]
+    dead_letters: DeadLettersSpec = Field(default_factory=DeadLettersSpec)
 
     _filename: str = PrivateAttr("<string>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
@@ -532,6 +562,8 @@ def _allowed_keys(model_loc: tuple[Any, ...]) -> list[str]:
         model = RedisSinkSpec if model_loc[2] == "redis" else OpenSearchSinkSpec
     elif model_loc[0] == "views" and len(model_loc) == 2:
         model = ViewSpec
+    elif model_loc[0] == "dead_letters" and len(model_loc) == 1:
+        model = DeadLettersSpec
     return list(model.model_fields) if model else []
 
 

@@ -86,6 +86,8 @@ def test_a_later_change_supersedes_the_rows_dead_letter_in_order(s: Scenario):
         assert dead[3]["superseded"] is None
         out = cli(s, "list")
         assert out.stdout.count(f"{s.p}_items") == 1, out.stdout   # list and count: open ones only
+        out = cli(s, "list", "--superseded")
+        assert out.stdout.count(f"{s.p}_items") == 3 and dead[1]["superseded"] in out.stdout, out.stdout
 
         # Inside one transaction: the NULL-key insert's dead letter is stored already superseded.
         s.sql("BEGIN; INSERT INTO items VALUES (4, NULL, 'four', 'x'); UPDATE items SET code = 'd' WHERE id = 4;"

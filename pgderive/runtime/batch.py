@@ -106,7 +106,7 @@ class Batch:
 
     def take_ops(self) -> Batch:
         """A batch with no position (applying it advances no checkpoint) holding this batch's
-        Ops and dead letters, which this batch forgets."""
+        Ops, dead letters and supersedes, which this batch forgets."""
         part = Batch(end_lsn=0, ops=self.ops, dead_letters=self.dead_letters, supersedes=self.supersedes)
         self.ops, self.dead_letters, self.supersedes, self.nbytes = {}, [], [], 0
         return part

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 import psycopg
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -365,14 +366,17 @@ def _short(text: str, width: int = 80) -> str:
 @click.option("--view", help="Only this view's dead letters.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
               help="Show at most this many (oldest first).")
-def dead_letters_list(config: str, view: str | None, limit: int) -> None:
-    """List the dead letters of the config's slot, oldest first."""
+@click.option("--superseded", is_flag=True,
+              help="Also list dead letters that a later change of their row superseded.")
+def dead_letters_list(config: str, view: str | None, limit: int, superseded: bool) -> None:
+    """List the open dead letters of the config's slot, oldest first (with --superseded, also
+    those a later change of the same row made moot: its commit LSN is shown)."""
     from ..state.deadletters import DeadLetterStore
 
     spec = _load(config)
     try:
         with DeadLetterStore(spec.source.dsn) as store:
-            records = store.list(spec.source.slot, view=view, limit=limit)
+            records = store.list(spec.source.slot, view=view, limit=limit, superseded=superseded)
             total = sum(n for v, n in store.count(spec.source.slot).items() if view is None or v == view)
     except psycopg.Error as e:
         _fail(f"cannot read dead letters from {spec.source.redacted_dsn()}: {e}")
@@ -389,9 +393,16 @@ def dead_letters_list(config: str, view: str | None, limit: int) -> None:
     t.add_column("error", overflow="fold")
     t.add_column("retries", justify="right")
     t.add_column("created", overflow="fold")
+    if superseded:
+        t.add_column("superseded at", overflow="fold")
     for r in records:
-        t.add_row(str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
-                  _short(r.error), str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+        # escape: rich would read "[...]" in an error or a column name as markup and drop it
+        error = escape(_short(r.error) + (f" (row truncated: {', '.join(r.truncated)})" if r.truncated else ""))
+        cells = [str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
+                 error, str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")]
+        if superseded:
+            cells.append("" if r.superseded_lsn is None else format_lsn(r.superseded_lsn))
+        t.add_row(*cells)
     # Piped output (no terminal, no $COLUMNS) is not squeezed into 80 columns.
     wide = not _console.is_terminal and "COLUMNS" not in os.environ
     (Console(width=200) if wide else _console).print(t)

@@ -32,7 +32,7 @@ from views.derive import View, view_fingerprint
 from views.spec import Spec
 
 from ..state.aggregates import AggregateStore
-from ..state.deadletters import DeadLetter, DeadLetterStore
+from ..state.deadletters import DeadLetter, DeadLetterStore, Supersede
 from ..state.slots import StateStore
 from .bootstrap import Interrupted, load_snapshot
 from .checkpoints import SinkDataLoss, lost_views
@@ -88,7 +88,7 @@ class Engine:
         self.limits = Limits(batch_ops=batch_ops, batch_bytes=batch_bytes, direct_ops=direct_ops)
         self.stats = Stats()
         self.state = StateStore(self.dsn)
-        self.dead_letters = DeadLetterStore(self.dsn)
+        self.dead_letters = DeadLetterStore(self.dsn, max_bytes=spec.dead_letters.max_bytes)
         self.aggregates = AggregateStore(self.dsn)
         self.views: list[View] = []
         self.sinks: dict[str, Sink] = {}
@@ -337,14 +337,22 @@ class Engine:
                       record=self._record_dead_letters, stats=self.stats)
         try:
             self.stream = Stream(self.views, lanes, stats=self.stats, stop=self.stop, refetcher=self.refetcher,
-                                 aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats)
+                                 aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats,
+                                 open_dead_letters=self.dead_letters.open_rows(self.slot))
             self.stream.run(reader)
         finally:
             lanes.close()
 
-    def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected]) -> None:
-        """Lane callback: store dead letters (rows views could not derive, documents sinks
-        refused) in ``pgderive.dead_letters`` before the batch is acknowledged (rule 5)."""
+    def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected],
+                             supersedes: Sequence[Supersede] = ()) -> None:
+        """Lane callback: mark the dead letters the batch's later changes superseded, then
+        store the batch's dead letters (rows views could not derive, documents sinks refused)
+        in ``pgderive.dead_letters``, before the batch is acknowledged (rule 5)."""
+        if supersedes:
+            n = self.dead_letters.supersede(self.slot, supersedes)
+            if n:
+                log.info("%d dead letter(s) superseded by later changes of their rows (views %s)", n,
+                         ", ".join(sorted({s.view for s in supersedes})))
         tables = {v.name: v.table for v in self.views}
         entries = list(dead)
         entries += [DeadLetter(r.op.view, tables.get(r.op.view, "?"), r.op.key, r.op.version, r.error, r.op.doc)

@@ -28,7 +28,7 @@ from psycopg import sql
 
 from .changes import Transaction
 from .lsn import format_lsn, parse_lsn
-from .wal2json import Wal2JsonDecoder, plugin_options
+from .wal2json import Wal2JsonDecoder, plugin_options, replication_literal
 
 __all__ = ["SlotReader", "SlotInfo", "Keepalive", "ReplicationError", "ChangeReader", "slot_info"]
 
@@ -226,8 +226,10 @@ class SlotReader:
         """
         conn = self._require_conn()
         opts = plugin_options(self.tables)
+        # Not sql.Literal: it sends E'…' for a value holding a backslash (an escaped add-tables
+        # entry), which the replication grammar rejects with a bare "syntax error".
         options = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in opts.items())
+            sql.SQL("{} {}").format(sql.Identifier(k), sql.SQL(replication_literal(v))) for k, v in opts.items())
         query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(self.slot), sql.SQL(format_lsn(start_lsn)), options)
         conn.execute(query)

@@ -20,7 +20,8 @@ from .changes import Change, Row, Transaction
 from .lsn import parse_lsn
 from .values import Converter, converter, is_numeric_type, may_be_nonfinite
 
-__all__ = ["Wal2JsonDecoder", "DecodeError", "plugin_options", "loads_message"]
+__all__ = ["Wal2JsonDecoder", "DecodeError", "plugin_options", "add_tables_entry", "replication_literal",
+           "loads_message"]
 
 
 class DecodeError(ValueError):
@@ -30,8 +31,12 @@ class DecodeError(ValueError):
 def plugin_options(tables: Iterable[str] | None = None) -> dict[str, str]:
     """wal2json options for ``START_REPLICATION … LOGICAL``.
 
-    ``tables``: qualified ``schema.table`` names to decode; others are filtered out inside the
-    server (``add-tables``) so unwatched traffic costs no decoding (wal2json README, "Parameters").
+    ``tables``: qualified ``schema.table`` names (as in the catalog, unquoted; the schema holds
+    no ``.``, :func:`views.spec.parse_table` refuses such schemas) to decode; others are
+    filtered out inside the server (``add-tables``) so unwatched traffic costs no decoding
+    (wal2json README, "Parameters"). Each name is escaped by :func:`add_tables_entry`.
+    Returns option name → value; the values are raw text (quote them with
+    :func:`replication_literal`, never as ``E'…'``).
     """
     opts = {
         "format-version": "2",
@@ -44,18 +49,47 @@ def plugin_options(tables: Iterable[str] | None = None) -> dict[str, str]:
     }
     if tables is not None:
         names = sorted(set(tables))
-        # wal2json splits on ',' and '.', escaped by a backslash.
-        opts["add-tables"] = ",".join(_escape_table(t) for t in names) if names else "pgderive.__none__"
+        opts["add-tables"] = (",".join(add_tables_entry(*t.partition(".")[::2]) for t in names)
+                              if names else "pgderive.__none__")
     return opts
 
 
-def _escape_table(qualified: str) -> str:
-    schema, _, name = qualified.partition(".")
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def add_tables_entry(schema: str, table: str) -> str:
+    r"""One ``add-tables`` entry naming exactly the table ``schema``.``table`` (catalog names).
+
+    wal2json (``string_to_SelectTable`` / ``parse_table_identifier`` in wal2json.c, 2.x; README,
+    "Parameters": "Special characters (space, single quote, comma, period, asterisk) must be
+    escaped with backslash") splits the list on unescaped ``,`` and whitespace, then each entry
+    on the first unescaped ``.``; a backslash makes the next byte literal (the backslash is
+    removed, whatever that byte is), and an unescaped ``*`` alone is a wildcard. Escaping every
+    character outside ``[A-Za-z0-9_]`` is therefore always exact: ``,`` ``.`` ``\`` ``*``,
+    space and other whitespace, quotes, and non-ASCII characters (a backslash before the first
+    byte of a character: in a single-byte encoding that is the whole character, and UTF-8
+    continuation bytes are never whitespace nor ASCII punctuation). Names keep their case (wal2json compares them with
+    ``strcmp``). Example: ``("My Schema", "a.b,c")`` → ``My\ Schema.a\.b\,c``.
+    """
 
     def esc(s: str) -> str:
-        return s.replace("\\", "\\\\").replace(",", "\\,").replace(".", "\\.")
+        return "".join(c if c in _PLAIN else "\\" + c for c in s)
 
-    return f"{esc(schema)}.{esc(name)}"
+    return f"{esc(schema)}.{esc(table)}"
+
+
+def replication_literal(value: str) -> str:
+    """``value`` as a string literal of the replication command grammar: ``'…'`` with ``'``
+    doubled and nothing else escaped.
+
+    The walsender's lexer (Postgres ``src/backend/replication/repl_scanner.l``) knows only
+    standard-conforming ``'…'`` strings (``''`` is a quote, a backslash is an ordinary
+    character) and rejects ``E'…'``, which ``psycopg.sql.Literal`` emits for any string holding
+    a backslash. Raises ``ValueError`` for a NUL character (no Postgres string holds one).
+    """
+    if "\x00" in value:
+        raise ValueError("a replication option value cannot contain NUL")
+    return "'" + value.replace("'", "''") + "'"
 
 
 def loads_message(data: bytes | memoryview) -> dict[str, Any]:

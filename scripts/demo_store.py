@@ -8,7 +8,8 @@ random workload (``--seconds``, ``--seed``) while it streams; wait until the slo
 ``confirmed_flush_lsn`` reaches ``pg_current_wal_lsn()``; run ``pgderive verify -c
 config/store.yaml VIEW`` for every view while the daemon still runs; print a table per view
 (sink, records, differences, verify's exit code, seconds) and the workload's counts; stop the
-daemon with SIGTERM.
+daemon with SIGTERM and drop its replication slot (an inactive slot retains WAL) unless
+PGDERIVE_DEMO_KEEP_SLOT=1.
 
 Exits 0 when every verify exited 0 and the daemon ran and stopped cleanly, 1 otherwise (with the
 tail of the daemon log), 2 when the config cannot be loaded. ``.services/demo-store/result.json``
@@ -53,6 +54,7 @@ PGDERIVE = [str(_VENV_PGDERIVE)] if _VENV_PGDERIVE.exists() else [sys.executable
 BOOTSTRAP_TIMEOUT = 600.0
 CATCHUP_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 900.0
+KEEP_SLOT = os.environ.get("PGDERIVE_DEMO_KEEP_SLOT", "") not in ("", "0")
 console = Console(width=int(os.environ.get("COLUMNS", "120")))
 
 
@@ -189,6 +191,23 @@ def verify(config: Path, view: str) -> dict[str, Any]:
             "records": records, "differences": diffs, "output": output}
 
 
+def drop_slot(dsn: str, slot: str) -> None:
+    """Drop the demo's slot once the daemon stopped (an inactive slot retains WAL until the disk
+    fills: issue 14), unless PGDERIVE_DEMO_KEEP_SLOT=1 (e.g. to run ``pgderive status`` after)."""
+    if KEEP_SLOT:
+        console.print(f"keeping replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT is set): it retains WAL until dropped")
+        return
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                               "WHERE slot_name = %s AND NOT active", (slot,)).fetchone()
+    except psycopg.Error as e:
+        console.print(f"[yellow]could not drop replication slot {slot}: {e}[/]")
+        return
+    if row is not None:
+        console.print(f"dropped replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT=1 keeps it)")
+
+
 def stop_daemon(daemon: subprocess.Popen) -> int:
     """SIGTERM (graceful: flush, confirm, exit 0); SIGKILL only if it hangs for 60 s."""
     if daemon.poll() is None:
@@ -278,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             if was_running and code != 0:
                 problems.append(f"pgderive exited with {code} after SIGTERM (expected 0)")
                 console.print(f"[red]pgderive exited with {code} after SIGTERM[/]\n{log_tail(log_file)}")
+            drop_slot(dsn, slot)
 
     _report(spec, args, results, counts, stats_file)
     (OUT / "result.json").write_text(json.dumps(

@@ -25,8 +25,12 @@ by mypy):
 * :class:`WireLoad`: ``wire_select`` + ``wire_load`` — snapshot rows encoded by Postgres in the
   sink's own protocol and relayed as bytes (Redis hash views, OpenSearch; :mod:`pgderive.runtime.wire`).
 * :class:`Refreshable`: ``refresh`` — make acknowledged writes visible to scans (OpenSearch).
+* :class:`ReservedNames`: ``reserved_names`` — names in the sink's namespace that pgderive uses
+  for its own bookkeeping (OpenSearch: the checkpoint index), which no view may take.
 * :class:`LegacyLayout`: ``adopt_legacy`` — move bookkeeping written before it was namespaced by
   deployment to the deployment's own keys (Redis, OpenSearch).
+* :class:`Claims`: ``claim`` — refuse a view whose record keys or alias another deployment
+  writes (Redis, OpenSearch).
 
 Deployments: every key or document a sink writes for pgderive's own bookkeeping (version
 entries, checkpoints) is namespaced by the deployment (:func:`cdc.catalog.deployment_id`: the
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "LegacyLayout", "Claims", "TlsOptions", "Doc"]
+           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "TlsOptions", "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -172,6 +176,16 @@ class Sink(Protocol):
     """One sink instance (one Redis database, one OpenSearch cluster) serving several views."""
 
     name: str
+
+    def check(self) -> None:
+        """Make sure the sink is reachable and accepts this client's credentials, creating
+        nothing and writing nothing (``pgderive validate`` and ``run`` before a slot exists).
+
+        Raises :class:`SinkError`: ``retryable=True`` when the sink cannot be reached (refused,
+        timed out, DNS), ``retryable=False`` when it answers but refuses the client
+        (authentication, permissions, e.g. a Redis database index out of range). The message
+        names the sink and never contains a password.
+        """
 
     def register(self, target: ViewTarget) -> None:
         """Declare a view this sink serves; must be called before any Op for it."""
@@ -335,6 +349,18 @@ class Refreshable(Protocol):
         """Make every acknowledged write of ``view`` (its live generation and any generation
         being loaded) visible to :meth:`Sink.scan`, :meth:`Sink.scan_keys` and
         :meth:`Sink.count`. Raises :class:`SinkError`."""
+        ...
+
+
+@runtime_checkable
+class ReservedNames(Protocol):
+    """A sink whose namespace holds names pgderive uses for itself (OpenSearch: the checkpoint
+    index), so a view's target must not take them. Use: ``isinstance(sink, ReservedNames)``."""
+
+    def reserved_names(self) -> frozenset[str]:
+        """The names (e.g. OpenSearch index names) pgderive writes its own bookkeeping under in
+        this sink; a view alias equal to one of them, or whose generation indices
+        (``ALIAS-g<16 hex digits>``) could be one, clashes. Asks the sink nothing."""
         ...
 
 

@@ -314,6 +314,12 @@ class MemorySink:
             self._views.pop(view, None)
             self._checkpoints.pop(view, None)
 
+    def check(self) -> None:
+        """Reachable unless a hook says otherwise: ``fail_next(methods=["check"])`` makes it
+        raise (retryable: unreachable; not retryable: refused), ``block(methods=["check"])``
+        hangs it. Raises :class:`SinkError`."""
+        self._enter("check")
+
     def close(self) -> None:
         """Sets :attr:`closed`; the data stays readable."""
         self._enter("close")

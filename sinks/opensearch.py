@@ -67,7 +67,7 @@ from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import Claims, LegacyLayout, Refreshable, Sink, WireLoad
+    from sinks.base import Claims, LegacyLayout, Refreshable, ReservedNames, Sink, WireLoad
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
@@ -189,7 +189,7 @@ class OpenSearchSink:
             ``http://`` host (or credentials in a host URL) a warning is logged once: they
             cross the network in clear text.
         checkpoint_index: the index holding the checkpoint documents (YAML
-            ``checkpoint_index``; default :data:`self.checkpoint_index`), a public attribute.
+            ``checkpoint_index``; default :data:`CHECKPOINT_INDEX`), a public attribute.
 
     Attributes:
         stats: running counter ``partial_missed`` (partial Op for a document found nowhere).
@@ -208,6 +208,8 @@ class OpenSearchSink:
             raise ValueError("bulk_docs, bulk_bytes and bulk_concurrency must be >= 1")
         self.name = name
         self.deployment = deployment
+        #: The index holding pgderive's checkpoints in this cluster (one document per view); no
+        #: view alias may take it (:meth:`reserved_names`).
         self.checkpoint_index = checkpoint_index
         self.bulk_docs = bulk_docs
         self.bulk_bytes = bulk_bytes
@@ -229,6 +231,44 @@ class OpenSearchSink:
         self._loading: dict[str, set[str]] = defaultdict(set)  # view -> uncommitted generations
 
     # --- protocol -------------------------------------------------------------------------
+
+    def check(self, timeout: float = 10.0) -> None:
+        """``GET /`` (the cluster's info, OpenSearch REST API "Info"): proves the cluster
+        reachable and the credentials accepted, creating nothing. ``timeout`` (seconds) bounds
+        each attempt.
+
+        Raises :class:`SinkError`: ``retryable=True`` when no node answers (or answers 429/5xx),
+        ``retryable=False`` for HTTP 401/403 (credentials refused), a TLS certificate that
+        fails verification and other refusals.
+        """
+        prefix = f"sink {self.name}: OpenSearch"
+        # The client logs every failed attempt as a warning with a traceback; the SinkError
+        # below says it once, in one line.
+        client_log = logging.getLogger("opensearch")
+        level = client_log.level
+        client_log.setLevel(logging.ERROR)
+        try:
+            self._client.info(request_timeout=timeout)
+        except ox.ConnectionError as e:  # includes timeouts and TLS failures
+            reason = tls_verify_failure(e)
+            if reason is not None:
+                raise SinkError(f"{prefix}: TLS certificate verification failed ({reason}): check "
+                                "ca_certs and the host names in hosts", retryable=False) from e
+            raise SinkError(f"{prefix} unreachable: {_cause(e)}", retryable=True) from e
+        except ox.TransportError as e:
+            status = e.status_code
+            if status in (401, 403):
+                raise SinkError(f"{prefix} refused the credentials (HTTP {status}): {_reason(e) or e.error}",
+                                retryable=False) from e
+            retryable = not isinstance(status, int) or status == 429 or status >= 500
+            raise SinkError(f"{prefix} error {status}: {e.error}: {_reason(e)}", retryable=retryable) from e
+        finally:
+            client_log.setLevel(level)
+
+    def reserved_names(self) -> frozenset[str]:
+        """The index names pgderive keeps for itself in this cluster: :attr:`checkpoint_index`
+        (:class:`~sinks.base.ReservedNames`)."""
+        return frozenset({self.checkpoint_index})
 
     def register(self, target: ViewTarget) -> None:
         """Declare a view; ``target.index`` (the alias) is required."""
@@ -864,6 +904,17 @@ class _ErrorMap:
         return False
 
 
+def _cause(e: Any) -> str:
+    """The innermost reason of an opensearch-py ``ConnectionError`` (e.g. ``[Errno 111]
+    Connection refused``), without the client's object reprs."""
+    info = getattr(e, "info", None)
+    text = str(info if isinstance(info, BaseException) else e)
+    marker = "Failed to establish a new connection: "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text.split(")", 1)[0] if text.startswith("[Errno") else text
+
+
 def _reason(e: Any) -> str:
     info = e.info if isinstance(e.info, dict) else {}
     err = info.get("error")
@@ -873,6 +924,7 @@ def _reason(e: Any) -> str:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, LegacyLayout, Claims]:
+    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames, LegacyLayout,
+                                                   Claims]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink

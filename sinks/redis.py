@@ -233,6 +233,35 @@ class RedisSink:
 
     # --- protocol -------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """``PING`` over a new connection: the connection handshake runs ``AUTH`` and ``SELECT
+        db`` when the URL asks for them, so this proves Redis reachable, the credentials
+        accepted and the database index valid, writing nothing (Redis manual, ``PING``,
+        ``AUTH``, ``SELECT``).
+
+        Raises :class:`SinkError`: ``retryable=True`` when Redis cannot be reached,
+        ``retryable=False`` when it refuses the client (wrong or missing password, an ACL
+        user without ``PING``, a database index out of range, any other error reply) or its
+        TLS certificate fails verification (``ca_certs``, the host name).
+        """
+        prefix = f"sink {self.name}: Redis"
+        try:
+            try:
+                self._client.ping()
+            except rx.RedisError as e:
+                reason = tls_verify_failure(e)
+                if reason is None:
+                    raise
+                raise SinkError(f"{prefix}: TLS certificate verification failed ({reason}): check "
+                                "ca_certs and the host name in the URL", retryable=False) from e
+        except (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError) as e:
+            # Subclasses of ConnectionError: the server answered and refused the credentials.
+            raise SinkError(f"{prefix} refused the credentials: {e}", retryable=False) from e
+        except (rx.ConnectionError, rx.TimeoutError) as e:
+            raise SinkError(f"{prefix} unreachable: {e}", retryable=True) from e
+        except rx.RedisError as e:  # NOAUTH, NOPERM, "ERR DB index is out of range", ...
+            raise SinkError(f"{prefix} refused the connection: {e}", retryable=False) from e
+
     def register(self, target: ViewTarget) -> None:
         """Declare a view; its ``format`` must be ``"hash"`` or ``"json"`` (default ``hash``)."""
         fmt = target.format or "hash"

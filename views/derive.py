@@ -34,12 +34,14 @@ __all__ = ["View", "DerivationError", "view_fingerprint", "load_function", "reso
 class DerivationError(ValueError):
     """A row this view cannot derive (e.g. its key needs a NULL column).
 
-    Carries ``view``, ``table``, ``row`` and the reason, for logs and dead letters.
+    Carries ``view``, ``table``, ``row``, the reason and ``key`` (the row's sink key when it
+    could be rendered, e.g. a ``derive`` function that raised; ``None`` when the key itself is
+    the problem), for logs and dead letters.
     """
 
-    def __init__(self, view: str, table: str, row: Row | None, reason: str) -> None:
+    def __init__(self, view: str, table: str, row: Row | None, reason: str, key: str | None = None) -> None:
         super().__init__(f"view {view}: cannot derive a row of {table}: {reason}")
-        self.view, self.table, self.row, self.reason = view, table, row, reason
+        self.view, self.table, self.row, self.reason, self.key = view, table, row, reason, key
 
 
 _FIXED_WIDTH = {"smallint", "integer", "bigint", "real", "double precision", "boolean", "date",
@@ -135,6 +137,31 @@ class View:
         self._columns_set = frozenset(self._field_columns)
         # Fixed-width types are never TOASTed, so wal2json always sends them.
         self._fixed_width = frozenset(c for c, t in self.column_types if _fixed_width(t))
+        self.identity_columns: tuple[str, ...] = tuple(info.primary_key or info.identity_columns)
+        links = [i.link[0] for i in (spec.include or {}).values()]
+        self.stored_columns: frozenset[str] = frozenset(
+            [*self.identity_columns, *self.columns, *links, *(n.name for n in (self.tree.nodes if self.tree else ()))])
+
+    def dead_letter_row(self, row: Row | None) -> dict[str, Any] | None:
+        """What a dead letter of this view keeps of ``row``: only what the view reads, i.e.
+        :attr:`stored_columns` = the row's identity (primary key, else replica identity
+        columns: what ``dead-letters retry`` looks the row up by), the key, ``fields``,
+        ``where``, ``group_by``/``aggregate`` columns, the root columns of ``include`` links,
+        and the included values of a query-derived record. ``None`` stays ``None``."""
+        if row is None:
+            return None
+        keep = self.stored_columns
+        return {c: v for c, v in row.items() if c in keep}
+
+    def row_identity(self, row: Row | None) -> dict[str, Any] | None:
+        """``row``'s identity (:attr:`identity_columns` → value), or ``None`` when the row
+        lacks one of them or the table has no identity."""
+        if not row or not self.identity_columns:
+            return None
+        try:
+            return {c: row[c] for c in self.identity_columns}
+        except KeyError:
+            return None
 
     def __repr__(self) -> str:
         return f"View({self.name!r}, table={self.table!r}, sink={self.sink!r})"
@@ -147,27 +174,28 @@ class View:
                 doc[n.name] = row.get(n.name)
         return doc
 
-    def _matches(self, where: Where, row: Row) -> bool:
+    def _matches(self, where: Where, row: Row, key: str | None = None) -> bool:
         """``where`` on a streamed row; an evaluation error (e.g. division by zero, which
-        Postgres raises too) makes the row a dead letter."""
+        Postgres raises too) makes the row a dead letter (under its sink ``key``)."""
         from .where import WhereError
         try:
             return where.matches(row)
         except WhereError as e:
-            raise DerivationError(self.name, self.table, row, f"where: {e}") from e
+            raise DerivationError(self.name, self.table, row, f"where: {e}", key) from e
 
-    def _final(self, row: Row, doc: dict[str, Any]) -> dict[str, Any] | None:
-        """``doc`` after the view's ``derive`` function (None: not in the view)."""
+    def _final(self, row: Row, doc: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
+        """``doc`` after the view's ``derive`` function (None: not in the view); a failure is a
+        :class:`DerivationError` carrying the row's sink ``key``."""
         if self.derive_fn is None:
             return doc
         try:
             out = self.derive_fn(doc)
         except Exception as e:  # a user function: any failure is this row's dead letter
             raise DerivationError(self.name, self.table, row,
-                                  f"derive {self.spec.derive} raised {type(e).__name__}: {e}") from e
+                                  f"derive {self.spec.derive} raised {type(e).__name__}: {e}", key) from e
         if out is not None and not isinstance(out, dict):
             raise DerivationError(self.name, self.table, row,
-                                  f"derive {self.spec.derive} returned {type(out).__name__}, not dict or None")
+                                  f"derive {self.spec.derive} returned {type(out).__name__}, not dict or None", key)
         return out
 
     def _key(self, row: Row) -> str:
@@ -180,7 +208,7 @@ class View:
         """The upsert of one snapshot row at ``version`` (the consistent point); ``None`` when
         ``derive`` leaves it out. (``where`` is applied by the snapshot query.)"""
         key = self._key(row)
-        doc = self._final(row, self.doc(row))
+        doc = self._final(row, self.doc(row), key)
         return None if doc is None else Op(self.name, key, version, doc)
 
     def group_ops(self, rows: Sequence[Sequence[Any]], touched: list[str],
@@ -196,8 +224,8 @@ class View:
             seen.add(tuple(orjson.loads(grp)))
             group, doc = agg.group_record(grp, texts)
             try:
-                final = self._final(group, doc)
-                ops.append(Op(self.name, self._key(group), version, final))
+                key = self._key(group)
+                ops.append(Op(self.name, key, version, self._final(group, doc, key)))
             except DerivationError as e:
                 errors.append(e)
         for grp in touched:
@@ -234,6 +262,13 @@ class View:
                     errors.append(e)
         return ops, errors
 
+    def _keyless(self, row: Row) -> bool:
+        """True when ``row`` carries every key column and one of them is NULL: such a row has
+        no sink key, so it never had a record (it was a dead letter). A key column *missing*
+        from the row (dropped, renamed) is not keyless: rendering the key reports it."""
+        cols = self.key.columns
+        return all(c in row for c in cols) and any(row[c] is None for c in cols)
+
     def _key_moved(self, new: Row, old_key: Row) -> bool:
         """True when an update's old identity differs from the new row in a key column (the
         record moves to another key: the old one must go)."""
@@ -250,27 +285,33 @@ class View:
         """
         kind = change.kind
         if kind == "delete":
-            return [Op(self.name, self._key(change.old_key or {}), version, None)]
+            gone = change.old_key or {}
+            if self._keyless(gone):
+                return []  # never had a record (see _keyless); its dead letters are superseded
+            return [Op(self.name, self._key(gone), version, None)]
         new = change.new or {}
         key = self._key(new)
         ops: list[Op] = []
         old_key = change.old_key
         if kind == "update" and old_key and self._key_moved(new, old_key):
-            old = self._key({**new, **old_key})
-            if old != key:
+            before = {**new, **old_key}
+            # The old row had no key (a NULL key column): it never had a record, it was a dead
+            # letter, which this change supersedes (issue 14, item 6). Nothing to delete.
+            old = None if self._keyless(before) else self._key(before)
+            if old is not None and old != key:
                 ops.append(Op(self.name, old, version, None))
         if self.needs_full_row:
             missing = [c for c in self.columns if c not in new]
             if missing:
                 raise DerivationError(self.name, self.table, new,
                                       f"column(s) {', '.join(missing)} missing from the {kind} and "
-                                      "not readable from the table (dropped or renamed?)")
-            if self.where is not None and not self._matches(self.where, new):
+                                      "not readable from the table (dropped or renamed?)", key)
+            if self.where is not None and not self._matches(self.where, new, key):
                 # Not (or no longer) in the view. An insert never was: nothing to remove.
                 if kind == "update":
                     ops.append(Op(self.name, key, version, None))
                 return ops
-            doc = self._final(new, self.doc(new))
+            doc = self._final(new, self.doc(new), key)
             ops.append(Op(self.name, key, version, doc))
             return ops
         if new.keys() >= self._columns_set:
@@ -284,7 +325,7 @@ class View:
         if hard:
             raise DerivationError(self.name, self.table, new,
                                   f"column(s) {', '.join(hard)} missing from the {kind}: dropped or "
-                                  "renamed since the view was declared?")
+                                  "renamed since the view was declared?", key)
         doc = {out: new[col] for out, col in self._items if col in new}
         ops.append(Op(self.name, key, version, doc, partial=True))
         return ops

@@ -1,6 +1,6 @@
 """The ``pgderive`` command line (click).
 
-Commands: ``run`` (the daemon), ``validate``, ``status``, ``rebuild VIEW``, ``verify VIEW
+Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``), ``status``, ``rebuild VIEW``, ``verify VIEW
 [--repair]`` (:mod:`pgderive.ops.verify`), ``dead-letters
 list|retry|discard`` (rows a view could not derive, see :mod:`pgderive.state.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
@@ -14,16 +14,21 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 import psycopg
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
 from cdc.lsn import format_lsn
 
 from views.spec import Spec, SpecError, load_spec
+
+if TYPE_CHECKING:
+    from ..ops.status import SlotStatus
+    from ..runtime.coordinator import Engine
 
 log = logging.getLogger("pgderive")
 # Not a terminal (a pipe, a log): wide enough that no table wraps a view name or an LSN.
@@ -103,7 +108,7 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     engine = Engine(spec, stop=stop, stats_file=stats_file)
     try:
-        engine.run(resnapshot=resnapshot)
+        _run_engine(engine, resnapshot)
     except SpecError as e:
         click.echo(str(e), err=True)
         sys.exit(2)
@@ -111,22 +116,112 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
         _fail(e)
 
 
+def _run_engine(engine: "Engine", resnapshot: bool) -> None:
+    """``engine.run``; a failed preflight (nothing created) exits with its own code: 2 for
+    configuration and privilege problems, 1 when a service was unreachable."""
+    from ..runtime.preflight import PreflightError
+
+    try:
+        engine.run(resnapshot=resnapshot)
+    except PreflightError as e:
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
+
+
 @main.command()
 @config_option
 def validate(config: str) -> None:
-    """Check the YAML and the source (tables, columns, keys, wal_level, wal2json)."""
+    """Check the YAML, the source (tables, columns, keys, wal_level, wal2json), every sink
+    (reachable, credentials accepted, index names free) and every privilege `run` needs.
+    Reports every problem; exit code 2 for configuration or privilege problems, 1 when the
+    source or a sink cannot be reached."""
+    spec = _load(config)
+    sys.exit(_validate(spec, config))
+
+
+def _validate(spec: Spec, config: str) -> int:
+    """Run every check of ``validate``, print every problem (stderr) or the OK line (stdout);
+    return the exit code."""
     from views.check import build_views
 
-    spec = _load(config)
+    from ..runtime.preflight import Problem, as_spec_error, check_names, check_privileges, check_sinks, open_spec_sinks
+
+    problems: list[Problem] = []
+    spec_error: SpecError | None = None
+    views: list[str] = []
+    sinks, problems = open_spec_sinks(spec)
+    try:
+        problems += check_sinks(sinks)
+        problems += check_names(spec, sinks)
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    source_error: str | None = None
     try:
         with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
-            views = build_views(spec, conn)
-    except SpecError as e:
-        click.echo(str(e), err=True)
-        sys.exit(2)
+            try:
+                views = [v.name for v in build_views(spec, conn)]
+            except SpecError as e:
+                spec_error = e
+            problems += check_privileges(spec, conn)
     except psycopg.Error as e:
-        _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
-    click.echo(f"{config}: OK ({len(views)} view(s): {', '.join(v.name for v in views)})")
+        source_error = f"cannot reach the source {spec.source.redacted_dsn()}: {' '.join(str(e).split())}"
+    if spec_error is not None:
+        click.echo(str(spec_error), err=True)
+    if problems:
+        click.echo(str(as_spec_error(spec, problems)), err=True)
+    if source_error is not None:
+        click.echo(f"error: {source_error}", err=True)
+    if source_error is not None or any(p.unreachable for p in problems):
+        return 1
+    if spec_error is not None or problems:
+        return 2
+    click.echo(f"{config}: OK ({len(views)} view(s): {', '.join(views)}; sinks reachable, privileges sufficient)")
+    return 0
+
+
+@main.command()
+@config_option
+@click.option("--owner", metavar="ROLE",
+              help="Make ROLE (the role in the config's DSN) own schema pgderive and its tables.")
+@click.option("--dsn", "admin_dsn", envvar="PGDERIVE_ADMIN_DSN", metavar="DSN",
+              help="Connect as this (admin) role instead of the config's source.dsn "
+                   "(default $PGDERIVE_ADMIN_DSN).")
+def init(config: str, owner: str | None, admin_dsn: str | None) -> None:
+    """Create schema pgderive in the source database and apply its migrations, as an admin,
+    once: afterwards a role with LOGIN REPLICATION, SELECT on the views' tables and the
+    schema (owned with --owner, or granted) runs without CREATE on the database."""
+    spec = _load(config)
+    sys.exit(_init(spec, owner, admin_dsn))
+
+
+def _init(spec: Spec, owner: str | None, admin_dsn: str | None) -> int:
+    """``pgderive init``: returns the exit code (0 done, 1 Postgres refused or unreachable,
+    2 unknown ``owner``)."""
+    from views.spec import redact_dsn
+
+    from ..state.schema import SCHEMA, SchemaVersionError, init_schema
+
+    dsn = admin_dsn or spec.source.dsn
+    where = redact_dsn(dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="pgderive-init") as conn:
+            version = init_schema(conn, owner)
+            database = conn.info.dbname
+    except LookupError as e:
+        click.echo(f"error: --owner: {e}", err=True)
+        return 2
+    except SchemaVersionError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except psycopg.Error as e:
+        message = (e.diag.message_primary if isinstance(e, psycopg.errors.DatabaseError) else None) or str(e)
+        click.echo(f"error: cannot initialise schema {SCHEMA} on {where}: {' '.join(message.split())} "
+                   "(run it as a role with CREATE on the database, e.g. --dsn with the admin's DSN)", err=True)
+        return 1
+    click.echo(f"schema {SCHEMA} in database {database} is at version {version}"
+               + (f", owned by {owner}" if owner else ""))
+    return 0
 
 
 @main.command()
@@ -156,7 +251,7 @@ def status(config: str) -> None:
         t.add_row("retained WAL", "?" if info.retained_bytes is None else
                   f"{info.retained_bytes} bytes ({_size(info.retained_bytes)})")
     t.add_row("state", "none" if st.state is None else
-              f"{st.state.status} (consistent point {format_lsn(st.state.consistent_point)})")
+              f"{st.word} (consistent point {format_lsn(st.state.consistent_point)})")
     _console.print(t)
     vt = Table(title="views")
     for col in ("view", "table", "sink", "records", "checkpoint", "state", "dead letters"):
@@ -172,6 +267,16 @@ def status(config: str) -> None:
         vt.add_row(v.name, v.table, v.sink, records, checkpoint, v.state,
                    "?" if v.dead_letters is None else str(v.dead_letters))
     _console.print(vt)
+    _warn_idle(st)
+
+
+def _warn_idle(st: "SlotStatus") -> None:
+    """One warning line per inactive pgderive slot that retains WAL (stdout, after the tables)."""
+    for idle in st.idle:
+        click.echo(f"warning: slot {idle.slot} is inactive (no pgderive daemon reads it) and retains "
+                   f"{_size(idle.retained_bytes)} of WAL ({idle.retained_bytes} bytes), growing with every "
+                   f"write; if no daemon will resume it, drop it: {idle.drop_sql} "
+                   "(a later `pgderive run` then needs --resnapshot)")
 
 
 @main.command()
@@ -261,14 +366,17 @@ def _short(text: str, width: int = 80) -> str:
 @click.option("--view", help="Only this view's dead letters.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
               help="Show at most this many (oldest first).")
-def dead_letters_list(config: str, view: str | None, limit: int) -> None:
-    """List the dead letters of the config's slot, oldest first."""
+@click.option("--superseded", is_flag=True,
+              help="Also list dead letters that a later change of their row superseded.")
+def dead_letters_list(config: str, view: str | None, limit: int, superseded: bool) -> None:
+    """List the open dead letters of the config's slot, oldest first (with --superseded, also
+    those a later change of the same row made moot: its commit LSN is shown)."""
     from ..state.deadletters import DeadLetterStore
 
     spec = _load(config)
     try:
         with DeadLetterStore(spec.source.dsn) as store:
-            records = store.list(spec.source.slot, view=view, limit=limit)
+            records = store.list(spec.source.slot, view=view, limit=limit, superseded=superseded)
             total = sum(n for v, n in store.count(spec.source.slot).items() if view is None or v == view)
     except psycopg.Error as e:
         _fail(f"cannot read dead letters from {spec.source.redacted_dsn()}: {e}")
@@ -285,9 +393,16 @@ def dead_letters_list(config: str, view: str | None, limit: int) -> None:
     t.add_column("error", overflow="fold")
     t.add_column("retries", justify="right")
     t.add_column("created", overflow="fold")
+    if superseded:
+        t.add_column("superseded at", overflow="fold")
     for r in records:
-        t.add_row(str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
-                  _short(r.error), str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+        # escape: rich would read "[...]" in an error or a column name as markup and drop it
+        error = escape(_short(r.error) + (f" (row truncated: {', '.join(r.truncated)})" if r.truncated else ""))
+        cells = [str(r.id), r.view, r.table, "-" if r.key is None else r.key, format_lsn(r.commit_lsn),
+                 error, str(r.retries), r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")]
+        if superseded:
+            cells.append("" if r.superseded_lsn is None else format_lsn(r.superseded_lsn))
+        t.add_row(*cells)
     # Piped output (no terminal, no $COLUMNS) is not squeezed into 80 columns.
     wide = not _console.is_terminal and "COLUMNS" not in os.environ
     (Console(width=200) if wide else _console).print(t)

@@ -47,7 +47,8 @@ def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
         views = build_views(spec, conn, [name])
     sinks = open_sinks(spec, views)
     try:
-        consistent_point, stats = reload_views(dsn, slot, views, sinks, DeadLetterStore(dsn))
+        consistent_point, stats = reload_views(dsn, slot, views, sinks,
+                                               DeadLetterStore(dsn, max_bytes=spec.dead_letters.max_bytes))
     finally:
         for s in sinks.values():
             s.close()

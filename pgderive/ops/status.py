@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import sql
 
 from cdc.slot import SlotInfo, slot_info
 from views.check import build_views
@@ -22,7 +23,7 @@ from ..runtime.sinks import open_sinks
 from ..state.deadletters import DeadLetterStore
 from ..state.slots import SlotState, StateStore
 
-__all__ = ["SlotStatus", "ViewStatus", "slot_status"]
+__all__ = ["SlotStatus", "ViewStatus", "IdleSlot", "slot_status", "idle_slots"]
 
 log = logging.getLogger("pgderive.status")
 
@@ -51,6 +52,23 @@ class ViewStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class IdleSlot:
+    """A pgderive slot nobody reads that retains WAL: Postgres keeps every WAL segment from its
+    ``restart_lsn`` on until a client confirms past it or the slot is dropped (Postgres manual,
+    "Replication Slots"), so an abandoned one fills the disk.
+
+    Attributes:
+        slot: the slot's name.
+        retained_bytes: WAL bytes from its ``restart_lsn`` to the current WAL position.
+        drop_sql: the statement that drops it, e.g. ``SELECT pg_drop_replication_slot('pgderive_bench')``.
+    """
+
+    slot: str
+    retained_bytes: int
+    drop_sql: str
+
+
+@dataclass(frozen=True, slots=True)
 class SlotStatus:
     """The slot and its views.
 
@@ -60,6 +78,8 @@ class SlotStatus:
         lag_s: the walsender's ``flush_lag`` (seconds) while a daemon streams, else None.
         state: pgderive's record of the slot (``pgderive.slot_state``), None when there is none.
         views: one entry per view of the spec.
+        idle: every pgderive slot of the source database (this spec's, and those recorded in
+            ``pgderive.slot_state``) that no client reads and that retains WAL (:func:`idle_slots`).
     """
 
     slot: str
@@ -67,6 +87,21 @@ class SlotStatus:
     lag_s: float | None
     state: SlotState | None
     views: list[ViewStatus] = field(default_factory=list)
+    idle: list[IdleSlot] = field(default_factory=list)
+
+    @property
+    def word(self) -> str:
+        """The slot's state in one word or phrase: ``none`` (pgderive has no record of it),
+        ``bootstrapping`` or ``streaming`` while a client reads the slot, ``inactive`` when
+        pgderive bootstrapped it but nobody reads it now (no daemon: WAL accumulates), ``absent``
+        when the record exists but the slot does not."""
+        if self.state is None:
+            return "none"
+        if self.info is None:
+            return "absent"
+        if not self.info.active:
+            return "inactive" if self.state.status == "streaming" else "inactive (bootstrap not finished)"
+        return self.state.status
 
     def behind(self, checkpoint: int | None) -> int | None:
         """Bytes of WAL between ``checkpoint`` (int LSN) and the current position, or None."""
@@ -91,6 +126,7 @@ def slot_status(spec: Spec) -> SlotStatus:
                 (info.active_pid,)).fetchone()
             lag_s = float(row[0]) if row else None
         views = build_views(spec, conn)
+        idle = idle_slots(conn, spec.source.slot)
     state = StateStore(spec.source.dsn).get(spec.source.slot)
     try:
         with DeadLetterStore(spec.source.dsn) as store:
@@ -98,11 +134,11 @@ def slot_status(spec: Spec) -> SlotStatus:
     except psycopg.Error as e:  # still show the rest
         log.warning("cannot count dead letters: %s", e)
         dead = None
-    out = SlotStatus(spec.source.slot, info, lag_s, state)
+    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle)
     sinks = open_sinks(spec, views, prepare=False)  # read-only: a sink down is shown per view
     try:
         for v in views:
-            vstate = "not bootstrapped" if state is None or v.name not in state.views else state.status
+            vstate = "not bootstrapped" if state is None or v.name not in state.views else out.word
             records: int | None = None
             checkpoint: int | None = None
             error: str | None = None
@@ -117,3 +153,31 @@ def slot_status(spec: Spec) -> SlotStatus:
         for s in sinks.values():
             s.close()
     return out
+
+
+
+def idle_slots(conn: psycopg.Connection, slot: str) -> list[IdleSlot]:
+    """pgderive's inactive slots in ``conn``'s database that retain WAL, largest first.
+
+    pgderive's slots: ``slot`` (the spec's) and every slot ``pgderive.slot_state`` records (when
+    the table exists and is readable). A slot is inactive when ``pg_replication_slots.active`` is
+    false (no walsender has it); it retains the WAL from its ``restart_lsn`` to
+    ``pg_current_wal_lsn()``. ``conn``: autocommit, as any role (``pg_replication_slots`` is
+    readable by every role).
+    """
+    names = {slot}
+    readable = conn.execute(
+        """SELECT has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'pgderive' AND c.relname = 'slot_state'""").fetchone()
+    if readable is not None and readable[0]:
+        names.update(r[0] for r in conn.execute("SELECT slot FROM pgderive.slot_state"))
+    rows = conn.execute(
+        """SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+             FROM pg_replication_slots
+            WHERE database = current_database() AND NOT active AND restart_lsn IS NOT NULL
+              AND slot_name = ANY(%s)
+              AND pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) > 0
+            ORDER BY 2 DESC, 1""", (sorted(names),)).fetchall()
+    return [IdleSlot(name, int(size), sql.SQL("SELECT pg_drop_replication_slot({})").format(
+        sql.Literal(name)).as_string(conn)) for name, size in rows]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from sinks.base import Op
 
-from ..state.deadletters import DeadLetter
+from ..state.deadletters import DeadLetter, Supersede
 
 __all__ = ["Batch", "LagToken"]
 
@@ -56,6 +57,8 @@ class Batch:
         nbytes: a memory estimate: wal2json bytes of the transactions that added Ops here, plus
             the JSON size of re-derived include/aggregate records.
         dead_letters: rows this lane's views could not derive (recorded before the ack).
+        supersedes: later changes of rows with stored dead letters (marked before the batch's
+            own dead letters are recorded, after its Ops are applied).
         truncates: ``(view, version)`` TRUNCATEs to apply after ``ops``, in order.
         commit_times: commit timestamps (Unix s) of transactions that touched only this lane.
         shared: transactions that touched this lane and others.
@@ -65,6 +68,7 @@ class Batch:
     ops: dict[tuple[str, str], Op] = field(default_factory=dict)
     nbytes: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    supersedes: list[Supersede] = field(default_factory=list)
     truncates: list[tuple[str, int]] = field(default_factory=list)
     commit_times: list[float] = field(default_factory=list)
     shared: list[LagToken] = field(default_factory=list)
@@ -75,7 +79,7 @@ class Batch:
     @property
     def has_data(self) -> bool:
         """True when the batch has something for the sink besides a new position."""
-        return bool(self.ops or self.dead_letters or self.truncates)
+        return bool(self.ops or self.dead_letters or self.supersedes or self.truncates)
 
     def add(self, op: Op) -> None:
         """Add ``op``, collapsing it with an earlier Op on the same key."""
@@ -86,6 +90,15 @@ class Batch:
             op = Op(op.view, op.key, op.version, {**prev.doc, **op.doc}, partial=prev.partial)
         self.ops[k] = op
 
+    def supersede(self, view: str, identity: str, identity_values: dict[str, Any], lsn: int) -> None:
+        """A change at ``lsn`` of the row ``identity`` (:func:`identity_json` of
+        ``identity_values``) of ``view``: dead letters of that row pending here are marked
+        superseded, stored ones will be (:class:`Supersede`)."""
+        for d in self.dead_letters:
+            if d.view == view and d.superseded_lsn is None and d.identity == identity_values:
+                d.superseded_lsn = lsn
+        self.supersedes.append(Supersede(view, identity, lsn))
+
     def drop_view(self, view: str) -> None:
         """Forget pending Ops of ``view`` (superseded by a TRUNCATE later in the stream)."""
         for k in [k for k in self.ops if k[0] == view]:
@@ -93,9 +106,9 @@ class Batch:
 
     def take_ops(self) -> Batch:
         """A batch with no position (applying it advances no checkpoint) holding this batch's
-        Ops and dead letters, which this batch forgets."""
-        part = Batch(end_lsn=0, ops=self.ops, dead_letters=self.dead_letters)
-        self.ops, self.dead_letters, self.nbytes = {}, [], 0
+        Ops, dead letters and supersedes, which this batch forgets."""
+        part = Batch(end_lsn=0, ops=self.ops, dead_letters=self.dead_letters, supersedes=self.supersedes)
+        self.ops, self.dead_letters, self.supersedes, self.nbytes = {}, [], [], 0
         return part
 
     def successor(self) -> Batch:

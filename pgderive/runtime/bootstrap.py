@@ -159,6 +159,8 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     :class:`Interrupted` when ``should_stop()`` turns true (checked per chunk) and
     :class:`~sinks.base.SinkError` when a sink fails.
     """
+    by_name = {v.name: v for v in views}
+
     def dead(entries: list[DeadLetter]) -> None:
         if not entries:
             return
@@ -252,7 +254,9 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             if should_stop():
                 stop_event.set()
                 raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
-            dead([DeadLetter.from_derivation_error(e, version) for errs in chunk.errors.values() for e in errs])
+            dead([DeadLetter.for_view(by_name[name], e, version) if name in by_name
+                  else DeadLetter.from_derivation_error(e, version)
+                  for name, errs in chunk.errors.items() for e in errs])
             settle(in_flight)
             in_flight[:] = [(v, pool.submit(write, v, chunk.ops[v.name])) for v in chunk.views]
             for v in chunk.views:

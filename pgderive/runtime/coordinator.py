@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from typing import Sequence
+from typing import Any, Sequence
 
 import orjson
 import psycopg
@@ -32,15 +32,16 @@ from views.derive import View, view_fingerprint
 from views.spec import Spec
 
 from ..state.aggregates import AggregateStore
-from ..state.deadletters import DeadLetter, DeadLetterStore
+from ..state.deadletters import DeadLetter, DeadLetterStore, Supersede
 from ..state.slots import StateStore
 from .bootstrap import Interrupted, load_snapshot
 from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError
 from .lanes import Lanes
+from .preflight import check_privileges, preflight, raise_for
 from .reload import reload_views
 from .retry import Backoff, one_line
-from .sinks import open_sinks
+from .sinks import open_sinks, prepare_sinks
 from .stats import Stats
 from .stream import Limits, Stream, row_refetcher
 
@@ -55,6 +56,13 @@ log = logging.getLogger("pgderive.engine")
 #: 10.4 ms beside a CPU-bound thread, 0.19 ms with 0.0005 (ARCHITECTURE.md, "Lanes"). With one
 #: sink the default stays: more switches only cost the reader throughput there.
 SWITCH_INTERVAL = 0.0005
+
+#: Seconds a failed bootstrap waits for its slot to become inactive before giving up dropping it.
+DROP_WAIT = 10.0
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="pgderive")
 
 
 class Engine:
@@ -80,7 +88,7 @@ class Engine:
         self.limits = Limits(batch_ops=batch_ops, batch_bytes=batch_bytes, direct_ops=direct_ops)
         self.stats = Stats()
         self.state = StateStore(self.dsn)
-        self.dead_letters = DeadLetterStore(self.dsn)
+        self.dead_letters = DeadLetterStore(self.dsn, max_bytes=spec.dead_letters.max_bytes)
         self.aggregates = AggregateStore(self.dsn)
         self.views: list[View] = []
         self.sinks: dict[str, Sink] = {}
@@ -102,13 +110,22 @@ class Engine:
             sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
         self.refetcher = row_refetcher(self.dsn, self.views)
-        self.sinks = open_sinks(self.spec, self.views)
+        self.sinks = open_sinks(self.spec, self.views, prepare=False)
         self.reader = SlotReader(self.dsn, self.slot, tables=tables)
         try:
-            start_lsn = self._prepare(resnapshot)
-            if start_lsn is None:
-                return
-            self._stream(start_lsn)
+            # Before the schema, a slot or anything else exists: a start that cannot succeed
+            # must not leave a slot retaining WAL (issue 14, item 1).
+            raise_for(self.spec, preflight(self.spec, self.sinks))
+            # Then the sinks' own bookkeeping: legacy keys adopted, record keys and aliases
+            # claimed for this deployment (issue 14, item 11), still before any slot exists.
+            prepare_sinks(self.sinks, self.views)
+            try:
+                start_lsn = self._prepare(resnapshot)
+                if start_lsn is None:
+                    return
+                self._stream(start_lsn)
+            except psycopg.errors.InsufficientPrivilege as e:
+                raise self._privilege_error(e) from e
         finally:
             self._write_stats(force=True)
             self.reader.close()
@@ -116,6 +133,21 @@ class Engine:
             self.aggregates.close()
             for s in self.sinks.values():
                 s.close()
+
+    def _privilege_error(self, e: psycopg.Error) -> EngineError:
+        """``e`` (permission denied) as an :class:`EngineError` naming the views that lack a
+        privilege (the preflight's privilege check, asked again now), or ``e``'s own message
+        when that finds nothing (e.g. the privilege was granted back meanwhile)."""
+        try:
+            with _connect(self.dsn) as conn:
+                found = check_privileges(self.spec, conn)
+        except psycopg.Error:
+            found = []
+        first = (e.diag.message_primary or str(e)).strip()
+        if not found:
+            return EngineError(f"permission denied while running: {first}")
+        return EngineError(f"permission denied while running ({first}): "
+                           + "; ".join(p.message for p in found))
 
     def _fingerprints(self) -> dict[str, str]:
         return {v.name: view_fingerprint(v) for v in self.views}
@@ -175,15 +207,18 @@ class Engine:
         self.state.set(self.slot, "bootstrapping", 0, fps)
         self.reader.connect()
         consistent_point, snapshot = self.reader.create_slot()
-        self.state.set(self.slot, "bootstrapping", consistent_point, fps)
         try:
+            self.state.set(self.slot, "bootstrapping", consistent_point, fps)
             with snapshot_connection(self.dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
                                       should_stop=self.stop.is_set,
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
-            log.warning("%s; the next start redoes the bootstrap", e)
+            self._abandon_bootstrap(e)  # logs that the next start bootstraps from scratch
             return None
+        except BaseException as e:
+            self._abandon_bootstrap(e)
+            raise
         self.stats.snapshot = {
             "consistent_point": format_lsn(consistent_point),
             "tables": {t: {"rows": n, "seconds": round(stats.seconds[t], 2),
@@ -197,6 +232,51 @@ class Engine:
         self.state.set(self.slot, "streaming", consistent_point, fps)
         log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
         return consistent_point
+
+    def _abandon_bootstrap(self, cause: BaseException) -> None:
+        """A bootstrap that did not finish: drop the slot it created and pgderive's record of it,
+        so the slot retains no WAL and the next start begins from scratch (issue 14, item 1).
+
+        The replication connection that created the slot is closed first (it holds the slot
+        and its exported snapshot); the walsender may take a moment to release the slot, so
+        ``pg_drop_replication_slot`` is retried for up to :data:`DROP_WAIT` seconds while
+        Postgres says the slot is active (Postgres manual, "Replication Management
+        Functions"). Raises :class:`EngineError` naming ``cause`` and the exact SQL to run when
+        the slot cannot be dropped.
+        """
+        assert self.reader is not None
+        self.reader.close()
+        deadline = time.monotonic() + DROP_WAIT
+        while True:
+            try:
+                with _connect(self.dsn) as conn:
+                    if slot_info(conn, self.slot) is not None:
+                        conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                break
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() >= deadline:
+                    self._cannot_drop(cause, "it is still in use")
+                    return
+                time.sleep(0.1)
+            except psycopg.Error as e:
+                self._cannot_drop(cause, one_line(e))
+                return
+        try:
+            self.state.delete(self.slot)
+        except psycopg.Error as e:
+            log.warning("could not delete pgderive's record of slot %s (%s); the next start redoes the "
+                        "bootstrap all the same", self.slot, one_line(e))
+        log.warning("bootstrap did not finish (%s): dropped slot %s and pgderive's record of it; the next "
+                    "start bootstraps from scratch", one_line(cause), self.slot)
+
+    def _cannot_drop(self, cause: BaseException, why: str) -> None:
+        fix = f"SELECT pg_drop_replication_slot('{self.slot}')"
+        log.error("bootstrap did not finish and slot %s could not be dropped (%s): it retains WAL until "
+                  "you run %s on the source database", self.slot, why, fix)
+        if isinstance(cause, Exception):
+            raise EngineError(f"{one_line(cause)}; the slot {self.slot} this bootstrap created could not be "
+                              f"dropped ({why}) and retains WAL until dropped: run {fix} on the source "
+                              "database") from cause
 
     # -- streaming ---------------------------------------------------------------------------
     def _stream(self, start_lsn: int) -> None:
@@ -260,14 +340,22 @@ class Engine:
                       record=self._record_dead_letters, stats=self.stats)
         try:
             self.stream = Stream(self.views, lanes, stats=self.stats, stop=self.stop, refetcher=self.refetcher,
-                                 aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats)
+                                 aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats,
+                                 open_dead_letters=self.dead_letters.open_rows(self.slot))
             self.stream.run(reader)
         finally:
             lanes.close()
 
-    def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected]) -> None:
-        """Lane callback: store dead letters (rows views could not derive, documents sinks
-        refused) in ``pgderive.dead_letters`` before the batch is acknowledged (rule 5)."""
+    def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected],
+                             supersedes: Sequence[Supersede] = ()) -> None:
+        """Lane callback: mark the dead letters the batch's later changes superseded, then
+        store the batch's dead letters (rows views could not derive, documents sinks refused)
+        in ``pgderive.dead_letters``, before the batch is acknowledged (rule 5)."""
+        if supersedes:
+            n = self.dead_letters.supersede(self.slot, supersedes)
+            if n:
+                log.info("%d dead letter(s) superseded by later changes of their rows (views %s)", n,
+                         ", ".join(sorted({s.view for s in supersedes})))
         tables = {v.name: v.table for v in self.views}
         entries = list(dead)
         entries += [DeadLetter(r.op.view, tables.get(r.op.view, "?"), r.op.key, r.op.version, r.error, r.op.doc)

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from sinks.base import AtomicCheckpoint, Op, Refreshable, Rejected, Sink, SinkError
 
-from ..state.deadletters import DeadLetter
+from ..state.deadletters import DeadLetter, Supersede
 from .batch import Batch
 from .checkpoints import SinkDataLoss, advance_checkpoints
 from .retry import one_line, with_retry
@@ -41,9 +41,10 @@ FAST_S = 0.010
 log = logging.getLogger("pgderive.lanes")
 T = TypeVar("T")
 
-#: ``record(dead letters, rejected Ops)``: stores them (``pgderive.dead_letters``) before the
-#: batch that carried them is acknowledged. Called from lane threads.
-DeadLetterSink = Callable[[Sequence[DeadLetter], Sequence[Rejected]], None]
+#: ``record(dead letters, rejected Ops, supersedes)``: marks the dead letters the batch's later
+#: changes superseded, then stores the new ones (``pgderive.dead_letters``), before the batch
+#: that carried them is acknowledged and after its Ops were applied. Called from lane threads.
+DeadLetterSink = Callable[[Sequence[DeadLetter], Sequence[Rejected], Sequence[Supersede]], None]
 
 
 class SaturationMonitor:
@@ -225,8 +226,8 @@ class Lane:
             advanced = True
         elif ops:
             rejected = self._call("", lambda: sink.apply(ops), retry)
-        if (rejected or batch.dead_letters) and self.record is not None:
-            self.record(batch.dead_letters, rejected)
+        if (rejected or batch.dead_letters or batch.supersedes) and self.record is not None:
+            self.record(batch.dead_letters, rejected, batch.supersedes)
         if lsn and not advanced and views:
             advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry)
         for view, version in batch.truncates:

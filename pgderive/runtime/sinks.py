@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import psycopg
 
@@ -12,7 +12,7 @@ from sinks.factory import make_sink
 from views.derive import View
 from views.spec import Spec
 
-__all__ = ["open_sinks", "deployment_of"]
+__all__ = ["open_sinks", "prepare_sinks", "deployment_of"]
 
 log = logging.getLogger("pgderive.sinks")
 
@@ -46,16 +46,28 @@ def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = No
             if v.sink not in sinks:
                 sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump(), deployment=deployment)
             sinks[v.sink].register(v.target)
-        for name, sink in sinks.items() if prepare else ():
-            if isinstance(sink, LegacyLayout):
-                adopted = sink.adopt_legacy([v.name for v in views if v.sink == name])
-                if adopted:
-                    log.info("sink %s: adopted the bookkeeping of view(s) %s written before it was "
-                             "namespaced by deployment %s", name, ", ".join(adopted), deployment)
-            if isinstance(sink, Claims):
-                sink.claim([v.name for v in views if v.sink == name])
+        if prepare:
+            prepare_sinks(sinks, views)
     except BaseException:
         for sink in sinks.values():
             sink.close()
         raise
     return sinks
+
+
+def prepare_sinks(sinks: Mapping[str, Sink], views: Sequence[View]) -> None:
+    """The writing half of :func:`open_sinks` (which runs it unless ``prepare=False``): adopt
+    each view's bookkeeping written before namespacing (:class:`~sinks.base.LegacyLayout`;
+    logged per view), then claim the views' record keys and aliases for the sink's deployment
+    (:class:`~sinks.base.Claims`). ``run`` calls it after its preflight, before anything else
+    is created. Raises :class:`~sinks.base.SinkError` (a sink unreachable; another deployment
+    writing the same record keys or alias: ``retryable=False``)."""
+    for name, sink in sinks.items():
+        mine = [v.name for v in views if v.sink == name]
+        if isinstance(sink, LegacyLayout):
+            adopted = sink.adopt_legacy(mine)
+            if adopted:
+                log.info("sink %s: adopted the bookkeeping of view(s) %s written before it was "
+                         "namespaced by its deployment", name, ", ".join(adopted))
+        if isinstance(sink, Claims):
+            sink.claim(mine)

@@ -47,7 +47,12 @@ class LagHistogram:
             self.max_ms = ms
 
     def percentile(self, p: float) -> float | None:
-        """The ``p`` quantile (0 < p ≤ 1) in ms, within 1%; None without samples."""
+        """The ``p`` quantile (0 < p ≤ 1) in ms, within 1%, never above :attr:`max_ms`; None
+        without samples.
+
+        A bucket's midpoint can exceed the largest sample in it (one sample of 10 ms reads as
+        10.04 ms): the result is clamped to the recorded maximum, so ``p99 <= max`` holds in
+        the stats file."""
         if not self.samples:
             return None
         rank = min(self.samples, max(1, math.ceil(p * self.samples)))
@@ -55,7 +60,8 @@ class LagHistogram:
         for b in sorted(self.counts):
             seen += self.counts[b]
             if seen >= rank:
-                return float(self._FLOOR_MS * self._BASE ** (b + 0.5))
+                mid = float(self._FLOOR_MS * self._BASE ** (b + 0.5))
+                return mid if self.max_ms is None else min(mid, float(self.max_ms))
         return self.max_ms
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 
@@ -34,7 +34,7 @@ from sinks.base import Op, SinkError
 from views.derive import DerivationError, View
 
 from ..state.aggregates import AggregateStore
-from ..state.deadletters import DeadLetter
+from ..state.deadletters import DeadLetter, identity_json
 from .batch import Batch, LagToken
 from .lanes import Lane, Lanes
 from .resolve import IncludeResolver
@@ -96,12 +96,18 @@ class Stream:
         aggregates: the aggregate state store; None when no view aggregates.
         limits: batch bounds.
         on_tick: called on the reading thread after every read (e.g. to write stats).
+        open_dead_letters: view → identities (:func:`~pgderive.state.deadletters.identity_json`)
+            of rows with open dead letters (:meth:`DeadLetterStore.open_rows`): a later change
+            of such a row supersedes them (issue 14, item 6). Kept up to date as the stream
+            records and supersedes dead letters.
     """
 
     def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: threading.Event,
                  refetcher: RowRefetcher | None = None, aggregates: AggregateStore | None = None,
-                 limits: Limits = Limits(), on_tick: Callable[[], None] | None = None) -> None:
+                 limits: Limits = Limits(), on_tick: Callable[[], None] | None = None,
+                 open_dead_letters: dict[str, set[str]] | None = None) -> None:
         self.views = list(views)
+        self._open_dead: dict[str, set[str]] = {k: set(v) for k, v in (open_dead_letters or {}).items() if v}
         self.lanes = lanes
         self.stats = stats
         self.stop = stop
@@ -215,12 +221,14 @@ class Stream:
                     self.resolver.note(v, change, version, tx.xid)
                     touched.add(v.sink)
                     continue
+                if self._open_dead and v.name in self._open_dead:
+                    self._supersede(v, change, version)
                 if gone and v.needs_full_row:
                     continue
                 try:
                     ops = v.change_ops(change, version)
                 except DerivationError as e:
-                    pending[v.sink].dead_letters.append(DeadLetter.from_derivation_error(e, version))
+                    pending[v.sink].dead_letters.append(self._dead_letter(v, e, version))
                     touched.add(v.sink)
                     continue
                 if ops:
@@ -250,6 +258,32 @@ class Stream:
                     pending[name].shared.append(token)
         touched.clear()
         return full
+
+    def _dead_letter(self, view: View, err: DerivationError, version: int) -> DeadLetter:
+        """The dead letter of a row ``view`` could not derive: only the columns the view reads,
+        the row's identity (watched from now on, so a later change supersedes it)."""
+        dead = DeadLetter.for_view(view, err, version)
+        if dead.identity is not None:
+            self._open_dead.setdefault(view.name, set()).add(identity_json(dead.identity))
+        return dead
+
+    def _supersede(self, view: View, change: Change, version: int) -> None:
+        """``change`` is a later change of a row of ``view``: if that row (by its old or new
+        identity) has open dead letters, they are superseded at ``version`` — pending ones in
+        the batch at once, stored ones when the lane applies the batch (after its Ops)."""
+        open_rows = self._open_dead[view.name]
+        seen: list[dict[str, Any]] = []
+        for row in (change.old_key, change.new):
+            ident = view.row_identity(row)
+            if ident is not None and ident not in seen:
+                seen.append(ident)
+                text = identity_json(ident)
+                if text in open_rows:
+                    open_rows.discard(text)
+                    self.pending[view.sink].supersede(view.name, text, ident, version)
+                    self._touched.add(view.sink)
+        if not open_rows:
+            del self._open_dead[view.name]
 
     def _refetch(self, change: Change, xid: int) -> bool:
         """Complete ``change`` from the table where wal2json cannot carry a value (non-finite
@@ -283,7 +317,7 @@ class Stream:
         for op in ops:
             batch.add(op)
             batch.nbytes += 64 + (len(orjson.dumps(op.doc)) if op.doc is not None else 0)
-        batch.dead_letters += [DeadLetter.from_derivation_error(e, version) for e in errors]
+        batch.dead_letters += [DeadLetter.for_view(view, e, version) for e in errors]
         if batch.nbytes >= self.limits.batch_bytes:
             self.lanes.submit(view.sink, batch.take_ops())
 

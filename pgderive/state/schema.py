@@ -53,8 +53,8 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-__all__ = ["LOCK_KEY", "SCHEMA", "Migration", "SchemaVersionError", "current_version", "latest_version",
-           "migrate", "migrations"]
+__all__ = ["LOCK_KEY", "SCHEMA", "Migration", "SchemaVersionError", "current_version", "init_schema",
+           "latest_version", "migrate", "migrations"]
 
 SCHEMA = "pgderive"
 VERSION_TABLE = "schema_version"
@@ -187,3 +187,39 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         if not conn.broken:  # a lost session has released its locks already
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def init_schema(conn: psycopg.Connection[Any], owner: str | None = None) -> int:
+    """``pgderive init``: an admin creates schema ``pgderive`` and applies every migration, so a
+    least-privilege role can then run without ``CREATE`` on the database; returns the version.
+
+    With ``owner`` (an existing role), the schema and every table in it (their sequences
+    follow their tables: Postgres manual, "ALTER TABLE", ``OWNER TO``) are owned by that
+    role afterwards, so it needs no further grant on them. Without it they stay the admin's and
+    the role needs ``USAGE`` on the schema, ``SELECT, INSERT, UPDATE, DELETE`` on its tables and
+    ``USAGE`` on its sequences. Idempotent: a current schema is only (re)assigned.
+
+    ``conn``: an idle connection as a role that may create the schema (``CREATE`` on the
+    database) and, with ``owner``, is a member of ``owner`` or superuser (Postgres manual,
+    "ALTER SCHEMA"). Raises :class:`LookupError` when ``owner`` does not exist,
+    :class:`SchemaVersionError` like :func:`migrate`, :class:`psycopg.Error` when Postgres
+    refuses.
+    """
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise ValueError("init_schema() needs an idle connection")
+    with conn.transaction():
+        if owner is not None and conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (owner,)).fetchone() is None:
+            raise LookupError(f"role {owner!r} does not exist")
+        if not _scalar(conn, "SELECT to_regnamespace(%s) IS NOT NULL", (SCHEMA,)):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+    version = migrate(conn)
+    if owner is not None:
+        with conn.transaction():
+            who = sql.Identifier(owner)
+            conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(SCHEMA), who))
+            tables = conn.execute(
+                """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname""", (SCHEMA,)).fetchall()
+            for (name,) in tables:
+                conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(SCHEMA, name), who))
+    return version

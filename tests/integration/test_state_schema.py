@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
 """
 STATE_TABLES = ["agg_groups", "agg_rows", "dead_letters", "slot_state"]  # the old DDL's tables
 ALL_TABLES = ["agg_groups", "agg_rows", "agg_touched", "dead_letters", "schema_version", "slot_state"]
-EXPECTED_VERSIONS = [(1, "slot_state"), (2, "dead_letters"), (3, "aggregates"), (4, "agg_touched")]
+EXPECTED_VERSIONS = [(1, "slot_state"), (2, "dead_letters"), (3, "aggregates"), (4, "agg_touched"),
+                     (5, "dead_letter_rows")]
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def shape(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
 
 def test_shipped_migrations_are_numbered_without_gaps() -> None:
     assert [(m.version, m.name) for m in schema.migrations()] == EXPECTED_VERSIONS
-    assert latest_version() == 4
+    assert latest_version() == 5
 
 
 def test_fresh_database_gets_every_table_and_the_latest_version(dsn: str) -> None:
@@ -130,17 +131,20 @@ def test_fresh_database_gets_every_table_and_the_latest_version(dsn: str) -> Non
 
 
 def test_migrations_build_exactly_the_old_ddl(dsn: str) -> None:
-    """Same columns, defaults, constraints and indexes as the DDL the stores used to run."""
+    """Same columns, defaults, constraints and indexes as the DDL the stores used to run, plus
+    what the migrations after it add (0005: dead_letters.row_identity/truncated/superseded_lsn)."""
     old = unique("pgd_schema_old")
     old_dsn = create_database(old)
     try:
         with connect(old_dsn) as conn:
             for ddl in (OLD_SLOT_STATE, OLD_DEAD_LETTERS, OLD_AGGREGATES):
                 conn.execute(ddl)
+            conn.execute(schema.migrations()[4].sql)  # 0005 alters dead_letters
         with connect(dsn) as conn:
             migrate(conn)
         assert shape(dsn) == shape(old_dsn)
-        assert len(shape(dsn)["indexes"]) == 6  # 4 primary keys, dead_letters_slot_view_id_idx, agg_rows_group
+        # 4 primary keys, dead_letters_slot_view_id_idx, agg_rows_group, dead_letters_open_rows_idx
+        assert len(shape(dsn)["indexes"]) == 7
     finally:
         drop_database(old)
 
@@ -187,7 +191,7 @@ def test_newer_database_is_refused_naming_both_versions(dsn: str) -> None:
     with connect(dsn) as conn:
         migrate(conn)
         conn.execute("INSERT INTO pgderive.schema_version (version, name) VALUES (99, 'from_the_future')")
-        with pytest.raises(SchemaVersionError, match=r"version 99, newer than version 4"):
+        with pytest.raises(SchemaVersionError, match=r"version 99, newer than version 5"):
             migrate(conn)
     with pytest.raises(SchemaVersionError, match="99"):
         StateStore(dsn).ensure_schema()

@@ -253,16 +253,17 @@ def test_every_connection_over_tls(tmp_path, monkeypatch, pki, tls_redis, tls_op
         assert out.count("wire load)") >= 2, out
         assert daemon.stop() == 0
 
-        # A wrong CA: one clear line, exit 1, for each connection.
-        for what, kwargs, expect in (
-                ("redis", {"redis_ca": "wrong-ca.pem"}, "sink cache"),
-                ("opensearch", {"os_ca": "wrong-ca.pem"}, "sink search")):
+        # A wrong CA for a sink: the preflight's one line naming the sink's YAML path, exit 2 (a
+        # configuration problem: retrying cannot fix it), nothing created.
+        for what, kwargs, line in (("redis", {"redis_ca": "wrong-ca.pem"}, 4), ("opensearch", {"os_ca": "wrong-ca.pem"}, 10)):
             bad = tmp_path / f"wrong-{what}.yaml"
             write_config(bad, dsn, slot, tls_redis, tls_opensearch, pki, prefix, alias, **kwargs)
+            sink = "cache" if what == "redis" else "search"
             res = cli("run", "-c", str(bad))
-            lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-            assert res.returncode == 1, res.stderr
-            assert len(lines) == 1 and expect in lines[0] and "certificate verif" in lines[0], res.stderr
+            assert res.returncode == 2, res.stderr
+            lines = [ln for ln in res.stderr.splitlines() if ln.startswith(f"{bad}:")]
+            assert len(lines) == 1 and lines[0].startswith(f"{bad}:{line}: sinks.{sink}: sink {sink}:"), res.stderr
+            assert "TLS certificate verification failed" in lines[0], res.stderr
             assert "Traceback" not in res.stderr and OS_PASSWORD not in res.stderr
         bad = tmp_path / "wrong-pg.yaml"
         write_config(bad, pg_tls_dsn(db, pki / "wrong-ca.pem"), slot, tls_redis, tls_opensearch, pki, prefix, alias)

@@ -87,3 +87,48 @@ def test_update_missing_a_fixed_width_column_is_an_error():
     v = View("v", spec, info)
     with pytest.raises(DerivationError, match="qty"):
         v.change_ops(Change("update", "public.t", new={"id": 1, "name": "a"}), 1)
+
+
+def test_a_derive_failure_carries_the_row_key():
+    # issue 14 item 12: dead letters of derive failures showed key '-'
+    spec = parse_spec(SPEC.replace("    fields:", "    derive: tests.derivations:product_card\n    fields:")
+                      .replace("{ident: id, label: name, body: big}", "{name: name, price: id}")).views["v"]
+    v = View("v", spec, INFO)
+    with pytest.raises(DerivationError) as e:
+        v.change_ops(Change("insert", "public.t", new={"id": 7, "name": "boom", "big": "x"}), 1)
+    assert e.value.key == "t:7" and "boom is not a product" in e.value.reason
+    with pytest.raises(DerivationError) as e:
+        v.row_op({"id": 8, "name": "boom", "big": "x"}, 1)
+    assert e.value.key == "t:8"
+
+
+def test_dead_letter_rows_keep_only_what_the_view_reads():
+    info = TableInfo("public.t", {"id": "integer", "code": "text", "name": "text", "blob": "text", "w": "integer"},
+                     ("id",), "f", ("id", "code", "name", "blob", "w"))
+    spec = parse_spec(SPEC.replace('"t:{id}"', '"t:{code}"').replace("{ident: id, label: name, body: big}", "[name]")
+                      .replace("    fields:", "    where: \"w > 0\"\n    fields:")).views["v"]
+    v = View("v", spec, info)
+    row = {"id": 1, "code": None, "name": "n", "blob": "x" * 1000, "w": 3}
+    assert v.dead_letter_row(row) == {"id": 1, "code": None, "name": "n", "w": 3}  # identity, key, fields, where
+    assert v.row_identity(row) == {"id": 1}
+    assert v.row_identity({"code": "c"}) is None and v.dead_letter_row(None) is None
+
+
+def test_an_update_from_a_null_key_to_a_valid_one_writes_the_record():
+    # issue 14 item 6: the old key could not be rendered, so the update itself failed
+    info = TableInfo("public.t", {"id": "integer", "code": "text"}, ("id",), "f", ("id", "code"))
+    v = View("v", parse_spec(SPEC.replace('"t:{id}"', '"t:{code}"').replace("{ident: id, label: name, body: big}",
+                                                                            "[id, code]")).views["v"], info)
+    ops = v.change_ops(Change("update", "public.t", new={"id": 1, "code": "a"}, old_key={"id": 1, "code": None}), 5)
+    assert [(o.key, o.doc) for o in ops] == [("t:a", {"id": 1, "code": "a"})]
+    with pytest.raises(DerivationError):  # the other way round the new key is the problem
+        v.change_ops(Change("update", "public.t", new={"id": 1, "code": None}, old_key={"id": 1, "code": "a"}), 6)
+
+
+def test_a_delete_of_a_keyless_row_deletes_nothing():
+    info = TableInfo("public.t", {"id": "integer", "code": "text"}, ("id",), "f", ("id", "code"))
+    v = View("v", parse_spec(SPEC.replace('"t:{id}"', '"t:{code}"').replace("{ident: id, label: name, body: big}",
+                                                                            "[id, code]")).views["v"], info)
+    assert v.change_ops(Change("delete", "public.t", old_key={"id": 1, "code": None}), 5) == []
+    with pytest.raises(DerivationError):  # a key column missing (dropped?) is still an error
+        v.change_ops(Change("delete", "public.t", old_key={"id": 1}), 5)

@@ -44,3 +44,18 @@ def test_lag_histogram_percentiles_within_one_percent():
         assert abs(h.percentile(p) / exact - 1) < 0.012, (p, h.percentile(p), exact)
     assert h.samples == len(values) and h.max_ms == values[-1]
     assert LagHistogram().percentile(0.5) is None
+
+
+def test_lag_histogram_percentiles_never_exceed_the_max():
+    from pgderive.runtime.stats import LagHistogram
+
+    # issue 14 item 12: a bucket midpoint above the largest sample made p99 > max
+    for sample in (10.0, 0.5, 123.456, 0.01):
+        h = LagHistogram()
+        h.add_one(sample)
+        assert h.percentile(0.99) <= h.max_ms == sample
+        assert abs(h.percentile(0.99) / sample - 1) < 0.01
+    h = LagHistogram()
+    h.add([1.0] * 98 + [50.0, 50.0])
+    assert h.percentile(0.99) <= h.max_ms == 50.0
+    assert abs(h.percentile(0.5) - 1.0) < 0.01

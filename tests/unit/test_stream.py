@@ -19,7 +19,7 @@ from pgderive.runtime.checkpoints import SinkDataLoss
 from pgderive.runtime.lanes import Lanes
 from pgderive.runtime.stats import Stats
 from pgderive.runtime.stream import Limits, Stream
-from pgderive.state.deadletters import DeadLetter
+from pgderive.state.deadletters import DeadLetter, Supersede
 from sinks.base import Rejected, Sink
 from sinks.memory import MemorySink
 from views.derive import View
@@ -69,15 +69,18 @@ class Harness:
         self.stats = Stats()
         self.dead: list[DeadLetter] = []
         self.rejected: list[Rejected] = []
+        self.supersedes: list[Supersede] = []
         self.lanes = Lanes(self.sinks, by_sink, self.stop, acked_lsn=0x10, record=self._record, stats=self.stats)
         self.stream = Stream(self.views, self.lanes, stats=self.stats, stop=self.stop, limits=limits)
         self.error: BaseException | None = None
         self.checkpoint_behind_slot: list[tuple[str, int, int]] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _record(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected]) -> None:
+    def _record(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected],
+                supersedes: Sequence[Supersede] = ()) -> None:
         self.dead += dead
         self.rejected += rejected
+        self.supersedes += supersedes
 
     def _run(self) -> None:
         try:

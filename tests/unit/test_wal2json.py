@@ -5,7 +5,7 @@ import orjson
 import pytest
 
 from cdc.lsn import format_lsn, parse_lsn, version_hex
-from cdc.wal2json import DecodeError, Wal2JsonDecoder, plugin_options
+from cdc.wal2json import DecodeError, Wal2JsonDecoder, add_tables_entry, plugin_options, replication_literal
 
 
 def msg(**kw) -> bytes:
@@ -80,6 +80,24 @@ def test_plugin_options_filter_tables():
     assert opts["format-version"] == "2"
     assert opts["add-tables"] == "public.a,public.b,we.ird\\,name"
     assert "add-tables" not in plugin_options(None)
+
+
+def test_add_tables_entries_escape_everything_wal2json_parses():
+    # wal2json.c string_to_SelectTable/parse_table_identifier: ',' and whitespace split entries,
+    # the first '.' splits schema from table, '*' alone is a wildcard, '\\' escapes one byte.
+    assert add_tables_entry("My Schema", "a.b,c") == "My\\ Schema.a\\.b\\,c"
+    assert add_tables_entry("s", "*") == "s.\\*"
+    assert add_tables_entry("s", "a\\b") == "s.a\\\\b"
+    assert add_tables_entry("s", "it's größe") == "s.it\\'s\\ gr\\ö\\ße"
+    assert add_tables_entry("Public", "Mixed_Case9") == "Public.Mixed_Case9"
+
+
+def test_replication_literal_is_standard_conforming():
+    # the walsender's grammar has no E'' strings: backslashes stay as they are, quotes double
+    assert replication_literal("a\\,b") == "'a\\,b'"
+    assert replication_literal("it's") == "'it''s'"
+    with pytest.raises(ValueError):
+        replication_literal("a\x00b")
 
 
 def test_null_floats_and_numerics_are_flagged_as_maybe_nonfinite():

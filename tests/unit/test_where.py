@@ -404,3 +404,20 @@ def test_model_value_problems():
         W("qty > 1").evaluate({"id": 1})
     with pytest.raises(WhereEvalError, match="needs DateStyle ISO"):
         W("d > '2026-01-01'").evaluate({"d": "11/23/2026"})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a = ", 'cannot parse where expression: syntax error at or near "=" (line 1, column 3)'),
+    ("a = (1", 'cannot parse where expression: syntax error at or near "1" (line 1, column 6)'),
+    ("a BETWEEN 1", 'cannot parse where expression: syntax error at or near "1" (line 1, column 11)'),
+    ("a = 'x", "cannot parse where expression: syntax error: an unterminated quoted string or"
+               " identifier, or a character SQL does not allow"),
+    ("a = 1 b", "unsupported construct: a = 1 AS b"),
+])
+def test_syntax_errors_speak_sql_not_parser_internals(text, message):
+    # issue 14 item 12: sqlglot's class names (EQ, Between, Alias, TokenType...) leaked
+    with pytest.raises(WhereError) as e:
+        Where(text, {"a": "integer", "b": "integer"})
+    assert str(e.value) == message
+    for leak in ("sqlglot", "<class", "Token", "expressions", "Required keyword", "Alias"):
+        assert leak not in str(e.value)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from pydantic_core import PydanticCustomError
 
 from views.template import KeyTemplate
@@ -27,7 +26,7 @@ from views.template import KeyTemplate
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
-    "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
+    "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
 ]
@@ -50,6 +49,53 @@ def redact_dsn(dsn: str) -> str:
         dsn = re.sub(r"^(\s*postgres(?:ql)?://[^:/?#@]*):[^/?#]*@", r"\1:***@", dsn)
         return re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", dsn)
     return re.sub(r"((?:\bssl|\b)password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
+
+
+_INT_OPTIONS = ("port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                "keepalives_count", "tcp_user_timeout")
+
+
+def _check_dsn(dsn: str) -> None:
+    """Refuse a DSN libpq would refuse at connect time, without echoing it (it may hold a
+    password): not parseable as key=value pairs or a URI (libpq ``PQconninfoParse``, Postgres
+    manual 34.1.1 "Connection Strings"), an unknown option, or a non-integer where libpq wants
+    an integer (``port`` also takes a comma-separated list, 34.1.1.3; ``1``–``65535``).
+    Raises the spec's validation error (reported at ``source.dsn``)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError as e:
+        m = re.search(r'invalid (?:connection|URI query parameter):? ?(?:option )?"([A-Za-z_]+)"', str(e))
+        if m:
+            raise _fail(f"unknown connection option {m.group(1)!r} (see the libpq connection"
+                        " parameters)") from None
+        raise _fail("not a libpq connection string: use key=value pairs (host=... dbname=...)"
+                    " or a postgresql:// URI, quoting values with spaces in single quotes") from None
+    for name in _INT_OPTIONS:
+        raw = params.get(name)
+        if raw is None:
+            continue
+        parts = str(raw).split(",") if name == "port" else [str(raw)]
+        for part in parts:
+            part = part.strip()
+            if name == "port" and part == "":
+                continue  # an empty entry means the default port
+            if not re.fullmatch(r"-?[0-9]+", part) or (name == "port" and not 1 <= int(part) <= 65535):
+                raise _fail(f"{name} must be an integer" + (" from 1 to 65535 (or a comma-separated list)"
+                                                               if name == "port" else "")
+                            + f", got {part[:20]!r}")
+    # TLS files (libpq "SSL Support"): named here, with the YAML path, rather than by libpq's
+    # "could not read root certificate file" when the daemon connects. "system" (libpq >= 16)
+    # is the system's trust store, not a file.
+    for key in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
+        path = params.get(key)
+        if isinstance(path, str) and path and path != "system":
+            try:
+                _check_file(path)
+            except PydanticCustomError as e:
+                raise _fail(f"{key}: {e.message()}") from None
 
 
 class SourceSpec(BaseModel):
@@ -83,17 +129,7 @@ class SourceSpec(BaseModel):
     def _dsn(cls, v: str) -> str:
         if not v.strip():
             raise _fail("must be a Postgres connection string, e.g. postgresql://user@host:5432/db")
-        try:
-            params = conninfo_to_dict(v)
-        except psycopg.ProgrammingError:
-            return v  # libpq reports it on connecting (its message never shows the password)
-        for key in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
-            path = params.get(key)
-            if isinstance(path, str) and path and path != "system":
-                try:
-                    _check_file(path)
-                except PydanticCustomError as e:
-                    raise _fail(f"{key}: {e.message()}") from None
+        _check_dsn(v)
         return v
 
     @field_validator("slot")
@@ -169,6 +205,19 @@ class RedisSinkSpec(BaseModel):
     def _url(cls, v: str) -> str:
         if not re.match(r"^(redis|rediss|unix)://", v):
             raise _fail("must be a redis://, rediss:// or unix:// URL")
+        if v.startswith("unix://"):
+            return v
+        # What redis-py's from_url would only report when the daemon connects (a bare
+        # ValueError), checked here so the error names sinks.NAME.url. The URL's text is not
+        # repeated: it may hold a password.
+        parts = urlsplit(v)
+        try:
+            port = parts.port
+        except ValueError:
+            port_text = parts.netloc.rsplit("@", 1)[-1].rsplit(":", 1)[-1]
+            raise _fail(f"the port {port_text!r} is not a number from 1 to 65535") from None
+        if port == 0:
+            raise _fail("the port 0 is not a number from 1 to 65535")
         return v
 
     @model_validator(mode="after")
@@ -251,7 +300,8 @@ def parse_table(text: str) -> tuple[str, str]:
     Unquoted parts fold to lower case; double-quoted parts are kept (``""`` → ``"``).
 
     Raises:
-        ValueError: not one or two SQL identifiers separated by a dot.
+        ValueError: not one or two SQL identifiers separated by a dot, or a schema name holding
+            a dot (table names may hold any character).
     """
     m = _TABLE_RE.match(text.strip())
     if not m:
@@ -262,7 +312,15 @@ def parse_table(text: str) -> tuple[str, str]:
         return part[1:-1].replace('""', '"') if part.startswith('"') else part.lower()
 
     first, second = m.group(1), m.group(2)
-    return ("public", ident(first)) if second is None else (ident(first), ident(second))
+    schema, name = ("public", ident(first)) if second is None else (ident(first), ident(second))
+    if "." in schema:
+        # pgderive names a table "schema.name" (Change.table, dead letters, add-tables) and
+        # splits that at the first dot: a dot in the table name is fine, one in the schema not.
+        raise ValueError(f"schema {schema!r} contains '.', which pgderive does not support in schema"
+                         " names (table names may contain any character): rename the schema")
+    if "\x00" in schema + name:
+        raise ValueError("a table name cannot contain NUL")
+    return schema, name
 
 
 ORDER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_$]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
@@ -534,8 +592,37 @@ class ViewSpec(BaseModel):
         return self.sink
 
 
+#: Default and bounds of ``dead_letters.max_bytes`` (bytes of a dead letter's stored row JSON).
+DEAD_LETTER_MAX_BYTES = 64 * 1024
+DEAD_LETTER_MAX_BYTES_RANGE = (1024, 64 << 20)
+
+
+class DeadLettersSpec(BaseModel):
+    """``dead_letters:`` — how dead letters are stored (``pgderive.dead_letters``).
+
+    Attributes:
+        max_bytes: cap on the JSON of one dead letter's stored row, in bytes (default 65536 =
+            64 KiB, from 1024 to 67108864): larger values are cut to a prefix and their columns
+            listed in the dead letter's ``truncated`` (the row's identity columns are never cut).
+    """
+
+    model_config = _STRICT
+    max_bytes: int = DEAD_LETTER_MAX_BYTES
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _max_bytes(cls, v: Any) -> Any:
+        low, high = DEAD_LETTER_MAX_BYTES_RANGE
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _fail(f"must be a number of bytes, got {_kind(v)}")
+        if not low <= v <= high:
+            raise _fail(f"must be from {low} to {high} bytes, got {v}")
+        return v
+
+
 class Spec(BaseModel):
-    """The whole file: ``source``, ``sinks`` (by name) and ``views`` (by name).
+    """The whole file: ``source``, ``sinks`` (by name), ``views`` (by name) and the optional
+    ``dead_letters`` settings (:class:`DeadLettersSpec`).
 
     Build it with :func:`load_spec` / :func:`parse_spec`, which also run the cross checks (view
     names, sink references, per-sink-type options) and fill defaults (redis ``format: hash``).
@@ -547,6 +634,7 @@ class Spec(BaseModel):
     source: SourceSpec
     sinks: dict[str, SinkSpec]
     views: dict[str, ViewSpec]
+    dead_letters: DeadLettersSpec = Field(default_factory=DeadLettersSpec)
 
     _filename: str = PrivateAttr("<string>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
@@ -613,6 +701,8 @@ def _allowed_keys(model_loc: tuple[Any, ...]) -> list[str]:
         model = RedisSinkSpec if model_loc[2] == "redis" else OpenSearchSinkSpec
     elif model_loc[0] == "views" and len(model_loc) == 2:
         model = ViewSpec
+    elif model_loc[0] == "dead_letters" and len(model_loc) == 1:
+        model = DeadLettersSpec
     return list(model.model_fields) if model else []
 
 
@@ -688,9 +778,4 @@ def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks:
             if other != str(name):
                 problems.append((f"{path}.index", f"index {view['index']!r} is already used"
                                                   f" by view {other!r} on sink {sink!r}"))
-            spec = sinks.get(sink)
-            cp_index = spec.get("checkpoint_index") if isinstance(spec, dict) else None
-            if view["index"] == (cp_index if isinstance(cp_index, str) else "pgderive-checkpoints"):
-                problems.append((f"{path}.index", f"index {view['index']!r} is sink {sink!r}'s"
-                                                  " checkpoint_index: pick another name"))
     return problems

@@ -185,12 +185,12 @@ class _Compiler:
             raise WhereError("parameters are not supported")
         if isinstance(e, exp.Star):
             raise WhereError("* is not supported")
-        what = type(e).__name__
         try:
             snippet = e.sql(dialect="postgres")
         except Exception:  # pragma: no cover - sqlglot cannot print some nodes
             snippet = ""
-        raise WhereError(f"unsupported construct {what}" + (f": {snippet[:60]}" if snippet else ""))
+        # The SQL it stands for, never the parser's class name (an implementation detail).
+        raise WhereError("unsupported construct" + (f": {snippet[:60]}" if snippet else " in the expression"))
 
     # -- leaves --------------------------------------------------------------------------
 
@@ -618,7 +618,7 @@ class Where:
         try:
             parsed = sqlglot.parse(text, dialect="postgres")
         except sqlglot.errors.SqlglotError as e:
-            raise WhereError(f"cannot parse where expression: {_first_line(e)}") from None
+            raise WhereError(f"cannot parse where expression: {_syntax_error(e)}") from None
         # sqlglot's parser builds exp.Expression nodes (its stubs may say a base class)
         trees = [cast(exp.Expression, t) for t in parsed if t is not None]
         if len(trees) != 1:
@@ -677,6 +677,15 @@ class Where:
         return f"Where({self.text!r})"
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+def _syntax_error(e: Exception) -> str:
+    """A parser failure in the user's terms, like Postgres' own ``syntax error at or near "x"``:
+    the offending token and its line/column, never sqlglot's class or token-type names."""
+    if isinstance(e, sqlglot.errors.ParseError) and e.errors:
+        err = e.errors[0]
+        token = str(err.get("highlight") or "").strip()
+        where = f"line {err.get('line')}, column {err.get('col')}"
+        return (f'syntax error at or near "{token[:40]}" ({where})' if token
+                else f"syntax error ({where})")
+    if isinstance(e, sqlglot.errors.TokenError):
+        return "syntax error: an unterminated quoted string or identifier, or a character SQL does not allow"
+    return "syntax error"

@@ -124,9 +124,10 @@ def opensearch_client(settings: Settings) -> OpenSearch:
 
 def clean_redis(r: redis.Redis, key_prefix: str, views: Iterable[str]) -> int:
     """Delete every key starting with ``key_prefix`` and pgderive's bookkeeping keys of
-    ``views`` (``pgderive:<view>:*``); returns the number of keys deleted."""
+    ``views`` (``pgderive:<deployment>:<view>:*``, and the legacy ``pgderive:<view>:*``); returns
+    the number of keys deleted."""
     deleted = 0
-    patterns = [f"{key_prefix}*"] + [f"pgderive:{v}:*" for v in views]
+    patterns = [f"{key_prefix}*"] + [p for v in views for p in (f"pgderive:*:{v}:*", f"pgderive:{v}:*")]
     for pattern in patterns:
         batch: list[bytes] = []
         for key in r.scan_iter(match=pattern, count=5000):
@@ -141,11 +142,17 @@ def clean_redis(r: redis.Redis, key_prefix: str, views: Iterable[str]) -> int:
 
 def clean_opensearch(client: OpenSearch, index_prefix: str, views: Iterable[str]) -> None:
     """Delete every index named ``index_prefix*`` (pgderive's generations behind the aliases
-    and scratch indices) and the checkpoint documents of ``views``."""
+    and scratch indices) and the checkpoint documents of ``views`` (``_id`` ``<deployment>:<view>``,
+    or the legacy ``<view>``)."""
     client.indices.delete(index=f"{index_prefix}*", ignore=[404], expand_wildcards="all")
     if client.indices.exists(index=CHECKPOINT_INDEX):
-        for v in views:
-            client.delete(index=CHECKPOINT_INDEX, id=v, ignore=[404])
+        names = set(views)
+        client.indices.refresh(index=CHECKPOINT_INDEX)
+        hits = client.search(index=CHECKPOINT_INDEX, body={"query": {"match_all": {}}, "size": 10000,
+                                                           "_source": False})["hits"]["hits"]
+        for hit in hits:
+            if hit["_id"] in names or hit["_id"].rsplit(":", 1)[-1] in names:
+                client.delete(index=CHECKPOINT_INDEX, id=hit["_id"], ignore=[404])
 
 
 def create_scratch_index(client: OpenSearch, index: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-__all__ = ["TableInfo", "table_info", "relation", "probe_plugin", "PLUGIN", "RELKIND"]
+__all__ = ["TableInfo", "table_info", "relation", "probe_plugin", "deployment_id", "PLUGIN", "RELKIND"]
 
 PLUGIN = "wal2json"
 
@@ -112,3 +112,21 @@ def probe_plugin(conn: psycopg.Connection, plugin: str, wait: float = 15.0) -> s
     except psycopg.Error as e:
         return e.diag.message_primary or str(e).strip()
     return None
+
+
+def deployment_id(conn: psycopg.Connection, slot: str) -> str:
+    """The id that namespaces pgderive's own bookkeeping in shared sinks for one deployment:
+    ``"<system identifier>:<database>:<slot>"``, e.g. ``"7716351362375133678:bench:pgderive_bench"``.
+
+    The system identifier is the cluster's, from ``pg_control_system()`` (Postgres manual,
+    "System Information Functions", control data functions; executable by every role), set
+    once by ``initdb`` and unique per cluster except for physical copies (``pg_basebackup``,
+    a promoted standby keep it: set ``source.deployment`` in the YAML there). Slot names are
+    unique within a cluster; the database name is there for the operator reading keys. The
+    three parts cannot be confused with another deployment's: the identifier is digits and
+    the slot ``[a-z0-9_]``, so the database is what lies between the first and the last
+    ``:``. Raises ``psycopg.Error``.
+    """
+    row = conn.execute("SELECT system_identifier::text, current_database() FROM pg_control_system()").fetchone()
+    assert row is not None  # the function returns exactly one row
+    return f"{row[0]}:{row[1]}:{slot}"

@@ -200,8 +200,10 @@ cmd=${1:-up}
 case "$cmd" in
   up)
     mkdir -p "$SVC"
+    # haproxy: the TLS terminator tests/integration/test_tls.py puts in front of OpenSearch
+    # (the integ-test distribution has no security plugin); openssl makes the test's CA.
     apt_install postgresql-15 postgresql-15-wal2json redis-server \
-      openjdk-17-jre-headless curl unzip
+      openjdk-17-jre-headless curl unzip haproxy openssl
     ensure_user
     pg_up
     redis_up

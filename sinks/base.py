@@ -27,9 +27,20 @@ by mypy):
 * :class:`Refreshable`: ``refresh`` — make acknowledged writes visible to scans (OpenSearch).
 * :class:`ReservedNames`: ``reserved_names`` — names in the sink's namespace that pgderive uses
   for its own bookkeeping (OpenSearch: the checkpoint index), which no view may take.
+* :class:`LegacyLayout`: ``adopt_legacy`` — move bookkeeping written before it was namespaced by
+  deployment to the deployment's own keys (Redis, OpenSearch).
+* :class:`Claims`: ``claim`` — refuse a view whose record keys or alias another deployment
+  writes (Redis, OpenSearch).
+
+Deployments: every key or document a sink writes for pgderive's own bookkeeping (version
+entries, checkpoints) is namespaced by the deployment (:func:`cdc.catalog.deployment_id`: the
+source cluster's system identifier, the database and the slot), so two daemons with same-named
+views sharing one Redis database or one OpenSearch cluster never see each other's state. The
+records themselves live where the view's ``key``/``index`` say: those names are the user's.
 """
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
@@ -37,7 +48,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "ReservedNames", "Doc"]
+           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "TlsOptions", "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -95,11 +106,55 @@ class ViewTarget:
         view: view name; namespaces the sink's own bookkeeping (e.g. Redis version hash).
         format: Redis only: ``"hash"`` (one field per output field) or ``"json"`` (a JSON string).
         index: OpenSearch only: the alias users query; generations are indices behind it.
+        key_shape: the view's key template with placeholders as ``{}``
+            (:meth:`views.template.KeyTemplate.shape`), e.g. ``"account:{}"``; None when
+            unknown. A Redis sink claims it for the deployment (:class:`Claims`).
     """
 
     view: str
     format: Literal["hash", "json"] | None = None
     index: str | None = None
+    key_shape: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class TlsOptions:
+    """TLS settings of a sink connection (YAML ``ca_certs``, ``client_cert``, ``client_key``,
+    ``verify_certs`` of a ``rediss://`` Redis or ``https://`` OpenSearch sink).
+
+    Attributes:
+        ca_certs: path of a PEM file with the CA certificates that sign the server's
+            certificate; None: the system's trust store (OpenSSL's default paths).
+        client_cert, client_key: paths of the PEM client certificate and its private key,
+            for servers that authenticate clients by certificate; both or neither.
+        verify: verify the server's certificate chain and that it names the host connected
+            to (Python's ``ssl`` module, ``CERT_REQUIRED`` + ``check_hostname``); False
+            encrypts without authenticating the server.
+    """
+
+    ca_certs: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    verify: bool = True
+
+
+def tls_verify_failure(e: BaseException) -> str | None:
+    """The reason when ``e`` (or an exception it was raised from or during) is a failed TLS
+    certificate verification (``ssl.SSLCertVerificationError``, as raised through redis-py,
+    urllib3 or opensearch-py), else None. Such a failure is not retryable: only another CA,
+    certificate or host name fixes it."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur.verify_message or str(cur)
+        stack += [cur.__cause__, cur.__context__, *(a for a in cur.args if isinstance(a, BaseException))]
+    text = str(e)
+    return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in text else None
 
 
 class SinkError(RuntimeError):
@@ -306,4 +361,32 @@ class ReservedNames(Protocol):
         """The names (e.g. OpenSearch index names) pgderive writes its own bookkeeping under in
         this sink; a view alias equal to one of them, or whose generation indices
         (``ALIAS-g<16 hex digits>``) could be one, clashes. Asks the sink nothing."""
+        ...
+
+
+@runtime_checkable
+class LegacyLayout(Protocol):
+    """A sink that may hold bookkeeping written before it was namespaced by deployment (see the
+    module docstring) and can adopt it. Use: ``isinstance(sink, LegacyLayout)``; called once
+    per start by :func:`pgderive.runtime.sinks.open_sinks`."""
+
+    def adopt_legacy(self, views: Sequence[str]) -> list[str]:
+        """Move the legacy bookkeeping of ``views`` (registered views) to this deployment's
+        keys: read old, write new, then remove old; a view that already has its own is left
+        alone. Idempotent; returns the views adopted. Raises :class:`SinkError`."""
+        ...
+
+
+@runtime_checkable
+class Claims(Protocol):
+    """A sink that records which deployment writes a view's user-visible names (Redis: the
+    key template's shape; OpenSearch: the alias) and refuses another deployment's view that
+    would write the same ones. Use: ``isinstance(sink, Claims)``; called once per start by
+    :func:`pgderive.runtime.sinks.open_sinks`, after :class:`LegacyLayout` adoption."""
+
+    def claim(self, views: Sequence[str]) -> None:
+        """Claim the names of ``views`` (registered views) for this deployment. A claim held
+        by another deployment whose view still has its bookkeeping in this sink refuses:
+        :class:`SinkError` with ``retryable=False``, naming that deployment and what to do.
+        A claim whose owner left no bookkeeping is taken over. Raises :class:`SinkError`."""
         ...

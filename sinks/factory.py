@@ -3,17 +3,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from sinks.base import Sink
+from sinks.base import Sink, TlsOptions
 
 __all__ = ["make_sink"]
 
 
-def make_sink(name: str, spec: dict[str, Any]) -> Sink:
+def _tls(spec: dict[str, Any]) -> TlsOptions | None:
+    """The TLS options of a sink's section (``ca_certs``, ``client_cert``, ``client_key``,
+    ``verify_certs``), or None when it sets none of them."""
+    keys = ("ca_certs", "client_cert", "client_key")
+    if all(spec.get(k) is None for k in keys) and spec.get("verify_certs", True):
+        return None
+    ca, cert, key = (None if spec.get(k) is None else str(spec[k]) for k in keys)
+    return TlsOptions(ca_certs=ca, client_cert=cert, client_key=key,
+                      verify=bool(spec.get("verify_certs", True)))
+
+
+def make_sink(name: str, spec: dict[str, Any], *, deployment: str | None = None) -> Sink:
     """Create the sink ``name`` from ``spec``.
 
     ``spec`` is ``{"type": "redis", "url": "redis://host:port/db"}`` (optional ``batch_size``)
     or ``{"type": "opensearch", "hosts": ["http://host:port", ...]}`` (optional ``bulk_docs``,
-    ``bulk_concurrency``).
+    ``bulk_concurrency``, ``checkpoint_index``, ``username``/``password``); both take the TLS
+    keys ``ca_certs``, ``client_cert``, ``client_key``, ``verify_certs``
+    (:class:`~sinks.base.TlsOptions`). ``deployment`` namespaces pgderive's own keys
+    and documents in the sink (:func:`cdc.catalog.deployment_id`; None: the legacy layout).
     Raises ``ValueError`` naming the sink for an unknown type or a missing/invalid setting.
     """
     kind = spec.get("type")
@@ -24,9 +38,9 @@ def make_sink(name: str, spec: dict[str, Any]) -> Sink:
         if not isinstance(url, str) or not url:
             raise ValueError(f"sink {name!r}: redis sink needs a 'url'")
         kwargs = {"batch_size": int(spec["batch_size"])} if "batch_size" in spec else {}
-        return RedisSink(name, url, **kwargs)
+        return RedisSink(name, url, deployment=deployment, tls=_tls(spec), **kwargs)
     if kind == "opensearch":
-        from sinks.opensearch import OpenSearchSink
+        from sinks.opensearch import CHECKPOINT_INDEX, OpenSearchSink
 
         hosts = spec.get("hosts")
         if isinstance(hosts, str):
@@ -34,5 +48,9 @@ def make_sink(name: str, spec: dict[str, Any]) -> Sink:
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
             raise ValueError(f"sink {name!r}: opensearch sink needs 'hosts' (a list of URLs)")
         kwargs = {k: int(spec[k]) for k in ("bulk_docs", "bulk_concurrency") if k in spec}
-        return OpenSearchSink(name, hosts, **kwargs)
+        index = spec.get("checkpoint_index") or CHECKPOINT_INDEX
+        user, password = spec.get("username"), spec.get("password")
+        auth = (str(user), str(password)) if user is not None and password is not None else None
+        return OpenSearchSink(name, hosts, deployment=deployment, checkpoint_index=str(index),
+                              tls=_tls(spec), basic_auth=auth, **kwargs)
     raise ValueError(f"sink {name!r}: unknown sink type {kind!r} (expected 'redis' or 'opensearch')")

@@ -71,6 +71,10 @@ class MemorySink:
         reject: optional predicate ``op -> error text | None``: Ops for which it returns a text
             are refused as :class:`~sinks.base.Rejected` with that text (see also
             :meth:`reject_keys`).
+        deployment: the deployment id, as the Redis sink takes it; recorded only: one
+            MemorySink instance is one deployment's store (nothing is shared between
+            instances), so there is no other deployment's state to keep apart, and no legacy
+            layout to adopt (it is no :class:`~sinks.base.LegacyLayout`).
 
     Attributes:
         stats: running counters ``applied``, ``skipped`` (older or equal-but-missed version,
@@ -88,8 +92,9 @@ class MemorySink:
     """
 
     def __init__(self, name: str = "memory", *,
-                 reject: Callable[[Op], str | None] | None = None) -> None:
+                 reject: Callable[[Op], str | None] | None = None, deployment: str | None = None) -> None:
         self.name = name
+        self.deployment = deployment
         self.reject = reject
         self.stats: dict[str, int] = {"applied": 0, "skipped": 0, "partial_missed": 0, "rejected": 0}
         self.calls: Counter[str] = Counter()

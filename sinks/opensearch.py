@@ -36,9 +36,15 @@ a plain projection is rendered into ``_bulk`` lines by the snapshot query itself
 :mod:`pgderive.runtime.wire`) and relayed in requests of the same size and concurrency; any refused document
 makes the load fall back to :meth:`OpenSearchSink.load`, which reports it.
 
-Checkpoints: index :data:`CHECKPOINT_INDEX` (1 shard, 0 replicas, ``gc_deletes`` 0), one document
-``{"lsn": <int>}`` per view with ``_id`` = view name, written with ``version`` = LSN
-(``external``: a checkpoint only moves forward) and without refresh; read with a realtime GET.
+Checkpoints: index :attr:`OpenSearchSink.checkpoint_index` (YAML ``checkpoint_index``, default
+:data:`CHECKPOINT_INDEX`; 1 shard, 0 replicas, ``gc_deletes`` 0), one document ``{"lsn": <int>}``
+per view with ``_id`` = ``<deployment>:<view>`` (:func:`checkpoint_id`; the deployment,
+:func:`cdc.catalog.deployment_id`, keeps deployments sharing a cluster apart), written with
+``version`` = LSN (``external``: a checkpoint only moves forward) and without refresh; read with a
+realtime GET. Documents written before namespacing (``_id`` = view, in :data:`CHECKPOINT_INDEX`)
+are adopted on the first start (:meth:`OpenSearchSink.adopt_legacy`). The aliases and generation
+indices are named by the user's ``index``: two deployments declaring the same alias clash, a
+configuration error.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
+from urllib.parse import urlsplit
 
 import orjson
 from opensearchpy import OpenSearch, helpers
@@ -57,12 +64,26 @@ from psycopg import sql
 
 from cdc.lsn import version_hex
 from cdc.values import json_bare
-from sinks.base import Op, Rejected, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import Refreshable, ReservedNames, Sink, WireLoad
+    from sinks.base import Claims, LegacyLayout, Refreshable, ReservedNames, Sink, WireLoad
 
-__all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX"]
+__all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
+
+log = logging.getLogger("pgderive.sinks.opensearch")
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """opensearch-py logs every failed request at WARNING with the exception's traceback
+    (``Connection.log_request_fail``); pgderive reports the failure itself, in one line, as a
+    :class:`SinkError`. Keep the client's one-line message, drop the traceback."""
+    record.exc_info = None
+    record.exc_text = None
+    return True
+
+
+logging.getLogger("opensearch").addFilter(_without_traceback)
 
 LOAD_GC_DELETES = "6h"
 _GEN_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}
@@ -79,6 +100,7 @@ _CHECKPOINT_BODY = {
     "mappings": {"dynamic": "strict", "properties": {"lsn": {"type": "long"}}},
 }
 _REJECT_STATUS = (400, 413)  # bulk item statuses meaning "this document", not "this cluster"
+_META = "pgderive"  # key of the generation indices' mapping ``_meta``: {deployment, view}
 
 # one bulk action: (the Op to report, action line, source line or None for a delete)
 _Action = tuple[Op, bytes, Optional[bytes]]
@@ -108,6 +130,34 @@ def _bulk_failures(resp: dict[str, Any]) -> Iterator[tuple[int, int, str, str, s
                f"{err.get('type', status)}: {err.get('reason', '')}")
 
 
+def _connection_options(name: str, hosts: list[str], tls: TlsOptions | None,
+                        basic_auth: tuple[str, str] | None) -> dict[str, Any]:
+    """opensearch-py's keyword arguments for TLS and basic auth (its ``Urllib3HttpConnection``:
+    ``use_ssl`` follows each host's scheme, ``verify_certs``, ``ca_certs``, ``client_cert``,
+    ``client_key``, ``http_auth``); logs a warning when credentials would go over plain http
+    or certificates are not verified."""
+    options: dict[str, Any] = {}
+    secure = all(h.startswith("https://") for h in hosts)
+    if tls is not None:
+        options.update(verify_certs=tls.verify, ca_certs=tls.ca_certs, client_cert=tls.client_cert,
+                       client_key=tls.client_key, ssl_show_warn=False)
+        if not tls.verify:
+            log.warning("sink %s: verify_certs is false: TLS without checking who answers", name)
+    if basic_auth is not None:
+        options["http_auth"] = basic_auth
+    has_userinfo = any("@" in urlsplit(h).netloc for h in hosts)
+    if (basic_auth is not None or has_userinfo) and not secure:
+        log.warning("sink %s: basic auth credentials are sent over plain http:// (readable on the "
+                    "network); use https:// hosts", name)
+    return options
+
+
+def checkpoint_id(view: str, deployment: str | None = None) -> str:
+    """``_id`` of the checkpoint document of ``view``: ``"<deployment>:<view>"``, or the legacy
+    ``"<view>"`` when ``deployment`` is None (before namespacing)."""
+    return view if deployment is None else f"{deployment}:{view}"
+
+
 def generation_index(alias: str, version: int) -> str:
     """Index name of the generation of ``alias`` at ``version`` (int LSN): ``alias-g<16 hex>``."""
     return f"{alias}-g{version_hex(version)}"
@@ -128,6 +178,18 @@ class OpenSearchSink:
         bulk_concurrency: ``_bulk`` requests of one call in flight at once (each Op of a
             call has its own key, and versions order writes anyway, so requests may land in any
             order); 1 sends them one after the other.
+        timeout: seconds before a request counts as failed (retryable).
+        deployment: namespaces the checkpoint documents (:func:`checkpoint_id`,
+            :func:`cdc.catalog.deployment_id`) so deployments sharing the cluster keep separate
+            checkpoints; None uses the legacy ``_id`` = view (tests and tools only).
+        tls: TLS settings for ``https://`` hosts (opensearch-py's ``ca_certs``,
+            ``client_cert``, ``client_key``, ``verify_certs``); default: verify the server
+            against the system's trust store (certifi's bundle when installed).
+        basic_auth: ``(username, password)`` for HTTP basic auth; never logged. With a plain
+            ``http://`` host (or credentials in a host URL) a warning is logged once: they
+            cross the network in clear text.
+        checkpoint_index: the index holding the checkpoint documents (YAML
+            ``checkpoint_index``; default :data:`CHECKPOINT_INDEX`), a public attribute.
 
     Attributes:
         stats: running counter ``partial_missed`` (partial Op for a document found nowhere).
@@ -139,26 +201,30 @@ class OpenSearchSink:
     """
 
     def __init__(self, name: str, hosts: list[str], *, bulk_docs: int = 2000,
-                 bulk_bytes: int = 16 << 20, bulk_concurrency: int = 2, timeout: float = 30.0) -> None:
+                 bulk_bytes: int = 16 << 20, bulk_concurrency: int = 2, timeout: float = 30.0,
+                 deployment: str | None = None, checkpoint_index: str = CHECKPOINT_INDEX,
+                 tls: TlsOptions | None = None, basic_auth: tuple[str, str] | None = None) -> None:
         if bulk_docs < 1 or bulk_bytes < 1 or bulk_concurrency < 1:
             raise ValueError("bulk_docs, bulk_bytes and bulk_concurrency must be >= 1")
         self.name = name
+        self.deployment = deployment
+        #: The index holding pgderive's checkpoints in this cluster (one document per view); no
+        #: view alias may take it (:meth:`reserved_names`).
+        self.checkpoint_index = checkpoint_index
         self.bulk_docs = bulk_docs
         self.bulk_bytes = bulk_bytes
         self.bulk_concurrency = bulk_concurrency
         self._senders: ThreadPoolExecutor | None = None  # created on the first concurrent call
         self.stats = {"partial_missed": 0}
         self._checkpoint_index_ready = False
-        #: The index holding pgderive's checkpoints in this cluster (one document per view); no
-        #: view alias may take it (:meth:`reserved_names`).
-        self.checkpoint_index = CHECKPOINT_INDEX
         # A request that hangs longer than ``timeout`` seconds is a retryable failure: the
         # engine backs off and retries rather than waiting on a stuck node indefinitely.
         # One kept-alive connection per sender thread plus the calling thread (urllib3 keeps
         # one per host by default: every concurrent request then opened a new connection and
         # logged "Connection pool is full, discarding connection").
         self._client = OpenSearch(hosts, http_compress=False, timeout=timeout,
-                                  pool_maxsize=bulk_concurrency + 2)
+                                  pool_maxsize=bulk_concurrency + 2,
+                                  **_connection_options(name, hosts, tls, basic_auth))
         self._targets: dict[str, ViewTarget] = {}
         self._aliases: dict[str, str] = {}  # view -> its alias (ViewTarget.index)
         self._has_alias: set[str] = set()  # views whose alias is known to exist
@@ -172,7 +238,8 @@ class OpenSearchSink:
         each attempt.
 
         Raises :class:`SinkError`: ``retryable=True`` when no node answers (or answers 429/5xx),
-        ``retryable=False`` for HTTP 401/403 (credentials refused) and other refusals.
+        ``retryable=False`` for HTTP 401/403 (credentials refused), a TLS certificate that
+        fails verification and other refusals.
         """
         prefix = f"sink {self.name}: OpenSearch"
         # The client logs every failed attempt as a warning with a traceback; the SinkError
@@ -182,7 +249,11 @@ class OpenSearchSink:
         client_log.setLevel(logging.ERROR)
         try:
             self._client.info(request_timeout=timeout)
-        except ox.ConnectionError as e:  # includes timeouts
+        except ox.ConnectionError as e:  # includes timeouts and TLS failures
+            reason = tls_verify_failure(e)
+            if reason is not None:
+                raise SinkError(f"{prefix}: TLS certificate verification failed ({reason}): check "
+                                "ca_certs and the host names in hosts", retryable=False) from e
             raise SinkError(f"{prefix} unreachable: {_cause(e)}", retryable=True) from e
         except ox.TransportError as e:
             status = e.status_code
@@ -229,7 +300,7 @@ class OpenSearchSink:
             if not self._client.indices.exists_alias(name=alias):
                 self._refuse_legacy(alias)
         index = generation_index(alias, version)
-        self._create_index(index, loading=True)
+        self._create_index(index, view, loading=True)
         self._loading[view].add(index)
         return index
 
@@ -329,7 +400,7 @@ class OpenSearchSink:
         with self._errors(f"truncate {view}"):
             if self._client.indices.exists(index=index):
                 self._client.indices.delete(index=index)
-        self._create_index(index, loading=False)
+        self._create_index(index, view, loading=False)
         self.commit_generation(view, index, version + 1)
 
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -420,14 +491,14 @@ class OpenSearchSink:
     def write_checkpoint(self, views: Sequence[str], lsn: int) -> None:
         """Raise the checkpoint of each of ``views`` to ``lsn`` (int LSN, < 2**63) in one
         ``_bulk`` request without refresh; a checkpoint at or past ``lsn`` is kept (409).
-        Creates :data:`CHECKPOINT_INDEX` on first use. Raises :class:`SinkError`."""
+        Creates :attr:`checkpoint_index` on first use. Raises :class:`SinkError`."""
         if not views:
             return
         self._ensure_checkpoint_index()
         source = orjson.dumps({"lsn": lsn})
         lines: list[bytes] = []
         for view in views:
-            meta = {"_index": CHECKPOINT_INDEX, "_id": view, "version": lsn,
+            meta = {"_index": self.checkpoint_index, "_id": self._cid(view), "version": lsn,
                     "version_type": "external"}
             lines += (orjson.dumps({"index": meta}), source)
         with self._errors("write_checkpoint"):
@@ -449,8 +520,9 @@ class OpenSearchSink:
             return []
         self._ensure_checkpoint_index()
         with self._errors("advance_checkpoint"):
-            resp = self._client.mget(index=CHECKPOINT_INDEX, body={"ids": list(views)}, realtime=True)
-        lost = [d["_id"] for d in resp.get("docs", [])
+            resp = self._client.mget(index=self.checkpoint_index,
+                                     body={"ids": [self._cid(v) for v in views]}, realtime=True)
+        lost = [view for view, d in zip(views, resp.get("docs", []))
                 if not d.get("found") or int(d["_source"]["lsn"]) < previous]
         self.write_checkpoint([v for v in views if v not in lost], lsn)
         return lost
@@ -459,7 +531,7 @@ class OpenSearchSink:
         """The checkpoint LSN (int) of ``view`` by a realtime GET, or None if there is none.
         Raises :class:`SinkError`."""
         with self._errors("read_checkpoint"):  # 404: no such document, or no index yet
-            doc = self._client.get(index=CHECKPOINT_INDEX, id=view, _source_includes="lsn",
+            doc = self._client.get(index=self.checkpoint_index, id=self._cid(view), _source_includes="lsn",
                                    ignore=404)
         return int(doc["_source"]["lsn"]) if doc.get("found") else None
 
@@ -471,7 +543,7 @@ class OpenSearchSink:
             names = set(self._alias_indices(alias)) | set(self._generations(alias))
             if names:
                 self._client.indices.delete(index=",".join(sorted(names)), ignore_unavailable=True)
-            self._client.delete(index=CHECKPOINT_INDEX, id=view, refresh="false", ignore=404)
+            self._client.delete(index=self.checkpoint_index, id=self._cid(view), refresh="false", ignore=404)
         self._has_alias.discard(view)
         self._loading.pop(view, None)
 
@@ -482,7 +554,67 @@ class OpenSearchSink:
             self._senders = None
         self._client.close()
 
+    def adopt_legacy(self, views: Sequence[str]) -> list[str]:
+        """Move the checkpoint documents of ``views`` written before namespacing (index
+        :data:`CHECKPOINT_INDEX`, ``_id`` = view) to this deployment's (:attr:`checkpoint_index`,
+        ``_id`` = :func:`checkpoint_id`): read old, write new (external version = the LSN, so
+        a repeat is harmless), then delete old. A view that already has its new document is
+        left alone and so is its legacy one (another deployment sharing the cluster may adopt
+        it), unless both hold the same LSN (a previous adoption interrupted before the delete).
+        Returns the views adopted. Nothing to do without a deployment. Raises
+        :class:`SinkError`."""
+        if self.deployment is None or not views:
+            return []
+        views = list(views)
+        with self._errors("adopt legacy checkpoints"):
+            if not self._client.indices.exists(index=CHECKPOINT_INDEX):
+                return []
+            old = self._client.mget(index=CHECKPOINT_INDEX, body={"ids": views}, realtime=True)
+            found = {v: int(d["_source"]["lsn"]) for v, d in zip(views, old.get("docs", [])) if d.get("found")}
+            if not found:
+                return []
+            current = {v: self.read_checkpoint(v) for v in found}
+        adopted: list[str] = []
+        for view, lsn in found.items():
+            now = current[view]
+            if now is None:
+                self.write_checkpoint([view], lsn)
+                adopted.append(view)
+            elif now != lsn:
+                continue
+            with self._errors("adopt legacy checkpoints"):
+                self._client.delete(index=CHECKPOINT_INDEX, id=view, refresh="false", ignore=404)
+        return adopted
+
+    def claim(self, views: Sequence[str]) -> None:
+        """Refuse views whose alias serves another deployment: the indices behind it carry
+        their deployment in the mapping's ``_meta`` (written by pgderive when it creates a
+        generation; indices without it, e.g. from before namespacing, claim nothing). One
+        ``get_mapping`` per view with an alias. Raises :class:`SinkError` (``retryable=False``
+        for a conflict, naming the other deployment and what to do)."""
+        if self.deployment is None:
+            return
+        for view in views:
+            alias = self._alias(view)
+            with self._errors(f"claim {view}"):
+                if not self._client.indices.exists_alias(name=alias):
+                    continue
+                found = self._client.indices.get_mapping(index=alias, filter_path=f"*.mappings._meta.{_META}")
+            for index, entry in (found or {}).items():
+                meta = entry.get("mappings", {}).get("_meta", {}).get(_META, {})
+                other = meta.get("deployment")
+                if other is not None and other != self.deployment:
+                    raise SinkError(
+                        f"sink {self.name}: view {view}: alias {alias!r} already serves deployment {other} "
+                        f"(view {meta.get('view')}, index {index}); two deployments must not share an alias: "
+                        f"change the view's index, or if {other} is retired, delete the alias' indices",
+                        retryable=False)
+
     # --- internals ------------------------------------------------------------------------
+
+    def _cid(self, view: str) -> str:
+        """``_id`` of the checkpoint document of ``view`` (:func:`checkpoint_id`)."""
+        return checkpoint_id(view, self.deployment)
 
     def _alias(self, view: str) -> str:
         try:
@@ -500,7 +632,7 @@ class OpenSearchSink:
             if not self._client.indices.exists_alias(name=alias):
                 self._refuse_legacy(alias)
                 first = generation_index(alias, 0)
-                self._create_index(first, loading=False)
+                self._create_index(first, view, loading=False)
                 self._client.indices.update_aliases(
                     body={"actions": [{"add": {"index": first, "alias": alias}}]}
                 )
@@ -516,13 +648,18 @@ class OpenSearchSink:
                 retryable=False,
             )
 
-    def _create_index(self, index: str, *, loading: bool) -> None:
+    def _create_index(self, index: str, view: str, *, loading: bool) -> None:
+        """Create generation ``index`` of ``view`` (existing: kept), stamped with the deployment
+        and view in its mapping's ``_meta`` (read by :meth:`claim`)."""
         settings = dict(_GEN_SETTINGS)
         if loading:
             settings["gc_deletes"] = LOAD_GC_DELETES
+        body: dict[str, Any] = {"settings": {"index": settings}}
+        if self.deployment is not None:
+            body["mappings"] = {"_meta": {_META: {"deployment": self.deployment, "view": view}}}
         with self._errors(f"create index {index}"):
             try:
-                self._client.indices.create(index=index, body={"settings": {"index": settings}})
+                self._client.indices.create(index=index, body=body)
             except ox.RequestError as e:
                 if e.error != "resource_already_exists_exception":
                     raise
@@ -543,11 +680,11 @@ class OpenSearchSink:
     def _ensure_checkpoint_index(self) -> None:
         if self._checkpoint_index_ready:
             return
-        with self._errors(f"create index {CHECKPOINT_INDEX}"):
+        with self._errors(f"create index {self.checkpoint_index}"):
             # Looked up first: a refused create is logged by the client as a warning.
-            if not self._client.indices.exists(index=CHECKPOINT_INDEX):
+            if not self._client.indices.exists(index=self.checkpoint_index):
                 try:
-                    self._client.indices.create(index=CHECKPOINT_INDEX, body=_CHECKPOINT_BODY)
+                    self._client.indices.create(index=self.checkpoint_index, body=_CHECKPOINT_BODY)
                 except ox.RequestError as e:
                     if e.error != "resource_already_exists_exception":
                         raise
@@ -749,6 +886,10 @@ class _ErrorMap:
                  tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError):
             return False
+        reason = tls_verify_failure(e)
+        if reason is not None and isinstance(e, ox.ConnectionError):
+            raise SinkError(f"{self.prefix}: TLS certificate verification failed ({reason}): check "
+                            "ca_certs and the host names in hosts", retryable=False) from e
         if isinstance(e, ox.ConnectionError):  # includes timeouts
             raise SinkError(f"{self.prefix}: OpenSearch unavailable: {e}", retryable=True) from e
         if isinstance(e, ox.TransportError):
@@ -783,6 +924,7 @@ def _reason(e: Any) -> str:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames]:
+    def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames, LegacyLayout,
+                                                   Claims]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink

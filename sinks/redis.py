@@ -4,7 +4,10 @@ Layout of one view ``V``:
 
 * record keys: the view's own keys (``Op.key``, e.g. ``account:42``). Format ``hash``: one Redis
   hash per record, one field per output field; format ``json``: one string holding the JSON doc.
-* version hash ``pgderive:V:versions``: record key → stored version, as
+* version hash ``pgderive:D:V:versions`` (``D`` = the deployment,
+  :func:`cdc.catalog.deployment_id`, e.g. ``7716351362375133678:bench:pgderive_bench``; every
+  key pgderive writes for itself carries it, so two deployments sharing a Redis database with
+  same-named views keep separate state): record key → stored version, as
   :func:`cdc.lsn.version_hex` (16 lowercase hex digits). A **tombstone** (the record was deleted
   at that version) is the same 16 digits followed by ``"d"`` (17 characters). Tombstones keep an
   older upsert from resurrecting a deleted key; they are removed by :meth:`RedisSink.
@@ -41,14 +44,19 @@ Rejected Ops (:class:`sinks.base.Rejected`): a document that cannot be encoded (
 JSON-serializable, e.g. a ``set`` or a non-string dict key), and a record key that holds a
 foreign Redis type (``WRONGTYPE``). They get no version entry; everything else is applied.
 
-Checkpoints: string key ``pgderive:V:checkpoint`` holding :func:`cdc.lsn.version_hex` of the LSN,
+Checkpoints: string key ``pgderive:D:V:checkpoint`` holding :func:`cdc.lsn.version_hex` of the LSN,
 raised (never lowered) by one Lua call for all views.
+
+Upgrade: keys written before namespacing (``pgderive:V:versions``, ``pgderive:V:checkpoint``)
+are adopted by :meth:`RedisSink.adopt_legacy` (``RENAME``, atomic) on the first start.
+The record keys are the user's (the view's key template): two deployments writing the same
+record keys clash whatever pgderive does; that is a configuration error.
 
 Wire loads (:meth:`RedisSink.wire_select`, :meth:`RedisSink.wire_load`): a snapshot of a plain
 ``hash`` view can be encoded by Postgres itself. The snapshot query returns, per row, the RESP
 bytes of the commands that write the record at the snapshot's version (``DEL key`` first when the
 view already holds data, ``HSET key f v ..`` — or ``DEL key`` when every field is NULL — and
-``HSET pgderive:V:versions key version``), and pgderive relays them to Redis without decoding a
+``HSET pgderive:D:V:versions key version``), and pgderive relays them to Redis without decoding a
 row. No compare-and-set is needed: a snapshot is loaded while nothing else writes the view, at a
 consistent point newer than every version already stored (ARCHITECTURE.md, rules 1 and 4), exactly as
 the compare-and-set would decide.
@@ -57,6 +65,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 from collections import defaultdict
 from importlib import resources
 from types import TracebackType
@@ -69,14 +78,17 @@ from psycopg import sql
 from redis import exceptions as rx
 
 from cdc.lsn import version_hex
-from sinks.base import Op, Rejected, SinkError, ViewTarget
+from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import AtomicCheckpoint, Sink, WireLoad
+    from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, WireLoad
 
-__all__ = ["RedisSink", "versions_key", "checkpoint_key", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
+__all__ = ["RedisSink", "versions_key", "checkpoint_key", "CLAIMS_KEY", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
 TOMBSTONE_SUFFIX = b"d"
+CLAIMS_KEY = "pgderive:claims"
+"""Hash shared by every deployment: key template shape → ``"<deployment>\n<view>"``
+(:meth:`RedisSink.claim`)."""
 WRONGTYPE_FIELD = "<redis WRONGTYPE>"  # :meth:`RedisSink.get`: a record key of another Redis type
 _VERSION_LEN = 16
 _MAX_ARGS_PER_CALL = 50_000  # bounds one Lua call for views with very wide documents
@@ -120,18 +132,23 @@ _CHECKPOINT_LUA = _lua("lib_helpers", "checkpoint")
 _ADVANCE_LUA = _lua("lib_helpers", "lib_advance", "advance")
 _APPLY_ADVANCE_LUA = _lua("lib_helpers", "lib_apply", "lib_advance", "apply_advance")
 _GET_LUA = _lua("get")
+_ADOPT_LUA = _lua("adopt")
+_CLAIM_LUA = _lua("claim")
 
 _RETRYABLE_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
-def versions_key(view: str) -> str:
-    """Name of the version hash of ``view``: ``pgderive:{view}:versions``."""
-    return f"pgderive:{view}:versions"
+def versions_key(view: str, deployment: str | None = None) -> str:
+    """Name of the version hash of ``view``: ``pgderive:{deployment}:{view}:versions``, or the
+    legacy ``pgderive:{view}:versions`` when ``deployment`` is None (before namespacing)."""
+    return f"pgderive:{view}:versions" if deployment is None else f"pgderive:{deployment}:{view}:versions"
 
 
-def checkpoint_key(view: str) -> str:
-    """Name of the checkpoint key of ``view``: ``pgderive:{view}:checkpoint``."""
-    return f"pgderive:{view}:checkpoint"
+def checkpoint_key(view: str, deployment: str | None = None) -> str:
+    """Name of the checkpoint key of ``view``: ``pgderive:{deployment}:{view}:checkpoint``, or the
+    legacy ``pgderive:{view}:checkpoint`` when ``deployment`` is None (before namespacing)."""
+    return (f"pgderive:{view}:checkpoint" if deployment is None
+            else f"pgderive:{deployment}:{view}:checkpoint")
 
 
 def encode_field(value: Any) -> str | bytes | int:
@@ -165,6 +182,13 @@ class RedisSink:
         url: a redis-py URL, e.g. ``redis://127.0.0.1:6380/0``.
         batch_size: maximum Ops per Lua call (1..4000); all calls of one :meth:`apply` share
             one pipeline. A call blocks Redis for roughly ``batch_size`` x 2-10 us.
+        tls: TLS settings for a ``rediss://`` URL (redis-py's ``ssl_ca_certs``,
+            ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ``ssl_check_hostname``);
+            default: verify the server against the system's trust store. ``ValueError`` with
+            another scheme.
+        deployment: namespaces pgderive's own keys (:func:`cdc.catalog.deployment_id`), so that
+            deployments sharing the database keep separate version hashes and checkpoints;
+            None writes the legacy un-namespaced keys (tests and tools only).
 
     Attributes:
         stats: running counters ``applied``, ``skipped`` (older or equal version),
@@ -176,13 +200,23 @@ class RedisSink:
     records are returned as :class:`~sinks.base.Rejected` instead (see the module docstring).
     """
 
-    def __init__(self, name: str, url: str, *, batch_size: int = 1000) -> None:
+    def __init__(self, name: str, url: str, *, batch_size: int = 1000,
+                 deployment: str | None = None, tls: TlsOptions | None = None) -> None:
         if not 1 <= batch_size <= 4000:
             raise ValueError("batch_size must be within 1..4000 (Lua unpack limit)")
         self.name = name
         self.batch_size = batch_size
+        self.deployment = deployment
+        options: dict[str, Any] = {}
+        if url.startswith("rediss://"):
+            tls = tls or TlsOptions()
+            options = {"ssl_ca_certs": tls.ca_certs, "ssl_certfile": tls.client_cert,
+                       "ssl_keyfile": tls.client_key, "ssl_cert_reqs": "required" if tls.verify else "none",
+                       "ssl_check_hostname": tls.verify}
+        elif tls is not None:
+            raise ValueError(f"sink {name}: TLS options need a rediss:// URL")
         self._client = redis.Redis.from_url(
-            url, decode_responses=False, socket_timeout=60, socket_connect_timeout=10
+            url, decode_responses=False, socket_timeout=60, socket_connect_timeout=10, **options
         )
         self._apply_script = self._client.register_script(_APPLY_LUA)
         self._sweep_script = self._client.register_script(_SWEEP_LUA)
@@ -190,6 +224,8 @@ class RedisSink:
         self._advance_script = self._client.register_script(_ADVANCE_LUA)
         self._apply_advance_script = self._client.register_script(_APPLY_ADVANCE_LUA)
         self._get_script = self._client.register_script(_GET_LUA)
+        self._adopt_script = self._client.register_script(_ADOPT_LUA)
+        self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._targets: dict[str, ViewTarget] = {}
         self._wire_plans: dict[str, tuple[int, bytes]] = {}  # view -> (commands per row, version hash key)
         self._fresh: set[str] = set()  # views whose current generation began with no version entry
@@ -205,11 +241,19 @@ class RedisSink:
 
         Raises :class:`SinkError`: ``retryable=True`` when Redis cannot be reached,
         ``retryable=False`` when it refuses the client (wrong or missing password, an ACL
-        user without ``PING``, a database index out of range, any other error reply).
+        user without ``PING``, a database index out of range, any other error reply) or its
+        TLS certificate fails verification (``ca_certs``, the host name).
         """
         prefix = f"sink {self.name}: Redis"
         try:
-            self._client.ping()
+            try:
+                self._client.ping()
+            except rx.RedisError as e:
+                reason = tls_verify_failure(e)
+                if reason is None:
+                    raise
+                raise SinkError(f"{prefix}: TLS certificate verification failed ({reason}): check "
+                                "ca_certs and the host name in the URL", retryable=False) from e
         except (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError) as e:
             # Subclasses of ConnectionError: the server answered and refused the credentials.
             raise SinkError(f"{prefix} refused the credentials: {e}", retryable=False) from e
@@ -270,7 +314,7 @@ class RedisSink:
         if len(calls) > len(by_view):  # wide documents: more than one call per view
             self._apply_calls(calls, rejected)
             return rejected, self.advance_checkpoint(views, previous, lsn)
-        keys: list[Any] = [checkpoint_key(v) for v in views]
+        keys: list[Any] = [self._ckey(v) for v in views]
         args: list[Any] = [version_hex(lsn), version_hex(previous), len(views), len(calls)]
         args += [len(k) - 1 for k, _, _ in calls]
         for k, a, _ in calls:
@@ -290,7 +334,7 @@ class RedisSink:
         skips its sweep. Raises :class:`SinkError`."""
         self._target(view)
         with self._errors("begin_generation"):
-            if self._client.exists(versions_key(view)):
+            if self._client.exists(self._vkey(view)):
                 self._fresh.discard(view)
             else:
                 self._fresh.add(view)
@@ -322,7 +366,7 @@ class RedisSink:
         """
         if self._format(view) != "hash":
             return None
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         with self._errors("wire_select"):
             populated = bool(self._client.exists(vkey))
 
@@ -376,7 +420,9 @@ class RedisSink:
 
         def receive(block: bool) -> None:
             nonlocal got, error, tail
-            if not block and not select.select([sock], [], [], 0)[0]:
+            # A TLS socket may hold decrypted bytes the kernel no longer reports as readable.
+            if not block and not (isinstance(sock, ssl.SSLSocket) and sock.pending()) \
+                    and not select.select([sock], [], [], 0)[0]:
                 return
             data = sock.recv(1 << 20)
             if not data:
@@ -427,7 +473,7 @@ class RedisSink:
 
     def _forget_versions(self, view: str, vhex: bytes) -> None:
         """Delete the version entries of ``view`` equal to ``vhex`` (a wire load's version)."""
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         with self._errors("wire_load (undo)"):
             for page in self._version_pages(vkey):
                 mine = [k for k, v in page.items() if v == vhex]
@@ -447,7 +493,7 @@ class RedisSink:
     def _sweep(self, view: str, version: int) -> None:
         """Delete the records of ``view`` stored at a version < ``version`` (one HSCAN of the
         version hash; 5M entries take about 5 s)."""
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         vhex = version_hex(version)
         vhex_b = vhex.encode()
         with self._errors("commit_generation"):
@@ -471,7 +517,7 @@ class RedisSink:
         """Yield ``(key, doc)`` for every live record: hash views give ``{field: str}``, json
         views the parsed document. Tombstones are skipped."""
         fmt = self._format(view)
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         cursor = 0
         while True:
             with self._errors("scan"):
@@ -509,7 +555,7 @@ class RedisSink:
         keys = list(keys)
         if not keys:
             return {}
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         read = "HGETALL" if fmt == "hash" else "GET"
         calls: list[tuple[list[Any], list[Any]]] = [
             ([vkey, *keys[i : i + self.batch_size]], [read]) for i in range(0, len(keys), self.batch_size)]
@@ -540,7 +586,7 @@ class RedisSink:
         no record reads). A version entry whose record vanished is yielded too; keys written
         without pgderive's version hash are not seen. Raises :class:`SinkError`."""
         self._target(view)
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         cursor = 0
         while True:
             with self._errors("scan_keys"):
@@ -574,7 +620,7 @@ class RedisSink:
     def count(self, view: str) -> int:
         """Number of live records of ``view`` (version entries that are not tombstones)."""
         self._target(view)
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         with self._errors("count"):
             return sum(1 for page in self._version_pages(vkey) for v in page.values() if len(v) == _VERSION_LEN)
 
@@ -583,7 +629,7 @@ class RedisSink:
         checkpoint at or past ``lsn`` is kept). Raises :class:`SinkError`."""
         if not views:
             return
-        keys = [checkpoint_key(v) for v in views]
+        keys = [self._ckey(v) for v in views]
         with self._errors("write_checkpoint"):
             self._run(self._checkpoint_script, [(keys, [version_hex(lsn)])])
 
@@ -594,7 +640,7 @@ class RedisSink:
         Raises :class:`SinkError`."""
         if not views:
             return []
-        keys = [checkpoint_key(v) for v in views]
+        keys = [self._ckey(v) for v in views]
         with self._errors("advance_checkpoint"):
             (lost,) = self._run(self._advance_script, [(keys, [version_hex(lsn), version_hex(previous)])])
         return [views[int(i) - 1] for i in lost]
@@ -603,24 +649,79 @@ class RedisSink:
         """The checkpoint LSN (int) of ``view``, or None if Redis holds none. Raises
         :class:`SinkError`."""
         with self._errors("read_checkpoint"):
-            raw = self._client.get(checkpoint_key(view))
+            raw = self._client.get(self._ckey(view))
         return None if raw is None else int(raw, 16)
 
     def drop_view(self, view: str) -> None:
-        """Delete every record key listed in the version hash, then the version hash and the
-        checkpoint."""
-        vkey = versions_key(view).encode()
+        """Delete every record key listed in the version hash, then the version hash, the
+        checkpoint and this deployment's claim of the view's key shape."""
+        vkey = self._vkey(view)
         with self._errors("drop_view"):
             for page in self._version_pages(vkey):
                 if page:
                     self._client.unlink(*page.keys())
-            self._client.unlink(vkey, checkpoint_key(view))
+            self._client.unlink(vkey, self._ckey(view))
+            self._release(view)
 
     def close(self) -> None:
         """Close the connection pool."""
         self._client.close()
 
+    def adopt_legacy(self, views: Sequence[str]) -> list[str]:
+        """Move the bookkeeping of ``views`` written before namespacing (``pgderive:V:versions``,
+        ``pgderive:V:checkpoint``) to this deployment's keys, one atomic Lua call per view
+        (``RENAME``: read old, write new, remove old). A view whose new keys exist already is
+        left alone, and so are its legacy keys (another deployment sharing this database may
+        adopt them). Returns the views adopted. Nothing to do without a deployment. Raises
+        :class:`SinkError`."""
+        if self.deployment is None or not views:
+            return []
+        calls: list[tuple[list[Any], list[Any]]] = [
+            ([versions_key(v), checkpoint_key(v), self._vkey(v), self._ckey(v)], []) for v in views]
+        with self._errors("adopt legacy keys"):
+            moved = self._run(self._adopt_script, calls)
+        return [v for v, n in zip(views, moved) if int(n)]
+
+    def claim(self, views: Sequence[str]) -> None:
+        """Claim the record keys of ``views`` for this deployment in :data:`CLAIMS_KEY`, by
+        their key template's shape (``ViewTarget.key_shape``, e.g. ``account:{}``), in one Lua
+        call: all or none. Two deployments whose views have the same shape write the same
+        keys; a shape held by another deployment that still has bookkeeping for its view here
+        raises :class:`SinkError` (``retryable=False``) naming it; a claim whose owner left
+        none is taken over. Nothing to do without a deployment. Raises :class:`SinkError`."""
+        pairs = [(t.key_shape, v) for v in views if (t := self._target(v)).key_shape]
+        if self.deployment is None or not pairs:
+            return
+        with self._errors("claim"):
+            (conflicts,) = self._run(self._claim_script,
+                                     [([CLAIMS_KEY], [self.deployment, *(x for p in pairs for x in p)])])
+        if conflicts:
+            shape = conflicts[0].decode()
+            dep, _, other = conflicts[1].decode().partition("\n")
+            view = next(v for s, v in pairs if s == shape)
+            raise SinkError(
+                f"sink {self.name}: view {view}: its record keys ({shape!r}) are already written by "
+                f"deployment {dep} (view {other}); two deployments must not share record keys: change "
+                f"the key template, or if {dep} is retired, delete its bookkeeping (redis-cli DEL "
+                f"{checkpoint_key(other, dep)} {versions_key(other, dep)})", retryable=False)
+
+    def _release(self, view: str) -> None:
+        """Drop this deployment's claim of ``view``'s key shape (after :meth:`drop_view`)."""
+        shape = self._target(view).key_shape
+        if self.deployment is None or not shape:
+            return
+        if self._client.hget(CLAIMS_KEY, shape) == f"{self.deployment}\n{view}".encode():
+            self._client.hdel(CLAIMS_KEY, shape)
+
     # --- internals ------------------------------------------------------------------------
+
+    def _vkey(self, view: str) -> bytes:
+        """The name of the version hash of ``view`` (:func:`versions_key`), as bytes."""
+        return versions_key(view, self.deployment).encode()
+
+    def _ckey(self, view: str) -> str:
+        """The name of the checkpoint key of ``view`` (:func:`checkpoint_key`)."""
+        return checkpoint_key(view, self.deployment)
 
     def _target(self, view: str) -> ViewTarget:
         try:
@@ -685,7 +786,7 @@ class RedisSink:
         for op in ops:
             by_key[op.key].append(op)
         keys = list(by_key)
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         commands: list[tuple[Any, ...]] = []
         for i in range(0, len(keys), self.batch_size):
             chunk = keys[i : i + self.batch_size]
@@ -732,7 +833,7 @@ class RedisSink:
         Ops (``ops[i]`` is ``keys[i + 1]``'s Op). Ops whose document cannot be encoded are
         appended to ``rejected`` instead. Partial Ops of a json view must be merged first."""
         is_json = self._format(view) == "json"
-        vkey = versions_key(view).encode()
+        vkey = self._vkey(view)
         hex_cache: dict[int, str] = {}
         keys: list[Any] = [vkey]
         args: list[Any] = []
@@ -842,6 +943,10 @@ class _ErrorMap:
                  tb: TracebackType | None) -> Literal[False]:
         if e is None or isinstance(e, SinkError) or not isinstance(e, rx.RedisError):
             return False
+        reason = tls_verify_failure(e)
+        if reason is not None:
+            raise SinkError(f"{self.prefix}: TLS certificate verification failed ({reason}): check "
+                            "ca_certs and the host name in the URL", retryable=False) from e
         if isinstance(e, (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError)):
             raise SinkError(f"{self.prefix}: Redis unavailable: {e}", retryable=True) from e
         text = str(e)
@@ -850,6 +955,6 @@ class _ErrorMap:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad]:
+    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout, Claims]:
         """Never called: mypy checks here that RedisSink implements these protocols."""
-        return sink, sink, sink
+        return sink, sink, sink, sink, sink

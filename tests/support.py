@@ -17,7 +17,7 @@ from cdc.lsn import parse_lsn
 from sinks.factory import make_sink
 from sinks.base import ViewTarget
 from views.check import build_views
-from pgderive.runtime.sinks import open_sinks
+from pgderive.runtime.sinks import deployment_of, open_sinks
 from views.spec import load_spec
 from pgderive.ops.verify import diff_view
 
@@ -116,11 +116,18 @@ def streaming(dsn: str, slot: str) -> bool:
     return row is not None and row[0] == "streaming"
 
 
+def deployment(config: Path) -> str:
+    """The deployment id the daemon of ``config`` namespaces its sink bookkeeping with."""
+    return deployment_of(load_spec(config))
+
+
 def drop_views(config: Path, sink_type: str | None = None) -> None:
     """Remove every view's records and bookkeeping from its sink (only sinks of ``sink_type``
     if given). Works from the YAML alone, without the source catalog, so it also cleans up
-    after tests that altered or dropped the tables."""
+    after tests that altered or dropped the tables (the source database must still exist:
+    the deployment id is read from it)."""
     spec = load_spec(config)
+    dep = deployment_of(spec)
     sinks = {}
     try:
         for name, v in spec.views.items():
@@ -128,8 +135,9 @@ def drop_views(config: Path, sink_type: str | None = None) -> None:
             if sink_type is not None and spec.sinks[sink].type != sink_type:
                 continue
             if sink not in sinks:
-                sinks[sink] = make_sink(sink, spec.sinks[sink].model_dump())
-            sinks[sink].register(ViewTarget(view=name, format=v.format, index=v.index))
+                sinks[sink] = make_sink(sink, spec.sinks[sink].model_dump(), deployment=dep)
+            shape = v.key_template.shape() if v.key_template is not None else None
+            sinks[sink].register(ViewTarget(view=name, format=v.format, index=v.index, key_shape=shape))
             sinks[sink].drop_view(name)
     finally:
         for s in sinks.values():

@@ -131,7 +131,7 @@ class View:
                                     self.where.sql() if self.where is not None else None)
         self.tables: frozenset[str] = frozenset(self.tree.tables if self.tree else {self.table})
         self.column_types: list[tuple[str, str]] = [(c, info.columns[c]) for c in self.columns]
-        self.target = ViewTarget(view=name, format=spec.format, index=spec.index)
+        self.target = ViewTarget(view=name, format=spec.format, index=spec.index, key_shape=self.key.shape())
         self._items = tuple(self.fields.items())
         self._field_columns = tuple(dict.fromkeys(self.fields.values()))
         self._columns_set = frozenset(self._field_columns)

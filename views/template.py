@@ -143,6 +143,13 @@ class KeyTemplate:
         slots = dict(self._slots)
         return [("column", slots[i]) if i in slots else part for i, part in enumerate(self._parts)]
 
+    def shape(self) -> str:
+        """The template with every placeholder as ``{}`` and literal braces doubled (``"t:{a}:x"``
+        → ``"t:{}:x"``): two templates of the same shape render the same keys for the same
+        values, whatever their columns are called."""
+        return "".join("{}" if isinstance(p, tuple) else p.replace("{", "{{").replace("}", "}}")
+                       for p in self.pieces())
+
     def __repr__(self) -> str:
         return f"KeyTemplate({self.text!r})"
 

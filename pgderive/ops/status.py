@@ -135,7 +135,7 @@ def slot_status(spec: Spec) -> SlotStatus:
         log.warning("cannot count dead letters: %s", e)
         dead = None
     out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle)
-    sinks = open_sinks(spec, views)
+    sinks = open_sinks(spec, views, prepare=False)  # read-only: a sink down is shown per view
     try:
         for v in views:
             vstate = "not bootstrapped" if state is None or v.name not in state.views else out.word

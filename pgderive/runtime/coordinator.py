@@ -41,7 +41,7 @@ from .lanes import Lanes
 from .preflight import check_privileges, preflight, raise_for
 from .reload import reload_views
 from .retry import Backoff, one_line
-from .sinks import open_sinks
+from .sinks import open_sinks, prepare_sinks
 from .stats import Stats
 from .stream import Limits, Stream, row_refetcher
 
@@ -110,12 +110,15 @@ class Engine:
             sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
         self.refetcher = row_refetcher(self.dsn, self.views)
-        self.sinks = open_sinks(self.spec, self.views)
+        self.sinks = open_sinks(self.spec, self.views, prepare=False)
         self.reader = SlotReader(self.dsn, self.slot, tables=tables)
         try:
             # Before the schema, a slot or anything else exists: a start that cannot succeed
             # must not leave a slot retaining WAL (issue 14, item 1).
             raise_for(self.spec, preflight(self.spec, self.sinks))
+            # Then the sinks' own bookkeeping: legacy keys adopted, record keys and aliases
+            # claimed for this deployment (issue 14, item 11), still before any slot exists.
+            prepare_sinks(self.sinks, self.views)
             try:
                 start_lsn = self._prepare(resnapshot)
                 if start_lsn is None:

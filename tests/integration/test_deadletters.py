@@ -19,7 +19,9 @@ from sinks.base import Op, ViewTarget
 from sinks.factory import make_sink
 from pgderive.state.deadletters import DeadLetter, DeadLetterStore, encode_row
 
-from ..support import REDIS_URL, ROOT, create_database, current_lsn, drop_database, unique
+from sinks.redis import versions_key
+
+from ..support import REDIS_URL, ROOT, create_database, current_lsn, deployment, drop_database, unique
 
 
 @pytest.fixture
@@ -183,7 +185,7 @@ def env(tmp_path, db):
     e = Env(tmp_path, db[1])
     yield e
     e.store.close()
-    sink = make_sink("cache", {"type": "redis", "url": REDIS_URL})
+    sink = make_sink("cache", {"type": "redis", "url": REDIS_URL}, deployment=deployment(e.config))
     for view, fmt in ((e.view, "hash"), (f"{e.view}_doc", "json")):
         sink.register(ViewTarget(view=view, format=fmt))
         sink.drop_view(view)
@@ -226,10 +228,10 @@ def test_cli_list_and_discard(env: Env):
 
 def test_cli_retry_applies_the_current_row_at_the_dead_letters_lsn(env: Env):
     r = redis.Redis.from_url(REDIS_URL)
-    versions = f"pgderive:{env.view}:versions"
+    versions = versions_key(env.view, deployment(env.config))
     env.sql("INSERT INTO items VALUES (1, NULL, 'one'), (2, 'c2', 'two'), (3, NULL, 'three'), (4, 'c4', 'four')")
     lsn = current_lsn(env.dsn)
-    sink = make_sink("cache", {"type": "redis", "url": REDIS_URL})
+    sink = make_sink("cache", {"type": "redis", "url": REDIS_URL}, deployment=deployment(env.config))
     sink.register(ViewTarget(view=env.view, format="hash"))
     try:
         # c2: an old record the sink holds; its row will be deleted before the retry

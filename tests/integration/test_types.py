@@ -349,7 +349,7 @@ def matrix(tmp_path_factory) -> Matrix:
         if d.proc is not None:
             d.stop()
             out.daemon_log = d.output()
-        for pattern in (f"{prefix}:*", f"pgderive:{prefix}_*"):
+        for pattern in (f"{prefix}:*", f"pgderive:{prefix}_*", f"pgderive:*:{prefix}_*"):
             keys = list(r.scan_iter(pattern, count=1000))
             if keys:
                 r.delete(*keys)

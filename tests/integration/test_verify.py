@@ -22,7 +22,9 @@ from pgderive.runtime.sinks import open_sinks
 from views.spec import load_spec
 from pgderive.ops.verify import verify_view
 
-from ..support import OPENSEARCH_URL, REDIS_URL, ROOT, assert_views_equal
+from sinks.redis import versions_key
+
+from ..support import OPENSEARCH_URL, REDIS_URL, ROOT, assert_views_equal, deployment
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +93,7 @@ def test_tampered_sinks_are_reported_with_examples(scenario):
     r.hset(f"{p}_:a:8", "bal", "999")                        # different
     r.hset(f"{p}_:a:9", mapping={"zzz": "1"})                # different: a field too many
     r.hset(f"{p}_:a:x1", mapping={"id": "1", "bal": "2"})    # extra ...
-    r.hset(f"pgderive:{p}_hash:versions", f"{p}_:a:x1", "0000000000000001")  # ... with a version entry
+    r.hset(versions_key(f"{p}_hash", deployment(s.config)), f"{p}_:a:x1", "0000000000000001")  # ... with a version entry
     es = os_client()
     alias = f"{p.lower()}_acc"
     es.delete(index=alias, id="17")                          # missing (OpenSearch forgets its version)
@@ -172,7 +174,7 @@ def test_repair_while_the_daemon_and_a_writer_run(scenario):
             es.delete(index=alias, id=str(i))
         for i in range(5):
             r.hset(f"{p}_:a:x{i}", "id", "0")
-            r.hset(f"pgderive:{p}_hash:versions", f"{p}_:a:x{i}", "0000000000000001")
+            r.hset(versions_key(f"{p}_hash", deployment(s.config)), f"{p}_:a:x{i}", "0000000000000001")
             es.index(index=alias, id=f"x{i}", body={"id": 0})
         for view in (f"{p}_hash", f"{p}_search"):
             out = cli_verify(s.config, view, "--repair")

@@ -19,7 +19,7 @@ from pgderive.runtime.sinks import open_sinks
 from views.spec import load_spec
 from pgderive.runtime.wire import wire_query
 
-from ..support import REDIS_URL, current_lsn
+from ..support import REDIS_URL, current_lsn, deployment
 
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('ok', 'sad');
@@ -51,9 +51,10 @@ VIEWS = f"""
 """
 
 
-def _dump(r: redis.Redis, view: str, prefix: str) -> dict[bytes, tuple]:
-    """Every record of ``view`` as Redis holds it (hash fields, type) plus its version entry."""
-    versions = r.hgetall(versions_key(view))
+def _dump(r: redis.Redis, view: str, prefix: str, dep: str) -> dict[bytes, tuple]:
+    """Every record of ``view`` as Redis holds it (hash fields, type) plus its version entry
+    (deployment ``dep``)."""
+    versions = r.hgetall(versions_key(view, dep))
     out = {}
     for key in r.scan_iter(match=prefix + "*", count=1000):
         kind = r.type(key)
@@ -92,9 +93,10 @@ def test_wire_load_writes_what_the_row_by_row_path_writes(scenario, caplog):
     names = {k: f"{s.p}_{k}" for k in ("all", "ren", "none", "float", "jsonb", "doc")}
     prefixes = {"all": "a", "ren": "r", "none": "z", "float": "f", "jsonb": "j", "doc": "d"}
     version = current_lsn(s.dsn)
+    dep = deployment(s.config)
 
     def state() -> dict:
-        return {k: _dump(r, names[k], f"{s.p}_:{prefixes[k]}:") for k in names}
+        return {k: _dump(r, names[k], f"{s.p}_:{prefixes[k]}:", dep) for k in names}
 
     with caplog.at_level(logging.INFO, logger="pgderive.bootstrap"):
         queries = _load(s, True, version)
@@ -140,7 +142,7 @@ def test_wire_load_falls_back_when_redis_refuses_a_record(scenario, caplog):
     assert any("WRONGTYPE" in m and "row by row" in m for m in caplog.messages)
     assert [d.key for d in dead] == [f"{s.p}_:h:7"]
     assert r.hgetall(f"{s.p}_:h:8") == {b"v": b"v8"}
-    assert r.hlen(versions_key(f"{s.p}_h")) == 49
+    assert r.hlen(versions_key(f"{s.p}_h", deployment(s.config))) == 49
     r.delete(f"{s.p}_:h:7")
 
 

@@ -308,10 +308,11 @@ def test_redis_lua_scripts_are_package_data():
 
     names = sorted(p.name for p in resources.files("sinks").joinpath("redis_lua").iterdir()
                    if p.name.endswith(".lua"))
-    assert names == ["advance.lua", "apply.lua", "apply_advance.lua", "checkpoint.lua", "get.lua",
+    assert names == ["adopt.lua", "advance.lua", "apply.lua", "apply_advance.lua", "checkpoint.lua", "claim.lua", "get.lua",
                      "lib_advance.lua", "lib_apply.lua", "lib_helpers.lua", "sweep.lua"]
     assert "local function apply(" in rs._APPLY_ADVANCE_LUA and "local function advance(" in rs._APPLY_ADVANCE_LUA
     assert rs._GET_LUA.startswith("-- get:")
+    assert rs._ADOPT_LUA.startswith("-- adopt:")
 
 
 def test_fail_next_raises_before_changing_anything(mem):

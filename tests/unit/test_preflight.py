@@ -90,3 +90,19 @@ def test_memory_sink_check_follows_its_hooks() -> None:
     [refused] = check_sinks({"mem": sink})
     assert not refused.unreachable
     assert sink.calls["check"] == 3
+
+
+def test_the_configured_checkpoint_index_is_reserved() -> None:
+    """checkpoint_index from the YAML (issue 14, item 11) is what the sink keeps for itself."""
+    spec = parse_spec(spec_text(
+        '  search: {type: opensearch, hosts: ["http://127.0.0.1:1"], checkpoint_index: team-a-cp}',
+        """  a: {table: t, sink: search, index: team-a-cp}
+  b: {table: t, sink: search, index: pgderive-checkpoints}"""))
+    sinks, problems = open_spec_sinks(spec)
+    try:
+        assert problems == [] and sinks["search"].checkpoint_index == "team-a-cp"  # type: ignore[attr-defined]
+        found = {p.path: p.message for p in check_names(spec, sinks)}
+        assert set(found) == {"views.a.index"}, found  # the default index is free for a view here
+    finally:
+        for s in sinks.values():
+            s.close()

@@ -286,7 +286,7 @@ def test_colliding_keys_and_indexes_across_views() -> None:
     ("source: {dsn: '', slot: s, port: 1}\nsinks: {}\nviews: {}\n",
      [("source.dsn", 1, "must be a Postgres connection string,"
                         " e.g. postgresql://user@host:5432/db"),
-      ("source.port", 1, "unknown key 'port' (allowed: dsn, slot)"),
+      ("source.port", 1, "unknown key 'port' (allowed: dsn, slot, deployment)"),
       ("views", 3, "declare at least one view")]),
     ("sinks: {}\nviews: {}\nsource:\n  slot: s\n",
      [("views", 2, "declare at least one view"),
@@ -299,7 +299,8 @@ def test_colliding_keys_and_indexes_across_views() -> None:
       ("sinks.b.type", 4, "missing required key 'type' (expected 'redis' or 'opensearch')"),
       ("sinks.c", 5, "must be a mapping, got a number"),
       ("sinks.d.url", 6, "must be a redis://, rediss:// or unix:// URL"),
-      ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url)"),
+      ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url, ca_certs, client_cert, client_key,"
+                                 " verify_certs)"),
       ("sinks.e.hosts", 7, "must list at least one host, e.g. [\"http://127.0.0.1:9201\"]"),
       ("sinks.f.hosts[0]", 8, "must be an http:// or https:// URL"),
       ("sinks.g.hosts", 9, "must be a list, got a string"),
@@ -346,6 +347,9 @@ def test_all_problems_are_collected_in_file_order() -> None:
     ("host=h user=u password=s3cret dbname=d", "host=h user=u password=*** dbname=d"),
     ("host=h password = 'with space\\' quote' user=u", "host=h password = *** user=u"),
     ("host=h user=u", "host=h user=u"),
+    # the passphrase of an encrypted TLS client key (libpq sslpassword)
+    ("host=h sslmode=verify-full sslpassword=s3cret", "host=h sslmode=verify-full sslpassword=***"),
+    ("postgresql://h/db?sslpassword=s3cret&sslmode=verify-ca", "postgresql://h/db?sslpassword=***&sslmode=verify-ca"),
 ])
 def test_redacted_dsn(dsn: str, expected: str) -> None:
     assert redact_dsn(dsn) == expected
@@ -405,6 +409,79 @@ def test_template_null_or_missing_column() -> None:
     with pytest.raises(TemplateError) as info:
         t.render({"bid": 1})
     assert info.value.column == "aid" and "missing" in str(info.value)
+
+
+# ---------------------------------------------------------- deployments (issue 14, item 11)
+def test_checkpoint_index_and_deployment_keys() -> None:
+    spec = parse_spec(textwrap.dedent("""\
+        source: {dsn: "postgresql://h/db", slot: s, deployment: "staging.eu-1:db"}
+        sinks:
+          search: {type: opensearch, hosts: ["http://h:9200"], checkpoint_index: pgd-cp}
+        views:
+          v: {table: t, sink: search, index: items}
+        """), filename="t.yaml", env={})
+    assert spec.source.deployment == "staging.eu-1:db"
+    assert spec.sinks["search"].model_dump()["checkpoint_index"] == "pgd-cp"
+    spec = parse_spec(HEAD + "  v: {table: t, sink: search, index: items}\n", filename="t.yaml", env={})
+    assert spec.source.deployment is None
+    assert spec.sinks["search"].model_dump()["checkpoint_index"] == "pgderive-checkpoints"
+    assert problems("""\
+        source: {dsn: "host=h", slot: s, deployment: "a b"}
+        sinks:
+          search: {type: opensearch, hosts: ["http://h:9200"], checkpoint_index: Bad}
+          other: {type: opensearch, hosts: ["http://h:9200"]}
+        views:
+          v: {table: t, sink: search, index: items}
+          w: {table: t, sink: search, index: bad}
+        """) == [
+        ("source.deployment", 1, "invalid deployment id 'a b': use 1-200 letters, digits and '_.:-'"),
+        ("sinks.search.checkpoint_index", 3, "invalid index name 'Bad': use lowercase letters, digits"
+                                             " and '_.+-', not starting with '_', '-' or '+'"),
+    ]
+
+
+# ------------------------------------------------------------------- TLS (issue 14, item 10)
+def test_tls_keys_name_the_missing_file_and_the_yaml_path(tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    spec = parse_spec(textwrap.dedent(f"""\
+        source: {{dsn: "host=h dbname=d sslmode=verify-full sslrootcert={ca}", slot: s}}
+        sinks:
+          cache: {{type: redis, url: "rediss://h:6390/0", ca_certs: {ca}, client_cert: {ca}, client_key: {ca}}}
+          search: {{type: opensearch, hosts: ["https://h:9443"], ca_certs: {ca}, verify_certs: false,
+                    username: u, password: "${{OS_PASSWORD}}"}}
+        views:
+          v: {{table: t, sink: cache, key: "a:{{id}}"}}
+        """), filename="t.yaml", env={"OS_PASSWORD": "pw"})
+    search = spec.sinks["search"].model_dump()
+    assert (search["ca_certs"], search["verify_certs"], search["password"]) == (str(ca), False, "pw")
+    assert "pw" not in repr(spec.sinks["search"])  # the password is kept out of reprs
+    assert problems(f"""\
+        source: {{dsn: "postgresql://u:secret@h/db?sslmode=verify-ca&sslrootcert={tmp_path}/no-ca.pem", slot: s}}
+        sinks:
+          a: {{type: redis, url: "rediss://h", ca_certs: {tmp_path}/missing.pem}}
+          b: {{type: redis, url: "redis://h", ca_certs: {ca}}}
+          c: {{type: redis, url: "rediss://h", client_cert: {ca}}}
+          d: {{type: opensearch, hosts: ["http://h:9200"], client_key: {tmp_path}, client_cert: {ca}}}
+          e: {{type: opensearch, hosts: ["http://h:9200", "https://h:9443"], ca_certs: {ca}}}
+          f: {{type: opensearch, hosts: ["https://h:9443"], username: u}}
+        views:
+          v: {{table: t, sink: a, key: "a:{{id}}"}}
+        """) == [
+        ("source.dsn", 1, f"sslrootcert: file not found: {tmp_path}/no-ca.pem"),
+        ("sinks.a.ca_certs", 3, f"file not found: {tmp_path}/missing.pem"),
+        ("sinks.b.url", 4, "TLS options (ca_certs) need a rediss:// URL"),
+        ("sinks.c.client_key", 5, "client_cert and client_key go together"),
+        ("sinks.d.client_key", 6, f"not a file: {tmp_path}"),
+        ("sinks.e.hosts", 7, "TLS options (ca_certs) need https:// hosts"),
+        ("sinks.f.password", 8, "username and password go together"),
+    ]
+
+
+def test_key_template_shape_ignores_column_names() -> None:
+    assert KeyTemplate("account:{aid}").shape() == KeyTemplate("account:{id}").shape() == "account:{}"
+    assert KeyTemplate("{{x}}:{a}-{b}").shape() == "{{x}}:{}-{}"
+    assert KeyTemplate("a:{x}").shape() != KeyTemplate("b:{x}").shape()
 
 
 def test_a_schema_with_a_dot_is_refused_at_its_yaml_path():

@@ -11,12 +11,15 @@ folded to lower case, double-quoted parts (``'public."Orders"'``) are kept exact
 """
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
-                      field_validator)
+                      field_validator, model_validator)
+
+from pydantic_core import PydanticCustomError
 
 from views.template import KeyTemplate
 
@@ -25,7 +28,7 @@ from .errors import SpecError, _child, _fail, _kind, _lookup_line
 __all__ = [
     "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
-    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE",
+    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
 ]
 
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -33,17 +36,19 @@ VIEW_NAME_RE = re.compile(r"^[a-zA-Z0-9_]+$")
 # Lowercase, not starting with '_', '-', '+' or '.', no '\/*?"<>| ,#:'; short enough to leave
 # room for the generation suffix of the physical indices behind the alias.
 INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,199}$")
+DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
 _STRICT = ConfigDict(extra="forbid")
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***`` (URI userinfo, URI query, key=value form)."""
+    """``dsn`` with any password replaced by ``***`` (URI userinfo, URI query, key=value form),
+    including libpq's ``sslpassword`` (the passphrase of an encrypted ``sslkey``)."""
     if re.match(r"\s*postgres(?:ql)?://", dsn):
         dsn = re.sub(r"^(\s*postgres(?:ql)?://[^:/?#@]*):[^/?#]*@", r"\1:***@", dsn)
-        return re.sub(r"([?&]password=)[^&#]*", r"\1***", dsn)
-    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
+        return re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", dsn)
+    return re.sub(r"((?:\bssl|\b)password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
 
 
 _INT_OPTIONS = ("port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
@@ -81,6 +86,16 @@ def _check_dsn(dsn: str) -> None:
                 raise _fail(f"{name} must be an integer" + (" from 1 to 65535 (or a comma-separated list)"
                                                                if name == "port" else "")
                             + f", got {part[:20]!r}")
+    # TLS files (libpq "SSL Support"): named here, with the YAML path, rather than by libpq's
+    # "could not read root certificate file" when the daemon connects. "system" (libpq >= 16)
+    # is the system's trust store, not a file.
+    for key in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
+        path = params.get(key)
+        if isinstance(path, str) and path and path != "system":
+            try:
+                _check_file(path)
+            except PydanticCustomError as e:
+                raise _fail(f"{key}: {e.message()}") from None
 
 
 class SourceSpec(BaseModel):
@@ -88,12 +103,26 @@ class SourceSpec(BaseModel):
 
     Attributes:
         dsn: libpq connection string (URI or key=value). Never log it: use :meth:`redacted_dsn`.
+            TLS: libpq's ``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey`` parameters
+            (Postgres manual, "libpq: Connection Strings" and "SSL Support").
         slot: replication slot name, ``^[a-z0-9_]{1,63}$``.
+        deployment: optional id namespacing pgderive's bookkeeping in the sinks (default
+            ``<system identifier>:<database>:<slot>``, :func:`cdc.catalog.deployment_id`); set
+            it when two physical copies of one cluster (same system identifier) with the same
+            database and slot names share a sink. ``^[A-Za-z0-9_.:-]{1,200}$``.
     """
 
     model_config = _STRICT
     dsn: str = Field(repr=False)
     slot: str
+    deployment: str | None = None
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, v: str | None) -> str | None:
+        if v is not None and not DEPLOYMENT_RE.match(v):
+            raise _fail(f"invalid deployment id {v!r}: use 1-200 letters, digits and '_.:-'")
+        return v
 
     @field_validator("dsn")
     @classmethod
@@ -116,12 +145,60 @@ class SourceSpec(BaseModel):
         return redact_dsn(self.dsn)
 
 
+def _check_file(v: str | None) -> str | None:
+    """A TLS file option: ``None``, or a path (relative to the working directory) to a file
+    this process can read; else the problem, naming the file."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise _fail("must be a file path")
+    if not os.path.exists(v):
+        raise _fail(f"file not found: {v}")
+    if not os.path.isfile(v):
+        raise _fail(f"not a file: {v}")
+    try:
+        with open(v, "rb"):
+            pass
+    except OSError as e:
+        raise _fail(f"cannot read {v}: {e.strerror}") from None
+    return v
+
+
+#: TLS file options of both sink kinds: an existing, readable file (or omitted).
+TlsFile = Annotated[Union[str, None], AfterValidator(_check_file)]
+
+_TLS_KEYS = ("ca_certs", "client_cert", "client_key")
+
+
+def _tls_pairing(spec: Any) -> None:
+    """``client_cert`` and ``client_key`` go together (a key inside the certificate's PEM file
+    is not supported: name the file twice)."""
+    if (spec.client_cert is None) != (spec.client_key is None):
+        missing = "client_key" if spec.client_key is None else "client_cert"
+        raise _fail("client_cert and client_key go together", f".{missing}")
+
+
 class RedisSinkSpec(BaseModel):
-    """``{type: redis, url: ...}`` — a Redis server (``redis://``, ``rediss://``, ``unix://``)."""
+    """``{type: redis, url: ...}`` — a Redis server (``redis://``, ``rediss://``, ``unix://``).
+
+    TLS (``rediss://`` URLs; redis-py's ``ssl_*`` connection options, Redis manual "TLS"):
+
+    Attributes:
+        ca_certs: PEM file of the CA(s) that sign the server's certificate (default: the
+            system's trust store).
+        client_cert, client_key: PEM files of a client certificate and its key, for a server
+            started with ``tls-auth-clients yes``.
+        verify_certs: verify the server's certificate chain and host name (default true;
+            false encrypts without knowing who answers).
+    """
 
     model_config = _STRICT
     type: Literal["redis"]
     url: str = Field("redis://127.0.0.1:6380/0", repr=False)
+    ca_certs: TlsFile = None
+    client_cert: TlsFile = None
+    client_key: TlsFile = None
+    verify_certs: bool = True
 
     @field_validator("url")
     @classmethod
@@ -143,13 +220,61 @@ class RedisSinkSpec(BaseModel):
             raise _fail("the port 0 is not a number from 1 to 65535")
         return v
 
+    @model_validator(mode="after")
+    def _tls(self) -> "RedisSinkSpec":
+        _tls_pairing(self)
+        given = [k for k in _TLS_KEYS if getattr(self, k) is not None]
+        if (given or not self.verify_certs) and not self.url.startswith("rediss://"):
+            raise _fail(f"TLS options ({', '.join(given) or 'verify_certs'}) need a rediss:// URL",
+                        ".url")
+        return self
+
 
 class OpenSearchSinkSpec(BaseModel):
-    """``{type: opensearch, hosts: [...]}`` — an OpenSearch cluster (``http(s)://host:port``)."""
+    """``{type: opensearch, hosts: [...]}`` — an OpenSearch cluster (``http(s)://host:port``).
+
+    Attributes:
+        checkpoint_index: the index holding pgderive's checkpoint documents (default
+            ``pgderive-checkpoints``); an OpenSearch index name (lowercase, ``INDEX_RE``).
+        ca_certs, client_cert, client_key, verify_certs: TLS for ``https://`` hosts, as
+            :class:`RedisSinkSpec` (opensearch-py's options of the same names).
+        username, password: HTTP basic auth (OpenSearch security plugin, "HTTP basic
+            authentication"); give them from the environment, e.g. ``password:
+            ${OPENSEARCH_PASSWORD}``. Never logged. Sent over plain ``http://`` hosts with a
+            warning.
+    """
 
     model_config = _STRICT
     type: Literal["opensearch"]
     hosts: list[str]
+    checkpoint_index: str = "pgderive-checkpoints"
+    ca_certs: TlsFile = None
+    client_cert: TlsFile = None
+    client_key: TlsFile = None
+    verify_certs: bool = True
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+
+    @model_validator(mode="after")
+    def _tls(self) -> "OpenSearchSinkSpec":
+        _tls_pairing(self)
+        given = [k for k in _TLS_KEYS if getattr(self, k) is not None]
+        plain = [h for h in self.hosts if not h.startswith("https://")]
+        if (given or not self.verify_certs) and plain:
+            raise _fail(f"TLS options ({', '.join(given) or 'verify_certs'}) need https:// hosts",
+                        ".hosts")
+        if (self.username is None) != (self.password is None):
+            raise _fail("username and password go together",
+                        ".password" if self.password is None else ".username")
+        return self
+
+    @field_validator("checkpoint_index")
+    @classmethod
+    def _checkpoint_index(cls, v: str) -> str:
+        if not INDEX_RE.match(v):
+            raise _fail(f"invalid index name {v!r}: use lowercase letters, digits and '_.+-',"
+                        " not starting with '_', '-' or '+'")
+        return v
 
     @field_validator("hosts")
     @classmethod

@@ -292,14 +292,29 @@ class View:
 
 def load_function(ref: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
     """Import ``package.module:function``; the working directory is on the import path (as
-    with ``python -m``, uvicorn or gunicorn). Raises ``ValueError`` saying what failed."""
+    with ``python -m``, uvicorn or gunicorn).
+
+    Raises:
+        ValueError: one line saying what failed: the module is missing, has a syntax error
+            (file and line), raised while being imported (the exception's type and message), or
+            lacks the function.
+    """
     module, _, attr = ref.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        fn: Callable[[dict[str, Any]], dict[str, Any] | None] = getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"cannot import {module}: {e}") from e
+    except SyntaxError as e:
+        where = f"{e.filename}, line {e.lineno}" if e.filename else module
+        raise ValueError(f"cannot import {module}: {type(e).__name__} in {where}: {e.msg}") from e
+    except Exception as e:  # the module's own code raised: its problem, reported in one line
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot import {module}: it raised {type(e).__name__}"
+                         + (f": {detail}" if detail else "")) from e
+    try:
+        fn: Callable[[dict[str, Any]], dict[str, Any] | None] = getattr(mod, attr)
     except AttributeError:
         raise ValueError(f"module {module} has no {attr!r}") from None
     if not callable(fn):

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdc.lsn import format_lsn
+from cdc.redact import RedactingFilter, register_secrets, scrub
 
 from views.spec import Spec, SpecError, load_spec
 
@@ -30,11 +31,57 @@ log = logging.getLogger("pgderive")
 _console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
+#: Libraries that log a traceback with every failed request (opensearch-py logs each retry of
+#: an unreachable node at WARNING with the urllib3 traceback). pgderive reports the failure
+#: itself, in one line; their logs are only shown with ``--log-level debug``.
+_NOISY_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
+_debug = False
+
+
 def _setup_logging(level: str) -> None:
+    global _debug
+    _debug = level.lower() == "debug"
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("opensearch", "urllib3", "elastic_transport"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if _debug else logging.CRITICAL + 1)
+
+
+class _Group(click.Group):
+    """The root command: the last-resort handler. An exception no command turned into a message
+    becomes one line ``error: …`` (secrets scrubbed) and exit code 1; the traceback only with
+    ``--log-level debug``. ``click`` usage errors (2), ``sys.exit`` and Ctrl-C keep theirs."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except SpecError as e:  # a configuration problem found late: still exit 2
+            click.echo(scrub(str(e)), err=True)
+            sys.exit(2)
+        except RecursionError:
+            _unexpected("the configuration or data is nested too deeply (RecursionError)")
+        except MemoryError:
+            _unexpected("out of memory")
+        except Exception as e:
+            _unexpected(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, e)
+
+
+def _unexpected(message: str, e: BaseException | None = None) -> NoReturn:
+    if _debug:
+        log.debug("unexpected error", exc_info=True)
+    click.echo(f"error: {_one_line(message)}" + ("" if _debug else " (--log-level debug shows the"
+                                                  " traceback)"), err=True)
+    sys.exit(1)
+
+
+def _one_line(text: str, width: int = 2000) -> str:
+    """``text`` scrubbed of secrets, on one line (libpq's messages span several)."""
+    return scrub(" ".join(str(text).split()))[:width]
 
 
 def _size(n: int) -> str:
@@ -49,12 +96,14 @@ def _size(n: int) -> str:
 
 def _load(config: str) -> Spec:
     try:
-        return load_spec(config)
+        spec = load_spec(config)
     except FileNotFoundError:
         raise click.UsageError(f"config file not found: {config}")
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
+    register_secrets(spec.secrets())  # scrubbed from every message and log line from now on
+    return spec
 
 
 config_option = click.option("-c", "--config", envvar="PGDERIVE_CONFIG", default="pgderive.yaml",
@@ -62,7 +111,7 @@ config_option = click.option("-c", "--config", envvar="PGDERIVE_CONFIG", default
                              help="YAML file declaring source, sinks and views.")
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(log_level: str) -> None:
@@ -71,7 +120,8 @@ def main(log_level: str) -> None:
 
 
 def _fail(e: BaseException | str) -> NoReturn:
-    click.echo(f"error: {e}", err=True)
+    """``error: e`` on one line, secrets scrubbed (:func:`cdc.redact.scrub`), and exit 1."""
+    click.echo(f"error: {_one_line(str(e))}", err=True)
     sys.exit(1)
 
 
@@ -86,26 +136,33 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     from views.derive import DerivationError
 
     from ..runtime.coordinator import Engine
-    from ..runtime.errors import EngineError
+    from ..runtime.errors import EngineError, Terminated
     from sinks.base import SinkError
 
     spec = _load(config)
     stop = threading.Event()
+    engine: Engine | None = None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
             log.warning("second signal: exiting now")
             sys.exit(130)
-        log.info("received %s: flushing and stopping", signal.Signals(signum).name)
-        stop.set()
+        log.info("received %s: stopping", name)
+        if engine is None:
+            raise Terminated(name, "starting")
+        engine.interrupt(name)  # sets stop; raises Terminated where stopping at once is safe
 
+    # Installed before anything can block, so the first SIGTERM is honoured at every phase.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    engine = Engine(spec, stop=stop, stats_file=stats_file)
     try:
+        engine = Engine(spec, stop=stop, stats_file=stats_file)
         engine.run(resnapshot=resnapshot)
+    except Terminated as e:
+        _fail(f"{e}; nothing was started (no slot was left behind)")
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except (EngineError, SinkError, DerivationError, psycopg.Error) as e:
         _fail(e)
@@ -117,12 +174,17 @@ def validate(config: str) -> None:
     """Check the YAML and the source (tables, columns, keys, wal_level, wal2json)."""
     from views.check import build_views
 
+    from ..runtime.waiting import waiting
+
     spec = _load(config)
     try:
-        with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+        with waiting(f"connecting to the source {spec.source.redacted_dsn()}", log,
+                     limit=spec.source.connect_timeout or None):
+            conn = psycopg.connect(spec.source.conninfo(), autocommit=True)
+        with conn:
             views = build_views(spec, conn)
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except psycopg.Error as e:
         _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
@@ -140,7 +202,7 @@ def status(config: str) -> None:
     try:
         st = slot_status(spec)
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except psycopg.Error as e:
         _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
@@ -188,7 +250,7 @@ def rebuild(config: str, view: str) -> None:
         try:
             lsn, stats = rebuild_view(spec, name)
         except SpecError as e:
-            click.echo(str(e), err=True)
+            click.echo(scrub(str(e)), err=True)
             sys.exit(2)
         except (EngineError, SinkError, psycopg.Error) as e:
             _fail(e)
@@ -223,7 +285,7 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
         try:
             first, second = verify_view(spec, name, wait=wait, repair=repair)
         except SpecError as e:
-            click.echo(str(e), err=True)
+            click.echo(scrub(str(e)), err=True)
             sys.exit(2)
         except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
             _fail(e)
@@ -267,7 +329,7 @@ def dead_letters_list(config: str, view: str | None, limit: int) -> None:
 
     spec = _load(config)
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(spec.source.conninfo()) as store:
             records = store.list(spec.source.slot, view=view, limit=limit)
             total = sum(n for v, n in store.count(spec.source.slot).items() if view is None or v == view)
     except psycopg.Error as e:
@@ -312,7 +374,7 @@ def dead_letters_retry(config: str, view: str | None, ids: tuple[int, ...]) -> N
     spec = _load(config)
     resolved = failed = 0
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(spec.source.conninfo()) as store:
             records = store.take_for_retry(spec.source.slot, ids=list(ids) or None, view=view)
             for missing in sorted(set(ids) - {r.id for r in records}):
                 click.echo(f"{missing}: no such dead letter" + (f" of view {view}" if view else ""))
@@ -331,7 +393,7 @@ def dead_letters_retry(config: str, view: str | None, ids: tuple[int, ...]) -> N
                     click.echo(f"{rec.id} ({rec.view}): still failing: {_short(outcome.message, 200)}"
                                f" (kept, retries {rec.retries + 1})")
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except (SinkError, psycopg.Error) as e:
         _fail(f"retry stopped: {e} ({resolved} applied so far; the rest are kept)")
@@ -355,7 +417,7 @@ def dead_letters_discard(config: str, view: str | None, all_: bool, ids: tuple[i
         raise click.UsageError("--all cannot be combined with IDS or --view")
     spec = _load(config)
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(spec.source.conninfo()) as store:
             n = store.discard(spec.source.slot, ids=list(ids) or None, view=view)
     except psycopg.Error as e:
         _fail(f"cannot discard dead letters in {spec.source.redacted_dsn()}: {e}")

@@ -7,6 +7,12 @@ covers the slot's confirmed position, rebuilding views whose sink lost data). Th
 (:mod:`pgderive.runtime.stream`, one lane per sink: :mod:`pgderive.runtime.lanes`). A dropped
 replication connection is retried with capped backoff and resumes from the slot's confirmed
 position; a sink that lost acknowledged data gets its views rebuilt, then streaming resumes.
+
+Stopping (SIGTERM/SIGINT, :meth:`Engine.interrupt`): while the daemon is blocked where nothing
+needs finishing (connecting, creating the slot, reconnecting) it stops at once
+(:class:`~pgderive.runtime.errors.Terminated`); while it loads or streams it stops gracefully,
+at the next chunk or batch. A bootstrap that does not finish, for whatever reason, drops the slot
+it created: the next start creates a new one (an abandoned slot would retain WAL).
 """
 from __future__ import annotations
 
@@ -36,13 +42,14 @@ from ..state.deadletters import DeadLetter, DeadLetterStore
 from ..state.slots import StateStore
 from .bootstrap import Interrupted, load_snapshot
 from .checkpoints import SinkDataLoss, lost_views
-from .errors import EngineError
+from .errors import EngineError, Terminated
 from .lanes import Lanes
 from .reload import reload_views
 from .retry import Backoff, one_line
 from .sinks import open_sinks
 from .stats import Stats
 from .stream import Limits, Stream, row_refetcher
+from .waiting import waiting
 
 __all__ = ["Engine", "EngineError"]
 
@@ -73,7 +80,10 @@ class Engine:
                  stats_file: str | None = None, batch_ops: int = 20_000,
                  batch_bytes: int = 8 << 20, direct_ops: int = 500) -> None:
         self.spec = spec
-        self.dsn = spec.source.dsn
+        # Bookkeeping connections get the source's connect and statement timeouts; the data
+        # path (replication, snapshot COPY, read-backs) only the connect timeout (SourceSpec).
+        self.dsn = spec.source.conninfo()
+        self.data_dsn = spec.source.conninfo(statement_timeout=False)
         self.slot = spec.source.slot
         self.stop = stop or threading.Event()
         self.stats_file = stats_file
@@ -81,13 +91,34 @@ class Engine:
         self.stats = Stats()
         self.state = StateStore(self.dsn)
         self.dead_letters = DeadLetterStore(self.dsn)
-        self.aggregates = AggregateStore(self.dsn)
+        self.aggregates = AggregateStore(self.data_dsn)
         self.views: list[View] = []
         self.sinks: dict[str, Sink] = {}
         self.reader: SlotReader | None = None
         self.refetcher: RowRefetcher | None = None
         self.stream: Stream | None = None
         self._last_stats_write = 0.0
+        self._phase: str | None = None  # set while blocked where stopping at once is safe
+
+    # -- stopping ----------------------------------------------------------------------------
+    def interrupt(self, signal_name: str) -> None:
+        """Ask the daemon to stop (call it from the main thread's signal handler).
+
+        Sets :attr:`stop`, which ends a load at its next chunk and the stream at its next
+        batch, both gracefully. While the daemon is blocked in a phase where nothing needs
+        finishing (connecting, creating the slot, reconnecting) it raises
+        :class:`Terminated` instead, so a Postgres that never answers cannot hold it for the
+        whole connect timeout.
+        """
+        self.stop.set()
+        if self._phase is not None:
+            raise Terminated(signal_name, self._phase)
+
+    def _blocking(self, phase: str | None) -> None:
+        """Enter (a description) or leave (None) a phase :meth:`interrupt` may cut short."""
+        self._phase = phase
+        if phase is not None and self.stop.is_set():
+            raise Terminated("a stop request", phase)
 
     # -- startup -----------------------------------------------------------------------------
     def run(self, *, resnapshot: bool = False) -> None:
@@ -96,20 +127,31 @@ class Engine:
         Raises :class:`EngineError` for conditions that need an operator (slot vanished,
         another daemon active, views changed), :class:`~views.spec.SpecError` for bad YAML.
         """
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        source = self.spec.source
+        self._blocking("connecting to the source")
+        log.info("connecting to the source %s", source.redacted_dsn())
+        with waiting(f"connecting to the source {source.redacted_dsn()}", log,
+                     limit=source.connect_timeout or None):
+            conn = psycopg.connect(self.dsn, autocommit=True)
+        with conn:
+            self._blocking("reading the source catalog")
             self.views = build_views(self.spec, conn)
         if len({v.sink for v in self.views}) > 1:
             sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
-        self.refetcher = row_refetcher(self.dsn, self.views)
+        self.refetcher = row_refetcher(self.data_dsn, self.views)
         self.sinks = open_sinks(self.spec, self.views)
-        self.reader = SlotReader(self.dsn, self.slot, tables=tables)
+        self.reader = SlotReader(self.data_dsn, self.slot, tables=tables)
         try:
+            self._blocking("preparing the slot")
             start_lsn = self._prepare(resnapshot)
             if start_lsn is None:
                 return
             self._stream(start_lsn)
+        except Interrupted as e:
+            log.warning("%s; stopped before streaming", e)
         finally:
+            self._blocking(None)
             self._write_stats(force=True)
             self.reader.close()
             self.refetcher.close()
@@ -163,6 +205,7 @@ class Engine:
         if lost:
             log.warning("sink data of view(s) %s is missing or behind the slot (sink restarted "
                         "without its data?); rebuilding them first", ", ".join(v.name for v in lost))
+            self._blocking(None)
             self._rebuild(lost)
         log.info("resuming slot %s from its confirmed position %s", self.slot,
                  format_lsn(info.confirmed_flush_lsn or 0))
@@ -173,17 +216,23 @@ class Engine:
         assert self.reader is not None
         fps = self._fingerprints()
         self.state.set(self.slot, "bootstrapping", 0, fps)
-        self.reader.connect()
-        consistent_point, snapshot = self.reader.create_slot()
-        self.state.set(self.slot, "bootstrapping", consistent_point, fps)
         try:
-            with snapshot_connection(self.dsn, snapshot) as conn:
+            self._blocking("creating the slot")
+            self.reader.connect()
+            consistent_point, snapshot = self.reader.create_slot()
+            self.state.set(self.slot, "bootstrapping", consistent_point, fps)
+            self._blocking(None)  # from here on a stop is graceful: at the next chunk
+            with snapshot_connection(self.data_dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
-                                      should_stop=self.stop.is_set,
+                                      stop=self.stop,
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
-            log.warning("%s; the next start redoes the bootstrap", e)
+            log.warning("%s; dropping slot %s, the next start redoes the bootstrap", e, self.slot)
+            self._drop_unfinished_slot()
             return None
+        except BaseException:
+            self._drop_unfinished_slot()
+            raise
         self.stats.snapshot = {
             "consistent_point": format_lsn(consistent_point),
             "tables": {t: {"rows": n, "seconds": round(stats.seconds[t], 2),
@@ -198,10 +247,36 @@ class Engine:
         log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
         return consistent_point
 
+    def _drop_unfinished_slot(self) -> None:
+        """Drop the slot of a bootstrap that did not finish (best effort, never raises): close
+        the replication connection, wait up to 5 s for its walsender to release the slot, drop
+        it. ``pgderive.slot_state`` stays ``bootstrapping``, so the next start bootstraps."""
+        assert self.reader is not None
+        self.reader.close()
+        deadline = time.monotonic() + 5.0
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while True:
+                    info = slot_info(conn, self.slot)
+                    if info is None:
+                        return
+                    if not info.active:
+                        conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                        log.info("dropped slot %s of the unfinished bootstrap", self.slot)
+                        return
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+        except (psycopg.Error, OSError) as e:
+            log.warning("could not drop slot %s of the unfinished bootstrap: %s", self.slot, one_line(e))
+            return
+        log.warning("slot %s of the unfinished bootstrap is still in use; not dropped", self.slot)
+
     # -- streaming ---------------------------------------------------------------------------
     def _stream(self, start_lsn: int) -> None:
         reader = self.reader
         assert reader is not None
+        self._blocking(None)
         backoff = Backoff()
         connected = reader.connected
         # Everything allocated so far (modules, spec, views, catalog) lives as long as the
@@ -212,8 +287,10 @@ class Engine:
         while not self.stop.is_set():
             try:
                 if not connected:
+                    self._blocking("reconnecting to the source")
                     reader.connect()
                     info = self._check_slot()
+                    self._blocking(None)
                     reader.confirmed_lsn = info.confirmed_flush_lsn or 0
                     start_lsn = 0  # resume from the slot's confirmed position
                 reader.start(start_lsn)
@@ -233,6 +310,9 @@ class Engine:
                 connected = False
                 reader.close()
                 self._rebuild([v for v in self.views if v.name in e.views])
+            except Terminated as e:  # while reconnecting: everything acknowledged is confirmed
+                log.info("%s", e)
+                break
         log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn))
 
     def _check_slot(self) -> SlotInfo:
@@ -246,7 +326,7 @@ class Engine:
     def _rebuild(self, views: list[View]) -> None:
         """Reload ``views`` from a fresh snapshot into the engine's own sinks (the main slot
         is not being read meanwhile; its replay afterwards converges by versions)."""
-        reload_views(self.dsn, self.slot, views, self.sinks, self.dead_letters)
+        reload_views(self.data_dsn, self.slot, views, self.sinks, self.dead_letters, stop=self.stop)
 
     def _views_by_sink(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = defaultdict(list)

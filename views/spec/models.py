@@ -11,12 +11,14 @@ folded to lower case, double-quoted parts (``'public."Orders"'``) are kept exact
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       field_validator)
 
+from cdc.redact import dsn_secrets, redact_dsn, redact_url, url_secrets
 from views.template import KeyTemplate
 
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
@@ -37,25 +39,27 @@ INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,199}$")
 _STRICT = ConfigDict(extra="forbid")
 
 
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***`` (URI userinfo, URI query, key=value form)."""
-    if re.match(r"\s*postgres(?:ql)?://", dsn):
-        dsn = re.sub(r"^(\s*postgres(?:ql)?://[^:/?#@]*):[^/?#]*@", r"\1:***@", dsn)
-        return re.sub(r"([?&]password=)[^&#]*", r"\1***", dsn)
-    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
-
-
 class SourceSpec(BaseModel):
     """``source:`` — the Postgres database and the logical replication slot.
 
     Attributes:
         dsn: libpq connection string (URI or key=value). Never log it: use :meth:`redacted_dsn`.
         slot: replication slot name, ``^[a-z0-9_]{1,63}$``.
+        connect_timeout: seconds to wait for a connection to the source, libpq's
+            ``connect_timeout`` (Postgres docs, "Parameter Key Words": whole seconds, applied to
+            each host; 0 = wait forever). Default 10. A ``connect_timeout`` in the DSN wins.
+        statement_timeout: seconds pgderive's own bookkeeping queries may run (catalog checks,
+            slot lookups, ``pgderive.*`` tables; the server's ``statement_timeout`` setting,
+            sent as ``options=-c statement_timeout=…``). Never applied to the snapshot ``COPY``
+            of a bootstrap, the replication connection or the stream's read-backs, which last as
+            long as the data needs. Default 30; 0 = no limit.
     """
 
     model_config = _STRICT
     dsn: str = Field(repr=False)
     slot: str
+    connect_timeout: int = Field(10, ge=0)
+    statement_timeout: float = Field(30.0, ge=0)
 
     @field_validator("dsn")
     @classmethod
@@ -73,8 +77,34 @@ class SourceSpec(BaseModel):
         return v
 
     def redacted_dsn(self) -> str:
-        """The DSN with any password hidden, for messages and logs."""
+        """The DSN with every secret parameter hidden (:func:`cdc.redact.redact_dsn`), for
+        messages and logs."""
         return redact_dsn(self.dsn)
+
+    def conninfo(self, *, statement_timeout: bool = True) -> str:
+        """The DSN to connect with: :attr:`dsn` plus ``connect_timeout`` (unless the DSN sets
+        one) and, with ``statement_timeout``, ``-c statement_timeout=…ms`` appended to the
+        ``options`` of the DSN (or of ``$PGOPTIONS``). Returns the key=value form; contains the
+        password: never print it (:meth:`redacted_dsn`).
+
+        Raises:
+            psycopg.ProgrammingError: the DSN is not a valid libpq connection string.
+        """
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(self.dsn)
+        extra: dict[str, str] = {}
+        if "connect_timeout" not in params and self.connect_timeout:
+            extra["connect_timeout"] = str(self.connect_timeout)
+        if statement_timeout and self.statement_timeout:
+            options = str(params.get("options", os.environ.get("PGOPTIONS", "")))
+            ms = max(1, round(self.statement_timeout * 1000))
+            extra["options"] = f"{options} -c statement_timeout={ms}".strip()
+        return make_conninfo(self.dsn, **extra) if extra else self.dsn
+
+    def secrets(self) -> list[str]:
+        """The secret values in :attr:`dsn` (for :func:`cdc.redact.register_secrets`)."""
+        return dsn_secrets(self.dsn)
 
 
 class RedisSinkSpec(BaseModel):
@@ -89,6 +119,9 @@ class RedisSinkSpec(BaseModel):
     def _url(cls, v: str) -> str:
         if not re.match(r"^(redis|rediss|unix)://", v):
             raise _fail("must be a redis://, rediss:// or unix:// URL")
+        problem = _url_problem(v)
+        if problem:
+            raise _fail(problem)
         return v
 
 
@@ -107,7 +140,27 @@ class OpenSearchSinkSpec(BaseModel):
         for i, host in enumerate(v):
             if not host.strip() or ("://" in host and not re.match(r"^https?://", host)):
                 raise _fail("must be an http:// or https:// URL", f"[{i}]")
+            problem = _url_problem(host if "://" in host else f"http://{host}")
+            if problem:
+                raise _fail(problem, f"[{i}]")
         return v
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url``'s host and port (never quoting its password), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for "6x80" or 99999
+    except ValueError as e:
+        detail = "port out of range 0-65535" if "range" in str(e) else "not a valid port number"
+        return f"invalid URL {redact_url(url)!r}: {detail}"
+    if parts.scheme != "unix" and not parts.hostname:
+        return f"invalid URL {redact_url(url)!r}: no host"
+    if port == 0:
+        return f"invalid URL {redact_url(url)!r}: port 0"
+    return None
 
 
 SinkSpec = Annotated[Union[RedisSinkSpec, OpenSearchSinkSpec], Field(discriminator="type")]
@@ -462,6 +515,15 @@ class Spec(BaseModel):
         """1-based line of ``path`` (dotted, e.g. ``views.x.fields[2]``) or of its nearest
         ancestor present in the file; ``None`` if none is."""
         return _lookup_line(self._lines, path)
+
+    def secrets(self) -> list[str]:
+        """Every secret value of the file: the source DSN's secret parameters and the passwords
+        in sink URLs (for :func:`cdc.redact.register_secrets`)."""
+        out = self.source.secrets()
+        for sink in self.sinks.values():
+            for url in [sink.url] if isinstance(sink, RedisSinkSpec) else sink.hosts:
+                out += url_secrets(url)
+        return list(dict.fromkeys(out))
 
     def error(self, path: str, message: str) -> SpecError:
         """A :class:`SpecError` with one problem at ``path`` (to raise)."""

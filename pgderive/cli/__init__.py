@@ -48,6 +48,9 @@ def _setup_logging(level: str) -> None:
             handler.addFilter(RedactingFilter())
     for noisy in _NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.DEBUG if _debug else logging.CRITICAL + 1)
+    # psycopg warns ("error ignored in rollback") when a stop interrupts a query: the connection
+    # is being thrown away on purpose.
+    logging.getLogger("psycopg").setLevel(logging.DEBUG if _debug else logging.ERROR)
 
 
 class _Group(click.Group):

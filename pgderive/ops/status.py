@@ -120,7 +120,8 @@ def slot_status(spec: Spec) -> SlotStatus:
                 error = type(e).__name__
                 if v.sink not in failed:  # one line per sink, not a traceback per request
                     failed.add(v.sink)
-                    log.warning("sink %s: %s", v.sink, one_line(e))
+                    msg = one_line(e)
+                    log.warning("%s", msg if msg.startswith(f"sink {v.sink}") else f"sink {v.sink}: {msg}")
             out.views.append(ViewStatus(v.name, v.table, v.sink, records, checkpoint, vstate,
                                         None if dead is None else dead.get(v.name, 0), error))
     finally:

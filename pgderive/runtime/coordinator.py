@@ -135,7 +135,10 @@ class Engine:
             conn = psycopg.connect(self.dsn, autocommit=True)
         with conn:
             self._blocking("reading the source catalog")
-            self.views = build_views(self.spec, conn)
+            # Its wal2json probe creates a temporary slot, which waits for running transactions.
+            with waiting("reading the source catalog (waiting for transactions running on the"
+                         " source to end?)", log, limit=source.statement_timeout or None):
+                self.views = build_views(self.spec, conn)
         if len({v.sink for v in self.views}) > 1:
             sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
@@ -219,7 +222,9 @@ class Engine:
         try:
             self._blocking("creating the slot")
             self.reader.connect()
-            consistent_point, snapshot = self.reader.create_slot()
+            with waiting(f"creating slot {self.slot} (it waits for transactions running on the"
+                         " source to end)", log):
+                consistent_point, snapshot = self.reader.create_slot()
             self.state.set(self.slot, "bootstrapping", consistent_point, fps)
             self._blocking(None)  # from here on a stop is graceful: at the next chunk
             with snapshot_connection(self.data_dsn, snapshot) as conn:

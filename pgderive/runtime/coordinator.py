@@ -271,6 +271,10 @@ class Engine:
                         return
                     if time.monotonic() > deadline:
                         break
+                    if time.monotonic() > deadline - 4 and info.active_pid:
+                        # Our own walsender, still busy after we closed its connection (e.g.
+                        # creating the slot): end it; an unfinished slot goes with it.
+                        conn.execute("SELECT pg_terminate_backend(%s)", (info.active_pid,))
                     time.sleep(0.1)
         except (psycopg.Error, OSError) as e:
             log.warning("could not drop slot %s of the unfinished bootstrap: %s", self.slot, one_line(e))

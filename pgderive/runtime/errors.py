@@ -8,11 +8,16 @@ class EngineError(RuntimeError):
     """A condition the daemon will not resolve by itself (needs an operator decision)."""
 
 
-class Terminated(BaseException):
+class Terminated(KeyboardInterrupt):
     """SIGTERM/SIGINT arrived while the daemon was blocked where stopping at once is safe
     (connecting, creating the slot, reconnecting): raised by :meth:`Engine.interrupt
-    <pgderive.runtime.coordinator.Engine.interrupt>` from the signal handler. A
-    ``BaseException``, like ``KeyboardInterrupt``, so no ``except Exception`` swallows it.
+    <pgderive.runtime.coordinator.Engine.interrupt>` from the signal handler.
+
+    A ``KeyboardInterrupt``: no ``except Exception`` swallows it, and psycopg, interrupted by
+    one in the middle of a query, sends the server a cancel request (and waits up to 5 s for
+    it) instead of leaving the statement running. A server still waiting to create a slot
+    (``CREATE_REPLICATION_SLOT`` waits for running transactions) would otherwise create it
+    after the client left, and leave it behind.
 
     Attributes:
         signal: the signal's name (``"SIGTERM"``).

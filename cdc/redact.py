@@ -152,7 +152,7 @@ def scrub(text: str) -> str:
     for s in secrets:
         if s in text:
             text = text.replace(s, MASK)
-    text = _KV_RE.sub(lambda m: m.group(1) + MASK if m.group(2) != MASK else m.group(0), text)
+    text = _KV_RE.sub(lambda m: m.group(0) if m.group(2).startswith(MASK) else m.group(1) + MASK, text)
     return re.sub(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)
 
 

@@ -60,6 +60,8 @@ def test_scrub_registered_secrets_and_log_records(caplog: pytest.LogCaptureFixtu
     assert "zz-scrub-secret-1" not in out and "other" not in out and "abc" not in out
     assert "words-zz9" not in out
     assert out.startswith(f"failed: {MASK} at postgresql://u:***@h/db")
+    # already redacted text keeps its punctuation
+    assert scrub("source host=h password=***: refused") == "source host=h password=***: refused"
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "cannot connect to %s", ("zz-scrub-secret-1",), None)
     assert RedactingFilter().filter(record)
     assert record.getMessage() == f"cannot connect to {MASK}"

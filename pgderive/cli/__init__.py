@@ -51,6 +51,17 @@ def _setup_logging(level: str) -> None:
     # psycopg warns ("error ignored in rollback") when a stop interrupts a query: the connection
     # is being thrown away on purpose.
     logging.getLogger("psycopg").setLevel(logging.DEBUG if _debug else logging.ERROR)
+    threading.excepthook = _thread_excepthook
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """An exception no thread handled: one log line (scrubbed by the handlers' filter), the
+    traceback only with ``--log-level debug``; never Python's default traceback print."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("thread %s failed: %s: %s", name, args.exc_type.__name__, args.exc_value,
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if _debug and args.exc_value else None)
 
 
 class _Group(click.Group):

@@ -297,7 +297,9 @@ class Engine:
             try:
                 if not connected:
                     self._blocking("reconnecting to the source")
-                    reader.connect()
+                    with waiting(f"reconnecting to the source {self.spec.source.redacted_dsn()}", log,
+                                 limit=self.spec.source.connect_timeout or None):
+                        reader.connect()
                     info = self._check_slot()
                     self._blocking(None)
                     reader.confirmed_lsn = info.confirmed_flush_lsn or 0

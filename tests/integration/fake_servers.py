@@ -146,3 +146,53 @@ class OpenSearchProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class TcpProxy(_Listener):
+    """A TCP proxy to ``127.0.0.1:upstream_port`` that the test can turn silent: :meth:`go_silent`
+    cuts every proxied connection, and connections accepted from then on get no byte back (a
+    server that vanished behind a black-holing network)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.silent = False
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        if self.silent:
+            return
+        up = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self.pairs.append((conn, up))
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+        pump(up, conn)
+
+    def go_silent(self) -> None:
+        self.silent = True
+        for a, b in self.pairs:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.go_silent()
+        super().close()

@@ -21,7 +21,7 @@ from views.spec import load_spec
 
 from ..support import (OPENSEARCH_URL, REDIS_URL, ROOT, assert_views_equal, create_database, drop_database,
                        drop_views, streaming, unique, wait_until)
-from .fake_servers import OpenSearchProxy, SilentPostgres
+from .fake_servers import OpenSearchProxy, SilentPostgres, TcpProxy
 
 pytestmark = pytest.mark.slow
 
@@ -308,6 +308,31 @@ def test_sigterm_during_bootstrap_and_while_streaming(src: Source, tmp_path: Pat
     assert code == 0 and secs < 5, log2.read_text()[-3000:]
     no_traceback(log2.read_text())
     assert slots(src.dsn, src.slot) == [src.slot]
+
+
+def test_sigterm_while_reconnecting_to_a_silent_postgres(src: Source, tmp_path: Path) -> None:
+    # The daemon streams through a proxy; the proxy cuts every connection and then accepts new
+    # ones without answering: the daemon reconnects, says it waits, and the first SIGTERM ends it.
+    proxy = TcpProxy(5433)
+    try:
+        dsn = src.dsn.replace("127.0.0.1:5433", f"127.0.0.1:{proxy.port}")
+        assert dsn != src.dsn
+        log = tmp_path / "run.log"
+        proc = start("run", "-c", str(src.config(dsn=dsn, search=False, connect_timeout=0)), log=log)
+        wait_until(lambda: streaming(src.dsn, src.slot) or proc.poll() is not None, 90, what="bootstrap")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        wait_until(lambda: "streaming slot" in log.read_text(), 30, what="streaming")
+        proxy.go_silent()
+        wait_until(lambda: "still reconnecting to the source" in log.read_text(), 30, what="the waiting line")
+        code, secs = terminate(proc, within=5)
+    finally:
+        proxy.close()
+    out = log.read_text()
+    no_traceback(out)
+    assert "replication connection lost" in out
+    assert code == 0 and secs < 3, out
+    assert "interrupted by SIGTERM while reconnecting to the source" in out
+    wait_until(lambda: slots(src.dsn, src.slot) == [src.slot], 10, what="the slot to be released")
 
 
 def test_statement_timeout_spares_the_bootstrap_copy(tmp_path: Path) -> None:

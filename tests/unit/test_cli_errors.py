@@ -78,3 +78,17 @@ def test_debug_shows_the_traceback(config: Path) -> None:
                            capture_output=True, text=True, timeout=60)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "zz-unit-pw-1" not in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == "error: KeyError: '***'"
+
+
+def test_an_exception_in_a_thread_is_one_log_line(config: Path) -> None:
+    code = ("import sys, threading; from pgderive import cli; from pgderive.ops import status as s\n"
+            "def boom(spec):\n"
+            "    t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"
+            "    raise SystemExit(0)\n"
+            "s.slot_status = boom\n"
+            "sys.argv = ['pgderive'] + sys.argv[1:]\ncli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "status", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.endswith("ERROR   pgderive: thread worker failed: ZeroDivisionError: division by zero")

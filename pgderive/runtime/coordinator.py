@@ -219,12 +219,16 @@ class Engine:
         assert self.reader is not None
         fps = self._fingerprints()
         self.state.set(self.slot, "bootstrapping", 0, fps)
+        walsender: int | None = None  # our replication connection's server process
+        created = False
         try:
             self._blocking("creating the slot")
             self.reader.connect()
+            walsender = self.reader.backend_pid
             with waiting(f"creating slot {self.slot} (it waits for transactions running on the"
                          " source to end)", log):
                 consistent_point, snapshot = self.reader.create_slot()
+            created = True
             self.state.set(self.slot, "bootstrapping", consistent_point, fps)
             self._blocking(None)  # from here on a stop is graceful: at the next chunk
             with snapshot_connection(self.data_dsn, snapshot) as conn:
@@ -233,10 +237,12 @@ class Engine:
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
             log.warning("%s; dropping slot %s, the next start redoes the bootstrap", e, self.slot)
-            self._drop_unfinished_slot()
+            self._drop_unfinished_slot(created, walsender)
             return None
+        except psycopg.errors.DuplicateObject:
+            raise  # CREATE_REPLICATION_SLOT: another process created the slot meanwhile: not ours
         except BaseException:
-            self._drop_unfinished_slot()
+            self._drop_unfinished_slot(created, walsender)
             raise
         self.stats.snapshot = {
             "consistent_point": format_lsn(consistent_point),
@@ -252,12 +258,19 @@ class Engine:
         log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
         return consistent_point
 
-    def _drop_unfinished_slot(self) -> None:
+    def _drop_unfinished_slot(self, created: bool, walsender: int | None) -> None:
         """Drop the slot of a bootstrap that did not finish (best effort, never raises): close
         the replication connection, wait up to 5 s for its walsender to release the slot, drop
-        it. ``pgderive.slot_state`` stays ``bootstrapping``, so the next start bootstraps."""
+        it. ``pgderive.slot_state`` stays ``bootstrapping``, so the next start bootstraps.
+
+        Only our own slot: one ``create_slot`` returned (``created``), or one still held by our
+        replication connection's server process ``walsender`` (interrupted while creating it;
+        psycopg has cancelled the command, which normally discards the unfinished slot).
+        """
         assert self.reader is not None
         self.reader.close()
+        if not created and walsender is None:
+            return
         deadline = time.monotonic() + 5.0
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -265,13 +278,15 @@ class Engine:
                     info = slot_info(conn, self.slot)
                     if info is None:
                         return
+                    if not created and info.active_pid != walsender:
+                        return  # not the slot we were creating: leave it alone
                     if not info.active:
                         conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
                         log.info("dropped slot %s of the unfinished bootstrap", self.slot)
                         return
                     if time.monotonic() > deadline:
                         break
-                    if time.monotonic() > deadline - 4 and info.active_pid:
+                    if time.monotonic() > deadline - 4 and info.active_pid and info.active_pid == walsender:
                         # Our own walsender, still busy after we closed its connection (e.g.
                         # creating the slot): end it; an unfinished slot goes with it.
                         conn.execute("SELECT pg_terminate_backend(%s)", (info.active_pid,))

@@ -134,6 +134,8 @@ def test_config_problems_are_one_line_with_yaml_path_exit_2(src: Source, tmp_pat
                        "not a valid port number"),
         "opensearch_port": (good.replace("9201", "92x01"), ":5: sinks.search.hosts[0]: invalid URL",
                             "not a valid port number"),
+        "source_port": (good.replace("127.0.0.1:5433", "127.0.0.1:54x32"), ":2: source.dsn: invalid port '54x32'",
+                        "use a number from 1 to 65535"),
         "recursive_anchor": (good + "extra: &a {x: *a}\n", ": recursive alias", "contains itself"),
         "deep_nesting": (good + "extra: " + "[" * 3000 + "]" * 3000 + "\n", ": nested deeper than 64 levels",
                          "refusing the file"),

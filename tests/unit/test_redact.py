@@ -7,7 +7,7 @@ import pytest
 
 from cdc.redact import (MASK, RedactingFilter, SECRET_KEYWORDS, dsn_secrets, redact_dsn, redact_url,
                         register_secrets, scrub)
-from views.spec import parse_spec
+from views.spec import SpecError, parse_spec
 
 
 @pytest.mark.parametrize("dsn, expected, secrets", [
@@ -75,3 +75,14 @@ def test_spec_secrets_cover_source_and_sinks() -> None:
         'views:\n  v: {table: t, sink: cache, key: "{a}"}\n')
     assert set(spec.secrets()) >= {"pgpw1", "sslpw1", "redispw1", "ospw1"}
     assert not any(s in repr(spec) for s in ("pgpw1", "sslpw1", "redispw1"))
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://u:zz-port-pw@h:54x32/db", "host=h port=99999 password=zz-port-pw",
+                                 "postgresql://u@h1:5432,h2:x/db"])
+def test_malformed_source_port_is_a_config_error(dsn: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(f'source: {{dsn: "{dsn}", slot: s}}\nsinks: {{c: {{type: redis}}}}\n'
+                   'views: {v: {table: t, sink: c, key: "{a}"}}\n', filename="c.yaml")
+    (problem,) = info.value.problems
+    assert problem.path == "source.dsn" and problem.line == 1
+    assert problem.message.startswith("invalid port ") and "zz-port-pw" not in str(info.value)

@@ -106,6 +106,24 @@ class SourceSpec(BaseModel):
         """The secret values in :attr:`dsn` (for :func:`cdc.redact.register_secrets`)."""
         return dsn_secrets(self.dsn)
 
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_port(cls, v: str) -> str:
+        """A port that is not a number from 1 to 65535 (libpq: ``port``, one per host, comma
+        separated) is a configuration error at ``source.dsn``, not a failed connection."""
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            port = conninfo_to_dict(v).get("port")
+        except ProgrammingError:
+            return v  # not parsable at all: reported when connecting, redacted
+        for p in str(port or "").split(","):
+            if p.strip() and not (p.strip().isdigit() and 0 < int(p.strip()) < 65536):
+                raise _fail(f"invalid port {p.strip()!r} in the connection string: use a number"
+                            " from 1 to 65535")
+        return v
+
 
 class RedisSinkSpec(BaseModel):
     """``{type: redis, url: ...}`` — a Redis server (``redis://``, ``rediss://``, ``unix://``)."""

@@ -369,7 +369,7 @@ class Engine:
                                  aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats)
             self.stream.run(reader)
         finally:
-            lanes.close()
+            lanes.close(1.0 if self.stop.is_set() else 5.0)  # stopping: Stream waited already
 
     def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected]) -> None:
         """Lane callback: store dead letters (rows views could not derive, documents sinks

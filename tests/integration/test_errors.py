@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -335,6 +336,51 @@ def test_sigterm_while_reconnecting_to_a_silent_postgres(src: Source, tmp_path: 
     assert code == 0 and secs < 3, out
     assert "interrupted by SIGTERM while reconnecting to the source" in out
     wait_until(lambda: slots(src.dsn, src.slot) == [src.slot], 10, what="the slot to be released")
+
+
+def test_sigterm_while_streaming_to_a_hung_opensearch(src: Source, tmp_path: Path) -> None:
+    # OpenSearch stops answering _bulk while the daemon streams: the first SIGTERM still stops
+    # it within seconds (exit 0), confirming only what both sinks acknowledged; a restart with
+    # OpenSearch back replays the rest and the views converge.
+    hang = threading.Event()
+    release = threading.Event()
+
+    def fail(method: str, path: str) -> int | None:
+        if hang.is_set() and "_bulk" in path:
+            release.wait(60)
+            return 503  # never applied: only the restart's replay can bring the change
+        return None
+
+    proxy = OpenSearchProxy(OPENSEARCH_URL, fail)
+    config = src.config(hosts=proxy.url)
+    log = tmp_path / "run.log"
+    try:
+        proc = start("run", "-c", str(config), log=log)
+        wait_until(lambda: streaming(src.dsn, src.slot) or proc.poll() is not None, 90, what="bootstrap")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        hang.set()
+        with psycopg.connect(src.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE t SET v = 'changed' WHERE id <= 10")
+        time.sleep(2)  # the search lane is now inside a hung _bulk
+        code, secs = terminate(proc, within=15)
+        out = log.read_text()
+        no_traceback(out)
+        assert code == 0 and secs < 9, out[-3000:]
+        assert "stopping: sink(s) search did not acknowledge within 5 s" in out
+        release.set()
+        hang.clear()
+        proc = start("run", "-c", str(config), log=log)
+        try:
+            wait_until(lambda: log.read_text().count("streaming slot") >= 2 or proc.poll() is not None, 60,
+                       what="the restart to stream")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert_views_equal(config)
+        finally:
+            code, _ = terminate(proc, within=15)
+        assert code == 0
+    finally:
+        release.set()
+        proxy.close()
 
 
 def test_statement_timeout_spares_the_bootstrap_copy(tmp_path: Path) -> None:

@@ -82,10 +82,10 @@ class _Group(click.Group):
         except MemoryError:
             _unexpected("out of memory")
         except Exception as e:
-            _unexpected(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, e)
+            _unexpected(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
 
 
-def _unexpected(message: str, e: BaseException | None = None) -> NoReturn:
+def _unexpected(message: str) -> NoReturn:
     if _debug:
         log.debug("unexpected error", exc_info=True)
     click.echo(f"error: {_one_line(message)}" + ("" if _debug else " (--log-level debug shows the"

@@ -194,6 +194,11 @@ class SlotReader:
         self.decoder.reset()
         self._streaming = False
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process (walsender) of the open replication connection, else None."""
+        return self.conn.info.backend_pid if self.conn is not None else None
+
     def create_slot(self, *, temporary: bool = False) -> tuple[int, str]:
         """``CREATE_REPLICATION_SLOT … [TEMPORARY] LOGICAL wal2json (SNAPSHOT 'export')``.
 

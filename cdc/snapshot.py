@@ -27,7 +27,8 @@ def snapshot_connection(dsn: str, snapshot_name: str | None, *,
     ``snapshot_name``; the transaction is rolled back at the end.
 
     With ``snapshot_name`` None the transaction takes its own snapshot. ``read_only=False``
-    allows temporary tables (``verify`` computes aggregate views in one).
+    allows temporary tables (``verify`` computes aggregate views in one). The transaction runs
+    with ``statement_timeout = 0`` (``SET LOCAL``): its ``COPY`` may take as long as it needs.
     Raises :class:`psycopg.Error` if the snapshot no longer exists (its exporting replication
     connection moved on or closed).
     """
@@ -36,6 +37,9 @@ def snapshot_connection(dsn: str, snapshot_name: str | None, *,
                      else "BEGIN ISOLATION LEVEL REPEATABLE READ")
         if snapshot_name is not None:
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+        # A snapshot read lasts as long as the tables need: no statement_timeout (from the
+        # DSN's options, the role or the database) may cancel a bootstrap's COPY half way.
+        conn.execute("SET LOCAL statement_timeout = 0")
         try:
             yield conn
         finally:

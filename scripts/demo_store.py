@@ -193,7 +193,7 @@ def verify(config: Path, view: str) -> dict[str, Any]:
 
 def drop_slot(dsn: str, slot: str) -> None:
     """Drop the demo's slot once the daemon stopped (an inactive slot retains WAL until the disk
-    fills: issue 14), unless PGDERIVE_DEMO_KEEP_SLOT=1 (e.g. to run ``pgderive status`` after)."""
+    fills), unless PGDERIVE_DEMO_KEEP_SLOT=1 (e.g. to run ``pgderive status`` after)."""
     if KEEP_SLOT:
         console.print(f"keeping replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT is set): it retains WAL until dropped")
         return

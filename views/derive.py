@@ -296,7 +296,7 @@ class View:
         if kind == "update" and old_key and self._key_moved(new, old_key):
             before = {**new, **old_key}
             # The old row had no key (a NULL key column): it never had a record, it was a dead
-            # letter, which this change supersedes (issue 14, item 6). Nothing to delete.
+            # letter, which this change supersedes. Nothing to delete.
             old = None if self._keyless(before) else self._key(before)
             if old is not None and old != key:
                 ops.append(Op(self.name, old, version, None))
@@ -333,14 +333,29 @@ class View:
 
 def load_function(ref: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
     """Import ``package.module:function``; the working directory is on the import path (as
-    with ``python -m``, uvicorn or gunicorn). Raises ``ValueError`` saying what failed."""
+    with ``python -m``, uvicorn or gunicorn).
+
+    Raises:
+        ValueError: one line saying what failed: the module is missing, has a syntax error
+            (file and line), raised while being imported (the exception's type and message), or
+            lacks the function.
+    """
     module, _, attr = ref.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        fn: Callable[[dict[str, Any]], dict[str, Any] | None] = getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"cannot import {module}: {e}") from e
+    except SyntaxError as e:
+        where = f"{e.filename}, line {e.lineno}" if e.filename else module
+        raise ValueError(f"cannot import {module}: {type(e).__name__} in {where}: {e.msg}") from e
+    except Exception as e:  # the module's own code raised: its problem, reported in one line
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot import {module}: it raised {type(e).__name__}"
+                         + (f": {detail}" if detail else "")) from e
+    try:
+        fn: Callable[[dict[str, Any]], dict[str, Any] | None] = getattr(mod, attr)
     except AttributeError:
         raise ValueError(f"module {module} has no {attr!r}") from None
     if not callable(fn):

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdc.lsn import format_lsn
+from cdc.redact import RedactingFilter, register_secrets, scrub
 
 from views.spec import Spec, SpecError, load_spec
 
@@ -35,11 +36,71 @@ log = logging.getLogger("pgderive")
 _console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
+#: Libraries that log a traceback with every failed request (opensearch-py logs each retry of
+#: an unreachable node at WARNING with the urllib3 traceback). pgderive reports the failure
+#: itself, in one line; their logs are only shown with ``--log-level debug``.
+_NOISY_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
+_debug = False
+
+
 def _setup_logging(level: str) -> None:
+    global _debug
+    _debug = level.lower() == "debug"
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("opensearch", "urllib3", "elastic_transport"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if _debug else logging.CRITICAL + 1)
+    # psycopg warns ("error ignored in rollback") when a stop interrupts a query: the connection
+    # is being thrown away on purpose.
+    logging.getLogger("psycopg").setLevel(logging.DEBUG if _debug else logging.ERROR)
+    threading.excepthook = _thread_excepthook
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """An exception no thread handled: one log line (scrubbed by the handlers' filter), the
+    traceback only with ``--log-level debug``; never Python's default traceback print."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("thread %s failed: %s: %s", name, args.exc_type.__name__, args.exc_value,
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if _debug and args.exc_value else None)
+
+
+class _Group(click.Group):
+    """The root command: the last-resort handler. An exception no command turned into a message
+    becomes one line ``error: …`` (secrets scrubbed) and exit code 1; the traceback only with
+    ``--log-level debug``. ``click`` usage errors (2), ``sys.exit`` and Ctrl-C keep theirs."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except SpecError as e:  # a configuration problem found late: still exit 2
+            click.echo(scrub(str(e)), err=True)
+            sys.exit(2)
+        except RecursionError:
+            _unexpected("the configuration or data is nested too deeply (RecursionError)")
+        except MemoryError:
+            _unexpected("out of memory")
+        except Exception as e:
+            _unexpected(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+
+def _unexpected(message: str) -> NoReturn:
+    if _debug:
+        log.debug("unexpected error", exc_info=True)
+    click.echo(f"error: {_one_line(message)}" + ("" if _debug else " (--log-level debug shows the"
+                                                  " traceback)"), err=True)
+    sys.exit(1)
+
+
+def _one_line(text: str, width: int = 2000) -> str:
+    """``text`` scrubbed of secrets, on one line (libpq's messages span several)."""
+    return scrub(" ".join(str(text).split()))[:width]
 
 
 def _size(n: int) -> str:
@@ -54,12 +115,14 @@ def _size(n: int) -> str:
 
 def _load(config: str) -> Spec:
     try:
-        return load_spec(config)
+        spec = load_spec(config)
     except FileNotFoundError:
         raise click.UsageError(f"config file not found: {config}")
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
+    register_secrets(spec.secrets())  # scrubbed from every message and log line from now on
+    return spec
 
 
 config_option = click.option("-c", "--config", envvar="PGDERIVE_CONFIG", default="pgderive.yaml",
@@ -67,7 +130,7 @@ config_option = click.option("-c", "--config", envvar="PGDERIVE_CONFIG", default
                              help="YAML file declaring source, sinks and views.")
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(log_level: str) -> None:
@@ -76,7 +139,8 @@ def main(log_level: str) -> None:
 
 
 def _fail(e: BaseException | str) -> NoReturn:
-    click.echo(f"error: {e}", err=True)
+    """``error: e`` on one line, secrets scrubbed (:func:`cdc.redact.scrub`), and exit 1."""
+    click.echo(f"error: {_one_line(str(e))}", err=True)
     sys.exit(1)
 
 
@@ -91,26 +155,33 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     from views.derive import DerivationError
 
     from ..runtime.coordinator import Engine
-    from ..runtime.errors import EngineError
+    from ..runtime.errors import EngineError, Terminated
     from sinks.base import SinkError
 
     spec = _load(config)
     stop = threading.Event()
+    engine: Engine | None = None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
             log.warning("second signal: exiting now")
             sys.exit(130)
-        log.info("received %s: flushing and stopping", signal.Signals(signum).name)
-        stop.set()
+        log.info("received %s: stopping", name)
+        if engine is None:
+            raise Terminated(name, "starting")
+        engine.interrupt(name)  # sets stop; raises Terminated where stopping at once is safe
 
+    # Installed before anything can block, so the first SIGTERM is honoured at every phase.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    engine = Engine(spec, stop=stop, stats_file=stats_file)
     try:
+        engine = Engine(spec, stop=stop, stats_file=stats_file)
         _run_engine(engine, resnapshot)
+    except Terminated as e:
+        _fail(f"{e}; nothing was started (no slot was left behind)")
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except (EngineError, SinkError, DerivationError, psycopg.Error) as e:
         _fail(e)
@@ -124,7 +195,7 @@ def _run_engine(engine: "Engine", resnapshot: bool) -> None:
     try:
         engine.run(resnapshot=resnapshot)
     except PreflightError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(e.exit_code)
 
 
@@ -144,6 +215,7 @@ def _validate(spec: Spec, config: str) -> int:
     return the exit code."""
     from views.check import build_views
 
+    from ..runtime.waiting import waiting
     from ..runtime.preflight import Problem, as_spec_error, check_names, check_privileges, check_sinks, open_spec_sinks
 
     problems: list[Problem] = []
@@ -158,7 +230,10 @@ def _validate(spec: Spec, config: str) -> int:
             sink.close()
     source_error: str | None = None
     try:
-        with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+        with waiting(f"connecting to the source {spec.source.redacted_dsn()}", log,
+                     limit=spec.source.connect_timeout or None):
+            conn = psycopg.connect(spec.source.conninfo(), autocommit=True)
+        with conn:
             try:
                 views = [v.name for v in build_views(spec, conn)]
             except SpecError as e:
@@ -167,11 +242,11 @@ def _validate(spec: Spec, config: str) -> int:
     except psycopg.Error as e:
         source_error = f"cannot reach the source {spec.source.redacted_dsn()}: {' '.join(str(e).split())}"
     if spec_error is not None:
-        click.echo(str(spec_error), err=True)
+        click.echo(scrub(str(spec_error)), err=True)
     if problems:
-        click.echo(str(as_spec_error(spec, problems)), err=True)
+        click.echo(scrub(str(as_spec_error(spec, problems))), err=True)
     if source_error is not None:
-        click.echo(f"error: {source_error}", err=True)
+        click.echo(scrub(f"error: {source_error}"), err=True)
     if source_error is not None or any(p.unreachable for p in problems):
         return 1
     if spec_error is not None or problems:
@@ -235,7 +310,7 @@ def status(config: str) -> None:
     try:
         st = slot_status(spec)
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except psycopg.Error as e:
         _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
@@ -293,7 +368,7 @@ def rebuild(config: str, view: str) -> None:
         try:
             lsn, stats = rebuild_view(spec, name)
         except SpecError as e:
-            click.echo(str(e), err=True)
+            click.echo(scrub(str(e)), err=True)
             sys.exit(2)
         except (EngineError, SinkError, psycopg.Error) as e:
             _fail(e)
@@ -328,7 +403,7 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
         try:
             first, second = verify_view(spec, name, wait=wait, repair=repair)
         except SpecError as e:
-            click.echo(str(e), err=True)
+            click.echo(scrub(str(e)), err=True)
             sys.exit(2)
         except (SinkError, VerifyError, ReplicationError, psycopg.Error) as e:
             _fail(e)
@@ -375,7 +450,7 @@ def dead_letters_list(config: str, view: str | None, limit: int, superseded: boo
 
     spec = _load(config)
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(spec.source.conninfo()) as store:
             records = store.list(spec.source.slot, view=view, limit=limit, superseded=superseded)
             total = sum(n for v, n in store.count(spec.source.slot).items() if view is None or v == view)
     except psycopg.Error as e:
@@ -427,7 +502,7 @@ def dead_letters_retry(config: str, view: str | None, ids: tuple[int, ...]) -> N
     spec = _load(config)
     resolved = failed = 0
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(spec.source.conninfo()) as store:
             records = store.take_for_retry(spec.source.slot, ids=list(ids) or None, view=view)
             for missing in sorted(set(ids) - {r.id for r in records}):
                 click.echo(f"{missing}: no such dead letter" + (f" of view {view}" if view else ""))
@@ -446,7 +521,7 @@ def dead_letters_retry(config: str, view: str | None, ids: tuple[int, ...]) -> N
                     click.echo(f"{rec.id} ({rec.view}): still failing: {_short(outcome.message, 200)}"
                                f" (kept, retries {rec.retries + 1})")
     except SpecError as e:
-        click.echo(str(e), err=True)
+        click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except (SinkError, psycopg.Error) as e:
         _fail(f"retry stopped: {e} ({resolved} applied so far; the rest are kept)")
@@ -470,7 +545,7 @@ def dead_letters_discard(config: str, view: str | None, all_: bool, ids: tuple[i
         raise click.UsageError("--all cannot be combined with IDS or --view")
     spec = _load(config)
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(spec.source.conninfo()) as store:
             n = store.discard(spec.source.slot, ids=list(ids) or None, view=view)
     except psycopg.Error as e:
         _fail(f"cannot discard dead letters in {spec.source.redacted_dsn()}: {e}")

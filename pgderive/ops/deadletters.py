@@ -95,7 +95,7 @@ def retry_dead_letters(spec: Spec, store: DeadLetterStore,
     if not records:
         return
     names = {r.view for r in records if r.view in spec.views}
-    with psycopg.connect(spec.source.dsn, autocommit=True, application_name="pgderive-retry") as conn:
+    with psycopg.connect(spec.source.conninfo(), autocommit=True, application_name="pgderive-retry") as conn:
         views = {v.name: v for v in build_views(spec, conn, names)} if names else {}
         sinks = open_sinks(spec, list(views.values()))
         infos: dict[str, TableInfo | None] = {}

@@ -38,7 +38,7 @@ def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
     """
     if name not in spec.views:
         raise EngineError(f"unknown view {name!r}; views in this file: {', '.join(spec.views)}")
-    dsn, slot = spec.source.dsn, spec.source.slot
+    dsn, slot = spec.source.conninfo(statement_timeout=False), spec.source.slot
     with psycopg.connect(dsn, autocommit=True) as conn:
         info = slot_info(conn, slot)
         if info is not None and info.active:

@@ -19,7 +19,9 @@ from cdc.slot import SlotInfo, slot_info
 from views.check import build_views
 from views.spec import Spec
 
+from ..runtime.retry import one_line
 from ..runtime.sinks import open_sinks
+from ..runtime.waiting import waiting
 from ..state.deadletters import DeadLetterStore
 from ..state.slots import SlotState, StateStore
 
@@ -117,7 +119,11 @@ def slot_status(spec: Spec) -> SlotStatus:
     :class:`psycopg.Error` when the source is unreachable; a sink that cannot be asked is
     reported in its views' ``error`` instead.
     """
-    with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+    dsn = spec.source.conninfo()  # the source's connect and statement timeouts
+    with waiting(f"connecting to the source {spec.source.redacted_dsn()}", log,
+                 limit=spec.source.connect_timeout or None):
+        conn = psycopg.connect(dsn, autocommit=True)
+    with conn:
         info = slot_info(conn, spec.source.slot)
         lag_s = None
         if info is not None and info.active_pid:
@@ -127,15 +133,16 @@ def slot_status(spec: Spec) -> SlotStatus:
             lag_s = float(row[0]) if row else None
         views = build_views(spec, conn)
         idle = idle_slots(conn, spec.source.slot)
-    state = StateStore(spec.source.dsn).get(spec.source.slot)
+    state = StateStore(dsn).get(spec.source.slot)
     try:
-        with DeadLetterStore(spec.source.dsn) as store:
+        with DeadLetterStore(dsn) as store:
             dead: dict[str, int] | None = store.count(spec.source.slot)
     except psycopg.Error as e:  # still show the rest
-        log.warning("cannot count dead letters: %s", e)
+        log.warning("cannot count dead letters: %s", one_line(e))
         dead = None
     out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle)
     sinks = open_sinks(spec, views, prepare=False)  # read-only: a sink down is shown per view
+    failed: set[str] = set()
     try:
         for v in views:
             vstate = "not bootstrapped" if state is None or v.name not in state.views else out.word
@@ -147,13 +154,16 @@ def slot_status(spec: Spec) -> SlotStatus:
                 checkpoint = sinks[v.sink].read_checkpoint(v.name)
             except Exception as e:  # a sink down: still show the rest
                 error = type(e).__name__
+                if v.sink not in failed:  # one line per sink, not a traceback per request
+                    failed.add(v.sink)
+                    msg = one_line(e)
+                    log.warning("%s", msg if msg.startswith(f"sink {v.sink}") else f"sink {v.sink}: {msg}")
             out.views.append(ViewStatus(v.name, v.table, v.sink, records, checkpoint, vstate,
                                         None if dead is None else dead.get(v.name, 0), error))
     finally:
         for s in sinks.values():
             s.close()
     return out
-
 
 
 def idle_slots(conn: psycopg.Connection, slot: str) -> list[IdleSlot]:

@@ -572,16 +572,17 @@ def verify(spec: Spec, name: str, *, wait: float = 60.0, repair: bool = False) -
 
     if name not in spec.views:
         raise KeyError(name)
-    with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10) as conn:
+    dsn = spec.source.conninfo(statement_timeout=False)  # snapshot reads last as long as they need
+    with psycopg.connect(dsn, autocommit=True) as conn:
         views = build_views(spec, conn, [name])
     sinks = open_sinks(spec, views)
     try:
         v = views[0]
-        first = verify_view(spec.source.dsn, v, sinks[v.sink], slot=spec.source.slot, wait=wait,
+        first = verify_view(dsn, v, sinks[v.sink], slot=spec.source.slot, wait=wait,
                             repair=repair)
         second = None
         if repair and first.mismatches:
-            second = verify_view(spec.source.dsn, v, sinks[v.sink], slot=spec.source.slot, wait=wait)
+            second = verify_view(dsn, v, sinks[v.sink], slot=spec.source.slot, wait=wait)
         return first, second
     finally:
         for s in sinks.values():

@@ -147,6 +147,7 @@ def _derive_chunk(table: str, tviews: list[View], chunk: list[Row], version: int
 def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
                   version: int, *, chunk_rows: int = 5000,
                   should_stop: Callable[[], bool] = lambda: False,
+                  stop: threading.Event | None = None,
                   on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
                   aggregates: AggregateStore | None = None, wire_loads: bool = True) -> SnapshotStats:
     """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
@@ -155,9 +156,16 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     are loaded first, one ``COPY`` each, encoded by Postgres. The others are read row by row:
     each table once (``COPY``) for all views over it. Progress is logged every 5 s
     with rows/s. Rows a view cannot derive and documents a sink rejects become dead letters
-    passed to ``on_dead_letters`` (without it, the first one raises). Raises
-    :class:`Interrupted` when ``should_stop()`` turns true (checked per chunk) and
-    :class:`~sinks.base.SinkError` when a sink fails.
+    passed to ``on_dead_letters`` (without it, the first one raises).
+
+    Every sink call (beginning and committing generations, each chunk, checkpoints) is retried
+    with capped backoff (0.5 s … 30 s, a warning per retry) while it fails with a retryable
+    :class:`~sinks.base.SinkError` (a sink down, stalled, answering 429/503): a sink outage
+    during a bootstrap delays it, it does not end it.
+
+    Raises :class:`Interrupted` when ``should_stop()`` turns true or ``stop`` is set (checked
+    per chunk and between retries) and :class:`~sinks.base.SinkError` when a sink fails in a way
+    a retry cannot fix.
     """
     by_name = {v.name: v for v in views}
 
@@ -172,8 +180,8 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         """Load one chunk of ``v`` into its generation (retrying), timing the sink's share."""
         sink = sinks[v.sink]
         t0 = time.monotonic()
-        rejected = list(with_retry(f"sink {sink.name} (snapshot of {v.name})",
-                                   lambda: sink.load(v.name, generations[v.name], ops) or [], stop_event))
+        rejected = list(retried(f"sink {sink.name} (snapshot of {v.name})",
+                                lambda: sink.load(v.name, generations[v.name], ops) or []))
         stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
         return rejected
 
@@ -203,7 +211,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             stop_event.set()
             return Interrupted(f"snapshot of {v.table} for view {v.name} interrupted after {rows} rows")
         try:
-            records, secs = with_retry(f"sink {sink.name} (snapshot of {v.name})", attempt, stop_event)
+            records, secs = retried(f"sink {sink.name} (snapshot of {v.name})", attempt)
         except SinkError as e:
             if e.retryable:
                 raise
@@ -217,9 +225,29 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                  v.name, records, secs, records / secs if secs else 0.0)
         return True
 
+    def retried(what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` through :func:`with_retry`; :class:`Interrupted` if a stop ends the retries."""
+        try:
+            return with_retry(what, fn, stop_event)
+        except SinkError:
+            if stop_event.is_set():
+                raise Interrupted(f"snapshot stopped while retrying {what}") from None
+            raise
+
     stats = SnapshotStats()
-    stop_event = threading.Event()  # set when should_stop() turns true: gives up retries
-    generations = {v.name: sinks[v.sink].begin_generation(v.name, version) for v in views}
+    # Set when should_stop() turns true or the caller's ``stop`` is set: gives up retries.
+    stop_event = stop if stop is not None else threading.Event()
+    if stop is not None:
+        caller_stop = should_stop
+
+        def should_stop() -> bool:
+            return caller_stop() or stop_event.is_set()
+
+    def begin(v: View) -> Any:
+        return retried(f"sink {sinks[v.sink].name} (new generation of {v.name})",
+                       lambda: sinks[v.sink].begin_generation(v.name, version))
+
+    generations = {v.name: begin(v) for v in views}
     row_by_row = []
     for v in views:
         query = wire_query(conn, v, sinks[v.sink], version) if wire_loads else None
@@ -269,7 +297,12 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             asked = now
         table_done()
     for v in views:
-        sinks[v.sink].commit_generation(v.name, generations[v.name], version)
+        sink = sinks[v.sink]
+        if should_stop():
+            stop_event.set()
+            raise Interrupted(f"snapshot interrupted before committing view {v.name}")
+        retried(f"sink {sink.name} (commit of {v.name})",
+                lambda: sink.commit_generation(v.name, generations[v.name], version))
         # The view is complete as of ``version``: its checkpoint says so (see engine startup).
-        sinks[v.sink].write_checkpoint([v.name], version)
+        retried(f"sink {sink.name} (checkpoint of {v.name})", lambda: sink.write_checkpoint([v.name], version))
     return stats

@@ -7,6 +7,12 @@ covers the slot's confirmed position, rebuilding views whose sink lost data). Th
 (:mod:`pgderive.runtime.stream`, one lane per sink: :mod:`pgderive.runtime.lanes`). A dropped
 replication connection is retried with capped backoff and resumes from the slot's confirmed
 position; a sink that lost acknowledged data gets its views rebuilt, then streaming resumes.
+
+Stopping (SIGTERM/SIGINT, :meth:`Engine.interrupt`): while the daemon is blocked where nothing
+needs finishing (connecting, creating the slot, reconnecting) it stops at once
+(:class:`~pgderive.runtime.errors.Terminated`); while it loads or streams it stops gracefully,
+at the next chunk or batch. A bootstrap that does not finish, for whatever reason, drops the slot
+it created: the next start creates a new one (an abandoned slot would retain WAL).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from ..state.deadletters import DeadLetter, DeadLetterStore, Supersede
 from ..state.slots import StateStore
 from .bootstrap import Interrupted, load_snapshot
 from .checkpoints import SinkDataLoss, lost_views
-from .errors import EngineError
+from .errors import EngineError, Terminated
 from .lanes import Lanes
 from .preflight import check_privileges, preflight, raise_for
 from .reload import reload_views
@@ -44,6 +50,7 @@ from .retry import Backoff, one_line
 from .sinks import open_sinks, prepare_sinks
 from .stats import Stats
 from .stream import Limits, Stream, row_refetcher
+from .waiting import waiting
 
 __all__ = ["Engine", "EngineError"]
 
@@ -81,7 +88,10 @@ class Engine:
                  stats_file: str | None = None, batch_ops: int = 20_000,
                  batch_bytes: int = 8 << 20, direct_ops: int = 500) -> None:
         self.spec = spec
-        self.dsn = spec.source.dsn
+        # Bookkeeping connections get the source's connect and statement timeouts; the data
+        # path (replication, snapshot COPY, read-backs) only the connect timeout (SourceSpec).
+        self.dsn = spec.source.conninfo()
+        self.data_dsn = spec.source.conninfo(statement_timeout=False)
         self.slot = spec.source.slot
         self.stop = stop or threading.Event()
         self.stats_file = stats_file
@@ -89,13 +99,34 @@ class Engine:
         self.stats = Stats()
         self.state = StateStore(self.dsn)
         self.dead_letters = DeadLetterStore(self.dsn, max_bytes=spec.dead_letters.max_bytes)
-        self.aggregates = AggregateStore(self.dsn)
+        self.aggregates = AggregateStore(self.data_dsn)
         self.views: list[View] = []
         self.sinks: dict[str, Sink] = {}
         self.reader: SlotReader | None = None
         self.refetcher: RowRefetcher | None = None
         self.stream: Stream | None = None
         self._last_stats_write = 0.0
+        self._phase: str | None = None  # set while blocked where stopping at once is safe
+
+    # -- stopping ----------------------------------------------------------------------------
+    def interrupt(self, signal_name: str) -> None:
+        """Ask the daemon to stop (call it from the main thread's signal handler).
+
+        Sets :attr:`stop`, which ends a load at its next chunk and the stream at its next
+        batch, both gracefully. While the daemon is blocked in a phase where nothing needs
+        finishing (connecting, creating the slot, reconnecting) it raises
+        :class:`Terminated` instead, so a Postgres that never answers cannot hold it for the
+        whole connect timeout.
+        """
+        self.stop.set()
+        if self._phase is not None:
+            raise Terminated(signal_name, self._phase)
+
+    def _blocking(self, phase: str | None) -> None:
+        """Enter (a description) or leave (None) a phase :meth:`interrupt` may cut short."""
+        self._phase = phase
+        if phase is not None and self.stop.is_set():
+            raise Terminated("a stop request", phase)
 
     # -- startup -----------------------------------------------------------------------------
     def run(self, *, resnapshot: bool = False) -> None:
@@ -104,29 +135,43 @@ class Engine:
         Raises :class:`EngineError` for conditions that need an operator (slot vanished,
         another daemon active, views changed), :class:`~views.spec.SpecError` for bad YAML.
         """
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            self.views = build_views(self.spec, conn)
+        source = self.spec.source
+        self._blocking("connecting to the source")
+        log.info("connecting to the source %s", source.redacted_dsn())
+        with waiting(f"connecting to the source {source.redacted_dsn()}", log,
+                     limit=source.connect_timeout or None):
+            conn = psycopg.connect(self.dsn, autocommit=True)
+        with conn:
+            self._blocking("reading the source catalog")
+            # Its wal2json probe creates a temporary slot, which waits for running transactions.
+            with waiting("reading the source catalog (waiting for transactions running on the"
+                         " source to end?)", log, limit=source.statement_timeout or None):
+                self.views = build_views(self.spec, conn)
         if len({v.sink for v in self.views}) > 1:
             sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
-        self.refetcher = row_refetcher(self.dsn, self.views)
+        self.refetcher = row_refetcher(self.data_dsn, self.views)
         self.sinks = open_sinks(self.spec, self.views, prepare=False)
-        self.reader = SlotReader(self.dsn, self.slot, tables=tables)
+        self.reader = SlotReader(self.data_dsn, self.slot, tables=tables)
         try:
             # Before the schema, a slot or anything else exists: a start that cannot succeed
-            # must not leave a slot retaining WAL (issue 14, item 1).
+            # must not leave a slot retaining WAL (ARCHITECTURE.md, "The flow").
             raise_for(self.spec, preflight(self.spec, self.sinks))
             # Then the sinks' own bookkeeping: legacy keys adopted, record keys and aliases
-            # claimed for this deployment (issue 14, item 11), still before any slot exists.
+            # claimed for this deployment, still before any slot exists.
             prepare_sinks(self.sinks, self.views)
             try:
+                self._blocking("preparing the slot")
                 start_lsn = self._prepare(resnapshot)
                 if start_lsn is None:
                     return
                 self._stream(start_lsn)
             except psycopg.errors.InsufficientPrivilege as e:
                 raise self._privilege_error(e) from e
+        except Interrupted as e:
+            log.warning("%s; stopped before streaming", e)
         finally:
+            self._blocking(None)
             self._write_stats(force=True)
             self.reader.close()
             self.refetcher.close()
@@ -195,6 +240,7 @@ class Engine:
         if lost:
             log.warning("sink data of view(s) %s is missing or behind the slot (sink restarted "
                         "without its data?); rebuilding them first", ", ".join(v.name for v in lost))
+            self._blocking(None)
             self._rebuild(lost)
         log.info("resuming slot %s from its confirmed position %s", self.slot,
                  format_lsn(info.confirmed_flush_lsn or 0))
@@ -205,19 +251,29 @@ class Engine:
         assert self.reader is not None
         fps = self._fingerprints()
         self.state.set(self.slot, "bootstrapping", 0, fps)
-        self.reader.connect()
-        consistent_point, snapshot = self.reader.create_slot()
+        walsender: int | None = None  # our replication connection's server process
+        created = False
         try:
+            self._blocking("creating the slot")
+            self.reader.connect()
+            walsender = self.reader.backend_pid
+            with waiting(f"creating slot {self.slot} (it waits for transactions running on the"
+                         " source to end)", log):
+                consistent_point, snapshot = self.reader.create_slot()
+            created = True
             self.state.set(self.slot, "bootstrapping", consistent_point, fps)
-            with snapshot_connection(self.dsn, snapshot) as conn:
+            self._blocking(None)  # from here on a stop is graceful: at the next chunk
+            with snapshot_connection(self.data_dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
-                                      should_stop=self.stop.is_set,
+                                      stop=self.stop,
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
-            self._abandon_bootstrap(e)  # logs that the next start bootstraps from scratch
+            self._abandon_bootstrap(e, created, walsender)  # logs that the next start redoes it
             return None
+        except psycopg.errors.DuplicateObject:
+            raise  # CREATE_REPLICATION_SLOT: another process created the slot meanwhile: not ours
         except BaseException as e:
-            self._abandon_bootstrap(e)
+            self._abandon_bootstrap(e, created, walsender)
             raise
         self.stats.snapshot = {
             "consistent_point": format_lsn(consistent_point),
@@ -233,32 +289,50 @@ class Engine:
         log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
         return consistent_point
 
-    def _abandon_bootstrap(self, cause: BaseException) -> None:
+    def _abandon_bootstrap(self, cause: BaseException, created: bool = True,
+                           walsender: int | None = None) -> None:
         """A bootstrap that did not finish: drop the slot it created and pgderive's record of it,
-        so the slot retains no WAL and the next start begins from scratch (issue 14, item 1).
+        so the slot retains no WAL and the next start begins from scratch (ARCHITECTURE.md,
+        "Preflight").
 
-        The replication connection that created the slot is closed first (it holds the slot
-        and its exported snapshot); the walsender may take a moment to release the slot, so
-        ``pg_drop_replication_slot`` is retried for up to :data:`DROP_WAIT` seconds while
-        Postgres says the slot is active (Postgres manual, "Replication Management
-        Functions"). Raises :class:`EngineError` naming ``cause`` and the exact SQL to run when
-        the slot cannot be dropped.
+        Only our own slot: one ``create_slot`` returned (``created``), or one still held by our
+        replication connection's server process ``walsender`` (interrupted while creating it;
+        psycopg has cancelled the command, which normally discards the unfinished slot). The
+        replication connection is closed first (it holds the slot and its exported snapshot);
+        the walsender may take a moment to release the slot, so the drop waits up to
+        :data:`DROP_WAIT` seconds while Postgres says the slot is active, ending our own
+        walsender if it stays busy (Postgres manual, "Replication Management Functions").
+        Raises :class:`EngineError` naming ``cause`` and the exact SQL to run when the slot
+        cannot be dropped (a :class:`BaseException` cause such as a signal is only logged).
         """
         assert self.reader is not None
         self.reader.close()
-        deadline = time.monotonic() + DROP_WAIT
-        while True:
+        if created or walsender is not None:
+            deadline = time.monotonic() + DROP_WAIT
             try:
                 with _connect(self.dsn) as conn:
-                    if slot_info(conn, self.slot) is not None:
-                        conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
-                break
-            except psycopg.errors.ObjectInUse:
-                if time.monotonic() >= deadline:
-                    self._cannot_drop(cause, "it is still in use")
-                    return
-                time.sleep(0.1)
-            except psycopg.Error as e:
+                    while True:
+                        info = slot_info(conn, self.slot)
+                        if info is None:
+                            break
+                        if not created and info.active_pid != walsender:
+                            return  # not the slot we were creating: leave it alone
+                        if not info.active:
+                            try:
+                                conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                                break
+                            except psycopg.errors.ObjectInUse:
+                                pass  # the walsender took it again meanwhile: wait
+                        elif time.monotonic() > deadline:
+                            self._cannot_drop(cause, "it is still in use")
+                            return
+                        elif (walsender and info.active_pid == walsender
+                              and time.monotonic() > deadline - DROP_WAIT / 2):
+                            # Our own walsender, still busy after we closed its connection (e.g.
+                            # creating the slot): end it; an unfinished slot goes with it.
+                            conn.execute("SELECT pg_terminate_backend(%s)", (walsender,))
+                        time.sleep(0.1)
+            except (psycopg.Error, OSError) as e:
                 self._cannot_drop(cause, one_line(e))
                 return
         try:
@@ -282,6 +356,7 @@ class Engine:
     def _stream(self, start_lsn: int) -> None:
         reader = self.reader
         assert reader is not None
+        self._blocking(None)
         backoff = Backoff()
         connected = reader.connected
         # Everything allocated so far (modules, spec, views, catalog) lives as long as the
@@ -292,8 +367,12 @@ class Engine:
         while not self.stop.is_set():
             try:
                 if not connected:
-                    reader.connect()
+                    self._blocking("reconnecting to the source")
+                    with waiting(f"reconnecting to the source {self.spec.source.redacted_dsn()}", log,
+                                 limit=self.spec.source.connect_timeout or None):
+                        reader.connect()
                     info = self._check_slot()
+                    self._blocking(None)
                     reader.confirmed_lsn = info.confirmed_flush_lsn or 0
                     start_lsn = 0  # resume from the slot's confirmed position
                 reader.start(start_lsn)
@@ -313,6 +392,9 @@ class Engine:
                 connected = False
                 reader.close()
                 self._rebuild([v for v in self.views if v.name in e.views])
+            except Terminated as e:  # while reconnecting: everything acknowledged is confirmed
+                log.info("%s", e)
+                break
         log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn))
 
     def _check_slot(self) -> SlotInfo:
@@ -326,7 +408,7 @@ class Engine:
     def _rebuild(self, views: list[View]) -> None:
         """Reload ``views`` from a fresh snapshot into the engine's own sinks (the main slot
         is not being read meanwhile; its replay afterwards converges by versions)."""
-        reload_views(self.dsn, self.slot, views, self.sinks, self.dead_letters)
+        reload_views(self.data_dsn, self.slot, views, self.sinks, self.dead_letters, stop=self.stop)
 
     def _views_by_sink(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = defaultdict(list)
@@ -344,7 +426,7 @@ class Engine:
                                  open_dead_letters=self.dead_letters.open_rows(self.slot))
             self.stream.run(reader)
         finally:
-            lanes.close()
+            lanes.close(1.0 if self.stop.is_set() else 5.0)  # stopping: Stream waited already
 
     def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected],
                              supersedes: Sequence[Supersede] = ()) -> None:

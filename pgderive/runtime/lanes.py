@@ -180,12 +180,13 @@ class Lane:
         advance_checkpoints(self.sink, self.views, self.acked_lsn, lsn, self.stop, retry=retry)
         self.acked_lsn = lsn
 
-    def close(self) -> None:
-        """Stop the lane's thread (after the batch in flight, if any)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the lane's thread (after the batch in flight, if any, waiting at most
+        ``timeout`` seconds for it)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(5)
+        self._thread.join(timeout)
 
     # -- the lane's thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -283,12 +284,16 @@ class Lanes:
         with self.changed:
             self.changed.wait(timeout)
 
-    def wait_idle(self) -> None:
+    def wait_idle(self, deadline: float | None = None) -> bool:
         """Wait until every lane finished its batch in flight, then raise the first error a
-        lane's thread hit, if any."""
+        lane's thread hit, if any; True. With ``deadline`` (a ``time.monotonic()`` value),
+        False as soon as it has passed with a lane still busy."""
         for lane in self.by_name.values():
-            lane.wait_idle()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not lane.wait_idle(remaining):
+                return False
         self.raise_error()
+        return True
 
     def submit(self, name: str, batch: Batch) -> None:
         """Hand ``batch`` to lane ``name`` once it finished its batch in flight (raising first
@@ -298,6 +303,8 @@ class Lanes:
         self.raise_error()
         lane.submit(batch)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every lane's thread, waiting up to ``timeout`` seconds for each (a lane blocked
+        in a hung sink call is a daemon thread: it does not keep the process alive)."""
         for lane in self.by_name.values():
-            lane.close()
+            lane.close(timeout)

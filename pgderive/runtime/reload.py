@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Mapping, Sequence
 
 from cdc.lsn import format_lsn
@@ -22,11 +23,14 @@ log = logging.getLogger("pgderive.rebuild")
 
 
 def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str, Sink],
-                 dead_letters: DeadLetterStore) -> tuple[int, SnapshotStats]:
+                 dead_letters: DeadLetterStore, *,
+                 stop: threading.Event | None = None) -> tuple[int, SnapshotStats]:
     """Load ``views`` into new generations from a snapshot taken by a TEMPORARY slot.
 
     Returns ``(consistent point LSN, stats)``. Used by ``rebuild`` and by the daemon when a
-    sink lost a view's data. Raises :class:`~sinks.base.SinkError` or :class:`psycopg.Error`.
+    sink lost a view's data. ``stop``: set it to stop the load (raises
+    :class:`~pgderive.runtime.bootstrap.Interrupted`; nothing is committed, the temporary slot
+    goes with its connection). Raises :class:`~sinks.base.SinkError` or :class:`psycopg.Error`.
     """
     reader = SlotReader(dsn, f"{slot}_rebuild_{os.getpid()}")
     aggregates = AggregateStore(dsn)
@@ -36,7 +40,7 @@ def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str,
         log.info("rebuilding view(s) %s from a snapshot at %s", ", ".join(v.name for v in views),
                  format_lsn(consistent_point))
         with snapshot_connection(dsn, snapshot) as conn:
-            stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=aggregates,
+            stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=aggregates, stop=stop,
                                   on_dead_letters=lambda e: dead_letters.record(slot, e))
     finally:
         reader.close()

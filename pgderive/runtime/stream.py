@@ -90,7 +90,8 @@ class Stream:
         views: the bound views.
         lanes: one lane per sink the views use, positioned at the slot's confirmed LSN.
         stats: the run's counters (transactions and changes are counted as they are read).
-        stop: set it to stop gracefully: what was read is applied and confirmed.
+        stop: set it to stop gracefully: what was read is applied and confirmed, waiting up to
+            ``stop_grace`` seconds for the sinks to acknowledge it.
         refetcher: reads rows back from the source (non-finite numbers, ``where``/``derive``
             views' unchanged TOAST values, include records); None when no view needs it.
         aggregates: the aggregate state store; None when no view aggregates.
@@ -98,16 +99,21 @@ class Stream:
         on_tick: called on the reading thread after every read (e.g. to write stats).
         open_dead_letters: view → identities (:func:`~pgderive.state.deadletters.identity_json`)
             of rows with open dead letters (:meth:`DeadLetterStore.open_rows`): a later change
-            of such a row supersedes them (issue 14, item 6). Kept up to date as the stream
+            of such a row supersedes them. Kept up to date as the stream
             records and supersedes dead letters.
+        stop_grace: seconds a stop waits for the sinks' acknowledgements (default 5). A sink
+            that is hung or retrying keeps its batch unacknowledged: the slot is confirmed only
+            up to what every sink acknowledged (rule 3), so it replays on the next start.
     """
 
     def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: threading.Event,
                  refetcher: RowRefetcher | None = None, aggregates: AggregateStore | None = None,
                  limits: Limits = Limits(), on_tick: Callable[[], None] | None = None,
-                 open_dead_letters: dict[str, set[str]] | None = None) -> None:
+                 open_dead_letters: dict[str, set[str]] | None = None,
+                 stop_grace: float = 5.0) -> None:
         self.views = list(views)
         self._open_dead: dict[str, set[str]] = {k: set(v) for k, v in (open_dead_letters or {}).items() if v}
+        self.stop_grace = stop_grace
         self.lanes = lanes
         self.stats = stats
         self.stop = stop
@@ -145,7 +151,8 @@ class Stream:
         lanes = self.lanes
         last_idle_checkpoint = 0.0
         while True:
-            lanes.raise_error()
+            if not self.stop.is_set():  # stopping: a lane's retry gave up because of it; see _finish
+                lanes.raise_error()
             reader.confirm(lanes.acked_lsn)
             if self._hand_over():
                 reader.confirm(lanes.acked_lsn)
@@ -173,22 +180,43 @@ class Stream:
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
             if self.on_tick is not None:
                 self.on_tick()
-        self.drain()
+        self._finish()
         reader.confirm(lanes.acked_lsn)
         reader.send_status()
         self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
 
-    def drain(self) -> None:
-        """Apply everything read so far and wait until every lane acknowledged it."""
+    def _finish(self) -> None:
+        """Stopping: apply what was read, waiting at most :attr:`stop_grace` seconds for the
+        sinks. A sink that does not acknowledge in time (hung, or retrying an outage: its retry
+        gives up once stopped) is left behind with a warning; its unacknowledged changes are
+        not confirmed to the slot and replay on the next start. Raises a lane's
+        non-retryable error."""
+        try:
+            done = self.drain(timeout=self.stop_grace)
+        except SinkError as e:
+            if not e.retryable:
+                raise
+            log.warning("stopping: %s; what it did not acknowledge replays on the next start", one_line(e))
+            return
+        if not done:
+            late = [lane.name for lane in self.lanes if not lane.idle]
+            log.warning("stopping: sink(s) %s did not acknowledge within %g s; their unacknowledged"
+                        " changes replay on the next start", ", ".join(late), self.stop_grace)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Apply everything read so far and wait until every lane acknowledged it: True. With
+        ``timeout`` (seconds), False once it has passed with a lane still busy."""
         lanes = self.lanes
-        lanes.wait_idle()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not lanes.wait_idle(deadline):
+            return False
         self._resolve()
         for lane in lanes:
             batch = self.pending[lane.name]
             if batch.has_data or batch.end_lsn > lane.acked_lsn:
                 self.pending[lane.name] = batch.successor()
                 lanes.submit(lane.name, batch)
-        lanes.wait_idle()
+        return lanes.wait_idle(deadline)
 
     # -- deriving ----------------------------------------------------------------------------------
     def add_transaction(self, tx: Transaction) -> bool:

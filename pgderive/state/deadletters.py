@@ -25,7 +25,7 @@ id)``. Its DDL is migration ``0002_dead_letters.sql``, applied by
 ``0005_dead_letter_rows.sql`` adds ``row_identity`` (jsonb), ``truncated`` (text[]) and
 ``superseded_lsn`` (pg_lsn).
 
-What is stored (issue 14, item 7): a derivation's dead letter keeps only the columns the view
+What is stored: a derivation's dead letter keeps only the columns the view
 reads (:meth:`views.derive.View.dead_letter_row`: identity, key, ``fields``, ``where``, include
 link and aggregate columns), a refused document the document; the stored row is bounded by
 :attr:`DeadLetterStore.max_bytes` (YAML ``dead_letters.max_bytes``, default 64 KiB of JSON):
@@ -33,7 +33,7 @@ the largest values are cut to a prefix (non-string values to a prefix of their J
 their columns listed in ``truncated``. Identity columns are never cut (a retry looks the row up
 by them), so a row whose identity alone exceeds the cap is stored above it.
 
-Superseded dead letters (issue 14, item 6): a later change of the same row in the same view
+Superseded dead letters: a later change of the same row in the same view
 (same ``row_identity``) makes the row's earlier dead letters moot: the view now holds (or
 lacks) the row as of that later change, or the later change is itself a dead letter holding
 the newer state. The daemon then sets ``superseded_lsn`` to that change's commit LSN, after

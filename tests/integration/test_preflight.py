@@ -174,7 +174,8 @@ def test_validate_malformed_redis_port_is_a_config_error(env: Env) -> None:
     out = cli("validate", "-c", str(config))
     assert out.returncode == 2, lines(out)
     assert_clean(out)
-    assert "sinks.cache.url: the port '63x80' is not a number from 1 to 65535" in out.stderr
+    assert "sinks.cache.url: invalid URL " in out.stderr
+    assert "the port '63x80' is not a number from 1 to 65535" in out.stderr
     assert "hunter2" not in lines(out)
 
 

@@ -28,7 +28,8 @@ def test_malformed_redis_port_is_a_spec_error_at_the_url(url: str, port: str) ->
     with pytest.raises(SpecError) as e:
         parse_spec(spec_text(f'  cache: {{type: redis, url: "{url}"}}',
                              '  v: {table: t, sink: cache, key: "k:{id}"}'))
-    assert f"<string>:4: sinks.cache.url: the port '{port}' is not a number from 1 to 65535" in str(e.value)
+    assert "<string>:4: sinks.cache.url: invalid URL " in str(e.value)
+    assert f"the port '{port}' is not a number from 1 to 65535" in str(e.value)
     assert "pw" not in str(e.value)
 
 

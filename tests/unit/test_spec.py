@@ -286,7 +286,8 @@ def test_colliding_keys_and_indexes_across_views() -> None:
     ("source: {dsn: '', slot: s, port: 1}\nsinks: {}\nviews: {}\n",
      [("source.dsn", 1, "must be a Postgres connection string,"
                         " e.g. postgresql://user@host:5432/db"),
-      ("source.port", 1, "unknown key 'port' (allowed: dsn, slot, deployment)"),
+      ("source.port", 1, "unknown key 'port' (allowed: dsn, slot, deployment, connect_timeout,"
+                         " statement_timeout)"),
       ("views", 3, "declare at least one view")]),
     ("sinks: {}\nviews: {}\nsource:\n  slot: s\n",
      [("views", 2, "declare at least one view"),

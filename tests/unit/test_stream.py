@@ -280,6 +280,30 @@ def test_a_graceful_stop_applies_and_confirms_what_was_read():
     assert len(h.search.records("t_search")) == 30
 
 
+def test_a_stop_does_not_wait_for_a_hung_sink_beyond_its_grace(caplog: pytest.LogCaptureFixture):
+    # SIGTERM while a sink hangs (issue 14, item 5): the stop gives up on it after stop_grace
+    # seconds, confirms only what every sink acknowledged, and raises nothing.
+    h = Harness(rows(30))
+    h.stream.stop_grace = 0.5
+    gate = h.search.block()
+    h.start()
+    h.wait(lambda: h.reader.exhausted and len(h.cache.records("t_cache")) == 30, "the cache applied everything")
+    t0 = time.monotonic()
+    h.stop.set()
+    h.thread.join(10)
+    took = time.monotonic() - t0
+    try:
+        assert not h.thread.is_alive() and h.error is None
+        assert 0.4 < took < 3, took
+        # the search lane never acknowledged: the slot stays where it was
+        assert h.reader.confirmed_lsn == 0x10
+        assert "stopping: sink(s) search did not acknowledge within 0.5 s" in caplog.text
+    finally:
+        gate.set()
+        h.search.unblock()
+        h.lanes.close()
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_random_streams_end_equal_to_their_last_writes_whatever_the_sink_speed(seed: int):
     import random

@@ -19,6 +19,87 @@ from .models import RedisSinkSpec, Spec, _allowed_keys, _cross_problems
 __all__ = ["load_spec", "parse_spec"]
 
 
+# ---------------------------------------------------------------------------------- limits
+
+#: The largest spec file read, in bytes. Real ones are a few kB (config/store.yaml: ~5 kB).
+MAX_BYTES = 4 << 20
+#: The deepest nesting of mappings and lists, counted through aliases. PyYAML composes and
+#: constructs recursively, so a deeper document would end in a RecursionError.
+MAX_DEPTH = 64
+#: Aliases (``*name``) per file.
+MAX_ALIASES = 1_000
+#: Nodes once every alias is expanded. A "billion laughs" file of a few hundred bytes expands to
+#: 10^9 nodes (3 GiB and > 30 s before this limit); the largest shipped spec has ~400.
+MAX_NODES = 100_000
+
+
+def _limit_error(filename: str, where: yaml.Node | yaml.Event, message: str) -> SpecError:
+    mark = where.start_mark
+    return SpecError([("", mark.line + 1 if mark is not None else None, message)], filename)
+
+
+def _check_events(text: str, filename: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` and more than :data:`MAX_ALIASES` aliases,
+    reading the event stream (PyYAML's parser keeps its own stack: no recursion) before the
+    recursive composer sees the document. Raises :class:`SpecError` at the offending line."""
+    depth = aliases = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _limit_error(filename, event,
+                                   f"nested deeper than {MAX_DEPTH} levels: refusing the file")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise _limit_error(filename, event,
+                                   f"more than {MAX_ALIASES} aliases: refusing the file")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node, filename: str) -> None:
+    """Refuse a node graph that contains itself (a recursive alias), expands to more than
+    :data:`MAX_NODES` nodes or deeper than :data:`MAX_DEPTH` levels once aliases are
+    expanded. Linear in the composed graph (an alias is the anchored node itself, visited once),
+    never expanding anything. Raises :class:`SpecError` at the anchored node's line."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, list[yaml.Node]]] = [(root, _children(root))]
+    open_.add(id(root))
+    while stack:
+        node, todo = stack[-1]
+        if todo:
+            child = todo.pop()
+            if id(child) in open_:
+                raise _limit_error(filename, child, "recursive alias: the node anchored here"
+                                                    " contains itself")
+            if id(child) not in size:
+                open_.add(id(child))
+                stack.append((child, _children(child)))
+            continue
+        stack.pop()
+        open_.discard(id(node))
+        kids = _children(node)
+        size[id(node)] = 1 + sum(size[id(c)] for c in kids)
+        depth[id(node)] = 1 + max((depth[id(c)] for c in kids), default=0)
+        if size[id(node)] > MAX_NODES:
+            raise _limit_error(filename, node, f"aliases expand this node to more than {MAX_NODES:,}"
+                                               " nodes (an alias bomb?): refusing the file")
+        if depth[id(node)] > MAX_DEPTH + 1:
+            raise _limit_error(filename, node, f"aliases nest this node deeper than {MAX_DEPTH}"
+                                               " levels: refusing the file")
+
+
 # ------------------------------------------------------------------------------ line numbers
 
 class _Loader(yaml.SafeLoader):
@@ -77,14 +158,22 @@ def parse_spec(text: str, *, filename: str = "<string>",
         env: variables for ``${VAR}``; ``os.environ`` (read now) when ``None``.
 
     Raises:
-        SpecError: with every problem found (syntax, missing variables, validation, cross checks).
+        SpecError: with every problem found (syntax, missing variables, validation, cross
+            checks), or the document is beyond a limit: :data:`MAX_BYTES` characters,
+            :data:`MAX_DEPTH` levels, :data:`MAX_ALIASES` aliases, :data:`MAX_NODES` nodes
+            once aliases are expanded, or an alias that contains itself.
     """
     env = os.environ if env is None else env
+    if len(text) > MAX_BYTES:
+        raise SpecError([("", None, f"the file has {len(text):,} characters, more than the"
+                                    f" {MAX_BYTES:,} a spec may have: refusing it")], filename)
     try:
+        _check_events(text, filename)
         root = yaml.compose(text, Loader=_Loader)
         if root is None:
             raise SpecError([("", None, "the file is empty: expected source, sinks and views")],
                             filename)
+        _check_expansion(root, filename)
         lines, problems = _line_map(root)
         loader = _Loader("")
         try:
@@ -139,7 +228,11 @@ def load_spec(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
     filename = os.fspath(path)
     try:
         with open(filename, encoding="utf-8") as f:
-            text = f.read()
+            if os.fstat(f.fileno()).st_size > MAX_BYTES:
+                size = os.fstat(f.fileno()).st_size
+                raise SpecError([("", None, f"the file has {size:,} bytes, more than the"
+                                            f" {MAX_BYTES:,} a spec may have: refusing it")], filename)
+            text = f.read(MAX_BYTES + 1)  # a pipe or device has no size: read one more at most
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise SpecError([("", None, f"cannot read the file: {reason}")], filename) from None

@@ -21,6 +21,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from pydantic_core import PydanticCustomError
 
+from cdc.redact import dsn_secrets, redact_dsn, redact_url, url_secrets
 from views.template import KeyTemplate
 
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
@@ -40,15 +41,6 @@ DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
 _STRICT = ConfigDict(extra="forbid")
-
-
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***`` (URI userinfo, URI query, key=value form),
-    including libpq's ``sslpassword`` (the passphrase of an encrypted ``sslkey``)."""
-    if re.match(r"\s*postgres(?:ql)?://", dsn):
-        dsn = re.sub(r"^(\s*postgres(?:ql)?://[^:/?#@]*):[^/?#]*@", r"\1:***@", dsn)
-        return re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", dsn)
-    return re.sub(r"((?:\bssl|\b)password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", r"\1***", dsn)
 
 
 _INT_OPTIONS = ("port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
@@ -110,6 +102,14 @@ class SourceSpec(BaseModel):
             ``<system identifier>:<database>:<slot>``, :func:`cdc.catalog.deployment_id`); set
             it when two physical copies of one cluster (same system identifier) with the same
             database and slot names share a sink. ``^[A-Za-z0-9_.:-]{1,200}$``.
+        connect_timeout: seconds to wait for a connection to the source, libpq's
+            ``connect_timeout`` (Postgres docs, "Parameter Key Words": whole seconds, applied to
+            each host; 0 = wait forever). Default 10. A ``connect_timeout`` in the DSN wins.
+        statement_timeout: seconds pgderive's own bookkeeping queries may run (catalog checks,
+            slot lookups, ``pgderive.*`` tables; the server's ``statement_timeout`` setting,
+            sent as ``options=-c statement_timeout=…``). Never applied to the snapshot ``COPY``
+            of a bootstrap, the replication connection or the stream's read-backs, which last as
+            long as the data needs. Default 30; 0 = no limit.
     """
 
     model_config = _STRICT
@@ -123,6 +123,8 @@ class SourceSpec(BaseModel):
         if v is not None and not DEPLOYMENT_RE.match(v):
             raise _fail(f"invalid deployment id {v!r}: use 1-200 letters, digits and '_.:-'")
         return v
+    connect_timeout: int = Field(10, ge=0)
+    statement_timeout: float = Field(30.0, ge=0)
 
     @field_validator("dsn")
     @classmethod
@@ -141,8 +143,35 @@ class SourceSpec(BaseModel):
         return v
 
     def redacted_dsn(self) -> str:
-        """The DSN with any password hidden, for messages and logs."""
+        """The DSN with every secret parameter hidden (:func:`cdc.redact.redact_dsn`), for
+        messages and logs."""
         return redact_dsn(self.dsn)
+
+    def conninfo(self, *, statement_timeout: bool = True) -> str:
+        """The DSN to connect with: :attr:`dsn` plus ``connect_timeout`` (unless the DSN sets
+        one) and, with ``statement_timeout``, ``-c statement_timeout=…ms`` appended to the
+        ``options`` of the DSN (or of ``$PGOPTIONS``). Returns the key=value form; contains the
+        password: never print it (:meth:`redacted_dsn`).
+
+        Raises:
+            psycopg.ProgrammingError: the DSN is not a valid libpq connection string.
+        """
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(self.dsn)
+        extra: dict[str, str] = {}
+        if "connect_timeout" not in params and self.connect_timeout:
+            extra["connect_timeout"] = str(self.connect_timeout)
+        if statement_timeout and self.statement_timeout:
+            options = str(params.get("options", os.environ.get("PGOPTIONS", "")))
+            ms = max(1, round(self.statement_timeout * 1000))
+            extra["options"] = f"{options} -c statement_timeout={ms}".strip()
+        return make_conninfo(self.dsn, **extra) if extra else self.dsn
+
+    def secrets(self) -> list[str]:
+        """The secret values in :attr:`dsn` (for :func:`cdc.redact.register_secrets`)."""
+        return dsn_secrets(self.dsn)
+
 
 
 def _check_file(v: str | None) -> str | None:
@@ -205,19 +234,9 @@ class RedisSinkSpec(BaseModel):
     def _url(cls, v: str) -> str:
         if not re.match(r"^(redis|rediss|unix)://", v):
             raise _fail("must be a redis://, rediss:// or unix:// URL")
-        if v.startswith("unix://"):
-            return v
-        # What redis-py's from_url would only report when the daemon connects (a bare
-        # ValueError), checked here so the error names sinks.NAME.url. The URL's text is not
-        # repeated: it may hold a password.
-        parts = urlsplit(v)
-        try:
-            port = parts.port
-        except ValueError:
-            port_text = parts.netloc.rsplit("@", 1)[-1].rsplit(":", 1)[-1]
-            raise _fail(f"the port {port_text!r} is not a number from 1 to 65535") from None
-        if port == 0:
-            raise _fail("the port 0 is not a number from 1 to 65535")
+        problem = _url_problem(v)
+        if problem:
+            raise _fail(problem)
         return v
 
     @model_validator(mode="after")
@@ -284,7 +303,31 @@ class OpenSearchSinkSpec(BaseModel):
         for i, host in enumerate(v):
             if not host.strip() or ("://" in host and not re.match(r"^https?://", host)):
                 raise _fail("must be an http:// or https:// URL", f"[{i}]")
+            problem = _url_problem(host if "://" in host else f"http://{host}")
+            if problem:
+                raise _fail(problem, f"[{i}]")
         return v
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url``'s host and port (never quoting its password), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" of an IPv6 host
+        return f"invalid URL {redact_url(url)!r}"
+    try:
+        port = parts.port  # raises ValueError for "6x80" or 99999
+    except ValueError:
+        port_text = parts.netloc.rsplit("@", 1)[-1].rsplit(":", 1)[-1]
+        return (f"invalid URL {redact_url(url)!r}: the port {port_text!r} is not a number from 1"
+                " to 65535")
+    if parts.scheme != "unix" and not parts.hostname:
+        return f"invalid URL {redact_url(url)!r}: no host"
+    if port == 0:
+        return f"invalid URL {redact_url(url)!r}: the port '0' is not a number from 1 to 65535"
+    return None
 
 
 SinkSpec = Annotated[Union[RedisSinkSpec, OpenSearchSinkSpec], Field(discriminator="type")]
@@ -678,6 +721,15 @@ class Spec(BaseModel):
         """1-based line of ``path`` (dotted, e.g. ``views.x.fields[2]``) or of its nearest
         ancestor present in the file; ``None`` if none is."""
         return _lookup_line(self._lines, path)
+
+    def secrets(self) -> list[str]:
+        """Every secret value of the file: the source DSN's secret parameters and the passwords
+        in sink URLs (for :func:`cdc.redact.register_secrets`)."""
+        out = self.source.secrets()
+        for sink in self.sinks.values():
+            for url in [sink.url] if isinstance(sink, RedisSinkSpec) else sink.hosts:
+                out += url_secrets(url)
+        return list(dict.fromkeys(out))
 
     def error(self, path: str, message: str) -> SpecError:
         """A :class:`SpecError` with one problem at ``path`` (to raise)."""

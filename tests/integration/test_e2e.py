@@ -330,12 +330,17 @@ def test_dropped_replication_connection_is_retried_and_resumes(env: Env):
     d = env.daemon().start()
     try:
         env.wait_streaming(d)
-        for round_ in range(2):
+        def walsender() -> int | None:
             with psycopg.connect(env.dsn, autocommit=True) as conn:
-                pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                                   (env.slot,)).fetchone()[0]
-                assert pid is not None
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                                   (env.slot,)).fetchone()
+            return row[0] if row else None
+
+        for round_ in range(2):
+            # "streaming" is recorded before START_REPLICATION: wait for the walsender.
+            wait_until(lambda: walsender() is not None, 30, what="the daemon's walsender")
+            with psycopg.connect(env.dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (walsender(),))
             env.sql("UPDATE items SET qty = %s WHERE id <= 50", (1000 + round_,))
             env.sql("DELETE FROM items WHERE id = %s", (90 + round_,))
             env.caught_up(60)

@@ -54,6 +54,7 @@ from pgderive.runtime.sinks import open_sinks  # noqa: E402
 from sinks.base import Refreshable  # noqa: E402
 from views.check import build_views  # noqa: E402
 from views.spec import Spec, load_spec  # noqa: E402
+from demo_slot import drop_slot  # noqa: E402  (scripts/demo_slot.py)
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CONFIG = ROOT / "config" / "pgbench.yaml"
@@ -63,7 +64,6 @@ CLIENTS = int(os.environ.get("PGDERIVE_DEMO_CLIENTS", "4"))
 RATE = int(os.environ.get("PGDERIVE_DEMO_RATE", "1000"))
 RATE_ARGS = ["-R", str(RATE)] if RATE > 0 else []
 WORKLOAD = f"{CLIENTS} clients × {SECONDS} s" + (f" at {RATE:,} tps" if RATE > 0 else " unthrottled")
-KEEP_SLOT = os.environ.get("PGDERIVE_DEMO_KEEP_SLOT", "") not in ("", "0")
 OUT = ROOT / ".services" / "demo"
 REDIS_ONLY_CONFIG = OUT / "pgbench-redis-only.yaml"
 WITHIN = 2.0  # the Redis views' p99 lag with every sink must stay within this factor of Redis only
@@ -94,7 +94,7 @@ def main() -> int:
             option=orjson.OPT_INDENT_2))
         console.print(f"summary of both runs: {OUT / 'result.json'}")
     finally:
-        drop_slot(dsn, spec.source.slot)
+        drop_slot(dsn, spec.source.slot, console)
     return 1 if failed else 0
 
 
@@ -282,22 +282,6 @@ def compare(spec: Spec, both: dict[str, Any], redis_only: dict[str, Any], redis_
                   f"{both['tps'] or 0:,.0f} tps ({both['stats']['transactions']:,} transactions streamed), "
                   f"Redis only {redis_only['tps'] or 0:,.0f} tps "
                   f"({redis_only['stats']['transactions']:,} transactions streamed)")
-
-
-def drop_slot(dsn: str, slot: str) -> None:
-    if KEEP_SLOT:
-        console.print(f"keeping replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT is set): "
-                      f"it retains WAL until dropped")
-        return
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                               "WHERE slot_name = %s AND NOT active", (slot,)).fetchone()
-    except psycopg.Error as e:
-        console.print(f"[yellow]could not drop replication slot {slot}: {e}[/]")
-        return
-    if row is not None:
-        console.print(f"dropped replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT=1 keeps it)")
 
 
 def _tps(line: str) -> float | None:

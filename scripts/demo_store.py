@@ -46,6 +46,7 @@ import store  # noqa: E402
 from cdc.lsn import format_lsn  # noqa: E402
 from tests.support import current_lsn, slot_caught_up, streaming  # noqa: E402
 from views.spec import SpecError, load_spec  # noqa: E402
+from demo_slot import drop_slot  # noqa: E402  (scripts/demo_slot.py)
 
 CONFIG = ROOT / "config" / "store.yaml"
 OUT = ROOT / ".services" / "demo-store"
@@ -54,7 +55,6 @@ PGDERIVE = [str(_VENV_PGDERIVE)] if _VENV_PGDERIVE.exists() else [sys.executable
 BOOTSTRAP_TIMEOUT = 600.0
 CATCHUP_TIMEOUT = 600.0
 VERIFY_TIMEOUT = 900.0
-KEEP_SLOT = os.environ.get("PGDERIVE_DEMO_KEEP_SLOT", "") not in ("", "0")
 console = Console(width=int(os.environ.get("COLUMNS", "120")))
 
 
@@ -191,23 +191,6 @@ def verify(config: Path, view: str) -> dict[str, Any]:
             "records": records, "differences": diffs, "output": output}
 
 
-def drop_slot(dsn: str, slot: str) -> None:
-    """Drop the demo's slot once the daemon stopped (an inactive slot retains WAL until the disk
-    fills), unless PGDERIVE_DEMO_KEEP_SLOT=1 (e.g. to run ``pgderive status`` after)."""
-    if KEEP_SLOT:
-        console.print(f"keeping replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT is set): it retains WAL until dropped")
-        return
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                               "WHERE slot_name = %s AND NOT active", (slot,)).fetchone()
-    except psycopg.Error as e:
-        console.print(f"[yellow]could not drop replication slot {slot}: {e}[/]")
-        return
-    if row is not None:
-        console.print(f"dropped replication slot {slot} (PGDERIVE_DEMO_KEEP_SLOT=1 keeps it)")
-
-
 def stop_daemon(daemon: subprocess.Popen) -> int:
     """SIGTERM (graceful: flush, confirm, exit 0); SIGKILL only if it hangs for 60 s."""
     if daemon.poll() is None:
@@ -297,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             if was_running and code != 0:
                 problems.append(f"pgderive exited with {code} after SIGTERM (expected 0)")
                 console.print(f"[red]pgderive exited with {code} after SIGTERM[/]\n{log_tail(log_file)}")
-            drop_slot(dsn, slot)
+            drop_slot(dsn, slot, console)
 
     _report(spec, args, results, counts, stats_file)
     (OUT / "result.json").write_text(json.dumps(

@@ -56,8 +56,8 @@ Wire loads (:meth:`RedisSink.wire_select`, :meth:`RedisSink.wire_load`): a snaps
 ``hash`` view can be encoded by Postgres itself. The snapshot query returns, per row, the RESP
 bytes of the commands that write the record at the snapshot's version (``DEL key`` first when the
 view already holds data, ``HSET key f v ..`` — or ``DEL key`` when every field is NULL — and
-``HSET pgderive:D:V:versions key version``), and pgderive relays them to Redis without decoding a
-row. No compare-and-set is needed: a snapshot is loaded while nothing else writes the view, at a
+``HSET pgderive:D:V:versions key version``, sent for a whole chunk before its records: see
+:func:`wire_chunk`), and pgderive relays them to Redis without decoding a row. No compare-and-set is needed: a snapshot is loaded while nothing else writes the view, at a
 consistent point newer than every version already stored (ARCHITECTURE.md, rules 1 and 4), exactly as
 the compare-and-set would decide.
 """
@@ -83,7 +83,7 @@ from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_veri
 if TYPE_CHECKING:
     from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, WireLoad
 
-__all__ = ["RedisSink", "versions_key", "checkpoint_key", "CLAIMS_KEY", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
+__all__ = ["RedisSink", "wire_chunk", "versions_key", "checkpoint_key", "CLAIMS_KEY", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
 TOMBSTONE_SUFFIX = b"d"
 CLAIMS_KEY = "pgderive:claims"
@@ -104,6 +104,23 @@ Op of ``KEYS[i + 1]``."""
 def _bulk(raw: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+def wire_chunk(vkey: bytes, chunk: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The bytes a wire load sends for one chunk of ``(record commands, version entry)`` rows
+    (:meth:`RedisSink.wire_select`): one ``HSET vkey`` of the chunk's version entries, then the
+    record commands.
+
+    The entries go first. Redis executes a connection's commands in order, so a load cut short
+    anywhere (kill -9, a lost connection) has written an entry for every record it wrote; the
+    next load then finds the view populated and deletes each record before writing it. A record
+    written without its entry would look foreign to the next load, which would ``HSET`` over it
+    and keep the fields the new row no longer has (a NULL since then). An entry without its
+    record is harmless: the next load or the generation's sweep replaces it.
+    """
+    entries = b"".join(e for _, e in chunk)
+    return b"".join([b"*%d\r\n" % (2 + 2 * len(chunk)), _bulk(b"HSET"), _bulk(vkey), entries,
+                     *(r for r, _ in chunk)])
 
 
 def _socket(conn: Any) -> socket.socket:
@@ -397,7 +414,8 @@ class RedisSink:
     def wire_load(self, view: str, chunks: Iterable[Sequence[tuple[bytes, bytes]]]) -> int:
         """Relay a wire load of ``view`` to Redis, pipelined: ``chunks`` yields lists of the
         ``(record commands, version entry)`` rows that :meth:`wire_select`'s SELECT list returns;
-        each chunk is sent as its record commands plus one ``HSET`` of its version entries.
+        each chunk is sent as one ``HSET`` of its version entries, then its record commands
+        (:func:`wire_chunk` says why in that order).
         Returns once Redis answered every command, with the number of records.
 
         Raises :class:`SinkError`: retryable for connection failures and transient replies
@@ -409,7 +427,6 @@ class RedisSink:
         if view not in self._wire_plans:
             raise SinkError(f"sink {self.name}: wire_load of {view!r} without wire_select", retryable=False)
         per_row, vkey = self._wire_plans[view]
-        head = _bulk(b"HSET") + _bulk(vkey)
         pool = self._client.connection_pool
         with self._errors("wire_load"):
             conn = pool.get_connection()
@@ -440,10 +457,9 @@ class RedisSink:
             for chunk in chunks:
                 if not chunk:
                     continue
-                entries = b"".join(e for _, e in chunk)
                 if not vhex:
                     vhex = chunk[0][1].rsplit(b"\r\n", 2)[-2]
-                sock.sendall(b"".join([*(r for r, _ in chunk), b"*%d\r\n" % (2 + 2 * len(chunk)), head, entries]))
+                sock.sendall(wire_chunk(vkey, chunk))
                 expected += len(chunk) * per_row + 1
                 rows += len(chunk)
                 receive(False)

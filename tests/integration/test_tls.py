@@ -239,9 +239,12 @@ def test_every_connection_over_tls(tmp_path, monkeypatch, pki, tls_redis, tls_op
             conn.execute("UPDATE items SET qty = -qty WHERE id <= 50")
             conn.execute("DELETE FROM items WHERE id > 180")
             conn.execute("INSERT INTO items VALUES (1000, 'new', 1)")
-            # the replication connection itself is encrypted
-            (ssl_on,) = conn.execute("SELECT s.ssl FROM pg_stat_ssl s JOIN pg_replication_slots r ON r.active_pid = s.pid"
-                                     " WHERE r.slot_name = %s", (slot,)).fetchone()
+            # the replication connection itself is encrypted ("streaming" is recorded just
+            # before START_REPLICATION: wait for the walsender)
+            query = ("SELECT s.ssl FROM pg_stat_ssl s JOIN pg_replication_slots r ON r.active_pid = s.pid"
+                     " WHERE r.slot_name = %s")
+            wait_until(lambda: conn.execute(query, (slot,)).fetchone() is not None, 30, what="the walsender")
+            (ssl_on,) = conn.execute(query, (slot,)).fetchone()
         assert ssl_on is True
         target = current_lsn(dsn)
         wait_until(lambda: slot_caught_up(dsn, slot, target), 60, what="the slot to catch up")
@@ -270,7 +273,9 @@ def test_every_connection_over_tls(tmp_path, monkeypatch, pki, tls_redis, tls_op
         res = cli("run", "-c", str(bad))
         assert res.returncode == 1, res.stderr
         assert "certificate verify failed" in res.stderr and "Traceback" not in res.stderr, res.stderr
-        assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1, res.stderr
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and "certificate verify failed" in errors[0], res.stderr
+        assert all(ln.startswith(("error: ", "20")) for ln in res.stderr.splitlines() if ln.strip()), res.stderr
 
         # A missing certificate file: exit 2, the YAML path and the file named.
         missing = tmp_path / "missing.yaml"

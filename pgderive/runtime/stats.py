@@ -40,11 +40,7 @@ class LagHistogram:
 
     def add_one(self, ms: float) -> None:
         """Record one latency in ms (see :meth:`add`)."""
-        b = int(math.log(max(ms, self._FLOOR_MS) / self._FLOOR_MS) / math.log(self._BASE))
-        self.counts[b] = self.counts.get(b, 0) + 1
-        self.samples += 1
-        if self.max_ms is None or ms > self.max_ms:
-            self.max_ms = ms
+        self.add((ms,))
 
     def percentile(self, p: float) -> float | None:
         """The ``p`` quantile (0 < p ≤ 1) in ms, within 1%, never above :attr:`max_ms`; None

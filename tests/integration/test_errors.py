@@ -241,15 +241,21 @@ def test_opensearch_stall_during_bootstrap_is_retried(src: Source, tmp_path: Pat
 
 # ----------------------------------------------------------------------------- item 5
 
-def test_silent_postgres_times_out_with_a_log_line(tmp_path: Path) -> None:
-    fake = SilentPostgres()
-    try:
-        config = tmp_path / "c.yaml"
-        config.write_text(f"""
-source: {{dsn: "postgresql://postgres@127.0.0.1:{fake.port}/db", slot: s_silent, connect_timeout: 3}}
+def silent_config(tmp_path: Path, port: int, *, connect_timeout: int) -> Path:
+    """A config whose source is the fake Postgres on ``port`` that never answers."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+source: {{dsn: "postgresql://postgres@127.0.0.1:{port}/db", slot: s_silent, connect_timeout: {connect_timeout}}}
 sinks: {{cache: {{type: redis, url: "{REDIS_URL}"}}}}
 views: {{v: {{table: t, sink: cache, key: "v:{{id}}"}}}}
 """)
+    return config
+
+
+def test_silent_postgres_times_out_with_a_log_line(tmp_path: Path) -> None:
+    fake = SilentPostgres()
+    try:
+        config = silent_config(tmp_path, fake.port, connect_timeout=3)
         for command in ("validate", "status"):
             proc, secs = pgderive(command, "-c", str(config))
             assert proc.returncode == 1, proc.stderr
@@ -267,12 +273,7 @@ views: {{v: {{table: t, sink: cache, key: "v:{{id}}"}}}}
 def test_sigterm_while_connecting_to_a_silent_postgres(tmp_path: Path) -> None:
     fake = SilentPostgres()
     try:
-        config = tmp_path / "c.yaml"
-        config.write_text(f"""
-source: {{dsn: "postgresql://postgres@127.0.0.1:{fake.port}/db", slot: s_silent, connect_timeout: 0}}
-sinks: {{cache: {{type: redis, url: "{REDIS_URL}"}}}}
-views: {{v: {{table: t, sink: cache, key: "v:{{id}}"}}}}
-""")
+        config = silent_config(tmp_path, fake.port, connect_timeout=0)
         log = tmp_path / "run.log"
         proc = start("run", "-c", str(config), log=log)
         wait_until(lambda: "still connecting to the source" in log.read_text(), 20, what="the waiting line")

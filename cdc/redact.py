@@ -29,7 +29,7 @@ from typing import Iterable
 from urllib.parse import unquote
 
 __all__ = ["SECRET_KEYWORDS", "MASK", "redact_dsn", "redact_url", "dsn_secrets", "url_secrets",
-           "register_secrets", "scrub", "RedactingFilter"]
+           "register_secrets", "registered_secrets", "scrub", "RedactingFilter"]
 
 #: libpq connection parameters whose value is a secret (Postgres docs, "Parameter Key Words").
 #: ``passfile``, ``sslkey`` and ``sslcert`` name files and stay visible.
@@ -142,6 +142,13 @@ def register_secrets(values: Iterable[str]) -> None:
                 if len(part) >= 4 and part not in _secrets:
                     _secrets.append(part)
         _secrets.sort(key=len, reverse=True)  # longest first: a word never hides half a value
+
+
+def registered_secrets() -> list[str]:
+    """The values :func:`register_secrets` remembered (to register them in a process this one
+    starts: a lane's process scrubs the same secrets)."""
+    with _lock:
+        return list(_secrets)
 
 
 def scrub(text: str) -> str:

@@ -1,4 +1,5 @@
 """``python -m pgderive``: the same as the ``pgderive`` command."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ thread-safe: the runtime calls sinks from worker threads.
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ from sinks.base import Doc, Op, Rejected, SinkError, ViewTarget
 if TYPE_CHECKING:
     from sinks.base import AtomicCheckpoint, Sink
 
-__all__ = ["MemorySink", "WRITE_METHODS"]
+__all__ = ["MemorySink", "MemorySinkOpener", "WRITE_METHODS"]
 
 WRITE_METHODS = frozenset({"apply", "apply_and_advance", "load"})
 """The calls :meth:`MemorySink.fail_next` and :meth:`MemorySink.block` affect by default."""
@@ -75,6 +76,10 @@ class MemorySink:
             MemorySink instance is one deployment's store (nothing is shared between
             instances), so there is no other deployment's state to keep apart, and no legacy
             layout to adopt (it is no :class:`~sinks.base.LegacyLayout`).
+        journal: a file to which every completed write call appends one JSON line
+            ``{"call": name, "ops": [[view, key, version, deleted], ...], "lsn": int | null}``
+            (``lsn``: where checkpoints moved): what a test reads back from a sink that lives
+            in another process (:class:`MemorySinkOpener`).
 
     Attributes:
         stats: running counters ``applied``, ``skipped`` (older or equal-but-missed version,
@@ -92,8 +97,10 @@ class MemorySink:
     """
 
     def __init__(self, name: str = "memory", *,
-                 reject: Callable[[Op], str | None] | None = None, deployment: str | None = None) -> None:
+                 reject: Callable[[Op], str | None] | None = None, deployment: str | None = None,
+                 journal: str | None = None) -> None:
         self.name = name
+        self.journal = journal
         self.deployment = deployment
         self.reject = reject
         self.stats: dict[str, int] = {"applied": 0, "skipped": 0, "partial_missed": 0, "rejected": 0}
@@ -192,6 +199,7 @@ class MemorySink:
         with self._lock:
             rejected = self._apply(ops)
             self.batches.append(("apply", list(ops)))
+            self._journal("apply", ops)
             return rejected
 
     def apply_and_advance(self, ops: Sequence[Op], views: Sequence[str], previous: int,
@@ -204,6 +212,7 @@ class MemorySink:
             rejected = self._apply(ops)
             lost = self._advance(views, previous, lsn)
             self.batches.append(("apply_and_advance", list(ops)))
+            self._journal("apply_and_advance", ops, None if lost else lsn)
             return rejected, lost
 
     def begin_generation(self, view: str, version: int) -> str:
@@ -252,7 +261,9 @@ class MemorySink:
         checkpoint is missing or behind ``previous`` (left untouched)."""
         self._enter("advance_checkpoint")
         with self._lock:
-            return self._advance(views, previous, lsn)
+            lost = self._advance(views, previous, lsn)
+            self._journal("advance_checkpoint", (), None if lost else lsn)
+            return lost
 
     def read_checkpoint(self, view: str) -> int | None:
         self._enter("read_checkpoint")
@@ -265,6 +276,7 @@ class MemorySink:
         with self._lock:
             self._target(view)
             self._sweep(view, version + 1)
+            self._journal("truncate", (), version)
 
     def scan(self, view: str) -> Iterator[tuple[str, Doc]]:
         """``(key, doc)`` of every live record (a snapshot taken at the call; docs are copies)."""
@@ -326,6 +338,12 @@ class MemorySink:
         self.closed = True
 
     # --- internals --------------------------------------------------------------------------
+
+    def _journal(self, call: str, ops: Sequence[Op], lsn: int | None = None) -> None:
+        if self.journal is not None:
+            line = {"call": call, "ops": [[o.view, o.key, o.version, o.doc is None] for o in ops], "lsn": lsn}
+            with open(self.journal, "ab") as f:
+                f.write(json.dumps(line).encode() + b"\n")
 
     def _enter(self, method: str) -> None:
         """Count the call, then apply the :meth:`slow`, :meth:`block` and :meth:`fail_next` hooks."""
@@ -424,3 +442,45 @@ if TYPE_CHECKING:
     def _implements(sink: MemorySink) -> tuple[Sink, AtomicCheckpoint]:
         """Never called: mypy checks here that MemorySink implements these protocols."""
         return sink, sink
+
+
+@dataclass(frozen=True)
+class MemorySinkOpener:
+    """Opens a :class:`MemorySink` in another process (picklable): the test double of a lane
+    that runs in a process of its own. Its writes are read back from ``journal``.
+
+    Attributes:
+        name: the sink's name.
+        targets: the views to register.
+        journal: see :class:`MemorySink`.
+        checkpoints: view → checkpoint (int LSN) the sink starts with (what it acknowledged
+            before; without one, a batch that moves checkpoints reports the view as lost).
+        fail: the first ``fail`` write calls raise :class:`SinkError` (:meth:`MemorySink.fail_next`)
+            with ``retryable``.
+        slow: seconds every write call takes (:meth:`MemorySink.slow`).
+        open_error: raise a non-retryable :class:`SinkError` with this text instead of opening.
+    """
+
+    name: str
+    targets: tuple[ViewTarget, ...] = ()
+    journal: str | None = None
+    checkpoints: tuple[tuple[str, int], ...] = ()
+    fail: int = 0
+    retryable: bool = True
+    slow: float = 0.0
+    open_error: str | None = None
+
+    def __call__(self) -> MemorySink:
+        """The sink. Raises :class:`SinkError` (``open_error``)."""
+        if self.open_error is not None:
+            raise SinkError(f"sink {self.name}: {self.open_error}", retryable=False)
+        sink = MemorySink(self.name, journal=self.journal)
+        for target in self.targets:
+            sink.register(target)
+        for view, lsn in self.checkpoints:
+            sink.write_checkpoint([view], lsn)
+        if self.fail:
+            sink.fail_next(self.fail, retryable=self.retryable)
+        if self.slow:
+            sink.slow(self.slow)
+        return sink

@@ -23,9 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cdc.lsn import format_lsn
-from cdc.redact import RedactingFilter, register_secrets, scrub
+from cdc.redact import register_secrets, scrub
 
 from views.spec import Spec, SpecError, load_spec
+
+from ..runtime.logs import configure_logging, debugging
 
 if TYPE_CHECKING:
     from ..ops.status import SlotStatus
@@ -36,37 +38,8 @@ log = logging.getLogger("pgderive")
 _console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
-#: Libraries that log a traceback with every failed request (opensearch-py logs each retry of
-#: an unreachable node at WARNING with the urllib3 traceback). pgderive reports the failure
-#: itself, in one line; their logs are only shown with ``--log-level debug``.
-_NOISY_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
-_debug = False
-
-
 def _setup_logging(level: str) -> None:
-    global _debug
-    _debug = level.lower() == "debug"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
-    for noisy in _NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.DEBUG if _debug else logging.CRITICAL + 1)
-    # psycopg warns ("error ignored in rollback") when a stop interrupts a query: the connection
-    # is being thrown away on purpose.
-    logging.getLogger("psycopg").setLevel(logging.DEBUG if _debug else logging.ERROR)
-    threading.excepthook = _thread_excepthook
-
-
-def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
-    """An exception no thread handled: one log line (scrubbed by the handlers' filter), the
-    traceback only with ``--log-level debug``; never Python's default traceback print."""
-    if args.exc_type is SystemExit:
-        return
-    name = args.thread.name if args.thread is not None else "?"
-    log.error("thread %s failed: %s: %s", name, args.exc_type.__name__, args.exc_value,
-              exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if _debug and args.exc_value else None)
+    configure_logging(getattr(logging, level.upper(), logging.INFO))
 
 
 class _Group(click.Group):
@@ -91,9 +64,9 @@ class _Group(click.Group):
 
 
 def _unexpected(message: str) -> NoReturn:
-    if _debug:
+    if debugging():
         log.debug("unexpected error", exc_info=True)
-    click.echo(f"error: {_one_line(message)}" + ("" if _debug else " (--log-level debug shows the"
+    click.echo(f"error: {_one_line(message)}" + ("" if debugging() else " (--log-level debug shows the"
                                                   " traceback)"), err=True)
     sys.exit(1)
 

@@ -1,4 +1,5 @@
 """``python -m pgderive.cli``: the same as the ``pgderive`` command."""
 from . import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -111,6 +111,13 @@ class Batch:
         self.ops, self.dead_letters, self.supersedes, self.nbytes = {}, [], [], 0
         return part
 
+    def portable(self) -> Batch:
+        """The batch as a lane's process needs it (what the sink gets, pickled over a pipe):
+        the same Ops, dead letters, supersedes, TRUNCATEs and position, without the commit
+        timestamps and :class:`LagToken`\\ s, which stay with the daemon's counters."""
+        return Batch(end_lsn=self.end_lsn, ops=self.ops, nbytes=self.nbytes, dead_letters=self.dead_letters,
+                     supersedes=self.supersedes, truncates=self.truncates)
+
     def successor(self) -> Batch:
         """An empty batch at this batch's position (what the reader fills next)."""
         return Batch(end_lsn=self.end_lsn)

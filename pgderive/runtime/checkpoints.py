@@ -10,7 +10,6 @@ position finds views to rebuild, and a slot that moved on without pgderive
 """
 from __future__ import annotations
 
-import threading
 from typing import Mapping, Sequence
 
 from cdc.lsn import format_lsn
@@ -18,7 +17,7 @@ from sinks.base import Sink
 from views.derive import View
 
 from .errors import EngineError
-from .retry import with_retry
+from .retry import StopFlag, with_retry
 
 __all__ = ["SinkDataLoss", "advance_checkpoints", "lost_views"]
 
@@ -29,7 +28,11 @@ class SinkDataLoss(RuntimeError):
 
     def __init__(self, sink: str, views: list[str], detail: str) -> None:
         super().__init__(f"sink {sink} lost data of view(s) {', '.join(views)}: {detail}")
-        self.sink, self.views = sink, views
+        self.sink, self.views, self.detail = sink, views, detail
+
+    def __reduce__(self) -> tuple[type[SinkDataLoss], tuple[str, list[str], str]]:
+        # Raised in a lane's process and re-raised in the daemon (pickled over its pipe).
+        return (type(self), (self.sink, self.views, self.detail))
 
     @classmethod
     def behind(cls, sink: str, views: list[str], acked: int) -> SinkDataLoss:
@@ -38,7 +41,7 @@ class SinkDataLoss(RuntimeError):
 
 
 def advance_checkpoints(sink: Sink, views: Sequence[str], previous: int, lsn: int,
-                        stop: threading.Event, *, retry: bool = True) -> None:
+                        stop: StopFlag, *, retry: bool = True) -> None:
     """Move the checkpoints of ``views`` in ``sink`` from ``previous`` to ``lsn`` (int LSNs).
 
     With ``retry``, a retryable :class:`~sinks.base.SinkError` (a sink down or hung) is retried

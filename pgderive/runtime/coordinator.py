@@ -32,22 +32,25 @@ from cdc.lsn import format_lsn
 from cdc.refetch import RowRefetcher
 from cdc.slot import ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
-from sinks.base import Rejected, Sink
+from cdc.redact import registered_secrets
+from sinks.base import Refreshable, Sink
 from views.check import build_views
 from views.derive import View, view_fingerprint
 from views.spec import Spec
 
 from ..state.aggregates import AggregateStore
-from ..state.deadletters import DeadLetter, DeadLetterStore, Supersede
+from ..state.deadletters import DeadLetterStore
 from ..state.slots import StateStore
 from .bootstrap import Interrupted, load_snapshot
 from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
+from .lane_process import LaneProcessSpec
 from .lanes import Lanes
 from .preflight import check_privileges, preflight, raise_for
+from .recording import DeadLetterRecorder
 from .reload import reload_views
 from .retry import Backoff, one_line
-from .sinks import open_sinks, prepare_sinks
+from .sinks import SinkOpener, deployment_of, open_sinks, prepare_sinks
 from .stats import Stats
 from .stream import Limits, Stream, row_refetcher
 from .waiting import waiting
@@ -102,6 +105,7 @@ class Engine:
         self.aggregates = AggregateStore(self.data_dsn)
         self.views: list[View] = []
         self.sinks: dict[str, Sink] = {}
+        self.deployment: str | None = None
         self.reader: SlotReader | None = None
         self.refetcher: RowRefetcher | None = None
         self.stream: Stream | None = None
@@ -151,7 +155,8 @@ class Engine:
             sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
         self.refetcher = row_refetcher(self.data_dsn, self.views)
-        self.sinks = open_sinks(self.spec, self.views, prepare=False)
+        self.deployment = deployment_of(self.spec)
+        self.sinks = open_sinks(self.spec, self.views, deployment=self.deployment, prepare=False)
         self.reader = SlotReader(self.data_dsn, self.slot, tables=tables)
         try:
             # Before the schema, a slot or anything else exists: a start that cannot succeed
@@ -410,6 +415,25 @@ class Engine:
         is not being read meanwhile; its replay afterwards converges by versions)."""
         reload_views(self.data_dsn, self.slot, views, self.sinks, self.dead_letters, stop=self.stop)
 
+    def _recorder(self) -> DeadLetterRecorder:
+        return DeadLetterRecorder(self.dsn, self.slot, {v.name: v.table for v in self.views},
+                                  max_bytes=self.spec.dead_letters.max_bytes, store=self.dead_letters)
+
+    def _lane_processes(self) -> dict[str, LaneProcessSpec]:
+        """The sinks whose lanes run in a process of their own (ARCHITECTURE.md, "Lanes"):
+        ``lane: process``, or ``lane: auto`` (the default) for a sink that lingers
+        (:class:`~sinks.base.Refreshable`: OpenSearch) while the daemon writes to another sink
+        as well. Alone, a sink has no other lane to take CPU time from."""
+        out: dict[str, LaneProcessSpec] = {}
+        for name, sink in self.sinks.items():
+            mode = self.spec.sinks[name].lane
+            if mode == "process" or (mode == "auto" and len(self.sinks) > 1 and isinstance(sink, Refreshable)):
+                assert self.deployment is not None
+                out[name] = LaneProcessSpec(
+                    name, SinkOpener.of(self.spec, name, self.views, self.deployment), record=self._recorder(),
+                    log_level=logging.getLogger().getEffectiveLevel(), secrets=tuple(registered_secrets()))
+        return out
+
     def _views_by_sink(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = defaultdict(list)
         for v in self.views:
@@ -419,7 +443,7 @@ class Engine:
     def _loop(self, reader: SlotReader) -> None:
         """Stream from ``reader`` (started) through one lane per sink until stopped or failed."""
         lanes = Lanes(self.sinks, self._views_by_sink(), self.stop, acked_lsn=reader.confirmed_lsn,
-                      record=self._record_dead_letters, stats=self.stats)
+                      record=self._recorder(), stats=self.stats, processes=self._lane_processes())
         try:
             self.stream = Stream(self.views, lanes, stats=self.stats, stop=self.stop, refetcher=self.refetcher,
                                  aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats,
@@ -427,27 +451,6 @@ class Engine:
             self.stream.run(reader)
         finally:
             lanes.close(1.0 if self.stop.is_set() else 5.0)  # stopping: Stream waited already
-
-    def _record_dead_letters(self, dead: Sequence[DeadLetter], rejected: Sequence[Rejected],
-                             supersedes: Sequence[Supersede] = ()) -> None:
-        """Lane callback: mark the dead letters the batch's later changes superseded, then
-        store the batch's dead letters (rows views could not derive, documents sinks refused)
-        in ``pgderive.dead_letters``, before the batch is acknowledged (rule 5)."""
-        if supersedes:
-            n = self.dead_letters.supersede(self.slot, supersedes)
-            if n:
-                log.info("%d dead letter(s) superseded by later changes of their rows (views %s)", n,
-                         ", ".join(sorted({s.view for s in supersedes})))
-        tables = {v.name: v.table for v in self.views}
-        entries = list(dead)
-        entries += [DeadLetter(r.op.view, tables.get(r.op.view, "?"), r.op.key, r.op.version, r.error, r.op.doc)
-                    for r in rejected]
-        self.dead_letters.record(self.slot, entries)
-        for e in entries[:5]:
-            log.warning("dead letter: view %s, %s, key %s, at %s: %s", e.view, e.table, e.key,
-                        format_lsn(e.lsn), e.error)
-        if len(entries) > 5:
-            log.warning("… and %d more dead letters (see `pgderive dead-letters list`)", len(entries) - 5)
 
     def _write_stats(self, force: bool = False) -> None:
         if not self.stats_file:

@@ -21,17 +21,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Iterator, Mapping, Protocol, Sequence
 
-from sinks.base import AtomicCheckpoint, Op, Refreshable, Rejected, Sink, SinkError
+from sinks.base import Refreshable, Sink, SinkError
 
-from ..state.deadletters import DeadLetter, Supersede
+from .applier import Applier, DeadLetterSink
 from .batch import Batch
-from .checkpoints import SinkDataLoss, advance_checkpoints
-from .retry import one_line, with_retry
+from .lane_process import LaneProcessSpec, ProcessLane
+from .retry import one_line
+from .saturation import SaturationMonitor
 from .stats import LaneStats, Stats
 
-__all__ = ["Lane", "Lanes", "SaturationMonitor", "FAST_S"]
+__all__ = ["Lane", "Lanes", "SinkLane", "SaturationMonitor", "FAST_S", "DeadLetterSink"]
 
 #: A lane whose batches take less than this on average (seconds) may have its small batches
 #: applied on the reading thread. Measured on 2 cores under pgbench saturation: Redis 1-5 ms per
@@ -39,53 +40,58 @@ __all__ = ["Lane", "Lanes", "SaturationMonitor", "FAST_S"]
 FAST_S = 0.010
 
 log = logging.getLogger("pgderive.lanes")
-T = TypeVar("T")
-
-#: ``record(dead letters, rejected Ops, supersedes)``: marks the dead letters the batch's later
-#: changes superseded, then stores the new ones (``pgderive.dead_letters``), before the batch
-#: that carried them is acknowledged and after its Ops were applied. Called from lane threads.
-DeadLetterSink = Callable[[Sequence[DeadLetter], Sequence[Rejected], Sequence[Supersede]], None]
 
 
-class SaturationMonitor:
-    """Notices a sink that cannot keep up: its lane busy (applying, retrying, checkpointing) for
-    at least ``threshold`` of a window of at least ``window`` seconds. Logs a warning naming the
-    sink, at most every ``every`` seconds. Called from one lane's thread only."""
+class SinkLane(Protocol):
+    """What the stream needs of a lane, wherever it applies its batches: on a thread of the
+    daemon (:class:`Lane`) or in a process of its own
+    (:class:`~pgderive.runtime.lane_process.ProcessLane`). Every method is called from the
+    reading thread."""
 
-    def __init__(self, window: float = 10.0, threshold: float = 0.9, every: float = 60.0) -> None:
-        self.window, self.threshold, self.every = window, threshold, every
-        self._start: float | None = None
-        self._busy = 0.0
-        self._ops = 0
-        self._per_sink: dict[str, float] = {}
-        self._logged = -1e18
+    name: str
+    views: list[str]
+    #: The position (int LSN) the sink acknowledged: every transaction ending at or before it.
+    acked_lsn: int
+    #: What the lane's last batch raised; the reading thread raises it (:meth:`Lanes.raise_error`).
+    error: BaseException | None
+    #: The sink shows writes only after a refresh interval: its batch may wait for more Ops.
+    lingers: bool
 
-    def record(self, started: float, ended: float, ops: int, per_sink: Mapping[str, float]) -> None:
-        """One batch of ``ops`` Ops applied from ``started`` to ``ended`` (monotonic seconds);
-        ``per_sink``: seconds each sink spent applying its part."""
-        if self._start is None:
-            self._start = started
-        self._busy += ended - started
-        self._ops += ops
-        for name, secs in per_sink.items():
-            self._per_sink[name] = self._per_sink.get(name, 0.0) + secs
-        span = ended - self._start
-        if span < self.window:
-            return
-        busy, n, per_sink = self._busy, self._ops, self._per_sink
-        self._start, self._busy, self._ops, self._per_sink = None, 0.0, 0, {}
-        if busy / span >= self.threshold and ended - self._logged >= self.every and per_sink:
-            self._logged = ended
-            slowest = max(per_sink, key=per_sink.__getitem__)
-            log.warning("sink %s is the bottleneck: its lane was busy %.0f%% of the last %.0f s "
-                        "(%d ops, %.0f ops/s; %s spent %.1f s applying); its views lag, and once its "
-                        "next batch is full the slot is read only as fast as it acknowledges "
-                        "(backpressure; Postgres retains WAL meanwhile)",
-                        slowest, 100 * busy / span, span, n, n / span, slowest, per_sink[slowest])
+    @property
+    def idle(self) -> bool:
+        """True when no batch is in flight."""
+        ...
+
+    @property
+    def fast(self) -> bool:
+        """True when small batches may be applied on the reading thread (:meth:`apply_direct`)."""
+        ...
+
+    def submit(self, batch: Batch) -> None:
+        """Hand ``batch`` over (the lane must be idle; the caller must not touch it afterwards)."""
+        ...
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no batch is in flight (or ``timeout`` seconds); returns :attr:`idle`."""
+        ...
+
+    def apply_direct(self, batch: Batch) -> bool:
+        """Apply ``batch`` on the calling thread, one attempt: True once acknowledged, False
+        when it must be :meth:`submit`\\ ted instead."""
+        ...
+
+    def checkpoint(self, lsn: int, retry: bool = True) -> None:
+        """Record that every view of the lane is complete up to ``lsn`` (int LSN; the lane
+        must be idle)."""
+        ...
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the lane, waiting up to ``timeout`` seconds for its batch in flight."""
+        ...
 
 
 class Lane:
-    """Applies one sink's batches, one at a time, on a thread of its own.
+    """Applies one sink's batches, one at a time, on a thread of its own (a :class:`SinkLane`).
 
     Args:
         sink: the sink.
@@ -105,13 +111,11 @@ class Lane:
         self.name = sink.name
         self.views = list(views)
         self.stop = stop
-        self.acked_lsn = acked_lsn
-        self.record = record
+        self.applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=record)
         self.stats = stats or Stats()
         self.lane_stats: LaneStats = self.stats.lane(self.name)
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
-        self._atomic = isinstance(sink, AtomicCheckpoint)
         # A sink whose readers see writes only after a refresh interval (OpenSearch: 1 s) loses
         # nothing visible when its batch waits a little for more Ops (Limits.linger).
         self.lingers = isinstance(sink, Refreshable)
@@ -127,6 +131,15 @@ class Lane:
 
     def __repr__(self) -> str:
         return f"Lane({self.name!r}, acked={self.acked_lsn:#x}, idle={self.idle})"
+
+    @property
+    def acked_lsn(self) -> int:
+        """The position (int LSN) the sink acknowledged (see :class:`SinkLane`)."""
+        return self.applier.acked_lsn
+
+    @acked_lsn.setter
+    def acked_lsn(self, lsn: int) -> None:
+        self.applier.acked_lsn = lsn
 
     @property
     def idle(self) -> bool:
@@ -173,12 +186,9 @@ class Lane:
 
     def checkpoint(self, lsn: int, retry: bool = True) -> None:
         """Record in the sink that every view of the lane is complete up to ``lsn`` (int LSN)
-        and make it the lane's position. See :func:`~pgderive.runtime.checkpoints.advance_checkpoints`
-        for the data-loss check (raises :class:`SinkDataLoss`) and ``retry``."""
-        if lsn <= self.acked_lsn:
-            return
-        advance_checkpoints(self.sink, self.views, self.acked_lsn, lsn, self.stop, retry=retry)
-        self.acked_lsn = lsn
+        and make it the lane's position (:meth:`~pgderive.runtime.applier.Applier.checkpoint`:
+        raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss` and ``SinkError``)."""
+        self.applier.checkpoint(lsn, retry=retry)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the lane's thread (after the batch in flight, if any, waiting at most
@@ -205,40 +215,14 @@ class Lane:
                 self._batch = None
                 self._cond.notify_all()
 
-    def _call(self, what: str, fn: Callable[[], T], retry: bool) -> T:
-        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop) if retry else fn()
-
     def _apply(self, batch: Batch, retry: bool) -> None:
-        """Apply the Ops, record dead letters, advance the checkpoints, apply the TRUNCATEs,
-        then move :attr:`acked_lsn` and count the batch."""
+        """Apply the batch (:meth:`~pgderive.runtime.applier.Applier.apply`), then count it."""
         started = time.monotonic()
-        sink, views = self.sink, self.views
-        lsn = batch.end_lsn if batch.end_lsn > self.acked_lsn else 0  # 0: no checkpoint to advance
-        ops: list[Op] = list(batch.ops.values())
-        rejected: list[Rejected] = []
-        advanced = False
-        if lsn and views and self._atomic:
-            # One round trip for the Ops and the checkpoints, which move only if every Op landed.
-            assert isinstance(sink, AtomicCheckpoint)
-            previous = self.acked_lsn
-            rejected, lost = self._call("", lambda: sink.apply_and_advance(ops, views, previous, lsn), retry)
-            if lost:
-                raise SinkDataLoss.behind(self.name, lost, previous)
-            advanced = True
-        elif ops:
-            rejected = self._call("", lambda: sink.apply(ops), retry)
-        if (rejected or batch.dead_letters or batch.supersedes) and self.record is not None:
-            self.record(batch.dead_letters, rejected, batch.supersedes)
-        if lsn and not advanced and views:
-            advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry)
-        for view, version in batch.truncates:
-            self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
-        if lsn:
-            self.acked_lsn = lsn
+        self.applier.apply(batch, retry=retry)
         ended = time.monotonic()
         self.apply_s += 0.2 * ((ended - started) - self.apply_s)
         self.stats.acknowledged(self.lane_stats, batch, ended - started)
-        self.saturation.record(started, ended, len(ops), {self.name: ended - started})
+        self.saturation.record(started, ended, len(batch), {self.name: ended - started})
 
 
 class Lanes:
@@ -251,21 +235,36 @@ class Lanes:
         acked_lsn: the slot's confirmed position (every lane starts there).
         record: see :class:`Lane`.
         stats: the run's counters.
+        processes: sink name → how to open that sink in a process of its own: those sinks get
+            a :class:`~pgderive.runtime.lane_process.ProcessLane` (ARCHITECTURE.md, "Lanes":
+            a sink whose client work would take the reading thread's CPU), the others a
+            :class:`Lane` on a thread.
     """
 
     def __init__(self, sinks: Mapping[str, Sink], views_by_sink: Mapping[str, Sequence[str]],
                  stop: threading.Event, *, acked_lsn: int = 0, record: DeadLetterSink | None = None,
-                 stats: Stats | None = None) -> None:
+                 stats: Stats | None = None, processes: Mapping[str, LaneProcessSpec] | None = None) -> None:
         self.changed = threading.Condition()
-        self.by_name: dict[str, Lane] = {
-            name: Lane(sink, views_by_sink.get(name, ()), stop, acked_lsn=acked_lsn, record=record,
-                       stats=stats, changed=self.changed)
-            for name, sink in sinks.items()}
+        self.by_name: dict[str, SinkLane] = {}
+        try:
+            for name, sink in sinks.items():
+                views = views_by_sink.get(name, ())
+                spec = (processes or {}).get(name)
+                if spec is None:
+                    self.by_name[name] = Lane(sink, views, stop, acked_lsn=acked_lsn, record=record,
+                                              stats=stats, changed=self.changed)
+                else:
+                    self.by_name[name] = ProcessLane(spec, views, stop, acked_lsn=acked_lsn,
+                                                     lingers=isinstance(sink, Refreshable),
+                                                     stats=stats, changed=self.changed)
+        except BaseException:
+            self.close(1.0)
+            raise
 
-    def __iter__(self) -> Iterator[Lane]:
+    def __iter__(self) -> Iterator[SinkLane]:
         return iter(self.by_name.values())
 
-    def __getitem__(self, name: str) -> Lane:
+    def __getitem__(self, name: str) -> SinkLane:
         return self.by_name[name]
 
     @property

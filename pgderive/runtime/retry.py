@@ -4,12 +4,11 @@ idempotent (ARCHITECTURE.md, rule 2), so repeating a call whose outcome is unkno
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 from sinks.base import SinkError
 
-__all__ = ["Backoff", "with_retry", "one_line"]
+__all__ = ["Backoff", "StopFlag", "with_retry", "one_line"]
 
 log = logging.getLogger("pgderive.lanes")
 T = TypeVar("T")
@@ -38,7 +37,20 @@ class Backoff:
         self.delay = self.first
 
 
-def with_retry(what: str, fn: Callable[[], T], stop: threading.Event) -> T:
+class StopFlag(Protocol):
+    """What a retry loop needs of a stop request: :class:`threading.Event` in the daemon,
+    :func:`multiprocessing.Event` in a lane's process."""
+
+    def is_set(self) -> bool:
+        """True once a stop was requested."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for a stop request; True if one came."""
+        ...
+
+
+def with_retry(what: str, fn: Callable[[], T], stop: StopFlag) -> T:
     """``fn()``, retrying retryable :class:`SinkError` with :class:`Backoff` until ``stop``.
 
     ``what`` names the call in the warning logged before each retry. Raises the

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import psycopg
 
 from cdc.catalog import deployment_id
-from sinks.base import Claims, LegacyLayout, Sink
+from sinks.base import Claims, LegacyLayout, Sink, ViewTarget
 from sinks.factory import make_sink
 from views.derive import View
 from views.spec import Spec
 
-__all__ = ["open_sinks", "prepare_sinks", "deployment_of"]
+__all__ = ["open_sinks", "prepare_sinks", "deployment_of", "SinkOpener"]
 
 log = logging.getLogger("pgderive.sinks")
 
@@ -71,3 +72,37 @@ def prepare_sinks(sinks: Mapping[str, Sink], views: Sequence[View]) -> None:
                          "namespaced by its deployment", name, ", ".join(adopted))
         if isinstance(sink, Claims):
             sink.claim(mine)
+
+
+@dataclass(frozen=True)
+class SinkOpener:
+    """Opens one sink with its views' targets registered, as :func:`open_sinks` does, in
+    another process: a lane's process calls it (picklable: a sink's YAML section, the
+    deployment id and the targets; the section may hold a password, which travels only over
+    the pipe to the process the daemon starts).
+
+    Attributes:
+        name: the sink's name in the YAML.
+        config: its ``sinks.NAME`` section as a dict (:func:`sinks.factory.make_sink`).
+        deployment: the deployment id (:func:`deployment_of`).
+        targets: the targets of the views it serves (:attr:`views.derive.View.target`).
+    """
+
+    name: str
+    config: dict[str, Any]
+    deployment: str
+    targets: tuple[ViewTarget, ...]
+
+    @classmethod
+    def of(cls, spec: Spec, name: str, views: Sequence[View], deployment: str) -> SinkOpener:
+        """The opener of sink ``name`` of ``spec`` serving those of ``views`` that use it."""
+        return cls(name, spec.sinks[name].model_dump(), deployment,
+                   tuple(v.target for v in views if v.sink == name))
+
+    def __call__(self) -> Sink:
+        """A new connection to the sink (nothing written). Raises ``ValueError`` (bad section)
+        and :class:`~sinks.base.SinkError`."""
+        sink = make_sink(self.name, self.config, deployment=self.deployment)
+        for target in self.targets:
+            sink.register(target)
+        return sink

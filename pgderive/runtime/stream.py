@@ -36,7 +36,7 @@ from views.derive import DerivationError, View
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter, identity_json
 from .batch import Batch, LagToken
-from .lanes import Lane, Lanes
+from .lanes import Lanes, SinkLane
 from .resolve import IncludeResolver
 from .retry import one_line
 from .stats import Stats
@@ -370,7 +370,7 @@ class Stream:
             log.info("TRUNCATE of %s empties view %s at %s", v.table, v.name, format_lsn(version))
 
     # -- handing batches to lanes ----------------------------------------------------------------
-    def _has_work(self, lane: Lane, now: float) -> bool:
+    def _has_work(self, lane: SinkLane, now: float) -> bool:
         batch = self.pending[lane.name]
         waited = now - self._handed[lane.name]
         if batch.has_data:

@@ -301,7 +301,7 @@ def test_colliding_keys_and_indexes_across_views() -> None:
       ("sinks.c", 5, "must be a mapping, got a number"),
       ("sinks.d.url", 6, "must be a redis://, rediss:// or unix:// URL"),
       ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url, ca_certs, client_cert, client_key,"
-                                 " verify_certs)"),
+                                 " verify_certs, lane)"),
       ("sinks.e.hosts", 7, "must list at least one host, e.g. [\"http://127.0.0.1:9201\"]"),
       ("sinks.f.hosts[0]", 8, "must be an http:// or https:// URL"),
       ("sinks.g.hosts", 9, "must be a list, got a string"),

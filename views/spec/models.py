@@ -27,6 +27,7 @@ from views.template import KeyTemplate
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
+    "LaneMode",
     "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
@@ -207,6 +208,14 @@ def _tls_pairing(spec: Any) -> None:
         raise _fail("client_cert and client_key go together", f".{missing}")
 
 
+#: Where ``pgderive run`` applies a sink's batches (``sinks.NAME.lane``; ARCHITECTURE.md,
+#: "Lanes"): ``thread`` (a thread of the daemon), ``process`` (a process of its own, which
+#: takes the sink client's CPU time off the daemon's interpreter lock), ``auto`` (the
+#: default: ``process`` for an OpenSearch sink when the daemon writes to another sink too,
+#: else ``thread``).
+LaneMode = Literal["auto", "thread", "process"]
+
+
 class RedisSinkSpec(BaseModel):
     """``{type: redis, url: ...}`` — a Redis server (``redis://``, ``rediss://``, ``unix://``).
 
@@ -219,6 +228,7 @@ class RedisSinkSpec(BaseModel):
             started with ``tls-auth-clients yes``.
         verify_certs: verify the server's certificate chain and host name (default true;
             false encrypts without knowing who answers).
+        lane: where the daemon applies this sink's batches (:data:`LaneMode`).
     """
 
     model_config = _STRICT
@@ -228,6 +238,7 @@ class RedisSinkSpec(BaseModel):
     client_cert: TlsFile = None
     client_key: TlsFile = None
     verify_certs: bool = True
+    lane: LaneMode = "auto"
 
     @field_validator("url")
     @classmethod
@@ -261,6 +272,7 @@ class OpenSearchSinkSpec(BaseModel):
             authentication"); give them from the environment, e.g. ``password:
             ${OPENSEARCH_PASSWORD}``. Never logged. Sent over plain ``http://`` hosts with a
             warning.
+        lane: where the daemon applies this sink's batches (:data:`LaneMode`).
     """
 
     model_config = _STRICT
@@ -273,6 +285,7 @@ class OpenSearchSinkSpec(BaseModel):
     verify_certs: bool = True
     username: str | None = None
     password: str | None = Field(None, repr=False)
+    lane: LaneMode = "auto"
 
     @model_validator(mode="after")
     def _tls(self) -> "OpenSearchSinkSpec":
@@ -729,6 +742,8 @@ class Spec(BaseModel):
         for sink in self.sinks.values():
             for url in [sink.url] if isinstance(sink, RedisSinkSpec) else sink.hosts:
                 out += url_secrets(url)
+            if isinstance(sink, OpenSearchSinkSpec) and sink.password:
+                out.append(sink.password)
         return list(dict.fromkeys(out))
 
     def error(self, path: str, message: str) -> SpecError:

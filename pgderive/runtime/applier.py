@@ -1,0 +1,102 @@
+"""The sink side of a lane: apply one batch to one sink and settle what must be settled before
+its position counts as acknowledged (ARCHITECTURE.md, "Lanes" and rules 2, 3 and 5).
+
+An :class:`Applier` is what a lane runs, on a thread of the daemon (:class:`~pgderive.runtime.lanes.Lane`)
+or in a process of its own (:class:`~pgderive.runtime.lane_process.ProcessLane`): the Ops,
+then the dead letters, then the checkpoints, then the TRUNCATEs, then the new position. It
+keeps no counters; the lane that owns it does.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+from sinks.base import AtomicCheckpoint, Op, Rejected, Sink
+
+from ..state.deadletters import DeadLetter, Supersede
+from .batch import Batch
+from .checkpoints import SinkDataLoss, advance_checkpoints
+from .retry import StopFlag, with_retry
+
+__all__ = ["Applier", "DeadLetterSink"]
+
+T = TypeVar("T")
+
+#: ``record(dead letters, rejected Ops, supersedes)``: marks the dead letters the batch's later
+#: changes superseded, then stores the new ones (``pgderive.dead_letters``), before the batch
+#: that carried them is acknowledged and after its Ops were applied. Called from lane threads
+#: (or a lane's process).
+DeadLetterSink = Callable[[Sequence[DeadLetter], Sequence[Rejected], Sequence[Supersede]], None]
+
+
+class Applier:
+    """Applies batches of one sink's views, one at a time, on the calling thread.
+
+    Args:
+        sink: the sink.
+        views: names of the views this sink serves (their checkpoints move with the batches).
+        stop: retries give up once it is set (:func:`~pgderive.runtime.retry.with_retry`).
+        acked_lsn: the position (int LSN) already acknowledged (the slot's confirmed LSN).
+        record: stores a batch's dead letters and rejected Ops before it counts as
+            acknowledged; None: they are dropped (tests).
+
+    Attributes:
+        acked_lsn: every transaction ending at or before it (int LSN) is applied to the sink
+            and its views' checkpoints are at least there.
+    """
+
+    def __init__(self, sink: Sink, views: Sequence[str], stop: StopFlag, *, acked_lsn: int = 0,
+                 record: DeadLetterSink | None = None) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.views = list(views)
+        self.stop = stop
+        self.acked_lsn = acked_lsn
+        self.record = record
+        self._atomic = isinstance(sink, AtomicCheckpoint)
+
+    def _call(self, what: str, fn: Callable[[], T], retry: bool) -> T:
+        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop) if retry else fn()
+
+    def apply(self, batch: Batch, *, retry: bool = True) -> None:
+        """Apply the batch's Ops, record its dead letters, advance the views' checkpoints to
+        its position, apply its TRUNCATEs (in stream order, after the Ops), then move
+        :attr:`acked_lsn` to ``batch.end_lsn`` (0: a batch without a position moves nothing).
+
+        With ``retry`` a retryable :class:`~sinks.base.SinkError` is retried with backoff
+        until :attr:`stop` (every step is idempotent, rule 2); without it the first one is
+        raised. Raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss` when a checkpoint
+        was missing or behind :attr:`acked_lsn`, non-retryable ``SinkError``, and what
+        ``record`` raises (``psycopg.Error``)."""
+        sink, views = self.sink, self.views
+        lsn = batch.end_lsn if batch.end_lsn > self.acked_lsn else 0  # 0: no checkpoint to advance
+        ops: list[Op] = list(batch.ops.values())
+        rejected: list[Rejected] = []
+        advanced = False
+        if lsn and views and self._atomic:
+            # One round trip for the Ops and the checkpoints, which move only if every Op landed.
+            assert isinstance(sink, AtomicCheckpoint)
+            previous = self.acked_lsn
+            rejected, lost = self._call("", lambda: sink.apply_and_advance(ops, views, previous, lsn), retry)
+            if lost:
+                raise SinkDataLoss.behind(self.name, lost, previous)
+            advanced = True
+        elif ops:
+            rejected = self._call("", lambda: sink.apply(ops), retry)
+        if (rejected or batch.dead_letters or batch.supersedes) and self.record is not None:
+            self.record(batch.dead_letters, rejected, batch.supersedes)
+        if lsn and not advanced and views:
+            advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry)
+        for view, version in batch.truncates:
+            self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
+        if lsn:
+            self.acked_lsn = lsn
+
+    def checkpoint(self, lsn: int, *, retry: bool = True) -> None:
+        """Record in the sink that every view is complete up to ``lsn`` (int LSN) and make it
+        :attr:`acked_lsn`; nothing when ``lsn`` is not past it. See
+        :func:`~pgderive.runtime.checkpoints.advance_checkpoints` for the data-loss check
+        (raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss`) and ``retry``."""
+        if lsn <= self.acked_lsn:
+            return
+        advance_checkpoints(self.sink, self.views, self.acked_lsn, lsn, self.stop, retry=retry)
+        self.acked_lsn = lsn

@@ -64,6 +64,35 @@ def wait_until(pred: Callable[[], bool], timeout: float = 60.0, interval: float 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def lane_processes(pid: int) -> list[int]:
+    """Pids of the live lane processes (``multiprocessing`` spawn children) of process ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
 class Daemon:
     """``pgderive run`` as a subprocess with its log in ``log_path``."""
 

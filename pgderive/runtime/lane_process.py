@@ -45,7 +45,6 @@ from sinks.base import Sink
 from .applier import Applier, DeadLetterSink
 from .batch import Batch
 from .logs import configure_logging
-from .retry import StopFlag
 from .saturation import SaturationMonitor
 from .stats import LaneStats, Stats
 
@@ -54,6 +53,15 @@ __all__ = ["LaneProcessSpec", "ProcessLane", "LaneProcessError"]
 log = logging.getLogger("pgderive.lanes")
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
+
+#: The lane's process runs at this niceness above the daemon's (``os.nice``, setpriority(2)):
+#: when CPU is short, the reading thread and the other lanes go first. Its sink lingers for
+#: more Ops anyway (tens of ms) and shows writes only after a refresh interval (OpenSearch: 1 s).
+NICE = 10
+
+#: Sent by the daemon to ask the process to stop retrying (its stop event); a signal rather than
+#: a shared semaphore, so nothing outlives a daemon killed with SIGKILL.
+STOP_SIGNAL = signal.SIGUSR1
 
 
 class LaneProcessError(RuntimeError):
@@ -119,12 +127,12 @@ class ProcessLane:
         self._batch: Batch | None = None
         self._checkpoint_error: BaseException | None = None
         self._closing = False
+        self._stop_sent = False
+        self._opened = False
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._stop_flag = ctx.Event()
         self._process = ctx.Process(target=_lane_process_main, name=f"pgderive-lane-{self.name}",
-                                    args=(spec, self.views, acked_lsn, child_conn, self._stop_flag,
-                                          os.getpid()), daemon=True)
+                                    args=(spec, self.views, acked_lsn, child_conn, os.getpid()), daemon=True)
         self._process.start()
         child_conn.close()
         self._receiver = threading.Thread(target=self._receive, name=f"pgderive-lane-{self.name}-replies",
@@ -201,7 +209,6 @@ class ProcessLane:
             if self._process.is_alive():
                 log.warning("sink %s: its lane's process did not stop within %g s; killing it",
                             self.name, timeout)
-                self._stop_flag.set()
                 self._process.kill()
                 self._process.join(5.0)
         self._receiver.join(1.0)
@@ -223,8 +230,11 @@ class ProcessLane:
         """The replies of the process, on a thread of the daemon; also passes a stop request on
         (so the process's retries give up)."""
         while True:
-            if self.stop.is_set() and not self._stop_flag.is_set():
-                self._stop_flag.set()
+            # Not before the process has installed its handler (its first reply): the signal
+            # would end it.
+            if self.stop.is_set() and not self._stop_sent and self._opened:
+                self._stop_sent = True
+                self._signal_stop()
             try:
                 if not self._conn.poll(0.1):
                     continue
@@ -234,7 +244,16 @@ class ProcessLane:
                 return
             self._handle(message)
 
+    def _signal_stop(self) -> None:
+        pid = self._process.pid
+        if pid is not None and self._process.exitcode is None:
+            try:
+                os.kill(pid, STOP_SIGNAL)
+            except ProcessLookupError:
+                pass
+
     def _handle(self, message: tuple[object, ...]) -> None:
+        self._opened = True
         kind = message[0]
         with self._cond:
             inflight, batch = self._inflight, self._batch
@@ -294,12 +313,18 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _lane_process_main(spec: LaneProcessSpec, views: list[str], acked_lsn: int, conn: Connection,
-                       stop: StopFlag, parent: int) -> None:
+                       parent: int) -> None:
     """The lane's process: open the sink, then apply what the daemon sends until it says
     ``close`` or its pipe closes."""
+    stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, lambda _signum, _frame: stop.set())
     _die_with_parent(parent)
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
     register_secrets(spec.secrets)
     configure_logging(spec.log_level)
     try:

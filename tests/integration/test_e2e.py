@@ -22,7 +22,8 @@ from views.check import build_views
 from views.spec import load_spec
 
 from ..support import (OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, assert_views_equal, create_database,
-                      current_lsn, diffs, drop_database, drop_views, slot_caught_up, streaming, unique, wait_until)
+                      current_lsn, diffs, drop_database, drop_views, lane_processes, process_alive, slot_caught_up,
+                      streaming, unique, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -210,6 +211,32 @@ def test_kill9_mid_stream_then_restart_converges(env: Env):
         stop.set()
         writer.join()
         d.stop()
+
+
+def test_the_opensearch_lane_runs_in_a_process_that_ends_with_the_daemon(env: Env):
+    """Beside a Redis sink the OpenSearch lane gets a process of its own (lane: auto); it
+    applies the stream, stops with the daemon, and dies with a daemon killed with SIGKILL."""
+    seed(env, 300)
+    d = env.daemon().start()
+    env.wait_streaming(d)
+    assert d.proc is not None
+    wait_until(lambda: len(lane_processes(d.proc.pid)) == 1, 30, what="the OpenSearch lane's process")
+    [child] = lane_processes(d.proc.pid)
+    random_writes(env, 300, 11, 300)
+    env.caught_up()
+    assert_views_equal(env.config)
+    d.kill9()
+    wait_until(lambda: not process_alive(child), 10, what="the lane process to die with the daemon")
+
+    d = env.daemon().start()  # resumes; its new lane process applies what the old one had not
+    env.wait_streaming(d)
+    random_writes(env, 300, 12, 300)
+    env.caught_up()
+    assert_views_equal(env.config)
+    [child] = lane_processes(d.proc.pid)
+    assert d.stop() == 0
+    assert not process_alive(child)
+    assert "Traceback" not in d.output()
 
 
 def test_replaying_a_stream_suffix_leaves_sinks_unchanged(env: Env):

@@ -1,5 +1,7 @@
-"""Sink lanes: each sink applies its own batches on its own thread, so a slow sink only holds
-back its own views (ARCHITECTURE.md, "Lanes").
+"""Sink lanes: each sink applies its own batches on its own thread (:class:`Lane`) or in a
+process of its own (:class:`~pgderive.runtime.lane_process.ProcessLane`), so a slow sink only
+holds back its own views (ARCHITECTURE.md, "Lanes"). Both are :class:`SinkLane`\\ s and run the
+same :class:`~pgderive.runtime.applier.Applier`.
 
 The reading thread derives Ops and files them into one :class:`~pgderive.runtime.batch.Batch`
 per lane; a lane that is idle takes its batch, applies it, records its dead letters, advances
@@ -14,7 +16,7 @@ lane), so a sink that falls behind by more than a batch holds the stream back, a
 retains WAL meanwhile (``pgderive status`` shows it).
 
 A retryable :class:`~sinks.base.SinkError` is retried with capped backoff inside the lane;
-anything else is kept in :attr:`Lane.error` for the reading thread to raise.
+anything else is kept in the lane's ``error`` for the reading thread to raise.
 """
 from __future__ import annotations
 

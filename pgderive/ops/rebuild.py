@@ -48,7 +48,8 @@ def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
     sinks = open_sinks(spec, views)
     try:
         consistent_point, stats = reload_views(dsn, slot, views, sinks,
-                                               DeadLetterStore(dsn, max_bytes=spec.dead_letters.max_bytes))
+                                               DeadLetterStore(dsn, max_bytes=spec.dead_letters.max_bytes),
+                                               concurrency=spec.bootstrap.concurrency)
     finally:
         for s in sinks.values():
             s.close()

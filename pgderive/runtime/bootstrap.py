@@ -12,8 +12,9 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
@@ -31,7 +32,7 @@ from ..state.deadletters import DeadLetter
 from .retry import one_line, with_retry
 from .wire import load_wire, wire_query
 
-__all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotStats", "Interrupted"]
+__all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotConnect", "SnapshotStats", "Interrupted"]
 
 log = logging.getLogger("pgderive.bootstrap")
 
@@ -144,19 +145,66 @@ def _derive_chunk(table: str, tviews: list[View], chunk: list[Row], version: int
     return SnapshotChunk(table, len(chunk), tviews, ops, errors)
 
 
+#: Opens another connection inside the same exported snapshot (``SET TRANSACTION SNAPSHOT``):
+#: ``with connect() as conn: ...`` (:func:`cdc.snapshot.snapshot_connection`).
+SnapshotConnect = Callable[[], ContextManager[psycopg.Connection]]
+
+
+@dataclass
+class _Task:
+    """One unit of a parallel load: a wire load of one view (``query`` set), the row-by-row read
+    of views sharing one table read, one include view, or every aggregate view (they share the
+    aggregate store's connection)."""
+
+    views: list[View]
+    query: sql.Composed | None = None
+
+    @property
+    def label(self) -> str:
+        return ", ".join(v.name for v in self.views)
+
+
+class _Either:
+    """A stop flag set when either of two events is (the caller's stop, or a failed task)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self.a.wait(left)
+        return self.is_set()
+
+
 def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
                   version: int, *, chunk_rows: int = 5000,
                   should_stop: Callable[[], bool] = lambda: False,
                   stop: threading.Event | None = None,
                   on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
-                  aggregates: AggregateStore | None = None, wire_loads: bool = True) -> SnapshotStats:
+                  aggregates: AggregateStore | None = None, wire_loads: bool = True,
+                  connect: SnapshotConnect | None = None, concurrency: int = 1) -> SnapshotStats:
     """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
 
     Views that qualify for a wire load (:mod:`pgderive.runtime.wire`; ``wire_loads=False`` turns it off)
-    are loaded first, one ``COPY`` each, encoded by Postgres. The others are read row by row:
+    are loaded by one ``COPY`` each, encoded by Postgres. The others are read row by row:
     each table once (``COPY``) for all views over it. Progress is logged every 5 s
     with rows/s. Rows a view cannot derive and documents a sink rejects become dead letters
     passed to ``on_dead_letters`` (without it, the first one raises).
+
+    Parallel loads (ARCHITECTURE.md, "Bootstrap"): with ``concurrency`` > 1 and ``connect`` (a
+    connection inside the same exported snapshot), up to ``concurrency`` tasks run at once,
+    each on a connection of its own: a wire load per view, a row-by-row read per table (shared
+    by the views over it), an include view, all aggregate views together. Every task reads the
+    same snapshot, so the result is the one a serial load gives. The first task that fails
+    stops the others (its error is raised). With ``concurrency`` 1 everything runs on ``conn``:
+    the wire loads first, then the row-by-row reads.
 
     Every sink call (beginning and committing generations, each chunk, checkpoints) is retried
     with capped backoff (0.5 s … 30 s, a warning per retry) while it fails with a retryable
@@ -165,9 +213,10 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
 
     Raises :class:`Interrupted` when ``should_stop()`` turns true or ``stop`` is set (checked
     per chunk and between retries) and :class:`~sinks.base.SinkError` when a sink fails in a way
-    a retry cannot fix.
+    a retry cannot fix. Generations are committed only once every view is loaded.
     """
     by_name = {v.name: v for v in views}
+    stats_lock = threading.Lock()
 
     def dead(entries: list[DeadLetter]) -> None:
         if not entries:
@@ -182,14 +231,15 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         t0 = time.monotonic()
         rejected = list(retried(f"sink {sink.name} (snapshot of {v.name})",
                                 lambda: sink.load(v.name, generations[v.name], ops) or []))
-        stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
+        with stats_lock:
+            stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
         return rejected
 
     def settle(futures: list[tuple[View, Future[list[Rejected]]]]) -> None:
         for v, f in futures:
             dead([DeadLetter(v.name, v.table, r.op.key, version, r.error, r.op.doc) for r in f.result()])
 
-    def wire(v: View, query: sql.Composed) -> bool:
+    def wire(conn: psycopg.Connection, v: View, query: sql.Composed) -> bool:
         """Load ``v`` by a wire load; False (nothing lost: the caller loads it row by row) when
         the sink refuses it, e.g. a record key holding another Redis type."""
         sink = sinks[v.sink]
@@ -200,7 +250,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         def attempt() -> tuple[int, float]:
             conn.execute("SAVEPOINT pgderive_wire")  # a failed COPY must not abort the snapshot
             try:
-                out = load_wire(conn, v, sink, query, should_stop, interrupted)
+                out = load_wire(conn, v, sink, query, stopping, interrupted)
             except BaseException:
                 conn.execute("ROLLBACK TO SAVEPOINT pgderive_wire")
                 raise
@@ -208,7 +258,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             return out
 
         def interrupted(rows: int) -> Interrupted:
-            stop_event.set()
+            halted.set()
             return Interrupted(f"snapshot of {v.table} for view {v.name} interrupted after {rows} rows")
         try:
             records, secs = retried(f"sink {sink.name} (snapshot of {v.name})", attempt)
@@ -217,10 +267,11 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                 raise
             log.warning("%s; loading view %s row by row instead", one_line(e), v.name)
             return False
-        stats.rows[v.table] = records
-        stats.seconds[v.table] = stats.seconds.get(v.table, 0.0) + secs
-        stats.records[v.name] = records
-        stats.sink_seconds[v.name] = secs
+        with stats_lock:
+            stats.rows[v.table] = records
+            stats.seconds[v.table] = stats.seconds.get(v.table, 0.0) + secs
+            stats.records[v.name] = records
+            stats.sink_seconds[v.name] = secs
         log.info("snapshot of %s for view %s done: %d rows in %.1f s (%.0f rows/s, wire load)", v.table,
                  v.name, records, secs, records / secs if secs else 0.0)
         return True
@@ -228,81 +279,160 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     def retried(what: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` through :func:`with_retry`; :class:`Interrupted` if a stop ends the retries."""
         try:
-            return with_retry(what, fn, stop_event)
+            return with_retry(what, fn, halt)
         except SinkError:
-            if stop_event.is_set():
+            if halt.is_set():
                 raise Interrupted(f"snapshot stopped while retrying {what}") from None
             raise
 
-    stats = SnapshotStats()
-    # Set when should_stop() turns true or the caller's ``stop`` is set: gives up retries.
-    stop_event = stop if stop is not None else threading.Event()
-    if stop is not None:
-        caller_stop = should_stop
+    def row_by_row(conn: psycopg.Connection, row_views: list[View]) -> None:
+        """Read and derive ``row_views`` (each table once for the views over it) and write them."""
+        # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
+        # read and derived while the previous one is being written (at most 2 chunks in memory).
+        nsinks = len({v.sink for v in row_views})
+        with ThreadPoolExecutor(max_workers=max(1, nsinks), thread_name_prefix="pgderive-load") as pool:
+            in_flight: list[tuple[View, Future[list[Rejected]]]] = []
+            table, t0, last_log, rows = None, 0.0, 0.0, 0
 
-        def should_stop() -> bool:
-            return caller_stop() or stop_event.is_set()
+            def table_done() -> None:
+                settle(in_flight)
+                in_flight.clear()
+                if table is None:
+                    return
+                secs = time.monotonic() - t0
+                with stats_lock:
+                    stats.rows[table], stats.seconds[table] = rows, secs
+                log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
+                         rows / secs if secs else 0.0)
+
+            # A table's time starts when its first chunk is asked for: an aggregate view's chunk
+            # arrives only after all its rows were read and folded into groups.
+            asked = time.monotonic()
+            for chunk in derive_snapshot(conn, row_views, version, chunk_rows=chunk_rows, aggregates=aggregates):
+                if chunk.table != table:
+                    table_done()
+                    table, t0, rows = chunk.table, asked, 0
+                    last_log = t0
+                    log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
+                             ", ".join(v.name for v in chunk.views))
+                if stopping():
+                    halted.set()
+                    raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
+                dead([DeadLetter.for_view(by_name[name], e, version) if name in by_name
+                      else DeadLetter.from_derivation_error(e, version)
+                      for name, errs in chunk.errors.items() for e in errs])
+                settle(in_flight)
+                in_flight[:] = [(v, pool.submit(write, v, chunk.ops[v.name])) for v in chunk.views]
+                with stats_lock:
+                    for v in chunk.views:
+                        stats.records[v.name] = stats.records.get(v.name, 0) + len(chunk.ops[v.name])
+                rows += chunk.rows
+                now = time.monotonic()
+                if now - last_log >= 5:
+                    log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
+                    last_log = now
+                asked = now
+            table_done()
+
+    def run_task(conn: psycopg.Connection, task: _Task) -> None:
+        if task.query is not None and wire(conn, task.views[0], task.query):
+            return
+        row_by_row(conn, task.views)
+
+    stats = SnapshotStats()
+    # Set when stopping() turns true or the caller's ``stop`` is set: gives up retries.
+    stop_event = stop if stop is not None else threading.Event()
+    # Set when the load must end (interrupted, or a parallel task failed): the other tasks stop
+    # at their next chunk and retries give up.
+    halted = threading.Event()
+    halt = _Either(stop_event, halted)
+    def stopping() -> bool:
+        return should_stop() or halt.is_set()
 
     def begin(v: View) -> Any:
         return retried(f"sink {sinks[v.sink].name} (new generation of {v.name})",
                        lambda: sinks[v.sink].begin_generation(v.name, version))
 
     generations = {v.name: begin(v) for v in views}
-    row_by_row = []
-    for v in views:
-        query = wire_query(conn, v, sinks[v.sink], version) if wire_loads else None
-        if query is None or not wire(v, query):
-            row_by_row.append(v)
-    # One writer thread per sink: Redis and OpenSearch load in parallel, and the next chunk is
-    # read and derived while the previous one is being written (at most 2 chunks in memory).
-    with ThreadPoolExecutor(max_workers=max(1, len(sinks)), thread_name_prefix="pgderive-load") as pool:
-        in_flight: list[tuple[View, Future[list[Rejected]]]] = []
-        table, t0, last_log, rows = None, 0.0, 0.0, 0
-
-        def table_done() -> None:
-            settle(in_flight)
-            in_flight.clear()
-            if table is None:
-                return
-            secs = time.monotonic() - t0
-            stats.rows[table], stats.seconds[table] = rows, secs
-            log.info("snapshot of %s done: %d rows in %.1f s (%.0f rows/s)", table, rows, secs,
-                     rows / secs if secs else 0.0)
-
-        # A table's time starts when its first chunk is asked for: an aggregate view's chunk
-        # arrives only after all its rows were read and folded into groups.
-        asked = time.monotonic()
-        for chunk in derive_snapshot(conn, row_by_row, version, chunk_rows=chunk_rows, aggregates=aggregates):
-            if chunk.table != table:
-                table_done()
-                table, t0, rows = chunk.table, asked, 0
-                last_log = t0
-                log.info("snapshot of %s at %s for view(s) %s", table, format_lsn(version),
-                         ", ".join(v.name for v in chunk.views))
-            if should_stop():
-                stop_event.set()
-                raise Interrupted(f"snapshot of {table} interrupted after {rows} rows")
-            dead([DeadLetter.for_view(by_name[name], e, version) if name in by_name
-                  else DeadLetter.from_derivation_error(e, version)
-                  for name, errs in chunk.errors.items() for e in errs])
-            settle(in_flight)
-            in_flight[:] = [(v, pool.submit(write, v, chunk.ops[v.name])) for v in chunk.views]
-            for v in chunk.views:
-                stats.records[v.name] = stats.records.get(v.name, 0) + len(chunk.ops[v.name])
-            rows += chunk.rows
-            now = time.monotonic()
-            if now - last_log >= 5:
-                log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
-                last_log = now
-            asked = now
-        table_done()
+    tasks = _plan(conn, views, sinks, version, wire_loads)
+    if concurrency <= 1 or connect is None or len(tasks) <= 1:
+        for task in tasks:
+            if task.query is not None and not wire(conn, task.views[0], task.query):
+                task.query = None
+        rest = [v for t in tasks if t.query is None for v in t.views]
+        if rest:
+            row_by_row(conn, rest)
+    else:
+        _run_parallel(tasks, connect, concurrency, run_task, halted)
     for v in views:
         sink = sinks[v.sink]
-        if should_stop():
-            stop_event.set()
+        if stopping():
+            halted.set()
             raise Interrupted(f"snapshot interrupted before committing view {v.name}")
         retried(f"sink {sink.name} (commit of {v.name})",
                 lambda: sink.commit_generation(v.name, generations[v.name], version))
         # The view is complete as of ``version``: its checkpoint says so (see engine startup).
         retried(f"sink {sink.name} (checkpoint of {v.name})", lambda: sink.write_checkpoint([v.name], version))
     return stats
+
+
+def _plan(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink], version: int,
+          wire_loads: bool) -> list[_Task]:
+    """The load's tasks, largest-first where it is known cheaply (wire loads first): a wire load
+    per qualifying view, a row-by-row read per ``(table, where)`` (views over it share it), one
+    task per include view, one for all aggregate views."""
+    wired: list[_Task] = []
+    rows: dict[tuple[str, str], list[View]] = defaultdict(list)
+    trees: list[_Task] = []
+    aggs: list[View] = []
+    for v in views:
+        query = wire_query(conn, v, sinks[v.sink], version) if wire_loads else None
+        if query is not None:
+            wired.append(_Task([v], query))
+        elif v.aggregation is not None:
+            aggs.append(v)
+        elif v.tree is not None:
+            trees.append(_Task([v]))
+        else:
+            rows[(v.table, v.spec.where or "")].append(v)
+    return wired + [_Task(vs) for vs in rows.values()] + trees + ([_Task(aggs)] if aggs else [])
+
+
+def _run_parallel(tasks: list[_Task], connect: SnapshotConnect, concurrency: int,
+                  run: Callable[[psycopg.Connection, _Task], None], failed: threading.Event) -> None:
+    """Run ``tasks`` on ``concurrency`` threads, each with a connection of its own in the
+    snapshot (opened when the thread takes its first task). The first error sets ``failed``
+    (the other tasks stop at their next chunk) and is raised once every thread has ended."""
+    pending = list(tasks)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        with ExitStack() as stack:
+            conn: psycopg.Connection | None = None
+            while True:
+                with lock:
+                    if not pending or errors:
+                        return
+                    task = pending.pop(0)
+                try:
+                    if conn is None:
+                        conn = stack.enter_context(connect())
+                    log.debug("loading %s", task.label)
+                    run(conn, task)
+                except BaseException as e:
+                    with lock:
+                        errors.append(e)
+                    failed.set()
+                    return
+
+    log.info("loading %d task(s) on up to %d connections in the snapshot", len(tasks), concurrency)
+    threads = [threading.Thread(target=worker, name=f"pgderive-bootstrap-{i}", daemon=True)
+               for i in range(min(concurrency, len(tasks)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        first = next((e for e in errors if not isinstance(e, Interrupted)), errors[0])
+        raise first

@@ -270,7 +270,8 @@ class Engine:
             self._blocking(None)  # from here on a stop is graceful: at the next chunk
             with snapshot_connection(self.data_dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
-                                      stop=self.stop,
+                                      stop=self.stop, concurrency=self.spec.bootstrap.concurrency,
+                                      connect=lambda: snapshot_connection(self.data_dsn, snapshot),
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
             self._abandon_bootstrap(e, created, walsender)  # logs that the next start redoes it
@@ -413,7 +414,8 @@ class Engine:
     def _rebuild(self, views: list[View]) -> None:
         """Reload ``views`` from a fresh snapshot into the engine's own sinks (the main slot
         is not being read meanwhile; its replay afterwards converges by versions)."""
-        reload_views(self.data_dsn, self.slot, views, self.sinks, self.dead_letters, stop=self.stop)
+        reload_views(self.data_dsn, self.slot, views, self.sinks, self.dead_letters, stop=self.stop,
+                     concurrency=self.spec.bootstrap.concurrency)
 
     def _recorder(self) -> DeadLetterRecorder:
         return DeadLetterRecorder(self.dsn, self.slot, {v.name: v.table for v in self.views},

@@ -27,7 +27,7 @@ from views.template import KeyTemplate
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
-    "LaneMode",
+    "LaneMode", "BootstrapSpec",
     "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
@@ -676,6 +676,29 @@ class DeadLettersSpec(BaseModel):
         return v
 
 
+class BootstrapSpec(BaseModel):
+    """``bootstrap:`` — how snapshots are loaded (first start, ``--resnapshot``, rebuilds).
+
+    Attributes:
+        concurrency: how many loads run at once, each on its own connection inside the same
+            exported snapshot (``SET TRANSACTION SNAPSHOT``; Postgres docs, "SET TRANSACTION"):
+            a wire load per view, a row-by-row read per table, an include view, the aggregate
+            views together (default 2, from 1 to 64; 1 loads one after another).
+    """
+
+    model_config = _STRICT
+    concurrency: int = 2
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _fail(f"must be a number of connections, got {_kind(v)}")
+        if not 1 <= v <= 64:
+            raise _fail(f"must be from 1 to 64, got {v}")
+        return v
+
+
 class Spec(BaseModel):
     """The whole file: ``source``, ``sinks`` (by name), ``views`` (by name) and the optional
     ``dead_letters`` settings (:class:`DeadLettersSpec`).
@@ -691,6 +714,7 @@ class Spec(BaseModel):
     sinks: dict[str, SinkSpec]
     views: dict[str, ViewSpec]
     dead_letters: DeadLettersSpec = Field(default_factory=DeadLettersSpec)
+    bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
 
     _filename: str = PrivateAttr("<string>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)

@@ -59,12 +59,13 @@ __all__ = ["Engine", "EngineError"]
 
 log = logging.getLogger("pgderive.engine")
 
-#: CPython's GIL switch interval while the views use several sinks (seconds; the default is
+#: CPython's GIL switch interval while several sinks have lanes on threads (seconds; the default is
 #: 0.005). Their lanes hand work between threads; with the default a CPU-bound thread (the reader
 #: deriving, a lane encoding a large OpenSearch batch) keeps the GIL up to 5 ms while another
 #: lane's acknowledged I/O waits for it: a 10-command Redis pipeline measured 0.2 ms alone,
 #: 10.4 ms beside a CPU-bound thread, 0.19 ms with 0.0005 (ARCHITECTURE.md, "Lanes"). With one
-#: sink the default stays: more switches only cost the reader throughput there.
+#: thread lane (one sink, or Redis beside an OpenSearch lane in a process) the default stays:
+#: more switches only cost the reader throughput there.
 SWITCH_INTERVAL = 0.0005
 
 #: Seconds a failed bootstrap waits for its slot to become inactive before giving up dropping it.
@@ -151,12 +152,12 @@ class Engine:
             with waiting("reading the source catalog (waiting for transactions running on the"
                          " source to end?)", log, limit=source.statement_timeout or None):
                 self.views = build_views(self.spec, conn)
-        if len({v.sink for v in self.views}) > 1:
-            sys.setswitchinterval(SWITCH_INTERVAL)  # lanes of different sinks share the GIL
         tables = sorted({t for v in self.views for t in v.tables})  # include views listen to every table
         self.refetcher = row_refetcher(self.data_dsn, self.views)
         self.deployment = deployment_of(self.spec)
         self.sinks = open_sinks(self.spec, self.views, deployment=self.deployment, prepare=False)
+        if len(set(self.sinks) - self._process_lanes()) > 1:
+            sys.setswitchinterval(SWITCH_INTERVAL)  # lanes on threads of different sinks share the GIL
         self.reader = SlotReader(self.data_dsn, self.slot, tables=tables)
         try:
             # Before the schema, a slot or anything else exists: a start that cannot succeed
@@ -421,20 +422,22 @@ class Engine:
         return DeadLetterRecorder(self.dsn, self.slot, {v.name: v.table for v in self.views},
                                   max_bytes=self.spec.dead_letters.max_bytes, store=self.dead_letters)
 
-    def _lane_processes(self) -> dict[str, LaneProcessSpec]:
+    def _process_lanes(self) -> set[str]:
         """The sinks whose lanes run in a process of their own (ARCHITECTURE.md, "Lanes"):
         ``lane: process``, or ``lane: auto`` (the default) for a sink that lingers
         (:class:`~sinks.base.Refreshable`: OpenSearch) while the daemon writes to another sink
         as well. Alone, a sink has no other lane to take CPU time from."""
-        out: dict[str, LaneProcessSpec] = {}
-        for name, sink in self.sinks.items():
-            mode = self.spec.sinks[name].lane
-            if mode == "process" or (mode == "auto" and len(self.sinks) > 1 and isinstance(sink, Refreshable)):
-                assert self.deployment is not None
-                out[name] = LaneProcessSpec(
-                    name, SinkOpener.of(self.spec, name, self.views, self.deployment), record=self._recorder(),
-                    log_level=logging.getLogger().getEffectiveLevel(), secrets=tuple(registered_secrets()))
-        return out
+        return {name for name, sink in self.sinks.items()
+                if self.spec.sinks[name].lane == "process" or (
+                    self.spec.sinks[name].lane == "auto" and len(self.sinks) > 1 and isinstance(sink, Refreshable))}
+
+    def _lane_processes(self) -> dict[str, LaneProcessSpec]:
+        """How each of :meth:`_process_lanes` opens its sink in its process."""
+        assert self.deployment is not None
+        return {name: LaneProcessSpec(name, SinkOpener.of(self.spec, name, self.views, self.deployment),
+                                      record=self._recorder(), log_level=logging.getLogger().getEffectiveLevel(),
+                                      secrets=tuple(registered_secrets()))
+                for name in sorted(self._process_lanes())}
 
     def _views_by_sink(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = defaultdict(list)

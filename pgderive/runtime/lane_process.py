@@ -198,20 +198,22 @@ class ProcessLane:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the process: after its batch in flight, waiting at most ``timeout`` seconds for
-        it, then with SIGKILL (what the sink did not acknowledge replays on the next start)."""
+        it, then with SIGKILL (what the sink did not acknowledge replays on the next start).
+
+        Only the reply thread waits for the process (a second ``waitpid`` from this thread
+        could reap it first and leave the other believing it still runs): the process has
+        ended once that thread has."""
         self._closing = True
-        if self._process.is_alive():
-            try:
-                self._conn.send(("close",))
-            except OSError:
-                pass
-            self._process.join(timeout)
-            if self._process.is_alive():
-                log.warning("sink %s: its lane's process did not stop within %g s; killing it",
-                            self.name, timeout)
-                self._process.kill()
-                self._process.join(5.0)
-        self._receiver.join(1.0)
+        try:
+            self._conn.send(("close",))
+        except OSError:
+            pass  # already gone
+        self._receiver.join(timeout)
+        if self._receiver.is_alive():
+            log.warning("sink %s: its lane's process did not stop within %g s; killing it",
+                        self.name, timeout)
+            self._process.kill()
+            self._receiver.join(5.0)
         self._conn.close()
 
     # -- the daemon's side of the pipe -------------------------------------------------------------

@@ -3,6 +3,7 @@ MemorySinkOpener: a real child process and a real pipe, no service."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -41,7 +42,7 @@ def batch(end_lsn: int, *keys: str, version: int | None = None) -> Batch:
     return b
 
 
-def test_batches_are_applied_in_the_process_in_order_and_counted(tmp_path):
+def test_batches_are_applied_in_the_process_in_order_and_counted(tmp_path, caplog):
     stats = Stats()
     ln = lane(tmp_path, stats=stats)
     try:
@@ -58,7 +59,11 @@ def test_batches_are_applied_in_the_process_in_order_and_counted(tmp_path):
         ln.checkpoint(0x380, retry=False)  # an idle checkpoint: no Ops
         assert ln.acked_lsn == 0x380
     finally:
-        ln.close()
+        with caplog.at_level(logging.WARNING, logger="pgderive.lanes"):
+            ln.close(timeout=5.0)
+    # an idle process stops when asked, and is not killed (see ProcessLane.close)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert ln._process.exitcode == 0
     calls = journal(tmp_path / "j")
     assert [(c["call"], c["lsn"]) for c in calls] == [
         ("apply_and_advance", 0x200), ("apply_and_advance", 0x300), ("advance_checkpoint", 0x380)]

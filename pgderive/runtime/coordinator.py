@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any
 
 import orjson
 import psycopg

@@ -324,8 +324,6 @@ class OpenSearchSinkSpec(BaseModel):
 
 def _url_problem(url: str) -> str | None:
     """What is wrong with ``url``'s host and port (never quoting its password), or None."""
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unbalanced "[" of an IPv6 host

@@ -105,3 +105,20 @@ def test_validate_refuses_a_billion_laughs_quickly_in_bounded_memory(tmp_path: P
     assert os.waitstatus_to_exitcode(status) == 2
     peak_mb = usage.ru_maxrss / 1024  # Linux: KiB
     assert peak_mb < 200, f"validate peaked at {peak_mb:.0f} MB"
+
+
+BOOTSTRAP_HEAD = """source: {dsn: "postgresql://u@h/db", slot: s}
+sinks: {cache: {type: redis}}
+views: {v: {table: t, sink: cache, key: "{id}"}}
+"""
+
+
+def test_bootstrap_concurrency_setting():
+    assert parse_spec(BOOTSTRAP_HEAD).bootstrap.concurrency == 2
+    assert parse_spec(BOOTSTRAP_HEAD + "bootstrap: {concurrency: 8}\n").bootstrap.concurrency == 8
+    for bad, msg in (("0", "must be from 1 to 64, got 0"), ("65", "must be from 1 to 64, got 65"),
+                     ("true", "must be a number of connections, got a boolean"),
+                     ("'four'", "must be a number of connections, got a string")):
+        with pytest.raises(SpecError) as e:
+            parse_spec(BOOTSTRAP_HEAD + f"bootstrap: {{concurrency: {bad}}}\n")
+        assert e.value.problems == [("bootstrap.concurrency", 4, msg)], e.value.problems

@@ -646,6 +646,16 @@ class ViewSpec(BaseModel):
         return self.sink
 
 
+def _count(v: Any, low: int, high: int, what: str, unit: str = "") -> int:
+    """``v`` if it is an integer (not a bool) from ``low`` to ``high``, else the problem:
+    "must be a number of WHAT" or "must be from LOW to HIGH[UNIT]"."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail(f"must be a number of {what}, got {_kind(v)}")
+    if not low <= v <= high:
+        raise _fail(f"must be from {low} to {high}{unit}, got {v}")
+    return int(v)
+
+
 #: Default and bounds of ``dead_letters.max_bytes`` (bytes of a dead letter's stored row JSON).
 DEAD_LETTER_MAX_BYTES = 64 * 1024
 DEAD_LETTER_MAX_BYTES_RANGE = (1024, 64 << 20)
@@ -667,11 +677,7 @@ class DeadLettersSpec(BaseModel):
     @classmethod
     def _max_bytes(cls, v: Any) -> Any:
         low, high = DEAD_LETTER_MAX_BYTES_RANGE
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _fail(f"must be a number of bytes, got {_kind(v)}")
-        if not low <= v <= high:
-            raise _fail(f"must be from {low} to {high} bytes, got {v}")
-        return v
+        return _count(v, low, high, "bytes", " bytes")
 
 
 class BootstrapSpec(BaseModel):
@@ -690,11 +696,7 @@ class BootstrapSpec(BaseModel):
     @field_validator("concurrency", mode="before")
     @classmethod
     def _concurrency(cls, v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _fail(f"must be a number of connections, got {_kind(v)}")
-        if not 1 <= v <= 64:
-            raise _fail(f"must be from 1 to 64, got {v}")
-        return v
+        return _count(v, 1, 64, "connections")
 
 
 class Spec(BaseModel):

@@ -203,8 +203,8 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     each on a connection of its own: a wire load per view, a row-by-row read per table (shared
     by the views over it), an include view, all aggregate views together. Every task reads the
     same snapshot, so the result is the one a serial load gives. The first task that fails
-    stops the others (its error is raised). With ``concurrency`` 1 everything runs on ``conn``:
-    the wire loads first, then the row-by-row reads.
+    stops the others (its error is raised). With ``concurrency`` 1 the same tasks run one after
+    another on ``conn``: the wire loads first, then the row-by-row reads.
 
     Every sink call (beginning and committing generations, each chunk, checkpoints) is retried
     with capped backoff (0.5 s … 30 s, a warning per retry) while it fails with a retryable
@@ -357,11 +357,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     tasks = _plan(conn, views, sinks, version, wire_loads)
     if concurrency <= 1 or connect is None or len(tasks) <= 1:
         for task in tasks:
-            if task.query is not None and not wire(conn, task.views[0], task.query):
-                task.query = None
-        rest = [v for t in tasks if t.query is None for v in t.views]
-        if rest:
-            row_by_row(conn, rest)
+            run_task(conn, task)
     else:
         _run_parallel(tasks, connect, concurrency, run_task, halted)
     for v in views:

@@ -109,10 +109,8 @@ class Lane:
     def __init__(self, sink: Sink, views: Sequence[str], stop: threading.Event, *, acked_lsn: int = 0,
                  record: DeadLetterSink | None = None, stats: Stats | None = None,
                  changed: threading.Condition | None = None) -> None:
-        self.sink = sink
         self.name = sink.name
         self.views = list(views)
-        self.stop = stop
         self.applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=record)
         self.stats = stats or Stats()
         self.lane_stats: LaneStats = self.stats.lane(self.name)

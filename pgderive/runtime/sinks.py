@@ -43,10 +43,8 @@ def open_sinks(spec: Spec, views: Sequence[View], *, deployment: str | None = No
         deployment = deployment_of(spec)
     sinks: dict[str, Sink] = {}
     try:
-        for v in views:
-            if v.sink not in sinks:
-                sinks[v.sink] = make_sink(v.sink, spec.sinks[v.sink].model_dump(), deployment=deployment)
-            sinks[v.sink].register(v.target)
+        for name in dict.fromkeys(v.sink for v in views):
+            sinks[name] = SinkOpener.of(spec, name, views, deployment)()
         if prepare:
             prepare_sinks(sinks, views)
     except BaseException:
@@ -100,9 +98,13 @@ class SinkOpener:
                    tuple(v.target for v in views if v.sink == name))
 
     def __call__(self) -> Sink:
-        """A new connection to the sink (nothing written). Raises ``ValueError`` (bad section)
-        and :class:`~sinks.base.SinkError`."""
+        """A new connection to the sink (nothing written), closed again if a target is
+        refused. Raises ``ValueError`` (bad section or target) and :class:`~sinks.base.SinkError`."""
         sink = make_sink(self.name, self.config, deployment=self.deployment)
-        for target in self.targets:
-            sink.register(target)
+        try:
+            for target in self.targets:
+                sink.register(target)
+        except BaseException:
+            sink.close()
+            raise
         return sink

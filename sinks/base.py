@@ -31,6 +31,11 @@ by mypy):
   deployment to the deployment's own keys (Redis, OpenSearch).
 * :class:`Claims`: ``claim`` — refuse a view whose record keys or alias another deployment
   writes (Redis, OpenSearch).
+* :class:`LiveGenerations`: ``follow_generation`` + ``abort_generation`` + ``discard_unserved``
+  — the sink keeps generations apart (OpenSearch: one index each), so while an online rebuild
+  loads a new generation the stream must write it too, through the lane's own sink instance
+  (ARCHITECTURE.md, "Online rebuild"). A sink without it (Redis) writes every generation to the
+  same keys, under the same compare-and-set.
 
 Deployments: every key or document a sink writes for pgderive's own bookkeeping (version
 entries, checkpoints) is namespaced by the deployment (:func:`cdc.catalog.deployment_id`: the
@@ -48,7 +53,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "TlsOptions", "Doc"]
+           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "LiveGenerations", "TlsOptions", "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -315,9 +320,13 @@ class WireLoad(Protocol):
     """
 
     def wire_select(self, view: str, fields: Sequence[str], version: int,
-                    types: Sequence[str]) -> sql.Composable | None:
+                    types: Sequence[str], *, generation: str | None = None,
+                    live: bool = False) -> sql.Composable | None:
         """The SELECT list of a wire load of ``view`` at ``version`` (int LSN, the snapshot's
-        consistent point), or None when the sink cannot load this view so.
+        consistent point) into ``generation`` (the id :meth:`Sink.begin_generation` returned;
+        None: the one begun at ``version``), or None when the sink cannot load this view so.
+        ``live``: the stream writes the view meanwhile (an online rebuild); a sink whose wire
+        load does not keep the newer of its record and a concurrent write returns None.
 
         It reads the columns of an inner query: ``k`` (the record key as text, never NULL) and
         ``f0``, ``f1``, .. (the text of output field ``fields[i]``, whose column has the
@@ -337,6 +346,34 @@ class WireLoad(Protocol):
         refused a record (the caller then loads the view through :meth:`Sink.load`, which
         reports such records one by one as :class:`Rejected`).
         """
+        ...
+
+
+@runtime_checkable
+class LiveGenerations(Protocol):
+    """A sink whose generations are separate copies (OpenSearch: an index each, behind the
+    view's alias), so a generation loaded while the stream runs must be written by the stream
+    too (ARCHITECTURE.md, "Online rebuild"). Use: ``isinstance(sink, LiveGenerations)``.
+
+    Which generations an instance follows is that instance's state: the lane that applies the
+    stream (a thread's or a process's own instance) must be the one told."""
+
+    def follow_generation(self, view: str, generation: str, *, exclusive: bool) -> None:
+        """From the next :meth:`Sink.apply` on, write ``view``'s Ops to ``generation`` (begun by
+        :meth:`Sink.begin_generation`) as well; with ``exclusive`` only there, not to the live
+        generation (a view whose definition changed: the live one keeps serving the old
+        definition, unchanged, until the switch). Asks the sink nothing."""
+        ...
+
+    def abort_generation(self, view: str, generation: str) -> None:
+        """Stop following ``generation`` and delete it, unless it is the live one. Raises
+        :class:`SinkError`."""
+        ...
+
+    def discard_unserved(self, view: str) -> list[str]:
+        """Delete every generation of ``view`` that is neither live nor followed by this
+        instance (left by a load that did not finish); returns their names. Raises
+        :class:`SinkError`."""
         ...
 
 

@@ -229,6 +229,7 @@ class OpenSearchSink:
         self._aliases: dict[str, str] = {}  # view -> its alias (ViewTarget.index)
         self._has_alias: set[str] = set()  # views whose alias is known to exist
         self._loading: dict[str, set[str]] = defaultdict(set)  # view -> uncommitted generations
+        self._exclusive: set[str] = set()  # views written only to their loading generations
 
     # --- protocol -------------------------------------------------------------------------
 
@@ -287,10 +288,47 @@ class OpenSearchSink:
             by_view[op.view].append(op)
         rejected: list[Rejected] = []
         for view, vops in by_view.items():
+            loading = sorted(self._loading.get(view, ()))
+            if view in self._exclusive and loading:
+                rejected += self._write(view, loading, vops)  # the live generation stays as it is
+                continue
             alias = self._alias(view)
             self._ensure_alias(view, alias)
-            rejected += self._write(view, [alias, *sorted(self._loading.get(view, ()))], vops)
+            rejected += self._write(view, [alias, *loading], vops)
         return rejected
+
+    def follow_generation(self, view: str, generation: str, *, exclusive: bool) -> None:
+        """Write ``view``'s Ops to ``generation`` too from the next :meth:`apply` on; with
+        ``exclusive`` only there (the alias is left as it is, and not created if missing)."""
+        self._alias(view)
+        self._loading[view].add(generation)
+        if exclusive:
+            self._exclusive.add(view)
+        else:
+            self._exclusive.discard(view)
+
+    def abort_generation(self, view: str, generation: str) -> None:
+        """Stop following ``generation`` and delete its index unless the alias points at it.
+        Raises :class:`SinkError`."""
+        alias = self._alias(view)
+        self._loading[view].discard(generation)
+        if not self._loading[view]:
+            self._exclusive.discard(view)
+        with self._errors(f"abort_generation {view}"):
+            if generation not in self._alias_indices(alias):
+                self._client.indices.delete(index=generation, ignore_unavailable=True)
+
+    def discard_unserved(self, view: str) -> list[str]:
+        """Delete the generation indices of ``view`` that the alias does not point at and this
+        instance does not follow (left by a load that did not finish); returns their names.
+        Raises :class:`SinkError`."""
+        alias = self._alias(view)
+        with self._errors(f"discard_unserved {view}"):
+            keep = set(self._alias_indices(alias)) | self._loading.get(view, set())
+            stale = [i for i in self._generations(alias) if i not in keep]
+            if stale:
+                self._client.indices.delete(index=",".join(stale), ignore_unavailable=True)
+        return stale
 
     def begin_generation(self, view: str, version: int) -> str:
         """Create (or reuse) index ``alias-g<version hex>`` for a load at ``version`` (int LSN)
@@ -316,7 +354,8 @@ class OpenSearchSink:
         return self._write(view, [generation], ops)
 
     def wire_select(self, view: str, fields: Sequence[str], version: int,
-                    types: Sequence[str]) -> sql.Composable:
+                    types: Sequence[str], *, generation: str | None = None,
+                    live: bool = False) -> sql.Composable:
         """The SELECT list of a wire load (:mod:`pgderive.runtime.wire`) of ``view`` at ``version`` (int
         LSN) into its generation index (begun by :meth:`begin_generation`).
 
@@ -328,9 +367,11 @@ class OpenSearchSink:
         JSON number or boolean where the model value is an ``int``/``bool``
         (:func:`cdc.values.json_bare`), else a JSON string made by Postgres' ``to_json``; SQL
         NULL is ``null``. The bytes may differ from orjson's (escapes), the parsed document
-        does not. Raises :class:`SinkError`.
+        does not. ``generation``: the index to load (default: the one named by ``version``);
+        ``live`` changes nothing: every action carries the external version, so a concurrent
+        newer write wins. Raises :class:`SinkError`.
         """
-        index = generation_index(self._alias(view), version)
+        index = generation or generation_index(self._alias(view), version)
         head = _action_head("index", index).decode()
         tail = (b',"version":%d' % version + _ACTION_TAIL).decode() + "\n{"
         pieces: list[sql.Composable] = [sql.Literal(head), sql.SQL("to_json(k)::text"), sql.Literal(tail)]
@@ -369,7 +410,8 @@ class OpenSearchSink:
 
     def commit_generation(self, view: str, generation: str, version: int) -> None:
         """Move the alias to ``generation`` in one ``_aliases`` call, restore the default delete
-        tombstone retention on it, then delete every other generation index of the view."""
+        tombstone retention on it, then delete every other generation index of the view except
+        those this instance follows for an online rebuild (:meth:`follow_generation`)."""
         alias = self._alias(view)
         with self._errors(f"commit_generation {view}"):
             current = self._alias_indices(alias)
@@ -380,12 +422,13 @@ class OpenSearchSink:
             self._client.indices.update_aliases(body={"actions": actions})
             self._has_alias.add(view)
             self._loading[view].discard(generation)
+            self._exclusive.discard(view)
             self._client.indices.put_settings(
                 index=generation, body={"index": {"gc_deletes": None}}
             )
-            stale = [i for i in self._generations(alias) if i != generation]
-            for index in stale:
-                self._loading[view].discard(index)
+            # Other generations being loaded by this instance (an online rebuild's, followed
+            # by the stream) stay: a TRUNCATE meanwhile makes that rebuild start over.
+            stale = [i for i in self._generations(alias) if i != generation and i not in self._loading[view]]
             if stale:
                 self._client.indices.delete(index=",".join(stale), ignore_unavailable=True)
 
@@ -546,6 +589,7 @@ class OpenSearchSink:
             self._client.delete(index=self.checkpoint_index, id=self._cid(view), refresh="false", ignore=404)
         self._has_alias.discard(view)
         self._loading.pop(view, None)
+        self._exclusive.discard(view)
 
     def close(self) -> None:
         """Close the HTTP connections."""

@@ -369,7 +369,8 @@ class RedisSink:
         return self.apply(ops)
 
     def wire_select(self, view: str, fields: Sequence[str], version: int,
-                    types: Sequence[str] = ()) -> sql.Composable | None:
+                    types: Sequence[str] = (), *, generation: str | None = None,
+                    live: bool = False) -> sql.Composable | None:
         """The SELECT list of a wire load of ``view`` at ``version`` (int LSN) (:mod:`pgderive.runtime.wire`;
         ``types``, the fields' column types, do not matter here: a hash field is the value's text).
 
@@ -379,9 +380,11 @@ class RedisSink:
         docstring; field values exactly as :func:`encode_field` writes their model values), and
         the record's version-hash entry (key and version as two RESP bulk strings), which
         :meth:`wire_load` sends as one ``HSET`` per batch. Returns None when the view cannot be
-        loaded this way (``json`` format). Raises :class:`SinkError`.
+        loaded this way: ``json`` format, or ``live`` (the stream writes the view meanwhile:
+        these commands overwrite without the compare-and-set). ``generation`` is the view
+        itself (Redis keeps one). Raises :class:`SinkError`.
         """
-        if self._format(view) != "hash":
+        if self._format(view) != "hash" or live:
             return None
         vkey = self._vkey(view)
         with self._errors("wire_select"):

@@ -1,6 +1,7 @@
 """The ``pgderive`` command line (click).
 
-Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``), ``status``, ``rebuild VIEW``, ``verify VIEW
+Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``), ``status``,
+``rebuild VIEW`` (online through the running daemon, or ``--offline``), ``reload``, ``verify VIEW
 [--repair]`` (:mod:`pgderive.ops.verify`), ``dead-letters
 list|retry|discard`` (rows a view could not derive, see :mod:`pgderive.state.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
@@ -31,6 +32,7 @@ from ..runtime.logs import configure_logging, debugging
 
 if TYPE_CHECKING:
     from ..ops.status import SlotStatus
+    from ..state.rebuilds import Rebuild
     from ..runtime.coordinator import Engine
 
 log = logging.getLogger("pgderive")
@@ -145,11 +147,24 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
             raise Terminated(name, "starting")
         engine.interrupt(name)  # sets stop; raises Terminated where stopping at once is safe
 
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        if engine is None:
+            log.warning("received SIGHUP while starting: ignored (send it again once the daemon streams)")
+            return
+        log.info("received SIGHUP: reloading %s", config)
+        engine.request_reload()
+
+    def reload_spec() -> Spec:
+        new = load_spec(config)
+        register_secrets(new.secrets())
+        return new
+
     # Installed before anything can block, so the first SIGTERM is honoured at every phase.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
-        engine = Engine(spec, stop=stop, stats_file=stats_file)
+        engine = Engine(spec, stop=stop, stats_file=stats_file, reload_spec=reload_spec)
         _run_engine(engine, resnapshot)
     except Terminated as e:
         _fail(f"{e}; nothing was started (no slot was left behind)")
@@ -315,7 +330,29 @@ def status(config: str) -> None:
         vt.add_row(v.name, v.table, v.sink, records, checkpoint, v.state,
                    "?" if v.dead_letters is None else str(v.dead_letters))
     _console.print(vt)
+    _print_rebuilds(spec)
     _warn_idle(st)
+
+
+def _print_rebuilds(spec: Spec) -> None:
+    """The online rebuilds of the slot (``pgderive.rebuilds``), if any: phase and progress."""
+    from ..state.rebuilds import RebuildStore
+
+    store = RebuildStore(spec.source.conninfo())
+    try:
+        rows = store.all(spec.source.slot)
+    except psycopg.Error:
+        return
+    finally:
+        store.close()
+    if not rows:
+        return
+    rt = Table(title="online rebuilds")
+    for col in ("view", "reason", "progress", "updated"):
+        rt.add_column(col)
+    for r in rows:
+        rt.add_row(r.view, r.reason, escape(_rebuild_line(r)), r.updated_at.strftime("%Y-%m-%d %H:%M:%S"))
+    _console.print(rt)
 
 
 def _warn_idle(st: "SlotStatus") -> None:
@@ -330,14 +367,33 @@ def _warn_idle(st: "SlotStatus") -> None:
 @main.command()
 @config_option
 @click.argument("view")
-def rebuild(config: str, view: str) -> None:
-    """Rebuild VIEW from a fresh consistent snapshot (stop `pgderive run` first)."""
+@click.option("--offline", is_flag=True,
+              help="Rebuild here, with the daemon stopped (refused while it runs).")
+@click.option("--no-wait", is_flag=True, help="Online: ask the daemon and return without following it.")
+def rebuild(config: str, view: str, offline: bool, no_wait: bool) -> None:
+    """Rebuild VIEW from a fresh consistent snapshot.
+
+    While `pgderive run` runs (its slot is active) the daemon does it online: the other views
+    keep streaming, readers keep the old generation until the new one is complete, and this
+    command follows its progress (Ctrl-C stops following, not the rebuild). With the daemon
+    stopped (or --offline) it is done here."""
+    from cdc.slot import slot_info
     from ..ops.rebuild import rebuild_view
     from ..runtime.errors import EngineError
     from sinks.base import SinkError
 
     spec = _load(config)
-    for name in spec.resolve(view) or [view]:  # a view kept in several sinks: each copy
+    names = spec.resolve(view) or [view]  # a view kept in several sinks: each copy
+    if not offline:
+        try:
+            with psycopg.connect(spec.source.conninfo(), autocommit=True) as conn:
+                info = slot_info(conn, spec.source.slot)
+        except psycopg.Error as e:
+            _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+        if info is not None and info.active:
+            _rebuild_online(spec, names, wait=not no_wait)
+            return
+    for name in names:
         try:
             lsn, stats = rebuild_view(spec, name)
         except SpecError as e:
@@ -347,6 +403,112 @@ def rebuild(config: str, view: str) -> None:
             _fail(e)
         rows = sum(stats.rows.values())
         click.echo(f"rebuilt {name} at {format_lsn(lsn)}: {rows} rows")
+
+
+def _rebuild_online(spec: Spec, names: list[str], *, wait: bool) -> None:
+    """Ask the running daemon to rebuild ``names`` (``pgderive.rebuilds``) and follow them."""
+    import time
+
+    from ..state.rebuilds import RebuildStore
+
+    unknown = [n for n in names if n not in spec.views]
+    if unknown:
+        raise click.UsageError(f"unknown view {unknown[0]!r}; views in this file: {', '.join(spec.views)}")
+    store = RebuildStore(spec.source.conninfo())
+    try:
+        for name in names:
+            req = store.request(spec.source.slot, name, "pgderive rebuild")
+            click.echo(f"{name}: online rebuild "
+                       f"{'requested' if req.status == 'requested' else 'already ' + req.status}")
+        if not wait:
+            return
+        shown: dict[str, str] = {}
+        last = 0.0
+        rows: dict[str, Rebuild | None] = {}
+        while True:
+            rows = {n: store.get(spec.source.slot, n) for n in names}
+            for n, r in rows.items():
+                if r is None:
+                    continue
+                line = _rebuild_line(r)
+                now = time.monotonic()
+                if line != shown.get(n) and (not r.active or r.status != "loading" or now - last >= 2.0):
+                    click.echo(f"{n}: {line}")
+                    shown[n], last = line, now
+            if all(r is not None and not r.active for r in rows.values()):
+                break
+            time.sleep(0.5)
+    except psycopg.Error as e:
+        _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+    except KeyboardInterrupt:
+        click.echo("stopped following; the daemon goes on with the rebuild (see `pgderive status`)")
+        sys.exit(130)
+    finally:
+        store.close()
+    failed = [n for n, r in rows.items() if r is not None and r.status != "done"]
+    if failed:
+        sys.exit(1)
+
+
+def _rebuild_line(r: "Rebuild") -> str:
+    """One line for a rebuild row: phase, rows, rate, ETA or error."""
+    if r.status == "done":
+        return f"done: live at {format_lsn(r.consistent_point or 0)}, {r.rows_done} rows"
+    if r.status in ("failed", "cancelled"):
+        return f"{r.status}: {r.error or '?'}"
+    text = r.status.replace("_", " ")
+    if r.status == "loading" and r.consistent_point is not None:
+        text += f" snapshot at {format_lsn(r.consistent_point)}: {r.rows_done}"
+        text += f" of ~{r.rows_total} rows" if r.rows_total else " rows"
+        if r.rows_per_s:
+            text += f", {r.rows_per_s:.0f} rows/s"
+        if r.eta_seconds is not None:
+            text += f", ETA {r.eta_seconds:.0f} s"
+    if r.attempts > 1:
+        text += f" (attempt {r.attempts})"
+    return text
+
+
+@main.command()
+@config_option
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for the daemon's answer.")
+def reload(config: str, timeout: float) -> None:
+    """Ask the running daemon to reload its YAML (as SIGHUP does), and print its answer.
+
+    New views are bootstrapped online, changed views rebuilt online (the old generation is
+    served until the new one is complete), removed views no longer maintained (their data
+    stays until `pgderive drop VIEW`). A file that is invalid, or changes anything besides
+    views, is refused and the daemon keeps running on the old one (exit 1)."""
+    import time
+
+    from cdc.slot import slot_info
+    from ..state.rebuilds import RebuildStore
+
+    spec = _load(config)
+    store = RebuildStore(spec.source.conninfo())
+    try:
+        with psycopg.connect(spec.source.conninfo(), autocommit=True) as conn:
+            info = slot_info(conn, spec.source.slot)
+        if info is None or not info.active:
+            _fail(f"no daemon is running on slot {spec.source.slot} (the slot is "
+                  f"{'absent' if info is None else 'inactive'}); a start reads the file anyway")
+        try:
+            asked = store.request_reload(spec.source.slot)
+        except LookupError:
+            _fail(f"pgderive has no record of slot {spec.source.slot}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = store.reload_state(spec.source.slot)
+            if st.reloaded_at is not None and st.reloaded_at >= asked and st.result is not None:
+                click.echo(st.result)
+                sys.exit(0 if st.result.startswith("ok") else 1)
+            time.sleep(0.3)
+        _fail(f"the daemon did not answer within {timeout:g} s")
+    except psycopg.Error as e:
+        _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+    finally:
+        store.close()
 
 
 @main.command()

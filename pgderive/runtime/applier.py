@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
-from sinks.base import AtomicCheckpoint, Op, Rejected, Sink
+from sinks.base import AtomicCheckpoint, LiveGenerations, Op, Rejected, Sink
 
 from ..state.deadletters import DeadLetter, Supersede
-from .batch import Batch
+from .batch import Batch, GenerationStep
 from .checkpoints import SinkDataLoss, advance_checkpoints
 from .retry import StopFlag, with_retry
 
@@ -58,7 +58,7 @@ class Applier:
         return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop) if retry else fn()
 
     def apply(self, batch: Batch, *, retry: bool = True) -> None:
-        """Apply the batch's Ops, record its dead letters, advance the views' checkpoints to
+        """Apply the batch's generation steps (:meth:`step`), then its Ops, record its dead letters, advance the views' checkpoints to
         its position, apply its TRUNCATEs (in stream order, after the Ops), then move
         :attr:`acked_lsn` to ``batch.end_lsn`` (0: a batch without a position moves nothing).
 
@@ -68,6 +68,8 @@ class Applier:
         was missing or behind :attr:`acked_lsn`, non-retryable ``SinkError``, and what
         ``record`` raises (``psycopg.Error``)."""
         sink, views = self.sink, self.views
+        for step in batch.steps:
+            self._call(f"{step.kind} of generation {step.generation}", lambda: self.step(step), retry)
         lsn = batch.end_lsn if batch.end_lsn > self.acked_lsn else 0  # 0: no checkpoint to advance
         ops: list[Op] = list(batch.ops.values())
         rejected: list[Rejected] = []
@@ -90,6 +92,21 @@ class Applier:
             self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
         if lsn:
             self.acked_lsn = lsn
+
+    def step(self, step: GenerationStep) -> None:
+        """Apply one generation step to the sink (ARCHITECTURE.md, "Online rebuild"): follow,
+        commit or abort an online rebuild's generation. Nothing for a sink without
+        :class:`~sinks.base.LiveGenerations` (its generations share the records). Raises
+        :class:`~sinks.base.SinkError`."""
+        sink = self.sink
+        if not isinstance(sink, LiveGenerations):
+            return
+        if step.kind == "follow":
+            sink.follow_generation(step.view, step.generation, exclusive=step.exclusive)
+        elif step.kind == "commit":
+            sink.commit_generation(step.view, step.generation, step.version)
+        else:
+            sink.abort_generation(step.view, step.generation)
 
     def checkpoint(self, lsn: int, *, retry: bool = True) -> None:
         """Record in the sink that every view is complete up to ``lsn`` (int LSN) and make it

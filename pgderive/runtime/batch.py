@@ -13,13 +13,36 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sinks.base import Op
 
 from ..state.deadletters import DeadLetter, Supersede
 
-__all__ = ["Batch", "LagToken"]
+__all__ = ["Batch", "LagToken", "GenerationStep"]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStep:
+    """A change to which generations a lane's sink instance writes, for an online rebuild of a
+    sink with :class:`~sinks.base.LiveGenerations` (ARCHITECTURE.md, "Online rebuild"); applied
+    by the lane before its batch's Ops, so it takes effect at an exact point of the stream.
+
+    Attributes:
+        seq: increasing per daemon; a lane's ``steps_done`` is the last one it applied.
+        kind: ``follow`` (the stream writes ``generation`` too, or only it with ``exclusive``),
+            ``commit`` (make it live at ``version``) or ``abort`` (stop and delete it).
+        view: the view's name; generation: the id ``begin_generation`` returned.
+        version: ``commit``: the snapshot's consistent point (int LSN); else 0.
+        exclusive: ``follow`` only: write the view's Ops to the generation alone.
+    """
+
+    seq: int
+    kind: Literal["follow", "commit", "abort"]
+    view: str
+    generation: str
+    version: int = 0
+    exclusive: bool = False
 
 
 class LagToken:
@@ -62,6 +85,7 @@ class Batch:
         truncates: ``(view, version)`` TRUNCATEs to apply after ``ops``, in order.
         commit_times: commit timestamps (Unix s) of transactions that touched only this lane.
         shared: transactions that touched this lane and others.
+        steps: generation steps to apply before ``ops``, in order.
     """
 
     end_lsn: int = 0
@@ -72,6 +96,7 @@ class Batch:
     truncates: list[tuple[str, int]] = field(default_factory=list)
     commit_times: list[float] = field(default_factory=list)
     shared: list[LagToken] = field(default_factory=list)
+    steps: list[GenerationStep] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -79,7 +104,7 @@ class Batch:
     @property
     def has_data(self) -> bool:
         """True when the batch has something for the sink besides a new position."""
-        return bool(self.ops or self.dead_letters or self.supersedes or self.truncates)
+        return bool(self.ops or self.dead_letters or self.supersedes or self.truncates or self.steps)
 
     def add(self, op: Op) -> None:
         """Add ``op``, collapsing it with an earlier Op on the same key."""
@@ -113,10 +138,10 @@ class Batch:
 
     def portable(self) -> Batch:
         """The batch as a lane's process needs it (what the sink gets, pickled over a pipe):
-        the same Ops, dead letters, supersedes, TRUNCATEs and position, without the commit
+        the same Ops, dead letters, supersedes, TRUNCATEs, generation steps and position, without the commit
         timestamps and :class:`LagToken`\\ s, which stay with the daemon's counters."""
         return Batch(end_lsn=self.end_lsn, ops=self.ops, nbytes=self.nbytes, dead_letters=self.dead_letters,
-                     supersedes=self.supersedes, truncates=self.truncates)
+                     supersedes=self.supersedes, truncates=self.truncates, steps=self.steps)
 
     def successor(self) -> Batch:
         """An empty batch at this batch's position (what the reader fills next)."""

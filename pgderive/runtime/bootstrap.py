@@ -29,7 +29,7 @@ from views.include import KeyTuple
 
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter
-from .retry import one_line, with_retry
+from .retry import AnyOf, one_line, with_retry
 from .wire import load_wire, wire_query
 
 __all__ = ["load_snapshot", "derive_snapshot", "SnapshotChunk", "SnapshotConnect", "SnapshotStats", "Interrupted"]
@@ -164,32 +164,15 @@ class _Task:
         return ", ".join(v.name for v in self.views)
 
 
-class _Either:
-    """A stop flag set when either of two events is (the caller's stop, or a failed task)."""
-
-    def __init__(self, a: threading.Event, b: threading.Event) -> None:
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.a.is_set() or self.b.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.is_set():
-            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-            if left <= 0:
-                break
-            self.a.wait(left)
-        return self.is_set()
-
-
 def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink],
                   version: int, *, chunk_rows: int = 5000,
                   should_stop: Callable[[], bool] = lambda: False,
                   stop: threading.Event | None = None,
                   on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
                   aggregates: AggregateStore | None = None, wire_loads: bool = True,
-                  connect: SnapshotConnect | None = None, concurrency: int = 1) -> SnapshotStats:
+                  connect: SnapshotConnect | None = None, concurrency: int = 1,
+                  generations: Mapping[str, str] | None = None, commit: bool = True,
+                  live: bool = False, progress: Callable[[str, int], None] | None = None) -> SnapshotStats:
     """Load ``views`` from ``conn`` (already inside the snapshot's transaction) at ``version``.
 
     Views that qualify for a wire load (:mod:`pgderive.runtime.wire`; ``wire_loads=False`` turns it off)
@@ -211,6 +194,13 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     :class:`~sinks.base.SinkError` (a sink down, stalled, answering 429/503): a sink outage
     during a bootstrap delays it, it does not end it.
 
+    Online rebuilds (ARCHITECTURE.md, "Online rebuild"): ``generations`` (view name → the id
+    ``begin_generation`` returned) are generations begun already, which this call loads without
+    beginning them; ``commit=False`` leaves every generation uncommitted and no checkpoint
+    written (the caller switches later); ``live``: the stream writes these views meanwhile, so
+    only wire loads that keep a newer concurrent write are used. ``progress(view, rows)`` is
+    called after each chunk with the rows read so far for that view.
+
     Raises :class:`Interrupted` when ``should_stop()`` turns true or ``stop`` is set (checked
     per chunk and between retries) and :class:`~sinks.base.SinkError` when a sink fails in a way
     a retry cannot fix. Generations are committed only once every view is loaded.
@@ -230,7 +220,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         sink = sinks[v.sink]
         t0 = time.monotonic()
         rejected = list(retried(f"sink {sink.name} (snapshot of {v.name})",
-                                lambda: sink.load(v.name, generations[v.name], ops) or []))
+                                lambda: sink.load(v.name, begun[v.name], ops) or []))
         with stats_lock:
             stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + time.monotonic() - t0
         return rejected
@@ -250,7 +240,8 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         def attempt() -> tuple[int, float]:
             conn.execute("SAVEPOINT pgderive_wire")  # a failed COPY must not abort the snapshot
             try:
-                out = load_wire(conn, v, sink, query, stopping, interrupted)
+                out = load_wire(conn, v, sink, query, stopping, interrupted,
+                                None if progress is None else lambda n: progress(v.name, n))
             except BaseException:
                 conn.execute("ROLLBACK TO SAVEPOINT pgderive_wire")
                 raise
@@ -327,6 +318,9 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                     for v in chunk.views:
                         stats.records[v.name] = stats.records.get(v.name, 0) + len(chunk.ops[v.name])
                 rows += chunk.rows
+                if progress is not None:
+                    for v in chunk.views:
+                        progress(v.name, rows)
                 now = time.monotonic()
                 if now - last_log >= 5:
                     log.info("snapshot of %s: %d rows, %.0f rows/s", table, rows, rows / (now - t0))
@@ -345,7 +339,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
     # Set when the load must end (interrupted, or a parallel task failed): the other tasks stop
     # at their next chunk and retries give up.
     halted = threading.Event()
-    halt = _Either(stop_event, halted)
+    halt = AnyOf(stop_event, halted)
     def stopping() -> bool:
         return should_stop() or halt.is_set()
 
@@ -353,27 +347,30 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         return retried(f"sink {sinks[v.sink].name} (new generation of {v.name})",
                        lambda: sinks[v.sink].begin_generation(v.name, version))
 
-    generations = {v.name: begin(v) for v in views}
-    tasks = _plan(conn, views, sinks, version, wire_loads)
+    given = generations or {}
+    begun = {v.name: given[v.name] if v.name in given else begin(v) for v in views}
+    tasks = _plan(conn, views, sinks, version, wire_loads, begun, live)
     if concurrency <= 1 or connect is None or len(tasks) <= 1:
         for task in tasks:
             run_task(conn, task)
     else:
         _run_parallel(tasks, connect, concurrency, run_task, halted)
+    if not commit:
+        return stats
     for v in views:
         sink = sinks[v.sink]
         if stopping():
             halted.set()
             raise Interrupted(f"snapshot interrupted before committing view {v.name}")
         retried(f"sink {sink.name} (commit of {v.name})",
-                lambda: sink.commit_generation(v.name, generations[v.name], version))
+                lambda: sink.commit_generation(v.name, begun[v.name], version))
         # The view is complete as of ``version``: its checkpoint says so (see engine startup).
         retried(f"sink {sink.name} (checkpoint of {v.name})", lambda: sink.write_checkpoint([v.name], version))
     return stats
 
 
 def _plan(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, Sink], version: int,
-          wire_loads: bool) -> list[_Task]:
+          wire_loads: bool, generations: Mapping[str, str], live: bool) -> list[_Task]:
     """The load's tasks, largest-first where it is known cheaply (wire loads first): a wire load
     per qualifying view, a row-by-row read per ``(table, where)`` (views over it share it), one
     task per include view, one for all aggregate views."""
@@ -382,7 +379,8 @@ def _plan(conn: psycopg.Connection, views: Sequence[View], sinks: Mapping[str, S
     trees: list[_Task] = []
     aggs: list[View] = []
     for v in views:
-        query = wire_query(conn, v, sinks[v.sink], version) if wire_loads else None
+        query = (wire_query(conn, v, sinks[v.sink], version, generation=generations[v.name], live=live)
+                 if wire_loads else None)
         if query is not None:
             wired.append(_Task([v], query))
         elif v.aggregation is not None:

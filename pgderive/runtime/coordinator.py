@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import psycopg
@@ -33,26 +33,30 @@ from cdc.refetch import RowRefetcher
 from cdc.slot import ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import snapshot_connection
 from cdc.redact import registered_secrets
-from sinks.base import Refreshable, Sink
+from sinks.base import LiveGenerations, Refreshable, Sink
 from views.check import build_views
 from views.derive import View, view_fingerprint
-from views.spec import Spec
+from views.spec import Spec, SpecError
 
 from ..state.aggregates import AggregateStore
-from ..state.deadletters import DeadLetterStore
+from ..state.deadletters import DeadLetter, DeadLetterStore
+from ..state.rebuilds import RebuildStore
 from ..state.slots import StateStore
+from .batch import GenerationStep
 from .bootstrap import Interrupted, load_snapshot
 from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
+from .online import OnlineRebuild, OnlineRebuildError
 from .preflight import check_privileges, preflight, raise_for
+from .reconfigure import Reconfiguration, ReloadRefused, plan_reload
 from .recording import DeadLetterRecorder
 from .reload import reload_views
-from .retry import Backoff, one_line
+from .retry import AnyOf, Backoff, one_line
 from .sinks import SinkOpener, deployment_of, open_sinks, prepare_sinks
 from .stats import Stats
-from .stream import Limits, Stream, row_refetcher
+from .stream import Limits, StepReply, Stream, row_refetcher
 from .waiting import waiting
 
 __all__ = ["Engine", "EngineError"]
@@ -71,6 +75,9 @@ SWITCH_INTERVAL = 0.0005
 #: Seconds a failed bootstrap waits for its slot to become inactive before giving up dropping it.
 DROP_WAIT = 10.0
 
+#: Seconds between two polls of ``pgderive.rebuilds`` and the reload handshake by a running daemon.
+CONTROL_EVERY = 1.0
+
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="pgderive")
@@ -86,11 +93,15 @@ class Engine:
             seconds and at exit.
         batch_ops, batch_bytes, direct_ops: the stream's batch bounds
             (:class:`~pgderive.runtime.stream.Limits`).
+        reload_spec: reads the YAML again for a reload (:meth:`request_reload`, ``pgderive
+            reload``); raises :class:`~views.spec.SpecError` for a bad file. None: reloads are
+            refused.
     """
 
     def __init__(self, spec: Spec, *, stop: threading.Event | None = None,
                  stats_file: str | None = None, batch_ops: int = 20_000,
-                 batch_bytes: int = 8 << 20, direct_ops: int = 500) -> None:
+                 batch_bytes: int = 8 << 20, direct_ops: int = 500,
+                 reload_spec: Callable[[], Spec] | None = None) -> None:
         self.spec = spec
         # Bookkeeping connections get the source's connect and statement timeouts; the data
         # path (replication, snapshot COPY, read-backs) only the connect timeout (SourceSpec).
@@ -112,6 +123,21 @@ class Engine:
         self.stream: Stream | None = None
         self._last_stats_write = 0.0
         self._phase: str | None = None  # set while blocked where stopping at once is safe
+        # Online rebuilds and reloads (ARCHITECTURE.md, "Online rebuild").
+        self.reload_spec = reload_spec
+        self.rebuild_store = RebuildStore(self.dsn)
+        self.truncated: dict[str, int] = {}  # view -> last TRUNCATE that emptied it (kept by Stream)
+        self.jobs: dict[str, OnlineRebuild] = {}
+        self.lanes: Lanes | None = None
+        self._epoch = 0
+        self._lock = threading.Lock()
+        self._cycle = threading.Event()  # ends the current stream so the loop starts it again
+        self._reload_signal = threading.Event()  # SIGHUP
+        self._reload_pending: Reconfiguration | None = None
+        self._reload_applied = threading.Event()
+        self._reload_seen: Any = None  # the reload_requested_at answered last
+        self._control: threading.Thread | None = None
+        self._job_dead_letters: DeadLetterStore | None = None
 
     # -- stopping ----------------------------------------------------------------------------
     def interrupt(self, signal_name: str) -> None:
@@ -171,6 +197,7 @@ class Engine:
                 start_lsn = self._prepare(resnapshot)
                 if start_lsn is None:
                     return
+                self._start_control()
                 self._stream(start_lsn)
             except psycopg.errors.InsufficientPrivilege as e:
                 raise self._privilege_error(e) from e
@@ -178,6 +205,7 @@ class Engine:
             log.warning("%s; stopped before streaming", e)
         finally:
             self._blocking(None)
+            self._stop_control()
             self._write_stats(force=True)
             self.reader.close()
             self.refetcher.close()
@@ -236,18 +264,25 @@ class Engine:
                 log.warning("a previous bootstrap of slot %s did not finish; starting it again", self.slot)
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
                 return self._bootstrap()
-        changed = [n for n, fp in self._fingerprints().items() if state.views.get(n) != fp]
-        if changed:
-            raise EngineError(
-                f"view(s) {', '.join(changed)} are new or changed since slot {self.slot} was "
-                "bootstrapped; run `pgderive rebuild -c FILE VIEW` for each (daemon stopped) "
-                "or `pgderive run --resnapshot`.")
-        lost = lost_views(self.views, self.sinks, self.slot, info.confirmed_flush_lsn or 0)
+        fps = self._fingerprints()
+        fresh = sorted(n for n, fp in fps.items() if state.views.get(n) != fp)  # new or changed
+        removed = sorted(n for n in state.views if n not in fps)
+        if removed:
+            self._retire(removed)
+        confirmed = info.confirmed_flush_lsn or 0
+        added = [v for v in self.views if v.name not in state.views]
+        lost = lost_views([v for v in self.views if v.name in state.views], self.sinks, self.slot, confirmed)
         if lost:
             log.warning("sink data of view(s) %s is missing or behind the slot (sink restarted "
                         "without its data?); rebuilding them first", ", ".join(v.name for v in lost))
             self._blocking(None)
             self._rebuild(lost)
+        if added:
+            self._start_checkpoints(added, confirmed)
+        for name in fresh:
+            why = "new view" if name not in state.views else "definition changed"
+            log.warning("view %s: %s since the last run; rebuilding it online while the others stream", name, why)
+            self.rebuild_store.request(self.slot, name, why)
         log.info("resuming slot %s from its confirmed position %s", self.slot,
                  format_lsn(info.confirmed_flush_lsn or 0))
         return 0
@@ -293,6 +328,9 @@ class Engine:
                       for v, n in stats.records.items()},
         }
         self.state.set(self.slot, "streaming", consistent_point, fps)
+        cancelled = self.rebuild_store.cancel_all(self.slot, "a bootstrap loaded every view")
+        if cancelled:
+            log.info("online rebuild(s) of %s cancelled: the bootstrap loaded every view", ", ".join(cancelled))
         log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
         return consistent_point
 
@@ -386,6 +424,15 @@ class Engine:
                 connected = True
                 backoff.reset()
                 self._loop(reader)
+                if self._cycle.is_set() and not self.stop.is_set():
+                    # A reload: the stream drained and stopped; start it again on the new views
+                    # from the slot's confirmed position (tables may have changed: a new reader).
+                    self._cycle.clear()
+                    connected = False
+                    reader.close()
+                    self._apply_reload()
+                    assert self.reader is not None
+                    reader = self.reader
             except (ReplicationError, psycopg.OperationalError) as e:
                 if self.stop.is_set():
                     break
@@ -446,16 +493,229 @@ class Engine:
         return dict(out)
 
     def _loop(self, reader: SlotReader) -> None:
-        """Stream from ``reader`` (started) through one lane per sink until stopped or failed."""
+        """Stream from ``reader`` (started) through one lane per sink until stopped, failed or
+        asked to start again (a reload)."""
         lanes = Lanes(self.sinks, self._views_by_sink(), self.stop, acked_lsn=reader.confirmed_lsn,
                       record=self._recorder(), stats=self.stats, processes=self._lane_processes())
         try:
-            self.stream = Stream(self.views, lanes, stats=self.stats, stop=self.stop, refetcher=self.refetcher,
-                                 aggregates=self.aggregates, limits=self.limits, on_tick=self._write_stats,
-                                 open_dead_letters=self.dead_letters.open_rows(self.slot))
-            self.stream.run(reader)
+            stream = Stream(self.views, lanes, stats=self.stats, stop=AnyOf(self.stop, self._cycle),
+                            refetcher=self.refetcher, aggregates=self.aggregates, limits=self.limits,
+                            on_tick=self._write_stats, open_dead_letters=self.dead_letters.open_rows(self.slot),
+                            held=self._held(), truncated=self.truncated)
+            with self._lock:
+                self._epoch += 1
+                self.stream, self.lanes = stream, lanes
+            stream.run(reader)
         finally:
+            with self._lock:
+                self.stream = self.lanes = None
             lanes.close(1.0 if self.stop.is_set() else 5.0)  # stopping: Stream waited already
+
+    # -- online rebuilds and reloads (ARCHITECTURE.md, "Online rebuild") ------------------------
+    @property
+    def epoch(self) -> int:
+        """Increases each time the stream and its lanes start (see :class:`~pgderive.runtime.online.RebuildHost`)."""
+        return self._epoch
+
+    def file_step(self, sink: str, step: GenerationStep) -> tuple[int, StepReply] | None:
+        """Hand ``step`` to the running stream: ``(epoch, reply)``; None while none runs."""
+        with self._lock:
+            if self.stream is None:
+                return None
+            return self._epoch, self.stream.request_step(sink, step)
+
+    def lane_position(self, sink: str) -> tuple[int, int, int] | None:
+        """``(epoch, acked LSN, steps_done)`` of the lane of ``sink``; None while no stream runs."""
+        with self._lock:
+            if self.lanes is None:
+                return None
+            lane = self.lanes[sink]
+            return self._epoch, lane.acked_lsn, lane.steps_done
+
+    def record_dead_letters(self, entries: list[DeadLetter]) -> None:
+        """Store dead letters of an online rebuild's load (its own connection)."""
+        if self._job_dead_letters is None:
+            self._job_dead_letters = DeadLetterStore(self.dsn, max_bytes=self.spec.dead_letters.max_bytes)
+        self._job_dead_letters.record(self.slot, entries)
+
+    def rebuilt(self, view: View, consistent_point: int) -> None:
+        """An online rebuild made ``view``'s new generation live: its definition's fingerprint
+        becomes the slot's record of it (``pgderive.slot_state``)."""
+        with self._lock:
+            state = self.state.get(self.slot)
+            if state is None:
+                return
+            fps = dict(state.views)
+            fps[view.name] = view_fingerprint(view)
+            self.state.set(self.slot, state.status, state.consistent_point, fps)
+
+    def _held(self) -> set[str]:
+        """Views whose changes the stream must not derive yet: a new or changed definition on a
+        sink with separate generations, until its online rebuild's ``follow`` step (the live
+        generation must not get Ops of the new definition)."""
+        state = self.state.get(self.slot)
+        known = state.views if state is not None else {}
+        fps = self._fingerprints()
+        return {v.name for v in self.views
+                if known.get(v.name) != fps[v.name] and isinstance(self.sinks.get(v.sink), LiveGenerations)}
+
+    def _retire(self, names: list[str]) -> None:
+        """Stop maintaining views that left the file: forget their fingerprints (a view added
+        back later is bootstrapped again); their data stays in the sinks."""
+        with self._lock:
+            state = self.state.get(self.slot)
+            if state is not None:
+                fps = {n: fp for n, fp in state.views.items() if n not in names}
+                self.state.set(self.slot, state.status, state.consistent_point, fps)
+        for name in names:
+            job = self.jobs.pop(name, None)
+            if job is not None:
+                job.cancel()
+            if (r := self.rebuild_store.get(self.slot, name)) is not None and r.active:
+                self.rebuild_store.finish(self.slot, name, "cancelled", "the view was removed")
+            log.warning("view %s is no longer in the configuration: it is not maintained any more; its data "
+                        "stays in its sink until `pgderive drop %s`", name, name)
+
+    def _start_checkpoints(self, views: list[View], lsn: int) -> None:
+        """Give new views a checkpoint at ``lsn`` (the slot's confirmed position), where their
+        lanes start advancing it; their online rebuild makes them complete."""
+        by_sink: dict[str, list[str]] = defaultdict(list)
+        for v in views:
+            by_sink[v.sink].append(v.name)
+        for sink, names in by_sink.items():
+            self.sinks[sink].write_checkpoint(names, lsn)
+
+    def request_reload(self) -> None:
+        """Ask for a reload of the YAML (the SIGHUP handler); the control thread does it."""
+        self._reload_signal.set()
+
+    def _start_control(self) -> None:
+        self._control = threading.Thread(target=self._control_loop, name="pgderive-control", daemon=True)
+        self._control.start()
+
+    def _stop_control(self) -> None:
+        self.stop.set()
+        if self._control is not None:
+            self._control.join(5.0)
+        for job in list(self.jobs.values()):
+            job.cancel()
+        for job in list(self.jobs.values()):
+            job.join(10.0)
+        if self._job_dead_letters is not None:
+            self._job_dead_letters.close()
+        self.rebuild_store.close()
+
+    def _control_loop(self) -> None:
+        """Every :data:`CONTROL_EVERY` seconds: start the online rebuilds ``pgderive.rebuilds``
+        asks for (a request, a reload, a crash's unfinished one) and answer reload requests
+        (SIGHUP or ``pgderive reload``). Errors are logged; the stream is never held up."""
+        while not self.stop.wait(CONTROL_EVERY):
+            try:
+                reload = self._reload_signal.is_set()
+                handshake = self.rebuild_store.reload_state(self.slot)
+                if handshake.requested_at is not None and handshake.requested_at != self._reload_seen and (
+                        handshake.reloaded_at is None or handshake.reloaded_at < handshake.requested_at):
+                    reload = True
+                if reload:
+                    self._reload_signal.clear()
+                    self._reload_seen = handshake.requested_at
+                    result = self._reload()
+                    self.rebuild_store.reloaded(self.slot, handshake.requested_at, result)
+                self._start_jobs()
+            except (psycopg.Error, OSError) as e:
+                log.warning("control: %s", one_line(e))
+            except Exception as e:  # never let the control thread die silently
+                log.error("control: %s", one_line(e), exc_info=True)
+
+    def _start_jobs(self) -> None:
+        for name in [n for n, j in self.jobs.items() if not j.alive]:
+            del self.jobs[name]
+        wanted = [r for r in self.rebuild_store.all(self.slot, active=True) if r.view not in self.jobs]
+        if not wanted or self.stop.is_set():
+            return
+        by_name = {v.name: v for v in self.views}
+        known = (state.views if (state := self.state.get(self.slot)) is not None else {})
+        for r in wanted:
+            view = by_name.get(r.view)
+            if view is None:
+                self.rebuild_store.finish(self.slot, r.view, "failed", f"view {r.view} is not in the configuration")
+                continue
+            assert self.deployment is not None
+            try:
+                job = OnlineRebuild(self, view, SinkOpener.of(self.spec, view.sink, [view], self.deployment),
+                                    self.data_dsn, self.rebuild_store,
+                                    exclusive=known.get(view.name) != view_fingerprint(view), reason=r.reason)
+            except OnlineRebuildError as e:
+                log.error("%s", e)
+                self.rebuild_store.finish(self.slot, r.view, "failed", str(e))
+                continue
+            self.jobs[r.view] = job
+            job.start()
+
+    def _reload(self) -> str:
+        """Read the YAML again and, when only views changed, hand the new views to the stream
+        (which starts again on them) and ask for their online rebuilds. Returns the one-line
+        result; a bad file or a change outside ``views`` is refused and changes nothing."""
+        if self.reload_spec is None:
+            return "refused: this daemon was started without a file to reload"
+        log.info("reloading the configuration")
+        try:
+            spec = self.reload_spec()
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                views = build_views(spec, conn)
+            plan = plan_reload(self.spec, spec, self.views, views)
+        except (SpecError, ReloadRefused) as e:
+            text = " ".join(str(e).split())
+            log.error("reload refused, still running on the previous file: %s", str(e).strip())
+            return f"refused: {text}"
+        if plan.empty:
+            log.info("reload: no view changed")
+            return "ok: no view changed"
+        self._reload_applied.clear()
+        self._reload_pending = plan
+        self._cycle.set()
+        while not self._reload_applied.wait(0.2):
+            if self.stop.is_set():
+                return "refused: the daemon is stopping"
+        for name in plan.added + plan.changed:
+            self.rebuild_store.request(self.slot, name, "new view" if name in plan.added else "definition changed")
+        log.info("reload: %s", plan.summary())
+        return f"ok: {plan.summary()}"
+
+    def _apply_reload(self) -> None:
+        """On the reading thread, between two streams: take the reload's new views."""
+        plan, self._reload_pending = self._reload_pending, None
+        if plan is None:
+            return
+        try:
+            added = [v for v in plan.views if v.name in plan.added]
+            for name in plan.changed:  # its running rebuild loads the old definition: start over
+                job = self.jobs.pop(name, None)
+                if job is not None:
+                    job.cancel()
+                    job.join(30.0)
+            for v in plan.views:
+                if v.name in plan.added or v.name in plan.changed:
+                    self.sinks[v.sink].register(v.target)
+            prepare_sinks(self.sinks, added)
+            if added:
+                assert self.reader is not None
+                self._start_checkpoints(added, self.reader.confirmed_lsn)
+            if plan.removed:
+                self._retire(plan.removed)
+            self.spec = plan.spec
+            self.views = plan.views
+            old_refetcher, self.refetcher = self.refetcher, row_refetcher(self.data_dsn, self.views)
+            if old_refetcher is not None:
+                old_refetcher.close()
+            tables = sorted({t for v in self.views for t in v.tables})
+            assert self.reader is not None
+            confirmed = self.reader.confirmed_lsn
+            self.reader.close()
+            self.reader = SlotReader(self.data_dsn, self.slot, tables=tables)
+            self.reader.confirmed_lsn = confirmed
+        finally:
+            self._reload_applied.set()
 
     def _write_stats(self, force: bool = False) -> None:
         if not self.stats_file:

@@ -122,6 +122,7 @@ class ProcessLane:
         self.lane_stats: LaneStats = self.stats.lane(self.name)
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
+        self.steps_done = 0
         self._cond = changed or threading.Condition()
         self._inflight: str | None = "open"  # "open", "apply", "checkpoint" or None (idle)
         self._batch: Batch | None = None
@@ -264,6 +265,8 @@ class ProcessLane:
             assert isinstance(acked, int) and isinstance(seconds, float)
             self.acked_lsn = acked
             if inflight == "apply" and batch is not None:
+                if batch.steps:
+                    self.steps_done = batch.steps[-1].seq
                 ended = time.monotonic()
                 self.stats.acknowledged(self.lane_stats, batch, seconds)
                 self.saturation.record(ended - seconds, ended, len(batch), {self.name: seconds})

@@ -58,6 +58,8 @@ class SinkLane(Protocol):
     error: BaseException | None
     #: The sink shows writes only after a refresh interval: its batch may wait for more Ops.
     lingers: bool
+    #: The ``seq`` of the last :class:`~pgderive.runtime.batch.GenerationStep` the sink applied.
+    steps_done: int
 
     @property
     def idle(self) -> bool:
@@ -123,6 +125,7 @@ class Lane:
         # applies on the reading thread only after ~20 quick batches on its own thread, so a
         # sink that turns out slow (or hangs on its first call) never stalls the reader.
         self.apply_s = 1.0
+        self.steps_done = 0
         self._cond = changed or threading.Condition()
         self._batch: Batch | None = None
         self._closed = False
@@ -219,6 +222,8 @@ class Lane:
         """Apply the batch (:meth:`~pgderive.runtime.applier.Applier.apply`), then count it."""
         started = time.monotonic()
         self.applier.apply(batch, retry=retry)
+        if batch.steps:
+            self.steps_done = batch.steps[-1].seq
         ended = time.monotonic()
         self.apply_s += 0.2 * ((ended - started) - self.apply_s)
         self.stats.acknowledged(self.lane_stats, batch, ended - started)

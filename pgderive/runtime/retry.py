@@ -4,11 +4,13 @@ idempotent (ARCHITECTURE.md, rule 2), so repeating a call whose outcome is unkno
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Callable, Protocol, TypeVar
 
 from sinks.base import SinkError
 
-__all__ = ["Backoff", "StopFlag", "with_retry", "one_line"]
+__all__ = ["AnyOf", "Backoff", "StopFlag", "with_retry", "one_line"]
 
 log = logging.getLogger("pgderive.lanes")
 T = TypeVar("T")
@@ -48,6 +50,28 @@ class StopFlag(Protocol):
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds for a stop request; True if one came."""
         ...
+
+
+class AnyOf:
+    """A :class:`StopFlag` that is set when either of two events is (e.g. the daemon's stop
+    and a failed task's, or a stop and a request to restart the stream)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        """True once either event is set."""
+        return self.a.is_set() or self.b.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: forever) for either event; returns :meth:`is_set`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self.a.wait(left)
+        return self.is_set()
 
 
 def with_retry(what: str, fn: Callable[[], T], stop: StopFlag) -> T:

@@ -17,6 +17,7 @@ the sink drops every record of the view at or below the commit LSN, then the Ops
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import defaultdict
@@ -35,13 +36,13 @@ from views.derive import DerivationError, View
 
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter, identity_json
-from .batch import Batch, LagToken
+from .batch import Batch, GenerationStep, LagToken
 from .lanes import Lanes, SinkLane
 from .resolve import IncludeResolver
-from .retry import one_line
+from .retry import StopFlag, one_line
 from .stats import Stats
 
-__all__ = ["Limits", "Stream", "row_refetcher"]
+__all__ = ["Limits", "Stream", "StepReply", "row_refetcher"]
 
 log = logging.getLogger("pgderive.stream")
 
@@ -54,6 +55,19 @@ def row_refetcher(dsn: str, views: Sequence[View]) -> RowRefetcher:
         if v.tree is None and v.table not in tables:
             tables[v.table] = (v.info.columns, v.info.primary_key or v.info.identity_columns)
     return RowRefetcher(dsn, tables)
+
+
+class StepReply:
+    """The reading thread's answer to :meth:`Stream.request_step`: :attr:`filed` is set once it
+    took the step; :attr:`refused` then says why it did not file it (None: filed)."""
+
+    def __init__(self) -> None:
+        self.filed = threading.Event()
+        self.refused: str | None = None
+
+    def settle(self, refused: str | None) -> None:
+        self.refused = refused
+        self.filed.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +118,25 @@ class Stream:
         stop_grace: seconds a stop waits for the sinks' acknowledgements (default 5). A sink
             that is hung or retrying keeps its batch unacknowledged: the slot is confirmed only
             up to what every sink acknowledged (rule 3), so it replays on the next start.
+        held: names of views whose changes are not derived until a ``follow`` step of theirs
+            is filed (:meth:`request_step`): a new or changed view waiting for its online
+            rebuild's generation (ARCHITECTURE.md, "Online rebuild"; the rebuild's snapshot,
+            taken after that step, covers what was skipped).
+        truncated: view name → commit LSN of the last TRUNCATE that emptied it, kept up to date
+            by the stream (shared with the daemon, across streams).
     """
 
-    def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: threading.Event,
+    def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: StopFlag,
                  refetcher: RowRefetcher | None = None, aggregates: AggregateStore | None = None,
                  limits: Limits = Limits(), on_tick: Callable[[], None] | None = None,
                  open_dead_letters: dict[str, set[str]] | None = None,
-                 stop_grace: float = 5.0) -> None:
+                 stop_grace: float = 5.0, held: set[str] | None = None,
+                 truncated: dict[str, int] | None = None) -> None:
         self.views = list(views)
+        self.held: set[str] = set(held or ())
+        self.truncated: dict[str, int] = truncated if truncated is not None else {}
+        #: (sink, step, reply) filed by other threads, taken by the reading thread.
+        self._steps: queue.SimpleQueue[tuple[str, GenerationStep, StepReply]] = queue.SimpleQueue()
         self._open_dead: dict[str, set[str]] = {k: set(v) for k, v in (open_dead_letters or {}).items() if v}
         self.stop_grace = stop_grace
         self.lanes = lanes
@@ -231,11 +256,14 @@ class Stream:
                 continue
             if change.kind == "truncate":
                 emptied = [v for v in views if v.table == change.table]
+                for v in emptied:
+                    self.truncated[v.name] = version
+                emptied = [v for v in emptied if v.name not in self.held]
                 if emptied:
                     self._truncate(emptied, version)
                     touched.update(v.sink for v in emptied)
                 for v in views:
-                    if v.tree is not None and v.table != change.table:
+                    if v.tree is not None and v.table != change.table and v.name not in self.held:
                         assert self.resolver is not None
                         self.resolver.note_emptied(v, version, tx.xid)  # an included table emptied
                         touched.add(v.sink)
@@ -244,6 +272,8 @@ class Stream:
             gone = (change.new is not None and (change.maybe_nonfinite or change.table in full_rows)
                     and self._refetch(change, tx.xid))
             for v in views:
+                if v.name in self.held:
+                    continue
                 if v.tree is not None:
                     assert self.resolver is not None
                     self.resolver.note(v, change, version, tx.xid)
@@ -377,8 +407,37 @@ class Stream:
             return not lane.lingers or waited >= self.limits.linger or bool(batch.truncates) or self._full(batch)
         return batch.end_lsn > lane.acked_lsn and waited >= self.limits.checkpoint_every
 
+    def request_step(self, sink: str, step: GenerationStep) -> StepReply:
+        """File ``step`` for the lane of ``sink`` (any thread): the reading thread adds it to
+        that lane's next batch, ahead of its Ops; a ``follow`` step also releases the view from
+        :attr:`held` at that point of the stream. A ``commit`` step is refused (not filed) when
+        a TRUNCATE emptied the view after the generation's consistent point: the generation
+        holds rows the TRUNCATE removed. The reply says which; the lane's ``steps_done``
+        reaches ``step.seq`` once its sink applied it."""
+        reply = StepReply()
+        self._steps.put((sink, step, reply))
+        return reply
+
+    def _take_steps(self) -> None:
+        while True:
+            try:
+                sink, step, reply = self._steps.get_nowait()
+            except queue.Empty:
+                return
+            truncated = self.truncated.get(step.view, 0)
+            if step.kind == "commit" and truncated > step.version:
+                reply.settle(f"a TRUNCATE emptied view {step.view} at {format_lsn(truncated)}, after "
+                             f"the snapshot at {format_lsn(step.version)}")
+                continue
+            self.pending[sink].steps.append(step)
+            if step.kind == "follow":
+                self.held.discard(step.view)
+            reply.settle(None)
+
     def _hand_over(self) -> bool:
         """Give every idle lane with work its batch; True if any got one."""
+        if not self._steps.empty():
+            self._take_steps()
         now = time.monotonic()
         ready = [lane for lane in self.lanes if lane.idle and self._has_work(lane, now)]
         if not ready:

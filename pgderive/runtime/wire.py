@@ -11,7 +11,8 @@ checks (byte for byte in Redis, document and version in OpenSearch), and that pa
 the fallback whenever a view, its sink or the server does not qualify, or the sink answers an
 error.
 
-A sink offering wire loads has two methods: ``wire_select(view, fields, version, types)``
+A sink offering wire loads has two methods: ``wire_select(view, fields, version, types,
+generation=, live=)``
 returns the SELECT list over an inner query with columns ``k`` (the record key as text) and
 ``f0``, ``f1``, .. (the text of output field ``fields[i]``, whose column has type name
 ``types[i]``), yielding two ``bytea`` columns, or None when it cannot serve the view; and
@@ -54,9 +55,12 @@ def _text(column: str, type_name: str) -> sql.Composable | None:
     return None
 
 
-def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: int) -> sql.Composed | None:
+def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: int, *,
+               generation: str | None = None, live: bool = False) -> sql.Composed | None:
     """The ``COPY`` statement of a wire load of ``view`` into ``sink`` at ``version`` (int LSN),
-    or None when the view does not qualify: a ``derive``/``include``/aggregate view, a key
+    into ``generation`` (the id ``begin_generation`` returned; None: the one named by
+    ``version``), or None when the view does not qualify (``live``: the stream writes the view
+    meanwhile, and the sink's wire load must keep the newer write): a ``derive``/``include``/aggregate view, a key
     column outside the primary key (it could be NULL, which must become a dead letter), a column
     whose model value prints differently from Postgres (floats, ``jsonb``), a server encoding
     other than UTF8, or a sink without wire loads. Raises :class:`~sinks.base.SinkError`."""
@@ -73,7 +77,8 @@ def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: i
     if encoding is None or encoding[0] != "UTF8":
         return None
     names = list(view.fields)
-    select = sink.wire_select(view.name, names, version, [types[view.fields[n]] for n in names])
+    select = sink.wire_select(view.name, names, version, [types[view.fields[n]] for n in names],
+                              generation=generation, live=live)
     if select is None:
         return None
     key = sql.SQL(" || ").join(
@@ -90,9 +95,11 @@ def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: i
 
 
 def load_wire(conn: psycopg.Connection[Any], view: View, sink: WireLoad, query: sql.Composed,
-              should_stop: Callable[[], bool], stopped: Callable[[int], BaseException]) -> tuple[int, float]:
+              should_stop: Callable[[], bool], stopped: Callable[[int], BaseException],
+              progress: Callable[[int], None] | None = None) -> tuple[int, float]:
     """Run ``query`` (from :func:`wire_query`) and relay its rows to ``sink``. Returns
-    ``(records, seconds)``. Logs progress every 5 s. Raises what ``stopped(rows)`` returns when
+    ``(records, seconds)``. Logs progress every 5 s and calls ``progress(rows sent so far)``
+    per chunk handed to the sink. Raises what ``stopped(rows)`` returns when
     ``should_stop()`` turns true (checked per MiB), :class:`~sinks.base.SinkError` from the sink
     and :class:`psycopg.Error` from the read."""
     t0 = last_log = time.monotonic()
@@ -112,6 +119,8 @@ def load_wire(conn: psycopg.Connection[Any], view: View, sink: WireLoad, query: 
                         raise stopped(sent)
                     yield chunk
                     sent += len(chunk)
+                    if progress is not None:
+                        progress(sent)
                     chunk, size = [], 0
                     now = time.monotonic()
                     if now - last_log >= 5:

@@ -1,0 +1,362 @@
+"""Online rebuilds: load a view into a new generation from a fresh snapshot while the daemon
+keeps streaming every view, then switch (ARCHITECTURE.md, "Online rebuild").
+
+One :class:`OnlineRebuild` per view, on a thread of the daemon, in phases recorded in
+``pgderive.rebuilds`` (:mod:`pgderive.state.rebuilds`):
+
+1. **begin** — the rebuild opens its own connection to the view's sink and begins a generation.
+   For a sink with :class:`~sinks.base.LiveGenerations` (OpenSearch: a new index named by the
+   current WAL position) it asks the stream to *follow* it: from an exact point of the stream on,
+   the lane writes every Op of the view to the new generation as well (or, for a new or changed
+   definition, only there: the live generation keeps serving what it had). The rebuild waits
+   until the lane's sink applied that step.
+2. **loading** — a TEMPORARY slot created with an exported snapshot gives a snapshot at a known
+   LSN X, later than the follow step; the view is loaded at version X into the new generation,
+   with progress (rows, rows/s, ETA) in ``pgderive.rebuilds`` and the log. Writes for commits
+   after X that the stream makes meanwhile carry higher versions and win (rule 2); delete
+   tombstones are kept while the generation loads, so no snapshot row resurrects a row deleted
+   after X.
+3. **catching_up** — wait until the view's lane acknowledged X (the stream has passed the
+   snapshot).
+4. **switching** — OpenSearch: a *commit* step moves the alias to the new index in one
+   ``_aliases`` call at an exact point of the stream and deletes the old one. Redis (records
+   shared by every generation): the records older than X, which the snapshot did not hold, are
+   deleted by the compare-and-set sweep. A TRUNCATE of the view after X makes the rebuild start
+   over (the generation holds rows it removed).
+
+Anything that stops a rebuild half-way leaves the live generation serving: a generation that
+never became live is deleted (at once, or by the next attempt's
+:meth:`~sinks.base.LiveGenerations.discard_unserved` after a crash), and the row in
+``pgderive.rebuilds`` makes the next daemon start it over.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+import psycopg
+from psycopg import sql
+
+from cdc.lsn import format_lsn, parse_lsn
+from cdc.slot import SlotReader
+from cdc.snapshot import snapshot_connection
+from sinks.base import LiveGenerations, Sink
+from views.derive import View
+
+from ..state.aggregates import AggregateStore
+from ..state.deadletters import DeadLetter
+from ..state.rebuilds import RebuildStore
+from .batch import GenerationStep
+from .bootstrap import Interrupted, load_snapshot
+from .retry import one_line, with_retry
+from .stream import StepReply
+
+__all__ = ["OnlineRebuild", "RebuildHost", "StartOver", "OnlineRebuildError"]
+
+log = logging.getLogger("pgderive.rebuild")
+
+#: Seconds between two progress rows written to ``pgderive.rebuilds`` during a load.
+PROGRESS_EVERY = 2.0
+#: A rebuild that had to start over this many times (TRUNCATEs, reconnects) fails.
+MAX_ATTEMPTS = 5
+
+_seq = itertools.count(1)
+
+
+class StartOver(Exception):
+    """The rebuild must start again from a new snapshot (a TRUNCATE after its snapshot, or the
+    stream was restarted and its lanes forgot the generation)."""
+
+
+class OnlineRebuildError(RuntimeError):
+    """An online rebuild cannot be done (e.g. an aggregate view, whose state has no generations)."""
+
+
+class RebuildHost(Protocol):
+    """What an online rebuild needs of the running daemon (:class:`~pgderive.runtime.coordinator.Engine`)."""
+
+    slot: str
+    stop: threading.Event
+    #: view name → commit LSN of the last TRUNCATE that emptied it (kept by the stream).
+    truncated: dict[str, int]
+
+    @property
+    def epoch(self) -> int:
+        """Increases whenever the stream and its lanes are started again (a reconnect or a
+        reload): lanes of an older epoch no longer follow a generation."""
+        ...
+
+    def file_step(self, sink: str, step: GenerationStep) -> tuple[int, StepReply] | None:
+        """Hand ``step`` to the current stream: ``(epoch, reply)``, or None while no stream runs."""
+        ...
+
+    def lane_position(self, sink: str) -> tuple[int, int, int] | None:
+        """``(epoch, acked LSN, steps_done)`` of the lane of ``sink``, None while no stream runs."""
+        ...
+
+    def record_dead_letters(self, entries: list[DeadLetter]) -> None:
+        """Store dead letters of the load."""
+        ...
+
+    def rebuilt(self, view: View, consistent_point: int) -> None:
+        """The view's new generation is live (the daemon records its definition's fingerprint)."""
+        ...
+
+
+class OnlineRebuild:
+    """Rebuild one view online on a thread of its own (see the module docstring).
+
+    Args:
+        host: the running daemon.
+        view: the view (its current definition).
+        open_sink: opens a new connection to the view's sink, the view registered (a
+            :class:`~pgderive.runtime.sinks.SinkOpener`).
+        dsn: libpq connection string of the source (no statement timeout: the snapshot COPY).
+        store: ``pgderive.rebuilds``.
+        exclusive: the stream writes the view only to the new generation while it loads (a new
+            or changed definition); else to both.
+        reason: recorded and logged.
+    Raises (from :meth:`start`'s thread, logged and recorded): nothing escapes the thread.
+    """
+
+    def __init__(self, host: RebuildHost, view: View, open_sink: Callable[[], Sink], dsn: str,
+                 store: RebuildStore, *, exclusive: bool, reason: str) -> None:
+        if view.aggregation is not None:
+            raise OnlineRebuildError(
+                f"view {view.name} aggregates: its state in pgderive.agg_rows has no generations yet, so it "
+                "cannot be rebuilt while the daemon streams; stop the daemon and run "
+                f"`pgderive rebuild --offline {view.name}`")
+        self.host = host
+        self.view = view
+        self.open_sink = open_sink
+        self.dsn = dsn
+        self.store = store
+        self.exclusive = exclusive
+        self.reason = reason
+        self.halt = threading.Event()  # set to give up (daemon stopping, view removed)
+        self.outcome: str | None = None  # done | failed | stopped, once the thread ended
+        self._thread = threading.Thread(target=self._run, name=f"pgderive-rebuild-{view.name}", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        """True while the rebuild's thread runs."""
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the rebuild's thread."""
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread (``timeout`` seconds at most)."""
+        self._thread.join(timeout)
+
+    def cancel(self) -> None:
+        """Give up at the next chunk or wait; the live generation stays (the row stays
+        unfinished, so a later daemon starts it over, unless the caller ends it)."""
+        self.halt.set()
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        return self.halt.is_set() or self.host.stop.is_set()
+
+    def _run(self) -> None:
+        name, slot = self.view.name, self.host.slot
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                self.store.start(slot, name)
+                log.info("online rebuild of view %s (%s), attempt %d", name, self.reason, attempt)
+                x = self._attempt()
+            except StartOver as e:
+                log.warning("online rebuild of view %s starts over: %s", name, e)
+                continue
+            except Interrupted as e:
+                log.info("online rebuild of view %s stopped (%s); the next start does it again", name, e)
+                self.outcome = "stopped"
+                return
+            except BaseException as e:  # recorded: an operator reads it in `pgderive status`
+                if self._stopping():
+                    log.info("online rebuild of view %s stopped (%s); the next start does it again",
+                             name, one_line(e))
+                    self.outcome = "stopped"
+                    return
+                log.error("online rebuild of view %s failed: %s", name, one_line(e),
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                self._finish("failed", one_line(e))
+                return
+            self.host.rebuilt(self.view, x)
+            self._finish("done", None)
+            log.info("online rebuild of view %s done: live at %s", name, format_lsn(x))
+            return
+        self._finish("failed", f"started over {MAX_ATTEMPTS} times")
+
+    def _finish(self, status: str, error: str | None) -> None:
+        self.outcome = status
+        try:
+            self.store.finish(self.host.slot, self.view.name, status, error)
+        except psycopg.Error as e:
+            log.warning("could not record the end of the rebuild of view %s: %s", self.view.name, one_line(e))
+
+    def _attempt(self) -> int:
+        """One attempt; returns the consistent point the view is live at."""
+        view, sink_name = self.view, self.view.sink
+        sink = self.open_sink()
+        live = isinstance(sink, LiveGenerations)
+        generation: str | None = None
+        epoch: int | None = None
+        try:
+            if live:
+                assert isinstance(sink, LiveGenerations)
+                stale = self._retry("discard_unserved", lambda: sink.discard_unserved(view.name))
+                if stale:
+                    log.info("view %s: deleted generation(s) %s left by an unfinished load", view.name,
+                             ", ".join(stale))
+            with psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-rebuild") as conn:
+                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            assert row is not None
+            here = parse_lsn(row[0])
+            generation = self._retry("begin_generation", lambda: sink.begin_generation(view.name, here))
+            if live:
+                epoch = self._step(GenerationStep(next(_seq), "follow", view.name, generation,
+                                                  exclusive=self.exclusive))
+            x = self._load(sink, generation)
+            self.store.progress(self.host.slot, view.name, status="catching_up")
+            self._catch_up(x, epoch)
+            self.store.progress(self.host.slot, view.name, status="switching")
+            if live:
+                self._step(GenerationStep(next(_seq), "commit", view.name, generation, version=x), epoch)
+            else:
+                truncated = self.host.truncated.get(view.name, 0)
+                if truncated > x:
+                    raise StartOver(f"a TRUNCATE emptied it at {format_lsn(truncated)}, after the snapshot")
+                self._retry("commit_generation", lambda: sink.commit_generation(view.name, view.name, x))
+            generation = None  # live now: nothing to abort
+            return x
+        finally:
+            try:
+                if generation is not None and live:
+                    self._abort(sink, generation, epoch)
+            finally:
+                sink.close()
+
+    def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        return with_retry(f"sink {self.view.sink} ({what} of {self.view.name})", fn, self.halt)
+
+    def _step(self, step: GenerationStep, epoch: int | None = None) -> int:
+        """File ``step`` and wait until the lane's sink applied it; returns the stream's epoch.
+        Raises :class:`StartOver` when the stream restarted meanwhile (its lanes forgot what
+        the rebuild asked) or the step was refused, :class:`Interrupted` when stopping."""
+        sink = self.view.sink
+        while True:
+            if self._stopping():
+                raise Interrupted(f"stopped before the {step.kind} step")
+            filed = self.host.file_step(sink, step)
+            if filed is not None:
+                break
+            time.sleep(0.2)  # the stream is restarting
+        got, reply = filed
+        if epoch is not None and got != epoch:
+            raise StartOver("the stream restarted")
+        while not reply.filed.wait(0.2):
+            if self.host.epoch != got:
+                raise StartOver("the stream restarted")
+            if self._stopping():
+                raise Interrupted(f"stopped before the {step.kind} step")
+        if reply.refused is not None:
+            raise StartOver(reply.refused)
+        while True:
+            pos = self.host.lane_position(sink)
+            if pos is None or pos[0] != got:
+                raise StartOver("the stream restarted")
+            if pos[2] >= step.seq:
+                return got
+            if self._stopping():
+                raise Interrupted(f"stopped before the {step.kind} step was applied")
+            time.sleep(0.05)
+
+    def _abort(self, sink: Sink, generation: str, epoch: int | None) -> None:
+        """Stop the lane following ``generation`` (when its stream still does), then delete it."""
+        view = self.view
+        step = GenerationStep(next(_seq), "abort", view.name, generation, exclusive=self.exclusive)
+        try:
+            if epoch is not None and self.host.epoch == epoch and not self.host.stop.is_set():
+                try:
+                    self._step(step, epoch)
+                except (StartOver, Interrupted):
+                    pass
+            assert isinstance(sink, LiveGenerations)
+            sink.abort_generation(view.name, generation)
+        except Exception as e:  # the next attempt's discard_unserved deletes it
+            log.warning("view %s: could not delete generation %s (%s); the next rebuild does", view.name,
+                        generation, one_line(e))
+
+    def _load(self, sink: Sink, generation: str) -> int:
+        """Phase 2: a snapshot at X from a TEMPORARY slot, loaded into ``generation``; returns X."""
+        view, slot = self.view, self.host.slot
+        reader = SlotReader(self.dsn, f"{slot}_rb{os.getpid()}_{next(_seq)}")
+        aggregates = AggregateStore(self.dsn)
+        try:
+            reader.connect()
+            x, snapshot = reader.create_slot(temporary=True)
+            total = self._estimate()
+            self.store.progress(slot, view.name, status="loading", consistent_point=x, rows_total=total)
+            log.info("online rebuild of view %s: snapshot at %s, about %s rows", view.name, format_lsn(x),
+                     total if total is not None else "?")
+            t0 = last = time.monotonic()
+
+            def progress(_view: str, rows: int) -> None:
+                nonlocal last
+                now = time.monotonic()
+                if now - last < PROGRESS_EVERY:
+                    return
+                last = now
+                rate = rows / (now - t0) if now > t0 else None
+                eta = f", ETA {(total - rows) / rate:.0f} s" if rate and total and total > rows else ""
+                log.info("online rebuild of view %s: %d rows, %.0f rows/s%s", view.name, rows, rate or 0.0, eta)
+                try:
+                    self.store.progress(slot, view.name, rows_done=rows, rows_per_s=rate)
+                except psycopg.Error as e:
+                    log.debug("progress of the rebuild of %s not recorded: %s", view.name, one_line(e))
+
+            with snapshot_connection(self.dsn, snapshot) as conn:
+                stats = load_snapshot(conn, [view], {view.sink: sink}, x, aggregates=aggregates, stop=self.halt,
+                                      should_stop=self.host.stop.is_set, generations={view.name: generation},
+                                      commit=False, live=True, progress=progress,
+                                      on_dead_letters=self.host.record_dead_letters)
+            secs = time.monotonic() - t0
+            rows = stats.records.get(view.name, 0)
+            self.store.progress(slot, view.name, rows_done=rows, rows_per_s=rows / secs if secs > 0 else None)
+            log.info("online rebuild of view %s: loaded %d records in %.1f s", view.name, rows, secs)
+            return x
+        finally:
+            reader.close()  # the temporary slot goes with its connection
+            aggregates.close()
+
+    def _estimate(self) -> int | None:
+        """The planner's row estimate of the view's table (``pg_class.reltuples``; None when the
+        table was never analyzed)."""
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-rebuild") as conn:
+                name = sql.Identifier(*self.view.table.split(".", 1)).as_string(conn)
+                row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                                   (name,)).fetchone()
+        except psycopg.Error:
+            return None
+        return int(row[0]) if row is not None and row[0] is not None and row[0] >= 0 else None
+
+    def _catch_up(self, x: int, epoch: int | None) -> None:
+        """Phase 3: wait until the view's lane acknowledged ``x`` (int LSN)."""
+        sink = self.view.sink
+        while True:
+            pos = self.host.lane_position(sink)
+            if pos is not None:
+                if epoch is not None and pos[0] != epoch:
+                    raise StartOver("the stream restarted")
+                if pos[1] >= x:
+                    return
+            if self._stopping():
+                raise Interrupted("stopped while catching up")
+            time.sleep(0.1)

@@ -100,11 +100,11 @@ class Daemon:
         self.config, self.log_path, self.extra = config, log_path, extra
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *more: str) -> "Daemon":
+    def start(self, *more: str, env: dict[str, str] | None = None) -> "Daemon":
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pgderive.cli", "run", "-c", str(self.config), *self.extra, *more],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         return self
 
     def kill9(self) -> None:
@@ -233,8 +233,8 @@ views:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else None
 
-    def start(self) -> Daemon:
-        self.daemon = Daemon(self.config, self.log).start()
+    def start(self, env: dict[str, str] | None = None) -> Daemon:
+        self.daemon = Daemon(self.config, self.log).start(env=env)
         def ok() -> bool:
             assert self.daemon.alive(), self.daemon.output()[-3000:]
             return streaming(self.dsn, self.slot)

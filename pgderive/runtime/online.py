@@ -66,6 +66,20 @@ MAX_ATTEMPTS = 5
 
 _seq = itertools.count(1)
 
+#: Fault injection for crash tests (Postgres calls these injection points): ``PHASE:SECONDS``
+#: pauses every online rebuild of this process that long when it enters ``PHASE`` (``loading``,
+#: ``catching_up``, ``switching`` or ``switched``: the new generation is live, not yet recorded),
+#: so a test can ``kill -9`` it there. Never set it in production.
+PAUSE_ENV = "PGDERIVE_INJECT_REBUILD_PAUSE"
+
+
+def _injected_pause(phase: str, halt: threading.Event) -> None:
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, secs = spec.partition(":")
+    if name == phase and secs:
+        log.warning("%s: pausing the rebuild %s s in phase %s", PAUSE_ENV, secs, phase)
+        halt.wait(float(secs))
+
 
 class StartOver(Exception):
     """The rebuild must start again from a new snapshot (a TRUNCATE after its snapshot, or the
@@ -224,8 +238,10 @@ class OnlineRebuild:
                                                   exclusive=self.exclusive))
             x = self._load(sink, generation)
             self.store.progress(self.host.slot, view.name, status="catching_up")
+            _injected_pause("catching_up", self.halt)
             self._catch_up(x, epoch)
             self.store.progress(self.host.slot, view.name, status="switching")
+            _injected_pause("switching", self.halt)
             if live:
                 self._step(GenerationStep(next(_seq), "commit", view.name, generation, version=x), epoch)
             else:
@@ -234,6 +250,7 @@ class OnlineRebuild:
                     raise StartOver(f"a TRUNCATE emptied it at {format_lsn(truncated)}, after the snapshot")
                 self._retry("commit_generation", lambda: sink.commit_generation(view.name, view.name, x))
             generation = None  # live now: nothing to abort
+            _injected_pause("switched", self.halt)
             return x
         finally:
             try:
@@ -303,6 +320,7 @@ class OnlineRebuild:
             x, snapshot = reader.create_slot(temporary=True)
             total = self._estimate()
             self.store.progress(slot, view.name, status="loading", consistent_point=x, rows_total=total)
+            _injected_pause("loading", self.halt)
             log.info("online rebuild of view %s: snapshot at %s, about %s rows", view.name, format_lsn(x),
                      total if total is not None else "?")
             t0 = last = time.monotonic()

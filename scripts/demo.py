@@ -55,6 +55,7 @@ from sinks.base import Refreshable  # noqa: E402
 from views.check import build_views  # noqa: E402
 from views.spec import Spec, load_spec  # noqa: E402
 from demo_slot import drop_slot  # noqa: E402  (scripts/demo_slot.py)
+from demo_live import online_rebuild_under_load, single_view_loads  # noqa: E402  (scripts/demo_live.py)
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CONFIG = ROOT / "config" / "pgbench.yaml"
@@ -159,6 +160,8 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
             time.sleep(0.2)
         catchup = time.monotonic() - t1
         console.print(f"    caught up {catchup:.1f} s after pgbench ended")
+        if tag == "all":
+            live = online_rebuild(config, spec, dbname, pg_env)
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -170,6 +173,8 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
         console.print(log_file.read_text()[-4000:])
         raise SystemExit(f"pgderive exited with {code}")
     stats = orjson.loads(stats_file.read_bytes())
+    if tag == "all":
+        live["bootstrap"] = bootstrap_ratio(config, spec, stats)
 
     step("comparing every view with the source")
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -212,8 +217,43 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
         f"p99 {lag.get('p99')} ms, max {lag.get('max')} ms")
     return {"label": label, "config": str(config.relative_to(ROOT)), "bootstrap_s": round(bootstrap_s, 1),
             "tps": _tps(tps_line), "wal_mb": round((end_lsn - start_lsn) / 1e6, 1),
-            "catchup_s": round(catchup, 1), "failed": failed, "views": view_rows,
+            "catchup_s": round(catchup, 1), "failed": failed or (tag == "all" and not live["ok"]),
+            "views": view_rows, "live": live if tag == "all" else None,
             "sink_types": {name: s.type for name, s in spec.sinks.items()}, "stats": stats}
+
+
+def online_rebuild(config: Path, spec: Spec, dbname: str, pg_env: dict[str, str]) -> dict[str, Any]:
+    """`pgderive rebuild account_search` while the daemon streams pgbench's load (scripts/demo_live.py)."""
+    step(f"online rebuild of account_search under pgbench -c {CLIENTS} {' '.join(RATE_ARGS)}, readers polling it")
+    pgbench = [str(PG_BIN / "pgbench"), "-n", "-c", str(CLIENTS), "-j", "2", *RATE_ARGS, dbname]
+    r = online_rebuild_under_load(ROOT, config, spec, pgbench, pg_env, SCALE)
+    lag = r["other_view_lag_ms"]
+    r["ok"] = r["exit_code"] == 0 and r["gaps"] == 0 and r["regressions"] == 0
+    colour = "green" if r["ok"] else "red"
+    console.print(f"    rebuild took {r['seconds']:.1f} s: {' / '.join(r['output'])}")
+    console.print(f"    [{colour}]readers: {r['reader_reads']:,} reads in {r['reader_polls']:,} polls, "
+                  f"{r['gaps']} missing, {r['regressions']} version regressions[/]"
+                  + ("" if r["ok"] else f" {r['examples']} {r['error']}"))
+    console.print(f"    lag of {lag['view']} (commit → visible in Redis) p50/p99/max: before "
+                  f"{_ms(lag['before']['p50'])}/{_ms(lag['before']['p99'])}/{_ms(lag['before']['max'])} ms "
+                  f"({lag['before']['samples']} probes), during the rebuild {_ms(lag['during']['p50'])}/"
+                  f"{_ms(lag['during']['p99'])}/{_ms(lag['during']['max'])} ms ({lag['during']['samples']} probes)")
+    return r
+
+
+def bootstrap_ratio(config: Path, spec: Spec, stats: dict[str, Any]) -> dict[str, Any]:
+    """The bootstrap's load (parallel, ``bootstrap.concurrency``) against the sum of each view
+    loaded alone (``pgderive rebuild --offline``), measured now on the same data."""
+    step("single-view loads (pgderive rebuild --offline VIEW, one at a time) against the bootstrap")
+    alone = single_view_loads(ROOT, config, spec)
+    wall = float(stats.get("snapshot", {}).get("seconds") or 0.0)
+    total = sum(alone.values())
+    ratio = wall / total if total else None
+    console.print(f"    bootstrap (concurrency {spec.bootstrap.concurrency}): {wall:.1f} s; views alone: "
+                  + ", ".join(f"{n} {s:.1f} s" for n, s in alone.items())
+                  + f" (sum {total:.1f} s); ratio {'—' if ratio is None else f'{ratio:.2f}'} (target ≤ 0.75)")
+    return {"bootstrap_s": wall, "alone_s": alone, "sum_s": round(total, 2),
+            "ratio": None if ratio is None else round(ratio, 2), "concurrency": spec.bootstrap.concurrency}
 
 
 def sink_table(title: str, spec: Spec, stats: dict[str, Any]) -> Table:

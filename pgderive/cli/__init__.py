@@ -393,7 +393,10 @@ def rebuild(config: str, view: str, offline: bool, no_wait: bool) -> None:
         if info is not None and info.active:
             _rebuild_online(spec, names, wait=not no_wait)
             return
+    import time
+
     for name in names:
+        t0 = time.monotonic()
         try:
             lsn, stats = rebuild_view(spec, name)
         except SpecError as e:
@@ -402,7 +405,7 @@ def rebuild(config: str, view: str, offline: bool, no_wait: bool) -> None:
         except (EngineError, SinkError, psycopg.Error) as e:
             _fail(e)
         rows = sum(stats.rows.values())
-        click.echo(f"rebuilt {name} at {format_lsn(lsn)}: {rows} rows")
+        click.echo(f"rebuilt {name} at {format_lsn(lsn)}: {rows} rows in {time.monotonic() - t0:.1f} s")
 
 
 def _rebuild_online(spec: Spec, names: list[str], *, wait: bool) -> None:

@@ -304,6 +304,7 @@ class Engine:
             created = True
             self.state.set(self.slot, "bootstrapping", consistent_point, fps)
             self._blocking(None)  # from here on a stop is graceful: at the next chunk
+            loading = time.monotonic()
             with snapshot_connection(self.data_dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
                                       stop=self.stop, concurrency=self.spec.bootstrap.concurrency,
@@ -319,6 +320,7 @@ class Engine:
             raise
         self.stats.snapshot = {
             "consistent_point": format_lsn(consistent_point),
+            "seconds": round(time.monotonic() - loading, 2),  # the whole load, wall time
             "tables": {t: {"rows": n, "seconds": round(stats.seconds[t], 2),
                            "rows_per_s": round(stats.rows_per_second(t))} for t, n in stats.rows.items()},
             # Per view: records written and the time its sink spent writing them (loads of

@@ -1,9 +1,10 @@
 """The ``pgderive`` command line (click).
 
-Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``), ``status``,
-``rebuild VIEW`` (online through the running daemon, or ``--offline``), ``reload``, ``verify VIEW
-[--repair]`` (:mod:`pgderive.ops.verify`), ``dead-letters
-list|retry|discard`` (rows a view could not derive, see :mod:`pgderive.state.deadletters`). Every command takes
+Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``),
+``status``, ``rebuild VIEW`` (online through the running daemon, or ``--offline``), ``reload``,
+``drop VIEW`` (a retired view's data, :mod:`pgderive.ops.drop`), ``verify VIEW [--repair]``
+(:mod:`pgderive.ops.verify`), ``dead-letters list|retry|discard`` (rows a view could not derive,
+see :mod:`pgderive.state.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
 1 operational error (message on stderr), 2 usage or configuration error.
 """
@@ -331,6 +332,16 @@ def status(config: str) -> None:
                    "?" if v.dead_letters is None else str(v.dead_letters))
     _console.print(vt)
     _print_rebuilds(spec)
+    if st.retired:
+        from ..ops.drop import describe
+
+        rt = Table(title="retired views")
+        for col in ("view", "layout", "state"):
+            rt.add_column(col)
+        for entry in st.retired:
+            rt.add_row(escape(entry.view), escape(describe(entry)),
+                       f"retired, data kept: run `pgderive drop {escape(entry.view)}`")
+        _console.print(rt)
     _warn_idle(st)
 
 
@@ -512,6 +523,50 @@ def reload(config: str, timeout: float) -> None:
         _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
     finally:
         store.close()
+
+
+def _confirm(question: str) -> bool:
+    """``click.confirm`` (default no); end of input (no terminal, nothing piped) is a no."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        click.echo("", err=True)
+        return False
+
+
+@main.command()
+@config_option
+@click.argument("view")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def drop(config: str, view: str, yes: bool) -> None:
+    """Delete a retired VIEW (removed from the YAML; its data was kept) for good: its records,
+    version hash, generation indices and checkpoint in its sink, its dead letters and
+    aggregate state, and pgderive's record of it. Asks for confirmation unless --yes."""
+    from ..ops.drop import describe, drop_view, plan_drop
+    from ..runtime.errors import EngineError
+    from sinks.base import SinkError
+
+    spec = _load(config)
+    try:
+        entries = plan_drop(spec, view)
+    except EngineError as e:
+        _fail(e)
+    except psycopg.Error as e:
+        _fail(f"cannot read the view registry from {spec.source.redacted_dsn()}: {e}")
+    for entry in entries:
+        click.echo(f"view {entry.view}: {describe(entry)}")
+    if not yes and not _confirm(f"Delete the data of {len(entries)} retired view(s) from the sink(s) for good?"):
+        click.echo("aborted: nothing was dropped", err=True)
+        sys.exit(1)
+    for entry in entries:
+        try:
+            report = drop_view(spec, entry.view)
+        except (EngineError, SinkError, psycopg.Error) as e:
+            _fail(f"dropping view {entry.view} stopped: {e} (run `pgderive drop {view}` again to finish)")
+        extra = (f"; aggregate state kept: slot(s) {', '.join(report.aggregate_shared)} also name a view "
+                 f"{report.view}" if report.aggregate_shared else f", {report.aggregate_groups} aggregate group(s)")
+        click.echo(f"dropped {report.view} from sink {report.sink}: {report.records} record(s), "
+                   f"{report.dead_letters} dead letter(s){extra}")
 
 
 @main.command()

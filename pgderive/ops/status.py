@@ -3,8 +3,9 @@
 Everything comes from the source and the sinks, not from the daemon: the slot row of
 ``pg_replication_slots`` (confirmed and restart LSN, active pid; Postgres manual, "Replication
 Slots"), the walsender's ``flush_lag`` in ``pg_stat_replication`` while it streams,
-``pgderive.slot_state``, the dead-letter counts, and each view's record count and checkpoint in
-its sink. Each lane moves its own views' checkpoints, so a slow sink shows as checkpoints behind
+``pgderive.slot_state``, the dead-letter counts, each view's record count and checkpoint in
+its sink, and the retired views of the view registry (``pgderive.views``: removed from the YAML,
+their data kept until ``pgderive drop VIEW``; :mod:`pgderive.ops.drop`). Each lane moves its own views' checkpoints, so a slow sink shows as checkpoints behind
 the current WAL position, and the slot (the slowest lane) as retained WAL.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..runtime.retry import one_line
 from ..runtime.sinks import open_sinks
 from ..runtime.waiting import waiting
 from ..state.deadletters import DeadLetterStore
+from ..state.registry import RETIRED, ViewEntry, ViewRegistry
 from ..state.slots import SlotState, StateStore
 
 __all__ = ["SlotStatus", "ViewStatus", "IdleSlot", "slot_status", "idle_slots"]
@@ -82,6 +84,9 @@ class SlotStatus:
         views: one entry per view of the spec.
         idle: every pgderive slot of the source database (this spec's, and those recorded in
             ``pgderive.slot_state``) that no client reads and that retains WAL (:func:`idle_slots`).
+        retired: the slot's retired views that the spec no longer declares (view registry,
+            :class:`~pgderive.state.registry.ViewRegistry`): not maintained, data kept in the
+            sink until ``pgderive drop VIEW``; by name.
     """
 
     slot: str
@@ -90,6 +95,7 @@ class SlotStatus:
     state: SlotState | None
     views: list[ViewStatus] = field(default_factory=list)
     idle: list[IdleSlot] = field(default_factory=list)
+    retired: list[ViewEntry] = field(default_factory=list)
 
     @property
     def word(self) -> str:
@@ -140,7 +146,13 @@ def slot_status(spec: Spec) -> SlotStatus:
     except psycopg.Error as e:  # still show the rest
         log.warning("cannot count dead letters: %s", one_line(e))
         dead = None
-    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle)
+    try:
+        retired = [e for e in ViewRegistry(dsn).entries(spec.source.slot, RETIRED)
+                   if e.view not in spec.views and not spec.resolve(e.view)]
+    except psycopg.Error as e:  # still show the rest
+        log.warning("cannot read the view registry: %s", one_line(e))
+        retired = []
+    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle, retired=retired)
     sinks = open_sinks(spec, views, prepare=False)  # read-only: a sink down is shown per view
     failed: set[str] = set()
     try:

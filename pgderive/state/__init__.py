@@ -1,2 +1,3 @@
 """pgderive's own state in the source database (schema ``pgderive``, versioned SQL migrations):
-slot state, dead letters, aggregate contributions and group states. ARCHITECTURE.md, "State"."""
+slot state, the view registry, dead letters, aggregate contributions and group states.
+ARCHITECTURE.md, "State"."""

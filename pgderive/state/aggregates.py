@@ -168,14 +168,17 @@ class AggregateStore:
             conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
             conn.execute(_query(agg.state_sql(False)), {"view": view})
 
-    def reset(self, view: str) -> None:
+    def reset(self, view: str) -> int:
         """Forget ``view``'s contributions and states (before a bootstrap or rebuild loads
-        them again)."""
+        them again, or when ``pgderive drop`` removes the view), in one transaction; returns
+        how many group states were removed. A view that is not an aggregate view has no rows
+        here: nothing is removed (0). The tables are keyed by view name only, not by slot."""
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("DELETE FROM {} WHERE view = %s").format(self.TABLE), (view,))
-            conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
+            groups = conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,)).rowcount
             conn.execute("DELETE FROM pgderive.agg_touched WHERE view = %s", (view,))
+        return max(groups, 0)
 
     def load(self, view: str, agg: Aggregation, rows: Iterable[tuple[Key, dict[str, Any]]],
              version: int) -> None:

@@ -1,8 +1,9 @@
 """Versioned migrations of schema ``pgderive``, pgderive's own state in the source database.
 
 pgderive keeps its execution state next to the data it describes (ARCHITECTURE.md, "State"):
-``pgderive.slot_state`` (:mod:`pgderive.state.slots`), ``pgderive.dead_letters``
-(:mod:`pgderive.state.deadletters`), ``pgderive.agg_rows`` and ``pgderive.agg_groups``
+``pgderive.slot_state`` (:mod:`pgderive.state.slots`), ``pgderive.views``
+(:mod:`pgderive.state.registry`), ``pgderive.dead_letters`` (:mod:`pgderive.state.deadletters`),
+``pgderive.agg_rows``, ``pgderive.agg_groups`` and ``pgderive.agg_touched``
 (:mod:`pgderive.state.aggregates`). Their DDL is the numbered SQL files in ``migrations/``
 (package data, read with :mod:`importlib.resources`): ``NNNN_name.sql``, versions 1, 2, 3, …
 without gaps, applied in order and never edited once released — a change to the schema is a new

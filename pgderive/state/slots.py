@@ -13,7 +13,7 @@ name → spec fingerprint), ``updated_at``. Its DDL is migration ``0001_slot_sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import orjson
 import psycopg
@@ -84,6 +84,33 @@ class StateStore:
                        consistent_point = EXCLUDED.consistent_point, views = EXCLUDED.views,
                        updated_at = now()""",
                 (slot, status, format_lsn(consistent_point), orjson.dumps(views).decode()))
+
+    def remove_views(self, slot: str, names: Sequence[str]) -> list[str]:
+        """Remove ``names`` from the ``views`` fingerprint map of ``slot`` in one transaction
+        holding the row's lock (the map is changed in place with jsonb ``-``, so a concurrent
+        :meth:`set` of the daemon is neither overwritten by a stale copy nor lost). Returns the names that were in the map, sorted; nothing when the
+        table or the slot's row does not exist (used by ``pgderive drop``)."""
+        if not names:
+            return []
+        with self._connect() as conn, conn.transaction():
+            if not self._exists(conn):
+                return []
+            row = conn.execute("SELECT views FROM pgderive.slot_state WHERE slot = %s FOR UPDATE", (slot,)).fetchone()
+            present = sorted(n for n in set(names) if row is not None and n in (row[0] or {}))
+            if present:
+                conn.execute("UPDATE pgderive.slot_state SET views = views - %s::text[], updated_at = now()"
+                             " WHERE slot = %s", (present, slot))
+        return present
+
+    def slots_with_view(self, view: str) -> list[str]:
+        """The slots whose ``views`` map names ``view`` (maintained or retired there), sorted;
+        none when the table does not exist."""
+        with self._connect() as conn:
+            if not self._exists(conn):
+                return []
+            rows = conn.execute("SELECT slot FROM pgderive.slot_state WHERE views ? %s ORDER BY slot",
+                                (view,)).fetchall()
+        return [r[0] for r in rows]
 
     def delete(self, slot: str) -> None:
         """Forget ``slot`` (used by ``run --resnapshot``)."""

@@ -67,9 +67,10 @@ CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
 );
 """
 STATE_TABLES = ["agg_groups", "agg_rows", "dead_letters", "slot_state"]  # the old DDL's tables
-ALL_TABLES = ["agg_groups", "agg_rows", "agg_touched", "dead_letters", "schema_version", "slot_state"]
+ALL_TABLES = ["agg_groups", "agg_rows", "agg_touched", "dead_letters", "rebuilds", "schema_version", "slot_state",
+              "views"]
 EXPECTED_VERSIONS = [(1, "slot_state"), (2, "dead_letters"), (3, "aggregates"), (4, "agg_touched"),
-                     (5, "dead_letter_rows")]
+                     (5, "dead_letter_rows"), (6, "rebuilds"), (7, "view_registry")]
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def shape(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
 
 def test_shipped_migrations_are_numbered_without_gaps() -> None:
     assert [(m.version, m.name) for m in schema.migrations()] == EXPECTED_VERSIONS
-    assert latest_version() == 5
+    assert latest_version() == 7
 
 
 def test_fresh_database_gets_every_table_and_the_latest_version(dsn: str) -> None:
@@ -139,7 +140,8 @@ def test_migrations_build_exactly_the_old_ddl(dsn: str) -> None:
         with connect(old_dsn) as conn:
             for ddl in (OLD_SLOT_STATE, OLD_DEAD_LETTERS, OLD_AGGREGATES):
                 conn.execute(ddl)
-            conn.execute(schema.migrations()[4].sql)  # 0005 alters dead_letters
+            for m in schema.migrations()[4:]:  # 0005 alters dead_letters; 0006, 0007 add tables
+                conn.execute(m.sql)
         with connect(dsn) as conn:
             migrate(conn)
         assert shape(dsn) == shape(old_dsn)
@@ -191,7 +193,7 @@ def test_newer_database_is_refused_naming_both_versions(dsn: str) -> None:
     with connect(dsn) as conn:
         migrate(conn)
         conn.execute("INSERT INTO pgderive.schema_version (version, name) VALUES (99, 'from_the_future')")
-        with pytest.raises(SchemaVersionError, match=r"version 99, newer than version 5"):
+        with pytest.raises(SchemaVersionError, match=r"version 99, newer than version 7"):
             migrate(conn)
     with pytest.raises(SchemaVersionError, match="99"):
         StateStore(dsn).ensure_schema()

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import orjson
 import psycopg
@@ -41,6 +41,7 @@ from views.spec import Spec, SpecError
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter, DeadLetterStore
 from ..state.rebuilds import RebuildStore
+from ..state.registry import ViewRegistry, entry_of
 from ..state.slots import StateStore
 from .batch import GenerationStep
 from .bootstrap import Interrupted, load_snapshot
@@ -126,6 +127,7 @@ class Engine:
         # Online rebuilds and reloads (ARCHITECTURE.md, "Online rebuild").
         self.reload_spec = reload_spec
         self.rebuild_store = RebuildStore(self.dsn)
+        self.registry = ViewRegistry(self.dsn)
         self.truncated: dict[str, int] = {}  # view -> last TRUNCATE that emptied it (kept by Stream)
         self.jobs: dict[str, OnlineRebuild] = {}
         self.lanes: Lanes | None = None
@@ -197,6 +199,7 @@ class Engine:
                 start_lsn = self._prepare(resnapshot)
                 if start_lsn is None:
                     return
+                self._register(self.views)
                 self._start_control()
                 self._stream(start_lsn)
             except psycopg.errors.InsufficientPrivilege as e:
@@ -565,10 +568,8 @@ class Engine:
         """Stop maintaining views that left the file: forget their fingerprints (a view added
         back later is bootstrapped again); their data stays in the sinks."""
         with self._lock:
-            state = self.state.get(self.slot)
-            if state is not None:
-                fps = {n: fp for n, fp in state.views.items() if n not in names}
-                self.state.set(self.slot, state.status, state.consistent_point, fps)
+            self.state.remove_views(self.slot, names)
+        self.registry.retire(self.slot, names)
         for name in names:
             job = self.jobs.pop(name, None)
             if job is not None:
@@ -577,6 +578,11 @@ class Engine:
                 self.rebuild_store.finish(self.slot, name, "cancelled", "the view was removed")
             log.warning("view %s is no longer in the configuration: it is not maintained any more; its data "
                         "stays in its sink until `pgderive drop %s`", name, name)
+
+    def _register(self, views: Sequence[View]) -> None:
+        """Record the views this daemon maintains, with their layout, in ``pgderive.views``
+        (what ``pgderive drop`` finds a retired view's data by)."""
+        self.registry.record(self.slot, [entry_of(v, view_fingerprint(v)) for v in views])
 
     def _start_checkpoints(self, views: list[View], lsn: int) -> None:
         """Give new views a checkpoint at ``lsn`` (the slot's confirmed position), where their
@@ -705,6 +711,7 @@ class Engine:
                 self._start_checkpoints(added, self.reader.confirmed_lsn)
             if plan.removed:
                 self._retire(plan.removed)
+            self._register([v for v in plan.views if v.name in plan.added or v.name in plan.changed])
             self.spec = plan.spec
             self.views = plan.views
             old_refetcher, self.refetcher = self.refetcher, row_refetcher(self.data_dsn, self.views)

@@ -247,6 +247,10 @@ def test_sighup_adds_changes_removes_views_and_refuses_a_bad_file(acc: Scenario)
     s.caught_up()
     assert b"-2" in (r.get(f"{s.p}:more:4") or b"")
     assert d.alive()
+    # the removed view's data goes only with `pgderive drop`
+    out = cli(s, "drop", f"{s.p}_cache", "--yes")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert r.exists(f"{s.p}_:acc:3") == 0 and r.exists(f"{s.p}:more:3") == 1
 
 
 @pytest.mark.parametrize("phase", ["loading", "catching_up", "switching", "switched"])

@@ -67,7 +67,7 @@ from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import Claims, LegacyLayout, Refreshable, ReservedNames, Sink, WireLoad
+    from sinks.base import Claims, LegacyLayout, LiveGenerations, Refreshable, ReservedNames, Sink, WireLoad
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
@@ -969,6 +969,6 @@ def _reason(e: Any) -> str:
 
 if TYPE_CHECKING:
     def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames, LegacyLayout,
-                                                   Claims]:
+                                                   Claims, LiveGenerations]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink, sink

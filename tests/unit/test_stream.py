@@ -346,3 +346,86 @@ def test_a_refreshable_sink_gets_fewer_larger_batches_and_the_others_do_not_wait
     search_writes = [ops for _, ops in h.search.batches if ops]
     assert len(cache_writes) >= 15  # each row went to Redis on its own, at once
     assert len(search_writes) <= 6 and sum(map(len, search_writes)) == 20
+
+
+class GenerationSink(RefreshingSink):
+    """A MemorySink with :class:`~sinks.base.LiveGenerations`: records the generation steps in
+    stream order, interleaved with the Ops it applies."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.events: list[tuple[str, ...]] = []
+
+    def apply(self, ops):
+        self.events += [("op", op.view, op.key) for op in ops]
+        return super().apply(ops)
+
+    def apply_and_advance(self, ops, views, previous, lsn):
+        self.events += [("op", op.view, op.key) for op in ops]
+        return super().apply_and_advance(ops, views, previous, lsn)
+
+    def follow_generation(self, view: str, generation: str, *, exclusive: bool) -> None:
+        self.events.append(("follow", view, generation, str(exclusive)))
+
+    def abort_generation(self, view: str, generation: str) -> None:
+        self.events.append(("abort", view, generation))
+
+    def discard_unserved(self, view: str) -> list[str]:
+        return []
+
+    def commit_generation(self, view: str, generation: str, version: int) -> None:
+        self.events.append(("commit", view, generation))
+        super().commit_generation(view, generation, version)
+
+
+def test_a_generation_step_lands_ahead_of_the_ops_read_after_it():
+    from pgderive.runtime.batch import GenerationStep
+    from sinks.base import LiveGenerations
+
+    search = GenerationSink("search")
+    assert isinstance(search, LiveGenerations)
+    first, later = rows(5), rows(5, start_lsn=0x2000, value="b")
+    h = Harness(first, search=search).start()
+    h.wait(lambda: len(search.records("t_search")) == 5, "the first rows")
+    reply = h.stream.request_step("search", GenerationStep(7, "follow", "t_search", "g1"))
+    assert reply.filed.wait(5) and reply.refused is None
+    h.wait(lambda: h.lanes["search"].steps_done == 7, "the step to be applied")
+    h.reader.feed(*later)
+    h.wait(lambda: len([e for e in search.events if e[0] == "op"]) == 10, "the later rows")
+    h.finish()
+    at = search.events.index(("follow", "t_search", "g1", "False"))
+    assert len([e for e in search.events[:at] if e[0] == "op"]) == 5  # the rows read before it
+    assert len([e for e in search.events[at:] if e[0] == "op"]) == 5  # every later Op after the step
+
+
+def test_a_held_view_derives_nothing_until_its_follow_step():
+    from pgderive.runtime.batch import GenerationStep
+
+    search = GenerationSink("search")
+    h = Harness(rows(5), search=search)
+    h.stream.held.add("t_search")
+    h.start()
+    h.wait(lambda: len(h.cache.records("t_cache")) == 5, "the cache view")
+    assert h.search.records("t_search") == {}  # held: not derived, not written
+    h.stream.request_step("search", GenerationStep(1, "follow", "t_search", "g1", exclusive=True))
+    h.wait(lambda: h.lanes["search"].steps_done == 1, "the follow step")
+    h.reader.feed(*rows(3, start_lsn=0x3000, value="c"))
+    h.wait(lambda: len(h.search.records("t_search")) == 3, "the rows after the step")
+    h.finish()
+    assert "t_search" not in h.stream.held
+    assert sorted(h.search.records("t_search")) == ["1", "2", "3"]
+
+
+def test_a_commit_step_is_refused_after_a_truncate_past_its_snapshot():
+    from pgderive.runtime.batch import GenerationStep
+
+    search = GenerationSink("search")
+    h = Harness([*rows(3), tx(50, 0x5000, truncate("t"))], search=search).start()
+    h.wait(lambda: h.stream.truncated.get("t_search") == 0x5000, "the TRUNCATE")
+    refused = h.stream.request_step("search", GenerationStep(1, "commit", "t_search", "g1", version=0x4000))
+    assert refused.filed.wait(5) and refused.refused is not None and "TRUNCATE" in refused.refused
+    ok = h.stream.request_step("search", GenerationStep(2, "commit", "t_search", "g1", version=0x6000))
+    assert ok.filed.wait(5) and ok.refused is None
+    h.wait(lambda: h.lanes["search"].steps_done == 2, "the accepted commit")
+    h.finish()
+    assert [e for e in search.events if e[0] == "commit"] == [("commit", "t_search", "g1")]

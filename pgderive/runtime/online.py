@@ -134,7 +134,10 @@ class OnlineRebuild:
         exclusive: the stream writes the view only to the new generation while it loads (a new
             or changed definition); else to both.
         reason: recorded and logged.
-    Raises (from :meth:`start`'s thread, logged and recorded): nothing escapes the thread.
+
+    Raises :class:`OnlineRebuildError` for a view that cannot be rebuilt online (an aggregate
+    view). Nothing raised in the rebuild's thread escapes it: a failure is logged and recorded
+    in ``pgderive.rebuilds`` (:attr:`outcome` ``failed``).
     """
 
     def __init__(self, host: RebuildHost, view: View, open_sink: Callable[[], Sink], dsn: str,
@@ -298,6 +301,11 @@ class OnlineRebuild:
         """Stop the lane following ``generation`` (when its stream still does), then delete it."""
         view = self.view
         step = GenerationStep(next(_seq), "abort", view.name, generation, exclusive=self.exclusive)
+        if self.host.stop.is_set():
+            # The daemon stops: its lane may still write G while it drains, and a write to a
+            # deleted index would create it again. The row stays unfinished: the next start's
+            # attempt deletes G (discard_unserved) before anything else.
+            return
         try:
             if epoch is not None and self.host.epoch == epoch and not self.host.stop.is_set():
                 try:

@@ -282,3 +282,48 @@ def test_kill9_in_each_phase_of_an_online_rebuild_then_restart(acc: Scenario, ph
     assert_views_equal(s.config)
     assert generations(s, alias) == alias_target(alias) and len(alias_target(alias)) == 1
     assert slots(s) == [s.slot]
+
+
+TREE_SCHEMA = """
+CREATE TABLE cat (id int PRIMARY KEY, name text);
+CREATE TABLE item (id int PRIMARY KEY, cat_id int, price int);
+INSERT INTO cat SELECT g, 'c' || g FROM generate_series(1, 50) g;
+INSERT INTO item SELECT g, g % 50 + 1, g FROM generate_series(1, 3000) g;
+"""
+TREE_VIEWS = """
+  P_items: {table: item, sink: search, index: Pidx_items, fields: [price],
+            include: {cat: {table: cat, on: {cat_id: id}, fields: [name]}}}
+  P_itemc: {table: item, sink: cache, key: "P_:i:{id}", fields: [price], format: json,
+            include: {cat: {table: cat, on: {cat_id: id}, fields: [name]}}}
+  P_sums: {table: item, sink: cache, key: "P_:s:{cat_id}", format: json, group_by: [cat_id],
+           aggregate: {total: "sum(price)"}}
+"""
+
+
+def test_include_views_rebuild_online_and_aggregates_are_refused(scenario) -> None:
+    s = scenario(TREE_SCHEMA, TREE_VIEWS)
+    s.start()
+    stop = threading.Event()
+
+    def write() -> None:
+        rnd = random.Random(3)
+        with psycopg.connect(s.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("UPDATE cat SET name = name || 'x' WHERE id = %s", (rnd.randint(1, 50),))
+                conn.execute("UPDATE item SET price = price + 1, cat_id = %s WHERE id = %s",
+                             (rnd.randint(1, 50), rnd.randint(1, 3000)))
+                time.sleep(0.005)
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    try:
+        for view in (f"{s.p}_items", f"{s.p}_itemc"):
+            out = cli(s, "rebuild", view)
+            assert out.returncode == 0 and "done: live at" in out.stdout, out.stdout + out.stderr
+        out = cli(s, "rebuild", f"{s.p}_sums")
+        assert out.returncode == 1 and "cannot be rebuilt while the daemon streams" in out.stdout, out.stdout
+    finally:
+        stop.set()
+        t.join(10)
+    s.caught_up()
+    assert_views_equal(s.config)
+    assert len(generations(s, f"{s.p.lower()}_items")) == 1

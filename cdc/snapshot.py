@@ -5,10 +5,15 @@ A snapshot exported by ``CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`` is im
 docs, "SET TRANSACTION"); every row committed before the slot's consistent point is visible,
 nothing after it. Rows are streamed with ``COPY (SELECT …) TO STDOUT`` in text format and
 converted with the same value model as the stream (:mod:`cdc.values`).
+
+A large table can be read in parts (:class:`KeyRange`, :func:`key_ranges`; ARCHITECTURE.md,
+"Bootstrap"): ranges of its single integer primary-key column, each read on a connection of its
+own in the same snapshot.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import psycopg
@@ -17,7 +22,11 @@ from psycopg import sql
 from .changes import Row
 from .values import converter, to_text
 
-__all__ = ["snapshot_connection", "read_table", "read_rows", "output_text"]
+__all__ = ["snapshot_connection", "read_table", "read_rows", "output_text", "KeyRange", "key_ranges",
+           "row_estimate", "SPLIT_TYPES"]
+
+#: Types (``format_type`` names) of a primary-key column a table may be split on.
+SPLIT_TYPES = frozenset({"smallint", "integer", "bigint"})
 
 
 @contextmanager
@@ -76,6 +85,74 @@ def read_table(conn: psycopg.Connection, table: str, columns: Sequence[tuple[str
                 nbytes = 0
     if chunk:
         yield chunk
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """One part of a table split on its integer key column ``column``: the rows with
+    ``low <= column < high``. ``low`` None: no lower bound (the first part), ``high`` None: no
+    upper bound (the last part); the parts :func:`key_ranges` returns hold every row exactly
+    once, whatever the table held when the bounds were chosen."""
+
+    column: str
+    low: int | None = None
+    high: int | None = None
+
+    def sql(self) -> sql.Composable:
+        """The condition as SQL over the table's unqualified column (bounds as literals, no
+        ``%``: safe with or without query parameters); ``true`` for an unbounded range."""
+        col = sql.Identifier(self.column)
+        conds: list[sql.Composable] = []
+        if self.low is not None:
+            conds.append(sql.SQL("{} >= {}").format(col, sql.Literal(self.low)))
+        if self.high is not None:
+            conds.append(sql.SQL("{} < {}").format(col, sql.Literal(self.high)))
+        return sql.SQL("({})").format(sql.SQL(" AND ").join(conds)) if conds else sql.SQL("true")
+
+    def __str__(self) -> str:
+        if self.low is None and self.high is None:
+            return f"all of {self.column}"
+        if self.low is None:
+            return f"{self.column} < {self.high}"
+        if self.high is None:
+            return f"{self.column} >= {self.low}"
+        return f"{self.low} <= {self.column} < {self.high}"
+
+
+def row_estimate(conn: psycopg.Connection, table: str) -> float | None:
+    """The planner's row estimate of ``table`` (``schema.name``): ``pg_class.reltuples``, kept by
+    VACUUM and ANALYZE (autovacuum included). None when the table was never vacuumed or analyzed
+    (reltuples is -1) or does not exist. Raises :class:`psycopg.Error`."""
+    schema, _, name = table.partition(".")
+    row = conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                       " WHERE n.nspname = %s AND c.relname = %s", (schema, name)).fetchone()
+    return float(row[0]) if row is not None and row[0] is not None and row[0] >= 0 else None
+
+
+def key_ranges(conn: psycopg.Connection, table: str, column: str, parts: int) -> list[KeyRange]:
+    """Split ``table`` (``schema.name``) into up to ``parts`` ranges of its integer key
+    ``column``, as the snapshot ``conn`` is in sees it, in key order.
+
+    The bounds are equal-width between ``min(column)`` and ``max(column)`` (one query, two
+    index probes when the column is indexed, as a primary key is): even parts for dense keys
+    (serials), uneven ones where the keys cluster; an exact split by quantiles
+    (``percentile_disc``) would sort the whole column first. The first range has no lower bound
+    and the last no upper one, so no row is missed whatever the estimate that chose ``parts``;
+    a NULL key is not in any range (a primary key has none). Fewer ranges when the key span is
+    narrower than ``parts``; ``[KeyRange(column)]`` (the whole table) for an empty table or
+    ``parts`` < 2. Raises :class:`psycopg.Error`."""
+    schema, _, name = table.partition(".")
+    col = sql.Identifier(column)
+    row = conn.execute(sql.SQL("SELECT min({0}), max({0}) FROM {1}").format(col, sql.Identifier(schema, name))).fetchone()
+    if row is None or row[0] is None:
+        return [KeyRange(column)]
+    low, high = int(row[0]), int(row[1])
+    parts = min(parts, high - low + 1)
+    if parts < 2:
+        return [KeyRange(column)]
+    span = high - low + 1
+    edges: list[int | None] = [None, *(low + span * i // parts for i in range(1, parts)), None]
+    return [KeyRange(column, a, b) for a, b in zip(edges, edges[1:])]
 
 
 def output_text(expr: sql.Composable) -> sql.Composable:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import defaultdict, deque
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -215,6 +216,7 @@ class OpenSearchSink:
         self.bulk_bytes = bulk_bytes
         self.bulk_concurrency = bulk_concurrency
         self._senders: ThreadPoolExecutor | None = None  # created on the first concurrent call
+        self._senders_lock = threading.Lock()  # parallel snapshot loads call from several threads
         self.stats = {"partial_missed": 0}
         self._checkpoint_index_ready = False
         # A request that hangs longer than ``timeout`` seconds is a retryable failure: the
@@ -822,14 +824,16 @@ class OpenSearchSink:
                     yield send(request)
             return
         requests = itertools.chain((first, second), requests)
-        if self._senders is None:
-            self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
+        with self._senders_lock:
+            if self._senders is None:
+                self._senders = ThreadPoolExecutor(self.bulk_concurrency, thread_name_prefix=f"pgderive-{self.name}")
+            senders = self._senders
         pending: deque[Future[Any]] = deque()
         try:
             for request in requests:
                 while len(pending) >= self.bulk_concurrency:
                     yield pending.popleft().result()
-                pending.append(self._senders.submit(send, request))
+                pending.append(senders.submit(send, request))
             while pending:
                 yield pending.popleft().result()
         finally:

@@ -14,3 +14,10 @@ def product_card(doc: dict[str, Any]) -> dict[str, Any] | None:
         return None
     cents = None if doc["price"] is None else int(round(float(doc["price"]) * 100))
     return {"title": name.title(), "cents": cents, "reviews": len(doc.get("reviews") or [])}
+
+
+def shout(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """``v`` in capitals; rows with ``g`` 3 are left out (a ``derive`` view over a split table)."""
+    if doc.get("g") == 3:
+        return None
+    return {**doc, "v": (doc.get("v") or "").upper()}

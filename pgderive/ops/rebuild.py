@@ -49,7 +49,8 @@ def rebuild_view(spec: Spec, name: str) -> tuple[int, SnapshotStats]:
     try:
         consistent_point, stats = reload_views(dsn, slot, views, sinks,
                                                DeadLetterStore(dsn, max_bytes=spec.dead_letters.max_bytes),
-                                               concurrency=spec.bootstrap.concurrency)
+                                               concurrency=spec.bootstrap.concurrency,
+                                               split_rows=spec.bootstrap.split_rows)
     finally:
         for s in sinks.values():
             s.close()

@@ -311,6 +311,7 @@ class Engine:
             with snapshot_connection(self.data_dsn, snapshot) as conn:
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
                                       stop=self.stop, concurrency=self.spec.bootstrap.concurrency,
+                                      split_rows=self.spec.bootstrap.split_rows,
                                       connect=lambda: snapshot_connection(self.data_dsn, snapshot),
                                       on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
         except Interrupted as e:
@@ -468,7 +469,7 @@ class Engine:
         """Reload ``views`` from a fresh snapshot into the engine's own sinks (the main slot
         is not being read meanwhile; its replay afterwards converges by versions)."""
         reload_views(self.data_dsn, self.slot, views, self.sinks, self.dead_letters, stop=self.stop,
-                     concurrency=self.spec.bootstrap.concurrency)
+                     concurrency=self.spec.bootstrap.concurrency, split_rows=self.spec.bootstrap.split_rows)
 
     def _recorder(self) -> DeadLetterRecorder:
         return DeadLetterRecorder(self.dsn, self.slot, {v.name: v.table for v in self.views},

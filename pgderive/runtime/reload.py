@@ -24,14 +24,16 @@ log = logging.getLogger("pgderive.rebuild")
 
 def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str, Sink],
                  dead_letters: DeadLetterStore, *,
-                 stop: threading.Event | None = None, concurrency: int = 1) -> tuple[int, SnapshotStats]:
+                 stop: threading.Event | None = None, concurrency: int = 1,
+                 split_rows: int = 0) -> tuple[int, SnapshotStats]:
     """Load ``views`` into new generations from a snapshot taken by a TEMPORARY slot.
 
     Returns ``(consistent point LSN, stats)``. Used by ``rebuild`` and by the daemon when a
     sink lost a view's data. ``stop``: set it to stop the load (raises
     :class:`~pgderive.runtime.bootstrap.Interrupted`; nothing is committed, the temporary slot
-    goes with its connection). ``concurrency``: loads at once (YAML ``bootstrap.concurrency``;
-    :func:`~pgderive.runtime.bootstrap.load_snapshot`). Raises :class:`~sinks.base.SinkError` or :class:`psycopg.Error`.
+    goes with its connection). ``concurrency``: loads at once (YAML ``bootstrap.concurrency``);
+    ``split_rows``: a larger table is loaded in key ranges (YAML ``bootstrap.split_rows``, 0:
+    never; both as in :func:`~pgderive.runtime.bootstrap.load_snapshot`). Raises :class:`~sinks.base.SinkError` or :class:`psycopg.Error`.
     """
     reader = SlotReader(dsn, f"{slot}_rebuild_{os.getpid()}")
     aggregates = AggregateStore(dsn)
@@ -42,7 +44,8 @@ def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str,
                  format_lsn(consistent_point))
         with snapshot_connection(dsn, snapshot) as conn:
             stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=aggregates, stop=stop,
-                                  concurrency=concurrency, connect=lambda: snapshot_connection(dsn, snapshot),
+                                  concurrency=concurrency, split_rows=split_rows,
+                                  connect=lambda: snapshot_connection(dsn, snapshot),
                                   on_dead_letters=lambda e: dead_letters.record(slot, e))
     finally:
         reader.close()

@@ -56,14 +56,18 @@ def _text(column: str, type_name: str) -> sql.Composable | None:
 
 
 def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: int, *,
-               generation: str | None = None, live: bool = False) -> sql.Composed | None:
+               generation: str | None = None, live: bool = False,
+               within: sql.Composable | None = None) -> sql.Composed | None:
     """The ``COPY`` statement of a wire load of ``view`` into ``sink`` at ``version`` (int LSN),
     into ``generation`` (the id ``begin_generation`` returned; None: the one named by
     ``version``), or None when the view does not qualify (``live``: the stream writes the view
     meanwhile, and the sink's wire load must keep the newer write): a ``derive``/``include``/aggregate view, a key
     column outside the primary key (it could be NULL, which must become a dead letter), a column
     whose model value prints differently from Postgres (floats, ``jsonb``), a server encoding
-    other than UTF8, or a sink without wire loads. Raises :class:`~sinks.base.SinkError`."""
+    other than UTF8, or a sink without wire loads. ``within``: an SQL condition over the table's
+    columns ANDed to the view's ``where`` (a key range, :meth:`cdc.snapshot.KeyRange.sql`;
+    ARCHITECTURE.md, "Bootstrap"): the load covers only those rows. Raises
+    :class:`~sinks.base.SinkError`."""
     if view.derive_fn is not None or view.tree is not None or view.aggregation is not None:
         return None
     if not isinstance(sink, WireLoad):
@@ -84,21 +88,23 @@ def wire_query(conn: psycopg.Connection[Any], view: View, sink: Sink, version: i
     key = sql.SQL(" || ").join(
         sql.Literal(part) if isinstance(part, str) else _text(part[1], types[part[1]])
         for part in view.key.pieces())
+    conds = [c for c in (view.where.sql() if view.where is not None else None, within) if c is not None]
     inner = sql.SQL("SELECT {} AS k{} FROM {}{} OFFSET 0").format(
         key, sql.SQL("").join(sql.SQL(", {} AS {}").format(_text(view.fields[n], types[view.fields[n]]),
                                                             sql.Identifier(f"f{i}"))
                               for i, n in enumerate(names)),
         sql.Identifier(*view.table.split(".", 1)),
-        sql.SQL(" WHERE {}").format(view.where.sql()) if view.where is not None else sql.SQL(""))
+        sql.SQL(" WHERE {}").format(sql.SQL(" AND ").join(conds)) if conds else sql.SQL(""))
     # OFFSET 0 keeps the inner query a subquery: each value is printed once, not once per use.
     return sql.SQL("COPY (SELECT {} FROM ({}) AS r) TO STDOUT (FORMAT binary)").format(select, inner)
 
 
 def load_wire(conn: psycopg.Connection[Any], view: View, sink: WireLoad, query: sql.Composed,
               should_stop: Callable[[], bool], stopped: Callable[[int], BaseException],
-              progress: Callable[[int], None] | None = None) -> tuple[int, float]:
+              progress: Callable[[int], None] | None = None, part: str = "") -> tuple[int, float]:
     """Run ``query`` (from :func:`wire_query`) and relay its rows to ``sink``. Returns
-    ``(records, seconds)``. Logs progress every 5 s and calls ``progress(rows sent so far)``
+    ``(records, seconds)``. Logs progress every 5 s (``part``, e.g. ``" (aid < 500001)"``, follows
+    the table's name: the key range loaded) and calls ``progress(rows sent so far)``
     per chunk handed to the sink. Raises what ``stopped(rows)`` returns when
     ``should_stop()`` turns true (checked per MiB), :class:`~sinks.base.SinkError` from the sink
     and :class:`psycopg.Error` from the read."""
@@ -124,8 +130,8 @@ def load_wire(conn: psycopg.Connection[Any], view: View, sink: WireLoad, query: 
                     chunk, size = [], 0
                     now = time.monotonic()
                     if now - last_log >= 5:
-                        log.info("snapshot of %s for view %s: %d rows, %.0f rows/s (wire load)",
-                                 view.table, view.name, sent, sent / (now - t0))
+                        log.info("snapshot of %s%s for view %s: %d rows, %.0f rows/s (wire load)",
+                                 view.table, part, view.name, sent, sent / (now - t0))
                         last_log = now
         if chunk:
             yield chunk

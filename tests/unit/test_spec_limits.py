@@ -122,3 +122,18 @@ def test_bootstrap_concurrency_setting():
         with pytest.raises(SpecError) as e:
             parse_spec(BOOTSTRAP_HEAD + f"bootstrap: {{concurrency: {bad}}}\n")
         assert e.value.problems == [("bootstrap.concurrency", 4, msg)], e.value.problems
+
+
+def test_bootstrap_split_rows_setting():
+    assert parse_spec(BOOTSTRAP_HEAD).bootstrap.split_rows == 250_000
+    assert parse_spec(BOOTSTRAP_HEAD + "bootstrap: {split_rows: 0}\n").bootstrap.split_rows == 0
+    spec = parse_spec(BOOTSTRAP_HEAD + "bootstrap: {concurrency: 4, split_rows: 1000}\n")
+    assert (spec.bootstrap.concurrency, spec.bootstrap.split_rows) == (4, 1000)
+    for bad, msg in (("-1", "must be from 0 to 1000000000, got -1"),
+                     ("1000000001", "must be from 0 to 1000000000, got 1000000001"),
+                     ("2.5", "must be a number of rows, got a number"),
+                     ("false", "must be a number of rows, got a boolean"),
+                     ("'many'", "must be a number of rows, got a string")):
+        with pytest.raises(SpecError) as e:
+            parse_spec(BOOTSTRAP_HEAD + f"bootstrap: {{split_rows: {bad}}}\n")
+        assert e.value.problems == [("bootstrap.split_rows", 4, msg)], e.value.problems

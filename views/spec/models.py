@@ -680,6 +680,11 @@ class DeadLettersSpec(BaseModel):
         return _count(v, low, high, "bytes", " bytes")
 
 
+#: Default and bounds of ``bootstrap.split_rows`` (rows of a table's planner estimate).
+SPLIT_ROWS = 250_000
+SPLIT_ROWS_RANGE = (0, 1_000_000_000)
+
+
 class BootstrapSpec(BaseModel):
     """``bootstrap:`` — how snapshots are loaded (first start, ``--resnapshot``, rebuilds).
 
@@ -688,15 +693,27 @@ class BootstrapSpec(BaseModel):
             exported snapshot (``SET TRANSACTION SNAPSHOT``; Postgres docs, "SET TRANSACTION"):
             a wire load per view, a row-by-row read per table, an include view, the aggregate
             views together (default 2, from 1 to 64; 1 loads one after another).
+        split_rows: a table whose planner estimate (``pg_class.reltuples``) exceeds this many
+            rows and whose primary key is one integer column is loaded in min(``concurrency``,
+            ceil(estimate / split_rows)) key ranges, each a load of its own (ARCHITECTURE.md,
+            "Bootstrap"; default 250000, from 0 to 1000000000; 0 never splits, nor does
+            ``concurrency`` 1).
     """
 
     model_config = _STRICT
     concurrency: int = 2
+    split_rows: int = SPLIT_ROWS
 
     @field_validator("concurrency", mode="before")
     @classmethod
     def _concurrency(cls, v: Any) -> Any:
         return _count(v, 1, 64, "connections")
+
+    @field_validator("split_rows", mode="before")
+    @classmethod
+    def _split_rows(cls, v: Any) -> Any:
+        low, high = SPLIT_ROWS_RANGE
+        return _count(v, low, high, "rows")
 
 
 class Spec(BaseModel):

@@ -49,7 +49,7 @@ from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
-from .online import OnlineRebuild, OnlineRebuildError
+from .online import OnlineRebuild
 from .preflight import check_privileges, preflight, raise_for
 from .reconfigure import Reconfiguration, ReloadRefused, plan_reload
 from .recording import DeadLetterRecorder
@@ -556,13 +556,14 @@ class Engine:
 
     def _held(self) -> set[str]:
         """Views whose changes the stream must not derive yet: a new or changed definition on a
-        sink with separate generations, until its online rebuild's ``follow`` step (the live
-        generation must not get Ops of the new definition)."""
+        sink with separate generations, or of an aggregate view (whose live state has the old
+        definition's shape), until its online rebuild's ``follow`` step (the live generation
+        must not get Ops of the new definition)."""
         state = self.state.get(self.slot)
         known = state.views if state is not None else {}
         fps = self._fingerprints()
-        return {v.name for v in self.views
-                if known.get(v.name) != fps[v.name] and isinstance(self.sinks.get(v.sink), LiveGenerations)}
+        return {v.name for v in self.views if known.get(v.name) != fps[v.name] and (
+                isinstance(self.sinks.get(v.sink), LiveGenerations) or v.aggregation is not None)}
 
     def _retire(self, names: list[str]) -> None:
         """Stop maintaining views that left the file: forget their fingerprints (a view added
@@ -649,14 +650,9 @@ class Engine:
                 self.rebuild_store.finish(self.slot, r.view, "failed", f"view {r.view} is not in the configuration")
                 continue
             assert self.deployment is not None
-            try:
-                job = OnlineRebuild(self, view, SinkOpener.of(self.spec, view.sink, [view], self.deployment),
-                                    self.data_dsn, self.rebuild_store,
-                                    exclusive=known.get(view.name) != view_fingerprint(view), reason=r.reason)
-            except OnlineRebuildError as e:
-                log.error("%s", e)
-                self.rebuild_store.finish(self.slot, r.view, "failed", str(e))
-                continue
+            job = OnlineRebuild(self, view, SinkOpener.of(self.spec, view.sink, [view], self.deployment),
+                                self.data_dsn, self.rebuild_store,
+                                exclusive=known.get(view.name) != view_fingerprint(view), reason=r.reason)
             self.jobs[r.view] = job
             job.start()
 

@@ -553,6 +553,7 @@ class Engine:
             fps = dict(state.views)
             fps[view.name] = view_fingerprint(view)
             self.state.set(self.slot, state.status, state.consistent_point, fps)
+        self._register([view])
 
     def _held(self) -> set[str]:
         """Views whose changes the stream must not derive yet: a new or changed definition on a
@@ -672,6 +673,10 @@ class Engine:
             text = " ".join(str(e).split())
             log.error("reload refused, still running on the previous file: %s", str(e).strip())
             return f"refused: {text}"
+        except psycopg.Error as e:
+            log.error("reload refused, still running on the previous file: cannot read the source catalog: %s",
+                      one_line(e))
+            return f"refused: cannot read the source catalog: {one_line(e)}"
         if plan.empty:
             log.info("reload: no view changed")
             return "ok: no view changed"

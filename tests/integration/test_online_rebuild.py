@@ -348,3 +348,38 @@ def test_include_and_aggregate_views_rebuild_online_and_change_by_reload(scenari
     state = s.sql("SELECT count(*) FROM pgderive.agg_rows WHERE view LIKE %s", (f"{s.p}_%#rebuild",))[0][0]
     assert state == 0  # no rebuilt state left behind
     assert d.alive()
+
+
+@pytest.mark.parametrize("phase", ["loading", "switching", "switched"])
+def test_kill9_during_an_aggregate_views_online_rebuild(scenario, phase: str) -> None:
+    s = scenario(TREE_SCHEMA, TREE_VIEWS)
+    view = f"{s.p}_catsum"
+    d = s.start(env={"PGDERIVE_INJECT_REBUILD_PAUSE": f"{phase}:600"})
+    stop = threading.Event()
+
+    def write() -> None:
+        rnd = random.Random(5)
+        with psycopg.connect(s.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("UPDATE item SET price = price + 1, cat_id = %s WHERE id = %s",
+                             (rnd.randint(1, 50), rnd.randint(1, 3000)))
+                time.sleep(0.005)
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    try:
+        out = cli(s, "rebuild", view, "--no-wait")
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: f"pausing the rebuild 600 s in phase {phase}" in d.output(), 120,
+                   what=f"the rebuild to reach {phase}")
+        d.kill9()
+        assert len(alias_target(f"{s.p.lower()}_catsum")) == 1
+        d = s.start()
+        wait_until(lambda: (rebuild_row(s, view) or ("",))[0] == "done", 180, what="the rebuild to finish")
+    finally:
+        stop.set()
+        t.join(10)
+    s.caught_up()
+    assert_views_equal(s.config)
+    assert generations(s, f"{s.p.lower()}_catsum") == alias_target(f"{s.p.lower()}_catsum")
+    assert s.sql("SELECT count(*) FROM pgderive.agg_rows WHERE view = %s", (f"{view}#rebuild",))[0][0] == 0
+    assert slots(s) == [s.slot]

@@ -96,10 +96,11 @@ class Applier:
     def step(self, step: GenerationStep) -> None:
         """Apply one generation step to the sink (ARCHITECTURE.md, "Online rebuild"): follow,
         commit or abort an online rebuild's generation. Nothing for a sink without
-        :class:`~sinks.base.LiveGenerations` (its generations share the records). Raises
+        :class:`~sinks.base.LiveGenerations` (its generations share the records), nor for a
+        ``publish`` step (the reading thread did it; its batch carries the Ops). Raises
         :class:`~sinks.base.SinkError`."""
         sink = self.sink
-        if not isinstance(sink, LiveGenerations):
+        if not isinstance(sink, LiveGenerations) or step.kind == "publish":
             return
         if step.kind == "follow":
             sink.follow_generation(step.view, step.generation, exclusive=step.exclusive)

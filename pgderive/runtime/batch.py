@@ -31,18 +31,24 @@ class GenerationStep:
     Attributes:
         seq: increasing per daemon; a lane's ``steps_done`` is the last one it applied.
         kind: ``follow`` (the stream writes ``generation`` too, or only it with ``exclusive``),
-            ``commit`` (make it live at ``version``) or ``abort`` (stop and delete it).
+            ``publish`` (an aggregate view: its rebuilt state replaces the live one and every
+            group is written; the lane does nothing), ``commit`` (make it live at ``version``)
+            or ``abort`` (stop and delete it).
         view: the view's name; generation: the id ``begin_generation`` returned.
-        version: ``commit``: the snapshot's consistent point (int LSN); else 0.
-        exclusive: ``follow`` only: write the view's Ops to the generation alone.
+        version: ``commit``, ``publish``: the snapshot's consistent point (int LSN); else 0.
+        exclusive: write the view's Ops to the generation alone (the view's definition is new
+            or changed: the live generation keeps the old one's records).
+        state: an aggregate view's rebuilt state (:func:`~pgderive.state.aggregates.shadow_name`),
+            which the stream feeds from the ``follow`` step on; None for other views.
     """
 
     seq: int
-    kind: Literal["follow", "commit", "abort"]
+    kind: Literal["follow", "publish", "commit", "abort"]
     view: str
     generation: str
     version: int = 0
     exclusive: bool = False
+    state: str | None = None
 
 
 class LagToken:

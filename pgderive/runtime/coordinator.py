@@ -49,7 +49,7 @@ from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
-from .online import OnlineRebuild, OnlineRebuildError
+from .online import OnlineRebuild
 from .preflight import check_privileges, preflight, raise_for
 from .reconfigure import Reconfiguration, ReloadRefused, plan_reload
 from .recording import DeadLetterRecorder
@@ -78,6 +78,9 @@ DROP_WAIT = 10.0
 
 #: Seconds between two polls of ``pgderive.rebuilds`` and the reload handshake by a running daemon.
 CONTROL_EVERY = 1.0
+#: Seconds the control thread and online rebuilds get to end when the daemon stops; past that
+#: they are left behind as daemon threads (an unfinished rebuild starts over at the next start).
+STOP_GRACE = 1.5
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
@@ -129,10 +132,15 @@ class Engine:
         self.rebuild_store = RebuildStore(self.dsn)
         self.registry = ViewRegistry(self.dsn)
         self.truncated: dict[str, int] = {}  # view -> last TRUNCATE that emptied it (kept by Stream)
+        #: view -> fingerprint of the definition complete in its sink (pgderive.slot_state's
+        #: ``views``, as this daemon last read or wrote it): no database round trip to ask.
+        self.known: dict[str, str] = {}
+        self._control_failing = 0.0  # when the control thread's last failure was logged
         self.jobs: dict[str, OnlineRebuild] = {}
         self.lanes: Lanes | None = None
         self._epoch = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the current stream and lanes
+        self._state_lock = threading.Lock()  # read-modify-writes of pgderive.slot_state
         self._cycle = threading.Event()  # ends the current stream so the loop starts it again
         self._reload_signal = threading.Event()  # SIGHUP
         self._reload_pending: Reconfiguration | None = None
@@ -268,6 +276,7 @@ class Engine:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
                 return self._bootstrap()
         fps = self._fingerprints()
+        self.known = {n: fp for n, fp in state.views.items() if n in fps}
         fresh = sorted(n for n, fp in fps.items() if state.views.get(n) != fp)  # new or changed
         removed = sorted(n for n in state.views if n not in fps)
         if removed:
@@ -334,6 +343,7 @@ class Engine:
                       for v, n in stats.records.items()},
         }
         self.state.set(self.slot, "streaming", consistent_point, fps)
+        self.known = dict(fps)
         cancelled = self.rebuild_store.cancel_all(self.slot, "a bootstrap loaded every view")
         if cancelled:
             log.info("online rebuild(s) of %s cancelled: the bootstrap loaded every view", ", ".join(cancelled))
@@ -547,29 +557,33 @@ class Engine:
     def rebuilt(self, view: View, consistent_point: int) -> None:
         """An online rebuild made ``view``'s new generation live: its definition's fingerprint
         becomes the slot's record of it (``pgderive.slot_state``)."""
-        with self._lock:
+        with self._state_lock:
             state = self.state.get(self.slot)
             if state is None:
                 return
             fps = dict(state.views)
             fps[view.name] = view_fingerprint(view)
             self.state.set(self.slot, state.status, state.consistent_point, fps)
+            self.known[view.name] = fps[view.name]
+        self._register([view])
 
     def _held(self) -> set[str]:
         """Views whose changes the stream must not derive yet: a new or changed definition on a
-        sink with separate generations, until its online rebuild's ``follow`` step (the live
-        generation must not get Ops of the new definition)."""
-        state = self.state.get(self.slot)
-        known = state.views if state is not None else {}
+        sink with separate generations, or of an aggregate view (whose live state has the old
+        definition's shape), until its online rebuild's ``follow`` step (the live generation
+        must not get Ops of the new definition)."""
+        known = self.known
         fps = self._fingerprints()
-        return {v.name for v in self.views
-                if known.get(v.name) != fps[v.name] and isinstance(self.sinks.get(v.sink), LiveGenerations)}
+        return {v.name for v in self.views if known.get(v.name) != fps[v.name] and (
+                isinstance(self.sinks.get(v.sink), LiveGenerations) or v.aggregation is not None)}
 
     def _retire(self, names: list[str]) -> None:
         """Stop maintaining views that left the file: forget their fingerprints (a view added
         back later is bootstrapped again); their data stays in the sinks."""
-        with self._lock:
+        with self._state_lock:
             self.state.remove_views(self.slot, names)
+            for name in names:
+                self.known.pop(name, None)
         self.registry.retire(self.slot, names)
         for name in names:
             job = self.jobs.pop(name, None)
@@ -603,16 +617,20 @@ class Engine:
         self._control.start()
 
     def _stop_control(self) -> None:
+        """Stop the control thread and the online rebuilds: nothing of theirs needs finishing
+        (an unfinished rebuild is started over by the next start), so they get a short grace
+        and are left behind as daemon threads (e.g. blocked connecting to a silent source)."""
         self.stop.set()
-        if self._control is not None:
-            self._control.join(5.0)
+        deadline = time.monotonic() + STOP_GRACE
         for job in list(self.jobs.values()):
             job.cancel()
+        if self._control is not None:
+            self._control.join(max(0.0, deadline - time.monotonic()))
         for job in list(self.jobs.values()):
-            job.join(10.0)
+            job.join(max(0.0, deadline - time.monotonic()))
         if self._job_dead_letters is not None:
             self._job_dead_letters.close()
-        self.rebuild_store.close()
+        self.rebuild_store.close(wait=0.2)
 
     def _control_loop(self) -> None:
         """Every :data:`CONTROL_EVERY` seconds: start the online rebuilds ``pgderive.rebuilds``
@@ -632,9 +650,18 @@ class Engine:
                     self.rebuild_store.reloaded(self.slot, handshake.requested_at, result)
                 self._start_jobs()
             except (psycopg.Error, OSError) as e:
-                log.warning("control: %s", one_line(e))
+                # The source is away: the stream says so too; one line a minute is enough here.
+                now = time.monotonic()
+                if now - self._control_failing >= 60.0:
+                    self._control_failing = now
+                    log.warning("cannot poll pgderive.rebuilds and reload requests (%s); retrying every %g s",
+                                one_line(e), CONTROL_EVERY)
+                continue
             except Exception as e:  # never let the control thread die silently
                 log.error("control: %s", one_line(e), exc_info=True)
+            if self._control_failing:
+                self._control_failing = 0.0
+                log.info("polling pgderive.rebuilds and reload requests again")
 
     def _start_jobs(self) -> None:
         for name in [n for n, j in self.jobs.items() if not j.alive]:
@@ -643,21 +670,16 @@ class Engine:
         if not wanted or self.stop.is_set():
             return
         by_name = {v.name: v for v in self.views}
-        known = (state.views if (state := self.state.get(self.slot)) is not None else {})
+        known = self.known
         for r in wanted:
             view = by_name.get(r.view)
             if view is None:
                 self.rebuild_store.finish(self.slot, r.view, "failed", f"view {r.view} is not in the configuration")
                 continue
             assert self.deployment is not None
-            try:
-                job = OnlineRebuild(self, view, SinkOpener.of(self.spec, view.sink, [view], self.deployment),
-                                    self.data_dsn, self.rebuild_store,
-                                    exclusive=known.get(view.name) != view_fingerprint(view), reason=r.reason)
-            except OnlineRebuildError as e:
-                log.error("%s", e)
-                self.rebuild_store.finish(self.slot, r.view, "failed", str(e))
-                continue
+            job = OnlineRebuild(self, view, SinkOpener.of(self.spec, view.sink, [view], self.deployment),
+                                self.data_dsn, self.rebuild_store,
+                                exclusive=known.get(view.name) != view_fingerprint(view), reason=r.reason)
             self.jobs[r.view] = job
             job.start()
 
@@ -677,6 +699,10 @@ class Engine:
             text = " ".join(str(e).split())
             log.error("reload refused, still running on the previous file: %s", str(e).strip())
             return f"refused: {text}"
+        except psycopg.Error as e:
+            log.error("reload refused, still running on the previous file: cannot read the source catalog: %s",
+                      one_line(e))
+            return f"refused: cannot read the source catalog: {one_line(e)}"
         if plan.empty:
             log.info("reload: no view changed")
             return "ok: no view changed"

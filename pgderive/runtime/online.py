@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import psycopg
 from psycopg import sql
@@ -47,7 +47,7 @@ from cdc.snapshot import snapshot_connection
 from sinks.base import LiveGenerations, Sink
 from views.derive import View
 
-from ..state.aggregates import AggregateStore
+from ..state.aggregates import AggregateStore, shadow_name
 from ..state.deadletters import DeadLetter
 from ..state.rebuilds import RebuildStore
 from .batch import GenerationStep
@@ -55,7 +55,7 @@ from .bootstrap import Interrupted, load_snapshot
 from .retry import one_line, with_retry
 from .stream import StepReply
 
-__all__ = ["OnlineRebuild", "RebuildHost", "StartOver", "OnlineRebuildError"]
+__all__ = ["OnlineRebuild", "RebuildHost", "StartOver"]
 
 log = logging.getLogger("pgderive.rebuild")
 
@@ -84,10 +84,6 @@ def _injected_pause(phase: str, halt: threading.Event) -> None:
 class StartOver(Exception):
     """The rebuild must start again from a new snapshot (a TRUNCATE after its snapshot, or the
     stream was restarted and its lanes forgot the generation)."""
-
-
-class OnlineRebuildError(RuntimeError):
-    """An online rebuild cannot be done (e.g. an aggregate view, whose state has no generations)."""
 
 
 class RebuildHost(Protocol):
@@ -135,18 +131,12 @@ class OnlineRebuild:
             or changed definition); else to both.
         reason: recorded and logged.
 
-    Raises :class:`OnlineRebuildError` for a view that cannot be rebuilt online (an aggregate
-    view). Nothing raised in the rebuild's thread escapes it: a failure is logged and recorded
-    in ``pgderive.rebuilds`` (:attr:`outcome` ``failed``).
+    Nothing raised in the rebuild's thread escapes it: a failure is logged and recorded in
+    ``pgderive.rebuilds`` (:attr:`outcome` ``failed``).
     """
 
     def __init__(self, host: RebuildHost, view: View, open_sink: Callable[[], Sink], dsn: str,
                  store: RebuildStore, *, exclusive: bool, reason: str) -> None:
-        if view.aggregation is not None:
-            raise OnlineRebuildError(
-                f"view {view.name} aggregates: its state in pgderive.agg_rows has no generations yet, so it "
-                "cannot be rebuilt while the daemon streams; stop the daemon and run "
-                f"`pgderive rebuild --offline {view.name}`")
         self.host = host
         self.view = view
         self.open_sink = open_sink
@@ -219,11 +209,14 @@ class OnlineRebuild:
 
     def _attempt(self) -> int:
         """One attempt; returns the consistent point the view is live at."""
-        view, sink_name = self.view, self.view.sink
+        view = self.view
         sink = self.open_sink()
         live = isinstance(sink, LiveGenerations)
+        state = shadow_name(view.name) if view.aggregation is not None else None
+        stepped = live or state is not None  # the stream takes part: generation steps
         generation: str | None = None
         epoch: int | None = None
+        aggregates = AggregateStore(self.dsn) if state is not None else None
         try:
             if live:
                 assert isinstance(sink, LiveGenerations)
@@ -231,36 +224,44 @@ class OnlineRebuild:
                 if stale:
                     log.info("view %s: deleted generation(s) %s left by an unfinished load", view.name,
                              ", ".join(stale))
+            if aggregates is not None and state is not None:
+                aggregates.reset(state)  # what an unfinished attempt left
             with psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-rebuild") as conn:
                 row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             assert row is not None
             here = parse_lsn(row[0])
-            generation = self._retry("begin_generation", lambda: sink.begin_generation(view.name, here))
-            if live:
+            begun: str = self._retry("begin_generation", lambda: sink.begin_generation(view.name, here))
+            generation = begun
+            if stepped:
                 epoch = self._step(GenerationStep(next(_seq), "follow", view.name, generation,
-                                                  exclusive=self.exclusive))
-            x = self._load(sink, generation)
+                                                  exclusive=self.exclusive, state=state))
+            x = self._load(sink, generation, aggregates, state)
             self.store.progress(self.host.slot, view.name, status="catching_up")
             _injected_pause("catching_up", self.halt)
             self._catch_up(x, epoch)
             self.store.progress(self.host.slot, view.name, status="switching")
             _injected_pause("switching", self.halt)
+            if state is not None:  # the rebuilt state goes live, every group is written
+                self._step(GenerationStep(next(_seq), "publish", view.name, generation, version=x, state=state),
+                           epoch)
             if live:
                 self._step(GenerationStep(next(_seq), "commit", view.name, generation, version=x), epoch)
             else:
                 truncated = self.host.truncated.get(view.name, 0)
                 if truncated > x:
                     raise StartOver(f"a TRUNCATE emptied it at {format_lsn(truncated)}, after the snapshot")
-                self._retry("commit_generation", lambda: sink.commit_generation(view.name, view.name, x))
+                self._retry("commit_generation", lambda: sink.commit_generation(view.name, begun, x))
             generation = None  # live now: nothing to abort
             _injected_pause("switched", self.halt)
             return x
         finally:
             try:
-                if generation is not None and live:
-                    self._abort(sink, generation, epoch)
+                if generation is not None and stepped:
+                    self._abort(sink, generation, epoch, state)
             finally:
                 sink.close()
+                if aggregates is not None:
+                    aggregates.close()
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
         return with_retry(f"sink {self.view.sink} ({what} of {self.view.name})", fn, self.halt)
@@ -297,10 +298,10 @@ class OnlineRebuild:
                 raise Interrupted(f"stopped before the {step.kind} step was applied")
             time.sleep(0.05)
 
-    def _abort(self, sink: Sink, generation: str, epoch: int | None) -> None:
-        """Stop the lane following ``generation`` (when its stream still does), then delete it."""
+    def _abort(self, sink: Sink, generation: str, epoch: int | None, state: str | None) -> None:
+        """Stop the stream following ``generation`` (when it still does), then delete it."""
         view = self.view
-        step = GenerationStep(next(_seq), "abort", view.name, generation, exclusive=self.exclusive)
+        step = GenerationStep(next(_seq), "abort", view.name, generation, exclusive=self.exclusive, state=state)
         if self.host.stop.is_set():
             # The daemon stops: its lane may still write G while it drains, and a write to a
             # deleted index would create it again. The row stays unfinished: the next start's
@@ -312,17 +313,18 @@ class OnlineRebuild:
                     self._step(step, epoch)
                 except (StartOver, Interrupted):
                     pass
-            assert isinstance(sink, LiveGenerations)
-            sink.abort_generation(view.name, generation)
+            if isinstance(sink, LiveGenerations):
+                sink.abort_generation(view.name, generation)
         except Exception as e:  # the next attempt's discard_unserved deletes it
             log.warning("view %s: could not delete generation %s (%s); the next rebuild does", view.name,
                         generation, one_line(e))
 
-    def _load(self, sink: Sink, generation: str) -> int:
-        """Phase 2: a snapshot at X from a TEMPORARY slot, loaded into ``generation``; returns X."""
+    def _load(self, sink: Sink, generation: str, aggregates: AggregateStore | None, state: str | None) -> int:
+        """Phase 2: a snapshot at X from a TEMPORARY slot, loaded into ``generation`` (an
+        aggregate view: its contributions into the rebuilt ``state``; the groups are written
+        when it goes live); returns X."""
         view, slot = self.view, self.host.slot
         reader = SlotReader(self.dsn, f"{slot}_rb{os.getpid()}_{next(_seq)}")
-        aggregates = AggregateStore(self.dsn)
         try:
             reader.connect()
             x, snapshot = reader.create_slot(temporary=True)
@@ -348,18 +350,40 @@ class OnlineRebuild:
                     log.debug("progress of the rebuild of %s not recorded: %s", view.name, one_line(e))
 
             with snapshot_connection(self.dsn, snapshot) as conn:
-                stats = load_snapshot(conn, [view], {view.sink: sink}, x, aggregates=aggregates, stop=self.halt,
-                                      should_stop=self.host.stop.is_set, generations={view.name: generation},
-                                      commit=False, live=True, progress=progress,
-                                      on_dead_letters=self.host.record_dead_letters)
+                if aggregates is not None and state is not None:
+                    rows = self._load_state(conn, aggregates, state, x, progress)
+                else:
+                    stats = load_snapshot(conn, [view], {view.sink: sink}, x, stop=self.halt,
+                                          should_stop=self.host.stop.is_set, generations={view.name: generation},
+                                          commit=False, live=True, progress=progress,
+                                          on_dead_letters=self.host.record_dead_letters)
+                    rows = stats.records.get(view.name, 0)
             secs = time.monotonic() - t0
-            rows = stats.records.get(view.name, 0)
             self.store.progress(slot, view.name, rows_done=rows, rows_per_s=rows / secs if secs > 0 else None)
-            log.info("online rebuild of view %s: loaded %d records in %.1f s", view.name, rows, secs)
+            log.info("online rebuild of view %s: loaded %d rows in %.1f s", view.name, rows, secs)
             return x
         finally:
             reader.close()  # the temporary slot goes with its connection
-            aggregates.close()
+
+    def _load_state(self, conn: psycopg.Connection[Any], aggregates: AggregateStore, state: str, x: int,
+                    progress: Callable[[str, int], None]) -> int:
+        """An aggregate view's snapshot: its rows' contributions at version ``x`` into the
+        rebuilt ``state`` (:meth:`~pgderive.state.aggregates.AggregateStore.load_newer`: the
+        stream feeds it meanwhile, newer contributions kept). Returns the rows read."""
+        view, tree, agg = self.view, self.view.tree, self.view.aggregation
+        assert tree is not None and agg is not None
+        seen = 0
+
+        def contributions() -> Iterator[tuple[Any, dict[str, Any]]]:
+            nonlocal seen
+            for chunk in tree.rows(conn):
+                if self._stopping():
+                    raise Interrupted(f"snapshot of view {view.name} interrupted after {seen} rows")
+                for row in chunk:
+                    yield tree.row_identity(row), row
+                seen += len(chunk)
+                progress(view.name, seen)
+        return aggregates.load_newer(state, agg, contributions(), x)
 
     def _estimate(self) -> int | None:
         """The planner's row estimate of the view's table (``pg_class.reltuples``; None when the

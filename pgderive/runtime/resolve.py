@@ -47,6 +47,9 @@ class IncludeResolver:
         self.rederive_all: set[str] = set()  # views whose every record must be read again
         self.version: dict[str, int] = {}  # view → version for those records
         self.xids: set[int] = set()  # transactions whose effects those reads must see
+        #: aggregate view → (state an online rebuild builds, that state only): its contributions
+        #: also go there; with ``only`` nowhere else and no Ops (ARCHITECTURE.md, "Online rebuild").
+        self.shadows: dict[str, tuple[str, bool]] = {}
 
     @property
     def pending(self) -> bool:
@@ -99,12 +102,17 @@ class IncludeResolver:
             parts: list[list[KeyTuple] | None] = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
             if name in self.rederive_all:
                 parts.append(None)
+            shadow = self.shadows.get(name)
             for part_keys, rows in _read_roots(tree, conn, parts):
                 if view.aggregation is not None:
                     items: list[tuple[KeyTuple, int, dict[str, Any] | None]] = [
                         (tree.row_identity(r), version, r) for r in rows]
                     present = {k for k, _, _ in items}
                     items += [(k, version, None) for k in part_keys if k not in present]
+                    if shadow is not None:
+                        self.aggregates.apply(shadow[0], view.aggregation, items, lock=True)
+                        if shadow[1]:
+                            continue
                     result, touched = self.aggregates.apply(view.name, view.aggregation, items)
                     emit(view, *view.group_ops(result, touched, version), version)
                 else:

@@ -133,6 +133,8 @@ class Stream:
                  stop_grace: float = 5.0, held: set[str] | None = None,
                  truncated: dict[str, int] | None = None) -> None:
         self.views = list(views)
+        self.by_name = {v.name: v for v in self.views}
+        self.position = 0  # commit LSN of the last transaction read
         self.held: set[str] = set(held or ())
         self.truncated: dict[str, int] = truncated if truncated is not None else {}
         #: (sink, step, reply) filed by other threads, taken by the reading thread.
@@ -248,6 +250,7 @@ class Stream:
         """Derive ``tx`` (or one chunk of a large transaction) into the lanes' batches; True
         when a batch it added to is now full (hand it over before reading on)."""
         version = tx.commit_lsn
+        self.position = max(self.position, version)
         pending, touched = self.pending, self._touched
         full_rows = self._full_row_tables
         for change in tx.changes:
@@ -425,14 +428,46 @@ class Stream:
             except queue.Empty:
                 return
             truncated = self.truncated.get(step.view, 0)
-            if step.kind == "commit" and truncated > step.version:
+            if step.kind in ("commit", "publish") and truncated > step.version:
                 reply.settle(f"a TRUNCATE emptied view {step.view} at {format_lsn(truncated)}, after "
                              f"the snapshot at {format_lsn(step.version)}")
                 continue
+            try:
+                self._step(step)
+            except Exception as e:  # the rebuild fails; the stream goes on
+                log.error("generation step %s of view %s failed: %s", step.kind, step.view, one_line(e))
+                reply.settle(f"{step.kind} failed: {one_line(e)}")
+                continue
             self.pending[sink].steps.append(step)
-            if step.kind == "follow":
-                self.held.discard(step.view)
             reply.settle(None)
+
+    def _step(self, step: GenerationStep) -> None:
+        """The reading thread's part of a generation step: a ``follow`` releases a held view
+        (and, for an aggregate view, feeds its rebuilt state from here on); a ``publish``
+        makes the rebuilt state live and writes every group at the current position; an
+        ``abort`` stops feeding it (and holds a new or changed definition again)."""
+        resolver = self.resolver
+        if step.kind == "follow":
+            self.held.discard(step.view)
+            if step.state is not None and resolver is not None:
+                resolver.shadows[step.view] = (step.state, step.exclusive)
+        elif step.kind == "abort":
+            if resolver is not None:
+                resolver.shadows.pop(step.view, None)
+            if step.exclusive:
+                self.held.add(step.view)
+        elif step.kind == "publish":
+            view = self.by_name[step.view]
+            assert resolver is not None and self.aggregates is not None and view.aggregation is not None
+            assert step.state is not None
+            self._resolve()  # everything read so far into both states
+            self.aggregates.swap(step.state, view.name)
+            resolver.shadows.pop(view.name, None)
+            version = max(self.position, step.version)
+            groups = self.aggregates.all_groups(view.name, view.aggregation)
+            self._emit(view, *view.group_ops(groups, [], version), version)
+            log.info("view %s: rebuilt state live, %d groups written at %s", view.name, len(groups),
+                     format_lsn(version))
 
     def _hand_over(self) -> bool:
         """Give every idle lane with work its batch; True if any got one."""

@@ -25,7 +25,7 @@ from views.aggregate import Aggregation, row_key
 
 from .schema import migrate
 
-__all__ = ["AggregateStore"]
+__all__ = ["AggregateStore", "shadow_name"]
 
 Row = tuple[Any, ...]
 #: A root's identity values: views.include.KeyTuple, a bare ``tuple`` alias that mypy --strict
@@ -38,6 +38,19 @@ def _query(part: sql.Composable) -> sql.Composed:
     builders return the :class:`~psycopg.sql.Composable` base, which ``execute`` is not typed
     to accept."""
     return sql.Composed([part])
+
+
+def shadow_name(view: str) -> str:
+    """The name an online rebuild of ``view`` builds its new state under (ARCHITECTURE.md,
+    "Online rebuild"): ``VIEW#rebuild``; ``#`` cannot appear in a view's name."""
+    return f"{view}#rebuild"
+
+
+def _lock(conn: psycopg.Connection[Any], view: str) -> None:
+    """The transaction-level advisory lock of ``view``'s state: an online rebuild's final
+    recomputation and the stream's applies to the state it builds take it, so neither sees
+    half of the other (Postgres manual, "Advisory Lock Functions")."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgderive.agg:{view}",))
 
 
 class AggregateStore:
@@ -75,7 +88,8 @@ class AggregateStore:
             self.conn = None
 
     def apply(self, view: str, agg: Aggregation,
-              items: Iterable[tuple[Key, int, dict[str, Any] | None]]) -> tuple[list[Row], list[str]]:
+              items: Iterable[tuple[Key, int, dict[str, Any] | None]], *,
+              lock: bool = False) -> tuple[list[Row], list[str]]:
         """Store contributions ``(root identity, version, row or None)`` of ``view`` (newer
         versions only) and move the states of the groups they leave and enter by the
         replaced contributions, in one transaction.
@@ -85,7 +99,8 @@ class AggregateStore:
         are empty: to delete). A replay changes no state and returns the current groups: those
         its rows are in, and every group another batch moved at or after the replayed version
         (``pgderive.agg_touched``), since the crash that caused the replay may have come
-        between that batch's commit here and its write to the sink.
+        between that batch's commit here and its write to the sink. ``lock``: take the state's
+        advisory lock first (a state an online rebuild builds, :meth:`load_newer`).
         Raises :class:`psycopg.Error`."""
         keyed: dict[str, tuple[int, tuple[str | None, str | None]]] = {}
         for key, version, row in items:
@@ -94,6 +109,8 @@ class AggregateStore:
             return [], []
         conn = self.connection()
         with conn.transaction():
+            if lock:
+                _lock(conn, view)
             old = conn.execute(sql.SQL("SELECT row_key, version, grp::text, vals::text FROM {} WHERE view = %s "
                                        "AND row_key = ANY(%s) FOR UPDATE").format(self.TABLE),
                                (view, list(keyed))).fetchall()
@@ -192,6 +209,59 @@ class AggregateStore:
                     grp, vals = agg.contribution(row)
                     copy.write_row((view, row_key(key), version, grp, vals))
             conn.execute(_query(agg.state_sql(False)), {"view": view})
+
+    def load_newer(self, view: str, agg: Aggregation, rows: Iterable[tuple[Key, dict[str, Any]]],
+                   version: int, chunk_rows: int = 5000) -> int:
+        """An online rebuild's snapshot load (ARCHITECTURE.md, "Online rebuild"): contributions
+        at ``version`` (int LSN) into ``view``'s state, each kept only where the stream has not
+        stored a newer one meanwhile (a later change or a delete's tombstone), then every group's
+        state computed again from the contributions. The contributions are staged in a temporary
+        table, then written ``chunk_rows`` at a time, each chunk and the final computation in a
+        transaction holding the state's advisory lock: the stream's applies to this state
+        (:meth:`apply` with ``lock``) wait at most one chunk, and never deadlock with the load
+        on the rows both write. Returns the rows read. Raises :class:`psycopg.Error`."""
+        conn = self.connection()
+        n = 0
+        with conn.transaction():
+            conn.execute("DROP TABLE IF EXISTS pgderive_agg_load")
+            conn.execute("CREATE TEMP TABLE pgderive_agg_load (n bigint, row_key text, grp jsonb, vals jsonb)")
+            with conn.cursor().copy("COPY pgderive_agg_load (n, row_key, grp, vals) FROM STDIN") as copy:
+                for key, row in rows:
+                    grp, vals = agg.contribution(row)
+                    copy.write_row((n, row_key(key), grp, vals))
+                    n += 1
+            conn.execute("CREATE INDEX ON pgderive_agg_load (n)")
+        try:
+            for start in range(0, n, chunk_rows):
+                with conn.transaction():
+                    _lock(conn, view)
+                    conn.execute(sql.SQL(
+                        "INSERT INTO {t} AS r (view, row_key, version, grp, vals) "
+                        "SELECT %s, row_key, %s, grp, vals FROM pgderive_agg_load WHERE n >= %s AND n < %s "
+                        "ON CONFLICT (view, row_key) DO UPDATE SET version = excluded.version, "
+                        "grp = excluded.grp, vals = excluded.vals WHERE r.version < excluded.version"
+                    ).format(t=self.TABLE), (view, version, start, start + chunk_rows))
+            with conn.transaction():
+                _lock(conn, view)
+                conn.execute("DELETE FROM pgderive.agg_groups WHERE view = %s", (view,))
+                conn.execute(_query(agg.state_sql(False)), {"view": view})
+        finally:
+            with conn.transaction():
+                conn.execute("DROP TABLE IF EXISTS pgderive_agg_load")
+        return n
+
+    def swap(self, source: str, view: str) -> None:
+        """Make the state built under ``source`` (:func:`shadow_name`) ``view``'s, replacing
+        what ``view`` had, in one transaction under both states' advisory locks. Raises
+        :class:`psycopg.Error`."""
+        conn = self.connection()
+        with conn.transaction():
+            for name in sorted((source, view)):
+                _lock(conn, name)
+            for table in ("agg_rows", "agg_groups", "agg_touched"):
+                ident = sql.Identifier("pgderive", table)
+                conn.execute(sql.SQL("DELETE FROM {} WHERE view = %s").format(ident), (view,))
+                conn.execute(sql.SQL("UPDATE {} SET view = %s WHERE view = %s").format(ident), (view, source))
 
     def all_groups(self, view: str, agg: Aggregation) -> list[Row]:
         """:meth:`Aggregation.result_sql` rows of every group of ``view``."""

@@ -28,6 +28,9 @@ from .schema import migrate
 
 __all__ = ["RebuildStore", "Rebuild", "ReloadState", "ACTIVE", "PHASES"]
 
+#: Seconds a connection of this store may take to open.
+CONNECT_TIMEOUT = 10
+
 #: The phases of a rebuild that is not finished, in order.
 PHASES = ("requested", "loading", "catching_up", "switching")
 #: ``status`` values of an unfinished rebuild (the daemon resumes them).
@@ -112,7 +115,10 @@ class RebuildStore:
     def _connect(self, *, write: bool) -> Iterator[psycopg.Connection[Any]]:
         with self._mutex:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-state")
+                # Bounded whatever the source's connect_timeout: a daemon's control thread polls
+                # with it and must not hang on a source that accepts and never answers.
+                self._conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-state",
+                                             connect_timeout=CONNECT_TIMEOUT)
             try:
                 if write and not self._migrated:
                     migrate(self._conn)
@@ -123,12 +129,18 @@ class RebuildStore:
                 self._conn = None
                 raise
 
-    def close(self) -> None:
-        """Close the connection (a later call opens it again)."""
-        with self._mutex:
+    def close(self, wait: float = 1.0) -> None:
+        """Close the connection (a later call opens it again). Waits at most ``wait`` seconds
+        for a call in progress on another thread (e.g. one connecting to a source that does not
+        answer); past that the connection is left to that call, which ends with the process."""
+        if not self._mutex.acquire(timeout=wait):
+            return
+        try:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        finally:
+            self._mutex.release()
 
     @staticmethod
     def _exists(conn: psycopg.Connection[Any]) -> bool:

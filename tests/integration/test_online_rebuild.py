@@ -297,33 +297,89 @@ TREE_VIEWS = """
             include: {cat: {table: cat, on: {cat_id: id}, fields: [name]}}}
   P_sums: {table: item, sink: cache, key: "P_:s:{cat_id}", format: json, group_by: [cat_id],
            aggregate: {total: "sum(price)"}}
+  P_catsum: {table: item, sink: search, index: Pidx_catsum, group_by: [cat_id],
+             aggregate: {total: "sum(price)", top: "max(price)"}}
 """
 
 
-def test_include_views_rebuild_online_and_aggregates_are_refused(scenario) -> None:
+def test_include_and_aggregate_views_rebuild_online_and_change_by_reload(scenario) -> None:
     s = scenario(TREE_SCHEMA, TREE_VIEWS)
-    s.start()
+    d = s.start()
     stop = threading.Event()
 
     def write() -> None:
         rnd = random.Random(3)
         with psycopg.connect(s.dsn, autocommit=True) as conn:
+            nxt = 100_000
             while not stop.is_set():
                 conn.execute("UPDATE cat SET name = name || 'x' WHERE id = %s", (rnd.randint(1, 50),))
                 conn.execute("UPDATE item SET price = price + 1, cat_id = %s WHERE id = %s",
                              (rnd.randint(1, 50), rnd.randint(1, 3000)))
+                conn.execute("INSERT INTO item VALUES (%s, %s, 7)", (nxt, rnd.randint(1, 60)))
+                conn.execute("DELETE FROM item WHERE id = %s", (nxt - 5,))
+                nxt += 1
                 time.sleep(0.005)
     t = threading.Thread(target=write, daemon=True)
     t.start()
     try:
-        for view in (f"{s.p}_items", f"{s.p}_itemc"):
+        for view in (f"{s.p}_items", f"{s.p}_itemc", f"{s.p}_sums", f"{s.p}_catsum"):
             out = cli(s, "rebuild", view)
             assert out.returncode == 0 and "done: live at" in out.stdout, out.stdout + out.stderr
-        out = cli(s, "rebuild", f"{s.p}_sums")
-        assert out.returncode == 1 and "cannot be rebuilt while the daemon streams" in out.stdout, out.stdout
+        # a changed aggregate on each sink kind: a new measure, and another group key shape
+        text = s.config.read_text()
+        s.config.write_text(text.replace('aggregate: {total: "sum(price)"}', 'aggregate: {total: "sum(price)", n: "count(*)"}')
+                            .replace('top: "max(price)"', 'top: "max(price)", low: "min(price)"'))
+        out = cli(s, "reload")
+        assert out.returncode == 0 and f"changed {s.p}_catsum, {s.p}_sums" in out.stdout, out.stdout + out.stderr
+
+        def done() -> bool:
+            rows = dict(s.sql("SELECT view, status FROM pgderive.rebuilds WHERE slot = %s", (s.slot,)))
+            return rows.get(f"{s.p}_sums") == "done" and rows.get(f"{s.p}_catsum") == "done"
+        wait_until(done, 120, what="the changed aggregate views to be rebuilt")
     finally:
         stop.set()
         t.join(10)
     s.caught_up()
     assert_views_equal(s.config)
     assert len(generations(s, f"{s.p.lower()}_items")) == 1
+    assert len(generations(s, f"{s.p.lower()}_catsum")) == 1
+    r = redis.Redis.from_url(REDIS_URL)
+    assert b'"n"' in r.get(f"{s.p}_:s:1")  # the new definition serves
+    state = s.sql("SELECT count(*) FROM pgderive.agg_rows WHERE view LIKE %s", (f"{s.p}_%#rebuild",))[0][0]
+    assert state == 0  # no rebuilt state left behind
+    assert d.alive()
+
+
+@pytest.mark.parametrize("phase", ["loading", "switching", "switched"])
+def test_kill9_during_an_aggregate_views_online_rebuild(scenario, phase: str) -> None:
+    s = scenario(TREE_SCHEMA, TREE_VIEWS)
+    view = f"{s.p}_catsum"
+    d = s.start(env={"PGDERIVE_INJECT_REBUILD_PAUSE": f"{phase}:600"})
+    stop = threading.Event()
+
+    def write() -> None:
+        rnd = random.Random(5)
+        with psycopg.connect(s.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("UPDATE item SET price = price + 1, cat_id = %s WHERE id = %s",
+                             (rnd.randint(1, 50), rnd.randint(1, 3000)))
+                time.sleep(0.005)
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    try:
+        out = cli(s, "rebuild", view, "--no-wait")
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: f"pausing the rebuild 600 s in phase {phase}" in d.output(), 120,
+                   what=f"the rebuild to reach {phase}")
+        d.kill9()
+        assert len(alias_target(f"{s.p.lower()}_catsum")) == 1
+        d = s.start()
+        wait_until(lambda: (rebuild_row(s, view) or ("",))[0] == "done", 180, what="the rebuild to finish")
+    finally:
+        stop.set()
+        t.join(10)
+    s.caught_up()
+    assert_views_equal(s.config)
+    assert generations(s, f"{s.p.lower()}_catsum") == alias_target(f"{s.p.lower()}_catsum")
+    assert s.sql("SELECT count(*) FROM pgderive.agg_rows WHERE view = %s", (f"{view}#rebuild",))[0][0] == 0
+    assert slots(s) == [s.slot]

@@ -55,7 +55,7 @@ from sinks.base import Refreshable  # noqa: E402
 from views.check import build_views  # noqa: E402
 from views.spec import Spec, load_spec  # noqa: E402
 from demo_slot import drop_slot  # noqa: E402  (scripts/demo_slot.py)
-from demo_live import online_rebuild_under_load, single_view_loads  # noqa: E402  (scripts/demo_live.py)
+from demo_live import cores_busy, cpu_sample, online_rebuild_under_load, single_view_loads  # noqa: E402  (scripts/demo_live.py)
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CONFIG = ROOT / "config" / "pgbench.yaml"
@@ -131,13 +131,13 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
                                    "--resnapshot", "--stats-file", str(stats_file)],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), cpu_sample()
         while not _streaming(dsn, spec.source.slot):
             if daemon.poll() is not None:
                 console.print(log_file.read_text()[-4000:])
                 raise SystemExit("pgderive exited during the bootstrap")
             time.sleep(0.5)
-        bootstrap_s = time.monotonic() - t0
+        bootstrap_s, bootstrap_cores = time.monotonic() - t0, cores_busy(cpu0, cpu_sample())
         console.print(f"    bootstrap finished in {bootstrap_s:.1f} s")
 
         step(f"pgbench -c {CLIENTS} {' '.join(RATE_ARGS)} -T {SECONDS} while pgderive streams")
@@ -174,7 +174,7 @@ def run_once(label: str, config: Path, tag: str) -> dict[str, Any]:
         raise SystemExit(f"pgderive exited with {code}")
     stats = orjson.loads(stats_file.read_bytes())
     if tag == "all":
-        live["bootstrap"] = bootstrap_ratio(config, spec, stats)
+        live["bootstrap"] = bootstrap_ratio(config, spec, stats, bootstrap_cores)
 
     step("comparing every view with the source")
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -241,19 +241,25 @@ def online_rebuild(config: Path, spec: Spec, dbname: str, pg_env: dict[str, str]
     return r
 
 
-def bootstrap_ratio(config: Path, spec: Spec, stats: dict[str, Any]) -> dict[str, Any]:
+def bootstrap_ratio(config: Path, spec: Spec, stats: dict[str, Any], bootstrap_cores: float) -> dict[str, Any]:
     """The bootstrap's load (parallel, ``bootstrap.concurrency``) against the sum of each view
-    loaded alone (``pgderive rebuild --offline``), measured now on the same data."""
+    loaded alone (``pgderive rebuild --offline``), measured now on the same data, with the cores
+    the machine kept busy during each (a load that keeps every core busy alone cannot gain from
+    running beside another)."""
     step("single-view loads (pgderive rebuild --offline VIEW, one at a time) against the bootstrap")
-    alone = single_view_loads(ROOT, config, spec)
+    busy: dict[str, float] = {}
+    alone = single_view_loads(ROOT, config, spec, busy)
     wall = float(stats.get("snapshot", {}).get("seconds") or 0.0)
     total = sum(alone.values())
     ratio = wall / total if total else None
     console.print(f"    bootstrap (concurrency {spec.bootstrap.concurrency}): {wall:.1f} s; views alone: "
                   + ", ".join(f"{n} {s:.1f} s" for n, s in alone.items())
                   + f" (sum {total:.1f} s); ratio {'—' if ratio is None else f'{ratio:.2f}'} (target ≤ 0.75)")
+    console.print(f"    cores busy on this {os.cpu_count()}-core machine: bootstrap {bootstrap_cores:.2f}; alone: "
+                  + ", ".join(f"{n} {c:.2f}" for n, c in busy.items()))
     return {"bootstrap_s": wall, "alone_s": alone, "sum_s": round(total, 2),
-            "ratio": None if ratio is None else round(ratio, 2), "concurrency": spec.bootstrap.concurrency}
+            "ratio": None if ratio is None else round(ratio, 2), "concurrency": spec.bootstrap.concurrency,
+            "cores_busy": {"bootstrap": round(bootstrap_cores, 2), **{n: round(c, 2) for n, c in busy.items()}}}
 
 
 def sink_table(title: str, spec: Spec, stats: dict[str, Any]) -> Table:

@@ -12,6 +12,7 @@ and follows it.
 """
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ from pgderive.runtime.sinks import deployment_of
 from sinks.redis import versions_key
 from views.spec import Spec
 
-__all__ = ["online_rebuild_under_load", "single_view_loads"]
+__all__ = ["online_rebuild_under_load", "single_view_loads", "cpu_sample", "cores_busy"]
 
 
 class _Reader(threading.Thread):
@@ -150,15 +151,36 @@ def online_rebuild_under_load(root: Path, config: Path, spec: Spec, pgbench: lis
             "other_view_lag_ms": {"view": "teller_cache", "before": _pcts(before), "during": _pcts(during)}}
 
 
-def single_view_loads(root: Path, config: Path, spec: Spec) -> dict[str, float]:
+def cpu_sample() -> tuple[int, int]:
+    """The machine's CPU time so far as ``(busy, total)`` jiffies, summed over every core (the
+    ``cpu`` line of ``/proc/stat``, proc(5); busy is everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - fields[3] - fields[4], total
+
+
+def cores_busy(since: tuple[int, int], until: tuple[int, int]) -> float:
+    """How many of the machine's cores were busy on average between two :func:`cpu_sample`
+    readings (every process: Postgres, the sinks, pgderive, the OpenSearch JVM)."""
+    busy, total = until[0] - since[0], until[1] - since[1]
+    return (os.cpu_count() or 1) * busy / total if total else 0.0
+
+
+def single_view_loads(root: Path, config: Path, spec: Spec,
+                      busy: dict[str, float] | None = None) -> dict[str, float]:
     """Each view rebuilt alone with the daemon stopped (``pgderive rebuild --offline``): view →
-    load seconds as the command reports them."""
+    load seconds as the command reports them. ``busy`` gets view → cores busy on the machine
+    during its command (:func:`cores_busy`)."""
     out: dict[str, float] = {}
     for name in spec.views:
+        before = cpu_sample()
         proc = subprocess.run([sys.executable, "-m", "pgderive.cli", "rebuild", "--offline", "-c", str(config), name],
                               cwd=root, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise SystemExit(f"pgderive rebuild --offline {name} failed:\n{proc.stderr}")
+        if busy is not None:
+            busy[name] = cores_busy(before, cpu_sample())
         # "rebuilt NAME at LSN: N rows in S s"
         out[name] = float(proc.stdout.strip().splitlines()[-1].rsplit(" in ", 1)[1].split()[0])
     return out

@@ -202,8 +202,10 @@ case "$cmd" in
     mkdir -p "$SVC"
     # haproxy: the TLS terminator tests/integration/test_tls.py puts in front of OpenSearch
     # (the integ-test distribution has no security plugin); openssl makes the test's CA.
+    # prometheus (and its promtool) scrapes a daemon in tests/integration/test_monitoring.py,
+    # started by the test on a free port; chromium renders the status page there.
     apt_install postgresql-15 postgresql-15-wal2json redis-server \
-      openjdk-17-jre-headless curl unzip haproxy openssl
+      openjdk-17-jre-headless curl unzip haproxy openssl prometheus chromium
     ensure_user
     pg_up
     redis_up

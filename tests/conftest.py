@@ -8,6 +8,11 @@ import pytest
 
 from .support import Scenario
 
+# Daemons the tests start serve no HTTP endpoint unless a test asks for one (``--http``,
+# tests/integration/test_monitoring.py): dozens of them run at once and would race for
+# 127.0.0.1:9187, each loser logging that the default address is taken.
+os.environ.setdefault("PGDERIVE_HTTP", "off")
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:

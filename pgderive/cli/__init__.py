@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ..ops.status import SlotStatus
     from ..state.rebuilds import Rebuild
     from ..runtime.coordinator import Engine
+    from ..http.server import HttpEndpoint
 
 log = logging.getLogger("pgderive")
 # Not a terminal (a pipe, a log): wide enough that no table wraps a view name or an LSN.
@@ -126,7 +127,11 @@ def _fail(e: BaseException | str) -> NoReturn:
               help="Drop the slot and this slot's state, then bootstrap every view from a new snapshot.")
 @click.option("--stats-file", type=click.Path(dir_okay=False),
               help="Write a JSON summary (changes, ops, lag percentiles) here every 2 s.")
-def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
+@click.option("--http", "http_listen", metavar="HOST:PORT|off", envvar="PGDERIVE_HTTP",
+              help="Serve /metrics, /healthz, /readyz, /status and the status page here "
+                   "(default: $PGDERIVE_HTTP, else the YAML's http.listen, else 127.0.0.1:9187; "
+                   "port 0: any free port).")
+def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str | None) -> None:
     """Run the daemon: bootstrap on first run, then stream. SIGTERM/SIGINT stop after a flush."""
     from views.derive import DerivationError
 
@@ -164,8 +169,10 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    endpoint = None
     try:
         engine = Engine(spec, stop=stop, stats_file=stats_file, reload_spec=reload_spec)
+        endpoint = _start_http(engine, spec, http_listen)
         _run_engine(engine, resnapshot)
     except Terminated as e:
         _fail(f"{e}; nothing was started (no slot was left behind)")
@@ -174,6 +181,38 @@ def run(config: str, resnapshot: bool, stats_file: str | None) -> None:
         sys.exit(2)
     except (EngineError, SinkError, DerivationError, psycopg.Error) as e:
         _fail(e)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoint | None":
+    """Start the daemon's HTTP endpoint (ARCHITECTURE.md, "Monitoring") where ``--http`` or
+    the YAML's ``http.listen`` say, else on 127.0.0.1:9187; None for ``off``. An address that
+    was asked for must bind (else exit 1 naming it); the default one, taken (e.g. by another
+    pgderive on this machine), is skipped with a warning."""
+    from ..http.server import HttpEndpoint, HttpSettings, parse_listen
+
+    explicit = option is not None or "listen" in spec.http.model_fields_set
+    listen = spec.http.listen if option is None else (None if option.strip().lower() == "off" else option.strip())
+    if listen is None:
+        return None
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as e:
+        click.echo(f"error: --http: {e}", err=True)
+        sys.exit(2)
+    settings = HttpSettings(host, port, spec.http.stall_seconds, spec.http.ready_lag_seconds)
+    try:
+        endpoint = HttpEndpoint(engine, settings)
+    except OSError as e:
+        if explicit:
+            _fail(f"cannot serve HTTP on {listen}: {e.strerror or e} (set http.listen, or --http off)")
+        log.warning("HTTP endpoint not started: %s is taken (%s); set http.listen or --http to serve it elsewhere",
+                    listen, e.strerror or e)
+        return None
+    endpoint.start()
+    return endpoint
 
 
 def _run_engine(engine: "Engine", resnapshot: bool) -> None:

@@ -8,9 +8,10 @@ keeps no counters; the lane that owns it does.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Sequence, TypeVar
 
-from sinks.base import AtomicCheckpoint, LiveGenerations, Op, Rejected, Sink
+from sinks.base import AtomicCheckpoint, LiveGenerations, Op, Rejected, Sink, SinkError
 
 from ..state.deadletters import DeadLetter, Supersede
 from .batch import Batch, GenerationStep
@@ -38,6 +39,8 @@ class Applier:
         acked_lsn: the position (int LSN) already acknowledged (the slot's confirmed LSN).
         record: stores a batch's dead letters and rejected Ops before it counts as
             acknowledged; None: they are dropped (tests).
+        on_retry: called with each retryable error before its call is retried (counted for
+            ``/metrics``).
 
     Attributes:
         acked_lsn: every transaction ending at or before it (int LSN) is applied to the sink
@@ -45,26 +48,28 @@ class Applier:
     """
 
     def __init__(self, sink: Sink, views: Sequence[str], stop: StopFlag, *, acked_lsn: int = 0,
-                 record: DeadLetterSink | None = None) -> None:
+                 record: DeadLetterSink | None = None,
+                 on_retry: Callable[[SinkError], None] | None = None) -> None:
         self.sink = sink
         self.name = sink.name
         self.views = list(views)
         self.stop = stop
         self.acked_lsn = acked_lsn
         self.record = record
+        self.on_retry = on_retry
         self._atomic = isinstance(sink, AtomicCheckpoint)
 
     def _call(self, what: str, fn: Callable[[], T], retry: bool) -> T:
-        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop) if retry else fn()
+        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop, self.on_retry) if retry else fn()
 
-    def apply(self, batch: Batch, *, retry: bool = True) -> None:
+    def apply(self, batch: Batch, *, retry: bool = True) -> dict[str, int]:
         """Apply the batch's generation steps (:meth:`step`), then its Ops, record its dead letters, advance the views' checkpoints to
         its position, apply its TRUNCATEs (in stream order, after the Ops), then move
         :attr:`acked_lsn` to ``batch.end_lsn`` (0: a batch without a position moves nothing).
 
         With ``retry`` a retryable :class:`~sinks.base.SinkError` is retried with backoff
         until :attr:`stop` (every step is idempotent, rule 2); without it the first one is
-        raised. Raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss` when a checkpoint
+        raised. Returns view → Ops the sink rejected (recorded as dead letters). Raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss` when a checkpoint
         was missing or behind :attr:`acked_lsn`, non-retryable ``SinkError``, and what
         ``record`` raises (``psycopg.Error``)."""
         sink, views = self.sink, self.views
@@ -87,11 +92,12 @@ class Applier:
         if (rejected or batch.dead_letters or batch.supersedes) and self.record is not None:
             self.record(batch.dead_letters, rejected, batch.supersedes)
         if lsn and not advanced and views:
-            advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry)
+            advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry, on_retry=self.on_retry)
         for view, version in batch.truncates:
             self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
         if lsn:
             self.acked_lsn = lsn
+        return dict(Counter(r.op.view for r in rejected)) if rejected else {}
 
     def step(self, step: GenerationStep) -> None:
         """Apply one generation step to the sink (ARCHITECTURE.md, "Online rebuild"): follow,
@@ -116,5 +122,6 @@ class Applier:
         (raises :class:`~pgderive.runtime.checkpoints.SinkDataLoss`) and ``retry``."""
         if lsn <= self.acked_lsn:
             return
-        advance_checkpoints(self.sink, self.views, self.acked_lsn, lsn, self.stop, retry=retry)
+        advance_checkpoints(self.sink, self.views, self.acked_lsn, lsn, self.stop, retry=retry,
+                            on_retry=self.on_retry)
         self.acked_lsn = lsn

@@ -10,10 +10,10 @@ position finds views to rebuild, and a slot that moved on without pgderive
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from cdc.lsn import format_lsn
-from sinks.base import Sink
+from sinks.base import Sink, SinkError
 from views.derive import View
 
 from .errors import EngineError
@@ -41,7 +41,8 @@ class SinkDataLoss(RuntimeError):
 
 
 def advance_checkpoints(sink: Sink, views: Sequence[str], previous: int, lsn: int,
-                        stop: StopFlag, *, retry: bool = True) -> None:
+                        stop: StopFlag, *, retry: bool = True,
+                        on_retry: Callable[[SinkError], None] | None = None) -> None:
     """Move the checkpoints of ``views`` in ``sink`` from ``previous`` to ``lsn`` (int LSNs).
 
     With ``retry``, a retryable :class:`~sinks.base.SinkError` (a sink down or hung) is retried
@@ -51,7 +52,7 @@ def advance_checkpoints(sink: Sink, views: Sequence[str], previous: int, lsn: in
     """
     def advance() -> list[str]:
         return sink.advance_checkpoint(views, previous, lsn)
-    lost = with_retry(f"sink {sink.name} checkpoint", advance, stop) if retry else advance()
+    lost = with_retry(f"sink {sink.name} checkpoint", advance, stop, on_retry) if retry else advance()
     if lost:
         raise SinkDataLoss.behind(sink.name, lost, previous)
 

@@ -31,7 +31,7 @@ import psycopg
 from cdc.lsn import format_lsn
 from cdc.refetch import RowRefetcher
 from cdc.slot import ReplicationError, SlotInfo, SlotReader, slot_info
-from cdc.snapshot import snapshot_connection
+from cdc.snapshot import row_estimate, snapshot_connection
 from cdc.redact import registered_secrets
 from sinks.base import LiveGenerations, Refreshable, Sink
 from views.check import build_views
@@ -49,6 +49,7 @@ from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
+from .observed import LoadProgress, SourceWatch
 from .online import OnlineRebuild
 from .preflight import check_privileges, preflight, raise_for
 from .reconfigure import Reconfiguration, ReloadRefused, plan_reload
@@ -81,6 +82,16 @@ CONTROL_EVERY = 1.0
 #: Seconds the control thread and online rebuilds get to end when the daemon stops; past that
 #: they are left behind as daemon threads (an unfinished rebuild starts over at the next start).
 STOP_GRACE = 1.5
+
+
+def _estimate(conn: psycopg.Connection[Any], table: str) -> int | None:
+    """The planner's row estimate of ``table`` (:func:`cdc.snapshot.row_estimate`), None when
+    unknown or on error (progress only)."""
+    try:
+        n = row_estimate(conn, table)
+    except psycopg.Error:
+        return None
+    return None if n is None else int(n)
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
@@ -116,6 +127,11 @@ class Engine:
         self.stats_file = stats_file
         self.limits = Limits(batch_ops=batch_ops, batch_bytes=batch_bytes, direct_ops=direct_ops)
         self.stats = Stats()
+        #: What the daemon does, for the HTTP endpoint (:data:`~pgderive.runtime.observed.PHASES`).
+        self.phase = "starting"
+        self.source = SourceWatch(self.dsn, self.slot)
+        self._bootstrap_rows: dict[str, int] = {}
+        self._bootstrap_total: dict[str, int | None] = {}
         self.state = StateStore(self.dsn)
         self.dead_letters = DeadLetterStore(self.dsn, max_bytes=spec.dead_letters.max_bytes)
         self.aggregates = AggregateStore(self.data_dsn)
@@ -317,12 +333,18 @@ class Engine:
             self.state.set(self.slot, "bootstrapping", consistent_point, fps)
             self._blocking(None)  # from here on a stop is graceful: at the next chunk
             loading = time.monotonic()
+            self.phase = "bootstrapping"
+            self.stats.alive()
             with snapshot_connection(self.data_dsn, snapshot) as conn:
+                self._bootstrap_total = {v.name: _estimate(conn, v.table) for v in self.views}
+                self._bootstrap_rows = {v.name: 0 for v in self.views}
                 stats = load_snapshot(conn, self.views, self.sinks, consistent_point, aggregates=self.aggregates,
                                       stop=self.stop, concurrency=self.spec.bootstrap.concurrency,
                                       split_rows=self.spec.bootstrap.split_rows,
                                       connect=lambda: snapshot_connection(self.data_dsn, snapshot),
-                                      on_dead_letters=lambda e: self.dead_letters.record(self.slot, e))
+                                      on_dead_letters=lambda e: self.dead_letters.record(self.slot, e),
+                                      progress=self._bootstrap_progress)
+            self._bootstrap_rows, self._bootstrap_total = {}, {}
         except Interrupted as e:
             self._abandon_bootstrap(e, created, walsender)  # logs that the next start redoes it
             return None
@@ -428,6 +450,7 @@ class Engine:
         while not self.stop.is_set():
             try:
                 if not connected:
+                    self.phase = "reconnecting"
                     self._blocking("reconnecting to the source")
                     with waiting(f"reconnecting to the source {self.spec.source.redacted_dsn()}", log,
                                  limit=self.spec.source.connect_timeout or None):
@@ -439,6 +462,8 @@ class Engine:
                 reader.start(start_lsn)
                 connected = True
                 backoff.reset()
+                self.phase = "streaming"
+                self.stats.alive()
                 self._loop(reader)
                 if self._cycle.is_set() and not self.stop.is_set():
                     # A reload: the stream drained and stopped; start it again on the new views
@@ -454,6 +479,7 @@ class Engine:
                     break
                 delay = backoff.next()
                 log.warning("replication connection lost (%s); reconnecting in %.1f s", one_line(e), delay)
+                self.phase = "reconnecting"
                 connected = False
                 reader.close()
                 self.stop.wait(delay)
@@ -465,6 +491,7 @@ class Engine:
             except Terminated as e:  # while reconnecting: everything acknowledged is confirmed
                 log.info("%s", e)
                 break
+        self.phase = "stopping"
         log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn))
 
     def _check_slot(self) -> SlotInfo:
@@ -554,6 +581,31 @@ class Engine:
             self._job_dead_letters = DeadLetterStore(self.dsn, max_bytes=self.spec.dead_letters.max_bytes)
         self._job_dead_letters.record(self.slot, entries)
 
+    # -- Observed (the HTTP endpoint; pgderive.runtime.observed) --------------------------------
+    def sinks_views(self) -> dict[str, list[str]]:
+        """Sink name → names of the views it serves (every configured sink, even without views)."""
+        out: dict[str, list[str]] = {name: [] for name in self.spec.sinks}
+        for v in list(self.views):
+            out.setdefault(v.sink, []).append(v.name)
+        return out
+
+    def sink_types(self) -> dict[str, str]:
+        """Sink name → its type from the YAML (``redis``, ``opensearch``)."""
+        return {name: s.type for name, s in self.spec.sinks.items()}
+
+    def loads(self) -> list[LoadProgress]:
+        """The bootstrap's loads (while it runs) and the online rebuilds under way."""
+        out = [LoadProgress(v, "bootstrap", "loading", rows, self._bootstrap_total.get(v))
+               for v, rows in list(self._bootstrap_rows.items())]
+        for name, job in list(self.jobs.items()):
+            if job.alive:
+                out.append(LoadProgress(name, "rebuild", job.phase, job.rows, job.rows_total))
+        return out
+
+    def _bootstrap_progress(self, view: str, rows: int) -> None:
+        self._bootstrap_rows[view] = rows
+        self.stats.alive()
+
     def rebuilt(self, view: View, consistent_point: int) -> None:
         """An online rebuild made ``view``'s new generation live: its definition's fingerprint
         becomes the slot's record of it (``pgderive.slot_state``)."""
@@ -631,6 +683,7 @@ class Engine:
         if self._job_dead_letters is not None:
             self._job_dead_letters.close()
         self.rebuild_store.close(wait=0.2)
+        self.source.close()
 
     def _control_loop(self) -> None:
         """Every :data:`CONTROL_EVERY` seconds: start the online rebuilds ``pgderive.rebuilds``

@@ -12,7 +12,8 @@ interpreter, nothing inherited from the daemon's threads) with a :class:`LanePro
 process opens its own connection to the sink and runs an
 :class:`~pgderive.runtime.applier.Applier`. The daemon's :class:`ProcessLane` sends it one batch
 at a time over a pipe (:meth:`~pgderive.runtime.batch.Batch.portable`) and a thread of the
-daemon receives the replies: ``("done", acked LSN, seconds)`` or ``("error", exception)``.
+daemon receives the replies: ``("done", acked LSN, seconds, {view: rejected Ops})`` or
+``("error", exception)``, and ``("retry",)`` whenever a sink call is about to be retried.
 Every rule of a thread lane holds unchanged, since the same Applier does the same steps in the
 same order: one batch in flight, the position moves only after the sink, the dead letters and
 the checkpoints acknowledged it, and the slot is confirmed at the minimum over all lanes.
@@ -163,6 +164,7 @@ class ProcessLane:
             if self.error is not None:
                 return
             self._inflight, self._batch = "apply", batch
+            self.lane_stats.handed(batch)
         self._send(("apply", batch.portable(), True))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -256,23 +258,27 @@ class ProcessLane:
                 pass
 
     def _handle(self, message: tuple[object, ...]) -> None:
-        self._opened = True
         kind = message[0]
+        if kind == "retry":  # the call in flight failed and is retried: it stays in flight
+            self.lane_stats.failed(retried=True)
+            return
+        self._opened = True
         with self._cond:
             inflight, batch = self._inflight, self._batch
         if kind == "done":
-            acked, seconds = message[1], message[2]
-            assert isinstance(acked, int) and isinstance(seconds, float)
+            acked, seconds, rejected = message[1], message[2], message[3]
+            assert isinstance(acked, int) and isinstance(seconds, float) and isinstance(rejected, dict)
             self.acked_lsn = acked
             if inflight == "apply" and batch is not None:
                 if batch.steps:
                     self.steps_done = batch.steps[-1].seq
                 ended = time.monotonic()
-                self.stats.acknowledged(self.lane_stats, batch, seconds)
+                self.stats.acknowledged(self.lane_stats, batch, seconds, rejected)
                 self.saturation.record(ended - seconds, ended, len(batch), {self.name: seconds})
         elif kind == "error":
             exc = message[1]
             assert isinstance(exc, BaseException)
+            self.lane_stats.failed(retried=False)
             if inflight == "checkpoint":
                 self._checkpoint_error = exc
             else:
@@ -337,9 +343,11 @@ def _lane_process_main(spec: LaneProcessSpec, views: list[str], acked_lsn: int, 
     except BaseException as e:
         conn.send(("error", _portable(e)))
         return
-    applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=spec.record)
+    # A retry is reported as it happens (the batch may take long to land): ("retry",).
+    applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=spec.record,
+                      on_retry=lambda _e: conn.send(("retry",)))
     try:
-        conn.send(("done", applier.acked_lsn, 0.0))  # opened: the lane is idle
+        conn.send(("done", applier.acked_lsn, 0.0, {}))  # opened: the lane is idle
         while True:
             try:
                 message = conn.recv()
@@ -348,15 +356,16 @@ def _lane_process_main(spec: LaneProcessSpec, views: list[str], acked_lsn: int, 
             if message[0] == "close":
                 return
             started = time.monotonic()
+            rejected: dict[str, int] = {}
             try:
                 if message[0] == "apply":
-                    applier.apply(message[1], retry=message[2])
+                    rejected = applier.apply(message[1], retry=message[2])
                 else:
                     applier.checkpoint(message[1], retry=message[2])
             except BaseException as e:
                 log.debug("sink %s: lane process error", spec.name, exc_info=True)
                 conn.send(("error", _portable(e)))
             else:
-                conn.send(("done", applier.acked_lsn, time.monotonic() - started))
+                conn.send(("done", applier.acked_lsn, time.monotonic() - started, rejected))
     finally:
         sink.close()

@@ -113,9 +113,10 @@ class Lane:
                  changed: threading.Condition | None = None) -> None:
         self.name = sink.name
         self.views = list(views)
-        self.applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=record)
         self.stats = stats or Stats()
         self.lane_stats: LaneStats = self.stats.lane(self.name)
+        self.applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=record,
+                               on_retry=lambda _e: self.lane_stats.failed(retried=True))
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
         # A sink whose readers see writes only after a refresh interval (OpenSearch: 1 s) loses
@@ -165,6 +166,7 @@ class Lane:
             if self._batch is not None:
                 raise RuntimeError(f"lane {self.name}: a batch is already in flight")
             self._batch = batch
+            self.lane_stats.handed(batch)
             self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -184,6 +186,7 @@ class Lane:
             if not e.retryable:
                 raise
             log.warning("sink %s: direct apply failed (%s); retrying on its lane", self.name, one_line(e))
+            self.lane_stats.failed(retried=True)
             return False
         return True
 
@@ -214,6 +217,7 @@ class Lane:
                     self._apply(batch, retry=True)
             except BaseException as e:  # handed to the reading thread
                 self.error = e
+                self.lane_stats.failed(retried=False)
             with self._cond:
                 self._batch = None
                 self._cond.notify_all()
@@ -221,12 +225,12 @@ class Lane:
     def _apply(self, batch: Batch, retry: bool) -> None:
         """Apply the batch (:meth:`~pgderive.runtime.applier.Applier.apply`), then count it."""
         started = time.monotonic()
-        self.applier.apply(batch, retry=retry)
+        rejected = self.applier.apply(batch, retry=retry)
         if batch.steps:
             self.steps_done = batch.steps[-1].seq
         ended = time.monotonic()
         self.apply_s += 0.2 * ((ended - started) - self.apply_s)
-        self.stats.acknowledged(self.lane_stats, batch, ended - started)
+        self.stats.acknowledged(self.lane_stats, batch, ended - started, rejected)
         self.saturation.record(started, ended, len(batch), {self.name: ended - started})
 
 

@@ -146,6 +146,11 @@ class OnlineRebuild:
         self.reason = reason
         self.halt = threading.Event()  # set to give up (daemon stopping, view removed)
         self.outcome: str | None = None  # done | failed | stopped, once the thread ended
+        #: Progress as ``/metrics`` shows it: the phase (:data:`~pgderive.state.rebuilds.PHASES`),
+        #: snapshot rows loaded so far and the planner's estimate of the total (None: unknown).
+        self.phase = "requested"
+        self.rows = 0
+        self.rows_total: int | None = None
         self._thread = threading.Thread(target=self._run, name=f"pgderive-rebuild-{view.name}", daemon=True)
 
     @property
@@ -236,9 +241,11 @@ class OnlineRebuild:
                 epoch = self._step(GenerationStep(next(_seq), "follow", view.name, generation,
                                                   exclusive=self.exclusive, state=state))
             x = self._load(sink, generation, aggregates, state)
+            self.phase = "catching_up"
             self.store.progress(self.host.slot, view.name, status="catching_up")
             _injected_pause("catching_up", self.halt)
             self._catch_up(x, epoch)
+            self.phase = "switching"
             self.store.progress(self.host.slot, view.name, status="switching")
             _injected_pause("switching", self.halt)
             if state is not None:  # the rebuilt state goes live, every group is written
@@ -329,6 +336,7 @@ class OnlineRebuild:
             reader.connect()
             x, snapshot = reader.create_slot(temporary=True)
             total = self._estimate()
+            self.phase, self.rows, self.rows_total = "loading", 0, total
             self.store.progress(slot, view.name, status="loading", consistent_point=x, rows_total=total)
             _injected_pause("loading", self.halt)
             log.info("online rebuild of view %s: snapshot at %s, about %s rows", view.name, format_lsn(x),
@@ -337,6 +345,7 @@ class OnlineRebuild:
 
             def progress(_view: str, rows: int) -> None:
                 nonlocal last
+                self.rows = rows
                 now = time.monotonic()
                 if now - last < PROGRESS_EVERY:
                     return
@@ -359,6 +368,7 @@ class OnlineRebuild:
                                           on_dead_letters=self.host.record_dead_letters)
                     rows = stats.records.get(view.name, 0)
             secs = time.monotonic() - t0
+            self.rows = rows
             self.store.progress(slot, view.name, rows_done=rows, rows_per_s=rows / secs if secs > 0 else None)
             log.info("online rebuild of view %s: loaded %d rows in %.1f s", view.name, rows, secs)
             return x

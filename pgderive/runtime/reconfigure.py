@@ -53,7 +53,7 @@ def plan_reload(old: Spec, new: Spec, old_views: Sequence[View], new_views: Sequ
     """Compare the running ``old`` spec and views with ``new`` ones (bound by
     :func:`views.check.build_views`). Raises :class:`ReloadRefused` when a section other than
     ``views`` changed."""
-    fixed = [name for name in ("source", "sinks", "bootstrap", "dead_letters")
+    fixed = [name for name in ("source", "sinks", "bootstrap", "dead_letters", "http")
              if getattr(old, name, None) != getattr(new, name, None)]
     if fixed:
         raise ReloadRefused(f"section(s) {', '.join(fixed)} changed: only views can change without a restart; "

@@ -74,10 +74,12 @@ class AnyOf:
         return self.is_set()
 
 
-def with_retry(what: str, fn: Callable[[], T], stop: StopFlag) -> T:
+def with_retry(what: str, fn: Callable[[], T], stop: StopFlag,
+               on_retry: Callable[[SinkError], None] | None = None) -> T:
     """``fn()``, retrying retryable :class:`SinkError` with :class:`Backoff` until ``stop``.
 
-    ``what`` names the call in the warning logged before each retry. Raises the
+    ``what`` names the call in the warning logged before each retry; ``on_retry`` is called
+    with the error before each retry (the lanes count them for ``/metrics``). Raises the
     :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
     """
     backoff = Backoff()
@@ -87,6 +89,8 @@ def with_retry(what: str, fn: Callable[[], T], stop: StopFlag) -> T:
         except SinkError as e:
             if not e.retryable or stop.is_set():
                 raise
+            if on_retry is not None:
+                on_retry(e)
             delay = backoff.next()
             log.warning("%s failed (%s); retrying in %.1f s", what, one_line(e), delay)
             stop.wait(delay)

@@ -177,7 +177,9 @@ class Stream:
         and the reader's errors (:class:`cdc.slot.ReplicationError`)."""
         lanes = self.lanes
         last_idle_checkpoint = 0.0
+        stats = self.stats
         while True:
+            stats.alive()
             if not self.stop.is_set():  # stopping: a lane's retry gave up because of it; see _finish
                 lanes.raise_error()
             reader.confirm(lanes.acked_lsn)
@@ -188,7 +190,9 @@ class Stream:
             if self._blocked():
                 # Backpressure: a busy lane's next batch is full; wait for it, keep the
                 # walsender informed meanwhile.
+                t0 = time.monotonic()
                 lanes.wait_change(1.0)
+                stats.backpressure_s += time.monotonic() - t0
                 if self._blocked():
                     reader.send_status()
                 continue
@@ -253,10 +257,12 @@ class Stream:
         self.position = max(self.position, version)
         pending, touched = self.pending, self._touched
         full_rows = self._full_row_tables
+        table_changes = self.stats.table_changes
         for change in tx.changes:
             views = self.by_table.get(change.table)
             if not views:
                 continue
+            table_changes[change.table] = table_changes.get(change.table, 0) + 1
             if change.kind == "truncate":
                 emptied = [v for v in views if v.table == change.table]
                 for v in emptied:
@@ -306,6 +312,7 @@ class Stream:
         if not tx.final:
             return full  # a chunk of a large transaction: applied, not confirmable
         self.stats.transactions += 1
+        self.stats.read_lsn = tx.end_lsn
         for batch in pending.values():
             batch.end_lsn = tx.end_lsn
         if touched and tx.commit_time is not None:

@@ -27,7 +27,7 @@ from views.template import KeyTemplate
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
-    "LaneMode", "BootstrapSpec",
+    "LaneMode", "BootstrapSpec", "HttpSpec", "HTTP_LISTEN",
     "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
@@ -716,6 +716,51 @@ class BootstrapSpec(BaseModel):
         return _count(v, low, high, "rows")
 
 
+#: Where the daemon's HTTP endpoint listens unless configured otherwise (DESIGN: port 9187).
+HTTP_LISTEN = "127.0.0.1:9187"
+
+
+class HttpSpec(BaseModel):
+    """``http:`` — the daemon's HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``,
+    ``/status``, ``/``; ARCHITECTURE.md, "Monitoring").
+
+    Attributes:
+        listen: ``HOST:PORT`` to bind (default ``127.0.0.1:9187``; port 0: any free port), or
+            ``off`` (YAML ``false`` too) for no endpoint. The default address, when taken by
+            another process, is skipped with a warning; a configured one must bind.
+        stall_seconds: ``/healthz`` fails when the daemon made no progress for this long
+            (default 60, from 0.1 to 86400).
+        ready_lag_seconds: ``/readyz`` fails while a sink is further behind than this (default
+            30, from 0.1 to 86400).
+    """
+
+    model_config = _STRICT
+    listen: str | None = HTTP_LISTEN
+    stall_seconds: float = 60.0
+    ready_lag_seconds: float = 30.0
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, v: Any) -> Any:
+        if v is False or v is None or (isinstance(v, str) and v.strip().lower() == "off"):
+            return None
+        if not isinstance(v, str):
+            raise _fail(f"must be HOST:PORT or off, got {_kind(v)}")
+        host, sep, port = v.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise _fail(f"must be HOST:PORT (e.g. 127.0.0.1:9187) or off, got {v!r}")
+        return v.strip()
+
+    @field_validator("stall_seconds", "ready_lag_seconds", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _fail(f"must be a number of seconds, got {_kind(v)}")
+        if not 0.1 <= v <= 86400:
+            raise _fail(f"must be from 0.1 to 86400 seconds, got {v}")
+        return float(v)
+
+
 class Spec(BaseModel):
     """The whole file: ``source``, ``sinks`` (by name), ``views`` (by name) and the optional
     ``dead_letters`` settings (:class:`DeadLettersSpec`).
@@ -732,6 +777,7 @@ class Spec(BaseModel):
     views: dict[str, ViewSpec]
     dead_letters: DeadLettersSpec = Field(default_factory=DeadLettersSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
+    http: HttpSpec = Field(default_factory=HttpSpec)
 
     _filename: str = PrivateAttr("<string>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)

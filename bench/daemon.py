@@ -157,6 +157,10 @@ class Daemon:
         self.runs = 0
         self.log_path = workdir / f"{name}.log"
         self.stats_path = workdir / f"{name}.stats.json"
+        #: Extra arguments of ``pgderive run`` (e.g. ``["--http", "off"]``). The default
+        #: ``--http off`` keeps the daemons of a run from racing for 127.0.0.1:9187; the
+        #: endpoint's own cost is measured by scenario 1's "HTTP endpoint" part.
+        self.args: list[str] = ["--http", "off"]
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, *, resnapshot: bool = False) -> None:
@@ -168,7 +172,8 @@ class Daemon:
         self.log_path = self.workdir / f"{self.name}.{self.runs}.log"
         self.stats_path = self.workdir / f"{self.name}.{self.runs}.stats.json"
         self.stats_path.unlink(missing_ok=True)
-        args = [str(self.settings.pgderive), "run", "-c", str(self.config), "--stats-file", str(self.stats_path)]
+        args = [str(self.settings.pgderive), "run", "-c", str(self.config), "--stats-file", str(self.stats_path),
+                *self.args]
         if resnapshot:
             args.append("--resnapshot")
         with open(self.log_path, "wb") as log:

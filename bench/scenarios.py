@@ -6,7 +6,10 @@ Redis keys and OpenSearch indices (all named after :class:`Names`), adds its row
 """
 from __future__ import annotations
 
+import socket
+import threading
 import time
+import urllib.request
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,6 +236,94 @@ def scenario_1_redis(ctx: Context) -> None:
                          f"{timing.cpu_note()}; {_changes_note(changes, stats)}",
                     extra={"changes": changes, "pgderive_s": timing.total, "startup_s": timing.startup,
                            "recvlogical_s": raw_s, "stats": stats}))
+
+
+#: The HTTP endpoint, scraped every second, may cost at most this share of drain throughput.
+HTTP_COST = 0.03
+
+
+class Scraper(threading.Thread):
+    """Fetches ``/metrics`` and ``/healthz`` every ``interval`` seconds, as a Prometheus with a
+    1 s scrape interval and a supervisor's probe would; counts what it got."""
+
+    def __init__(self, base: str, interval: float = 1.0) -> None:
+        super().__init__(daemon=True, name="scraper")
+        self.base, self.interval = base, interval
+        self.halt = threading.Event()
+        self.ok = self.failed = 0
+        self.nbytes = 0
+
+    def run(self) -> None:
+        while not self.halt.wait(self.interval):
+            for path in ("/metrics", "/healthz"):
+                try:
+                    with urllib.request.urlopen(self.base + path, timeout=5) as r:
+                        self.nbytes += len(r.read())
+                        self.ok += 1
+                except (OSError, ValueError):
+                    self.failed += 1  # the daemon is starting or stopping
+
+
+def scenario_1_http(ctx: Context) -> None:
+    """The HTTP endpoint's cost: the same Redis backlog drained by two daemons (each on a slot
+    of its own, created at the same LSN, writing views of its own), one with ``--http off``, one
+    serving HTTP and scraped every second; twice, in both orders, so neither profits from going
+    second (a warm page cache)."""
+    s = ctx.settings
+    with scratch(ctx, "s1h", ["accounts", "tellers", "branches"]) as n, \
+            scratch(ctx, "s1hon", ["accounts", "tellers", "branches"]) as m:
+        dsn = fresh_pgbench(ctx, n, s.scale)
+        work = ctx.workdir("s1h")
+        port = _free_port()
+        daemons: dict[str, Daemon] = {}
+        for label, names in (("off", n), ("on", m)):
+            cfg = write_config(work / f"pgderive-{label}.yaml", dsn=dsn, slot=n.slot(label), views=redis_views(names),
+                               settings=s)
+            d = Daemon(s, cfg, dsn=dsn, slot=n.slot(label), workdir=work, name=f"pgderive-http-{label}")
+            bootstrap(d)
+            if label == "on":
+                d.args = ["--http", f"127.0.0.1:{port}"]
+            daemons[label] = d
+        settle_redis(s)
+        seconds: dict[str, float] = {"off": 0.0, "on": 0.0}
+        changes = 0
+        scrapes = 0
+        for order in (("off", "on"), ("on", "off")):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")
+            step(f"backlog: pgbench -c {s.clients} -j {s.jobs} -T {s.backlog_seconds}")
+            bench = pg.pgbench_run(s, n.db, seconds=s.backlog_seconds)
+            end = pg.marker_lsn(dsn)
+            changes += 3 * bench.transactions
+            for label in order:
+                scraper = Scraper(f"http://127.0.0.1:{port}") if label == "on" else None
+                if scraper is not None:
+                    scraper.start()
+                try:
+                    timing, _ = drain(daemons[label], end)
+                finally:
+                    if scraper is not None:
+                        scraper.halt.set()
+                        scraper.join()
+                        scrapes += scraper.ok
+                seconds[label] += timing.total
+                step(f"HTTP {label}: {timing.total:.2f} s")
+        if scrapes == 0:
+            raise BenchError("the scraper got no answer from the daemon's HTTP endpoint")
+        rate_on, rate_off = changes / seconds["on"], changes / seconds["off"]
+        ratio = rate_on / rate_off
+        ctx.add(Row("1", "backlog drain → Redis, HTTP endpoint scraped every 1 s", rate_on, "changes/s", rate_off,
+                    "the same drain with --http off", ratio, f"≥ {1 - HTTP_COST:.2f}×", ratio >= 1 - HTTP_COST,
+                    note=f"{changes:,} changes in two backlogs, each drained by both daemons in turn (off→on, "
+                         f"on→off): {seconds['on']:.2f} s with HTTP ({scrapes} scrapes of /metrics and /healthz "
+                         f"answered) vs {seconds['off']:.2f} s without",
+                    extra={"changes": changes, "on_s": seconds["on"], "off_s": seconds["off"], "scrapes": scrapes}))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def scenario_1_opensearch(ctx: Context) -> None:
@@ -607,6 +698,7 @@ def scenario_5(ctx: Context) -> None:
 UNITS: list[tuple[str, str, str, Callable[[Context], None], Callable[[Settings], bool]]] = [
     ("1-redis", "1", "backlog drain → Redis", scenario_1_redis, lambda s: 1 in s.scenarios),
     ("1-opensearch", "1", "backlog drain → OpenSearch", scenario_1_opensearch, lambda s: 1 in s.scenarios),
+    ("1-http", "1", "HTTP endpoint cost", scenario_1_http, lambda s: 1 in s.scenarios),
     ("2", "2", "live lag", scenario_2, lambda s: 2 in s.scenarios),
     ("3", "3", "snapshot", scenario_3, lambda s: 3 in s.scenarios),
     ("3-big", "3", "snapshot at the big scale", scenario_3_big, lambda s: 3 in s.scenarios and s.big_scale > 0),

@@ -180,6 +180,7 @@ class Lane:
         True once acknowledged; False after a retryable :class:`SinkError` (logged: then
         :meth:`submit` it, applying it again is harmless). Saves two thread wake-ups for the
         small batches of a lightly loaded stream. Raises what :attr:`error` would hold."""
+        self.lane_stats.handed(batch)
         try:
             self._apply(batch, retry=False)
         except SinkError as e:

@@ -76,9 +76,9 @@ def _histogram(name: str, doc: str, labels: list[str], series: list[tuple[list[s
     family = HistogramMetricFamily(name, doc, labels=labels)
     bounds_ms = [b * 1000.0 for b in LAG_BUCKETS]
     for values, h in series:
-        counts = h.cumulative(bounds_ms)
-        buckets = [(_le(b), float(c)) for b, c in zip(LAG_BUCKETS, counts)] + [("+Inf", float(h.samples))]
-        family.add_metric(values, buckets, h.sum_ms / 1000.0)
+        counts, samples, sum_ms = h.buckets(bounds_ms)
+        buckets = [(_le(b), float(c)) for b, c in zip(LAG_BUCKETS, counts)] + [("+Inf", float(samples))]
+        family.add_metric(values, buckets, sum_ms / 1000.0)
     return family
 
 

@@ -73,7 +73,8 @@ def render_page(status: Mapping[str, object], samples: Sequence[object], every: 
     assert isinstance(sinks, Mapping)
     views = daemon.get("views") if isinstance(daemon.get("views"), list) else []
     assert isinstance(views, list)
-    minutes = len(samples) * every / 60.0
+    span = max(0, len(samples) - 1) * every
+    window = f"{span:.0f} s" if span < 120 else f"{span / 60:.0f} min"
     tx_rates = _rates(samples, "changes")
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
@@ -91,13 +92,14 @@ def render_page(status: Mapping[str, object], samples: Sequence[object], every: 
     parts += [
         "<h2>Slot</h2><table><tr><th class=l>slot</th><th>active</th><th>confirmed LSN</th><th>current WAL</th>"
         "<th>lag</th><th>retained WAL</th></tr>",
-        "<tr><td class=l>", _e(slot.get("name")), "</td><td>", _e(slot.get("active")), "</td><td>",
+        "<tr><td class=l>", _e(slot.get("name")), "</td><td>",
+        _e(None if slot.get("active") is None else "yes" if slot.get("active") else "no"), "</td><td>",
         _e(slot.get("confirmed_lsn")), "</td><td>", _e(slot.get("current_wal_lsn")), "</td><td>",
         _bytes(slot.get("lag_bytes")), "</td><td>", _bytes(slot.get("retained_wal_bytes")), "</td></tr></table>",
     ]
     if slot.get("source_error"):
         parts.append(f'<p class="bad">source: {_e(slot.get("source_error"))}</p>')
-    parts.append(f"<p>changes/s over the last {minutes:.0f} min {sparkline(tx_rates)} "
+    parts.append(f"<p>changes/s over the last {window} {sparkline(tx_rates)} "
                  f"<span class=muted>now {tx_rates[-1] if tx_rates else 0:.0f}/s</span></p>")
     parts.append("<h2>Views</h2><table><tr><th class=l>view</th><th class=l>sink</th><th>lag s</th><th>ops</th>"
                  "<th>dead letters</th><th class=l>load</th></tr>")

@@ -245,7 +245,8 @@ class HttpEndpoint:
                             orjson.dumps({"error": f"no such page: {path}",
                                           "pages": ["/", "/metrics", "/healthz", "/readyz", "/status"]}), head)
         except Exception as e:  # one line in the log, a 500 to the client; never a traceback
-            log.warning("HTTP %s failed: %s", path, " ".join(str(e).split())[:300], exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning("HTTP %s failed: %s: %s", path, type(e).__name__, " ".join(str(e).split())[:300],
+                        exc_info=log.isEnabledFor(logging.DEBUG))
             try:
                 self._reply(req, 500, "application/json", orjson.dumps({"error": type(e).__name__}), head)
             except OSError:

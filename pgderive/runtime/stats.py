@@ -23,14 +23,15 @@ class LagHistogram:
     so every percentile is within 1%) in O(1) memory whatever the number of samples; plus the
     exact sum and maximum (Prometheus histograms export the sum).
 
-    Not thread-safe: each histogram is written by one thread at a time (:class:`Stats` holds
-    its lock for the shared ones); readers on other threads see a slightly stale value."""
+    Thread-safe: a lock per histogram, taken once per :meth:`add` call (a batch's latencies)
+    and by readers (HdrHistogram's iterators refuse a histogram modified under them)."""
 
     _LOWEST_US = 1
     _HIGHEST_US = 3_600_000_000
 
     def __init__(self) -> None:
         self._h = HdrHistogram(self._LOWEST_US, self._HIGHEST_US, 2)
+        self._lock = threading.Lock()
         self.samples = 0
         self.sum_ms = 0.0
         self.max_ms: float | None = None
@@ -38,12 +39,13 @@ class LagHistogram:
     def add(self, values: Iterable[float]) -> None:
         """Record latencies in ms (clamped to 0.001 ms … 1 h)."""
         record, lo, hi = self._h.record_value, self._LOWEST_US, self._HIGHEST_US
-        for ms in values:
-            record(min(hi, max(lo, int(ms * 1000.0))))
-            self.samples += 1
-            self.sum_ms += ms
-            if self.max_ms is None or ms > self.max_ms:
-                self.max_ms = ms
+        with self._lock:
+            for ms in values:
+                record(min(hi, max(lo, int(ms * 1000.0))))
+                self.samples += 1
+                self.sum_ms += ms
+                if self.max_ms is None or ms > self.max_ms:
+                    self.max_ms = ms
 
     def add_one(self, ms: float) -> None:
         """Record one latency in ms (see :meth:`add`)."""
@@ -53,27 +55,29 @@ class LagHistogram:
         """The ``p`` quantile (0 < p ≤ 1) in ms, within 1%, never above :attr:`max_ms`; None
         without samples (an HdrHistogram bucket's highest equivalent value can exceed the
         largest sample in it, hence the clamp: ``p99 <= max`` holds in the stats file)."""
-        if not self.samples:
-            return None
-        v = float(self._h.get_value_at_percentile(p * 100.0)) / 1000.0
-        return v if self.max_ms is None else min(v, self.max_ms)
+        with self._lock:
+            if not self.samples:
+                return None
+            v = float(self._h.get_value_at_percentile(p * 100.0)) / 1000.0
+            return v if self.max_ms is None else min(v, self.max_ms)
 
-    def cumulative(self, bounds_ms: Sequence[float]) -> list[int]:
-        """How many samples are at or below each of ``bounds_ms`` (ascending, ms): the
-        buckets of a Prometheus histogram, each within the histogram's 1% precision. O(recorded
+    def buckets(self, bounds_ms: Sequence[float]) -> tuple[list[int], int, float]:
+        """``(counts, samples, sum_ms)`` read together: ``counts[i]`` samples are at or below
+        ``bounds_ms[i]`` (ascending, ms; each within the histogram's 1% precision), never more
+        than ``samples`` — the buckets, count and sum of a Prometheus histogram. O(recorded
         buckets), for a scrape, not per sample."""
         counts = [0] * len(bounds_ms)
-        if not self.samples:
-            return counts
         bounds_us = [b * 1000.0 for b in bounds_ms]
-        for item in self._h.get_recorded_iterator():
-            value = self._h.get_lowest_equivalent_value(item.value_iterated_to)
-            n = item.count_at_value_iterated_to
-            for i in range(len(bounds_us) - 1, -1, -1):
-                if value > bounds_us[i]:
-                    break
-                counts[i] += n
-        return counts
+        with self._lock:
+            if self.samples:
+                for item in self._h.get_recorded_iterator():
+                    value = self._h.get_lowest_equivalent_value(item.value_iterated_to)
+                    n = item.count_at_value_iterated_to
+                    for i in range(len(bounds_us) - 1, -1, -1):
+                        if value > bounds_us[i]:
+                            break
+                        counts[i] += n
+            return counts, self.samples, self.sum_ms
 
 
 @dataclass

@@ -49,6 +49,8 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+    except (urllib.error.URLError, OSError):  # not listening (yet)
+        return 0, b""
 
 
 class Env:
@@ -64,7 +66,7 @@ class Env:
         self.slot = unique("mon")
         self.p = unique("m")
         self.port = free_port()
-        subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "-s", "1", "-d", plain], check=True,
+        subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "-s", "1", plain], check=True,
                        capture_output=True)
         self.config = tmp_path / "monitor.yaml"
         self.config.write_text(f"""
@@ -106,7 +108,7 @@ views:
 
     def pgbench(self, seconds: int, clients: int = 4) -> subprocess.Popen[bytes]:
         return subprocess.Popen([str(PG_BIN / "pgbench"), "-n", "-c", str(clients), "-j", "2", "-T", str(seconds),
-                                 "-R", "300", "-d", self.plain], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "-R", "300", self.plain], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def close(self) -> None:
         if self.daemon.alive():

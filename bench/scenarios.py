@@ -285,7 +285,8 @@ def scenario_1_http(ctx: Context) -> None:
                 d.args = ["--http", f"127.0.0.1:{port}"]
             daemons[label] = d
         settle_redis(s)
-        seconds: dict[str, float] = {"off": 0.0, "on": 0.0}
+        seconds: dict[str, float] = {"off": 0.0, "on": 0.0}  # from the slot active to the backlog confirmed
+        totals: dict[str, float] = {"off": 0.0, "on": 0.0}  # from spawning the daemon
         changes = 0
         scrapes = 0
         for order in (("off", "on"), ("on", "off")):
@@ -306,8 +307,9 @@ def scenario_1_http(ctx: Context) -> None:
                         scraper.halt.set()
                         scraper.join()
                         scrapes += scraper.ok
-                seconds[label] += timing.total
-                step(f"HTTP {label}: {timing.total:.2f} s")
+                seconds[label] += timing.streaming
+                totals[label] += timing.total
+                step(f"HTTP {label}: {timing.streaming:.2f} s streaming, {timing.total:.2f} s from spawn")
         if scrapes == 0:
             raise BenchError("the scraper got no answer from the daemon's HTTP endpoint")
         rate_on, rate_off = changes / seconds["on"], changes / seconds["off"]
@@ -315,9 +317,11 @@ def scenario_1_http(ctx: Context) -> None:
         ctx.add(Row("1", "backlog drain → Redis, HTTP endpoint scraped every 1 s", rate_on, "changes/s", rate_off,
                     "the same drain with --http off", ratio, f"≥ {1 - HTTP_COST:.2f}×", ratio >= 1 - HTTP_COST,
                     note=f"{changes:,} changes in two backlogs, each drained by both daemons in turn (off→on, "
-                         f"on→off): {seconds['on']:.2f} s with HTTP ({scrapes} scrapes of /metrics and /healthz "
-                         f"answered) vs {seconds['off']:.2f} s without",
-                    extra={"changes": changes, "on_s": seconds["on"], "off_s": seconds["off"], "scrapes": scrapes}))
+                         f"on→off): {seconds['on']:.2f} s streaming with HTTP ({scrapes} scrapes of /metrics and "
+                         f"/healthz answered) vs {seconds['off']:.2f} s without; from spawn (start-up included: "
+                         f"the endpoint's imports and socket) {totals['on']:.2f} vs {totals['off']:.2f} s",
+                    extra={"changes": changes, "on_s": seconds["on"], "off_s": seconds["off"],
+                           "on_total_s": totals["on"], "off_total_s": totals["off"], "scrapes": scrapes}))
 
 
 def _free_port() -> int:

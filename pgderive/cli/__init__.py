@@ -32,6 +32,8 @@ from views.spec import Spec, SpecError, load_spec
 from ..runtime.logs import configure_logging, debugging
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from ..ops.status import SlotStatus
     from ..state.rebuilds import Rebuild
     from ..runtime.coordinator import Engine
@@ -329,21 +331,56 @@ def _init(spec: Spec, owner: str | None, admin_dsn: str | None) -> int:
 
 @main.command()
 @config_option
-def status(config: str) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the same facts as one JSON document (stable keys, units in their names).")
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Refresh the tables every SECONDS (default 2) until Ctrl-C.")
+def status(config: str, as_json: bool, watch: float | None) -> None:
     """Show the slot, its confirmed LSN, lag in bytes (and seconds while streaming), retained WAL,
-    and per view its records, checkpoint and state."""
+    per view its records, checkpoint and state, online rebuilds, retired views and idle slots.
+
+    --json prints them as one JSON document (keys: pgderive.ops.status.status_document);
+    --watch refreshes the tables in place every SECONDS until Ctrl-C (exit 0)."""
+    if as_json and watch is not None:
+        raise click.UsageError("--json and --watch cannot be combined: --json prints one document; "
+                               "run it again (e.g. from `watch`) to poll")
+    spec = _load(config)
+    if watch is not None:
+        _watch_status(spec, watch)
+        return
+    st = _gather_status(spec)
+    if as_json:
+        import orjson
+
+        from ..ops.status import status_document
+
+        click.echo(orjson.dumps(status_document(st), option=orjson.OPT_INDENT_2).decode())
+        return
+    _console.print(_status_tables(st))
+    _warn_idle(st)
+
+
+def _gather_status(spec: Spec) -> "SlotStatus":
+    """:func:`~pgderive.ops.status.slot_status`, its errors as one line: a spec that does not
+    match the source exits 2, an unreachable source ``error: cannot reach the source …`` exit 1."""
     from ..ops.status import slot_status
 
-    spec = _load(config)
     try:
-        st = slot_status(spec)
+        return slot_status(spec)
     except SpecError as e:
         click.echo(scrub(str(e)), err=True)
         sys.exit(2)
     except psycopg.Error as e:
         _fail(f"cannot reach the source {spec.source.redacted_dsn()}: {e}")
+
+
+def _status_tables(st: "SlotStatus") -> "RenderableType":
+    """The tables of ``pgderive status``: slot, views, online rebuilds and retired views (the
+    last two only when there are any)."""
+    from rich.console import Group
+
     info = st.info
-    t = Table(title=f"slot {spec.source.slot}", show_header=False)
+    t = Table(title=f"slot {escape(st.slot)}", show_header=False)
     if info is None:
         t.add_row("slot", "absent (bootstraps on the next `pgderive run`)")
     else:
@@ -355,7 +392,7 @@ def status(config: str) -> None:
                   f"{info.retained_bytes} bytes ({_size(info.retained_bytes)})")
     t.add_row("state", "none" if st.state is None else
               f"{st.word} (consistent point {format_lsn(st.state.consistent_point)})")
-    _console.print(t)
+    tables: list[RenderableType] = [t]
     vt = Table(title="views")
     for col in ("view", "table", "sink", "records", "checkpoint", "state", "dead letters"):
         vt.add_column(col)
@@ -369,8 +406,15 @@ def status(config: str) -> None:
                 format_lsn(v.checkpoint) + ("" if behind is None else f" ({_size(behind)} behind)"))
         vt.add_row(v.name, v.table, v.sink, records, checkpoint, v.state,
                    "?" if v.dead_letters is None else str(v.dead_letters))
-    _console.print(vt)
-    _print_rebuilds(spec)
+    tables.append(vt)
+    if st.rebuilds:
+        bt = Table(title="online rebuilds")
+        for col in ("view", "reason", "progress", "updated"):
+            bt.add_column(col)
+        for r in st.rebuilds:
+            bt.add_row(r.view, escape(scrub(r.reason)), escape(scrub(_rebuild_line(r))),
+                       r.updated_at.strftime("%Y-%m-%d %H:%M:%S"))
+        tables.append(bt)
     if st.retired:
         from ..ops.drop import describe
 
@@ -380,38 +424,70 @@ def status(config: str) -> None:
         for entry in st.retired:
             rt.add_row(escape(entry.view), escape(describe(entry)),
                        f"retired, data kept: run `pgderive drop {escape(entry.view)}`")
-        _console.print(rt)
-    _warn_idle(st)
+        tables.append(rt)
+    return Group(*tables)
 
 
-def _print_rebuilds(spec: Spec) -> None:
-    """The online rebuilds of the slot (``pgderive.rebuilds``), if any: phase and progress."""
-    from ..state.rebuilds import RebuildStore
+def _watch_status(spec: Spec, every: float) -> None:
+    """``pgderive status --watch``: gather and show the tables every ``every`` seconds until
+    Ctrl-C (then return: exit 0). On a terminal the tables are redrawn in place
+    (:class:`rich.live.Live`); into a pipe or file each refresh is printed after the last.
+    The first gathering fails as a plain ``status`` does; a later one that fails shows its error
+    in place of the tables and the next refresh tries again."""
+    import time
 
-    store = RebuildStore(spec.source.conninfo())
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from ..ops.status import slot_status
+
+    def header() -> Text:
+        return Text(f"pgderive status at {time.strftime('%H:%M:%S')}, every {every:g} s (Ctrl-C stops)",
+                    style="dim")
+
+    def frame() -> RenderableType:
+        try:
+            st = slot_status(spec)
+        except (SpecError, psycopg.Error) as e:
+            what = "" if isinstance(e, SpecError) else f"cannot reach the source {spec.source.redacted_dsn()}: "
+            return Group(header(), Text(f"error: {_one_line(what + str(e))} (retrying)", style="red"))
+        warnings = [Text(w, style="yellow") for w in _idle_warnings(st)]
+        return Group(header(), _status_tables(st), *warnings)
+
     try:
-        rows = store.all(spec.source.slot)
-    except psycopg.Error:
+        st = _gather_status(spec)  # a first failure ends the command, as without --watch
+        first: RenderableType = Group(header(), _status_tables(st),
+                                      *(Text(w, style="yellow") for w in _idle_warnings(st)))
+        # Warnings of later gatherings (a sink down) would scroll the redrawn tables away: the
+        # tables show them per view already.
+        logging.getLogger("pgderive.status").setLevel(logging.ERROR)
+        if not _console.is_terminal or _console.is_dumb_terminal:
+            while True:
+                _console.print(first)
+                sys.stdout.flush()
+                time.sleep(every)
+                first = frame()
+        with Live(first, console=_console, auto_refresh=False, redirect_stderr=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
         return
-    finally:
-        store.close()
-    if not rows:
-        return
-    rt = Table(title="online rebuilds")
-    for col in ("view", "reason", "progress", "updated"):
-        rt.add_column(col)
-    for r in rows:
-        rt.add_row(r.view, r.reason, escape(_rebuild_line(r)), r.updated_at.strftime("%Y-%m-%d %H:%M:%S"))
-    _console.print(rt)
+
+
+def _idle_warnings(st: "SlotStatus") -> list[str]:
+    """One warning line per inactive pgderive slot that retains WAL."""
+    return [f"warning: slot {idle.slot} is inactive (no pgderive daemon reads it) and retains "
+            f"{_size(idle.retained_bytes)} of WAL ({idle.retained_bytes} bytes), growing with every "
+            f"write; if no daemon will resume it, drop it: {idle.drop_sql} "
+            "(a later `pgderive run` then needs --resnapshot)" for idle in st.idle]
 
 
 def _warn_idle(st: "SlotStatus") -> None:
     """One warning line per inactive pgderive slot that retains WAL (stdout, after the tables)."""
-    for idle in st.idle:
-        click.echo(f"warning: slot {idle.slot} is inactive (no pgderive daemon reads it) and retains "
-                   f"{_size(idle.retained_bytes)} of WAL ({idle.retained_bytes} bytes), growing with every "
-                   f"write; if no daemon will resume it, drop it: {idle.drop_sql} "
-                   "(a later `pgderive run` then needs --resnapshot)")
+    for line in _idle_warnings(st):
+        click.echo(line)
 
 
 @main.command()

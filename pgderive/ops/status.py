@@ -5,8 +5,13 @@ Everything comes from the source and the sinks, not from the daemon: the slot ro
 Slots"), the walsender's ``flush_lag`` in ``pg_stat_replication`` while it streams,
 ``pgderive.slot_state``, the dead-letter counts, each view's record count and checkpoint in
 its sink, and the retired views of the view registry (``pgderive.views``: removed from the YAML,
-their data kept until ``pgderive drop VIEW``; :mod:`pgderive.ops.drop`). Each lane moves its own views' checkpoints, so a slow sink shows as checkpoints behind
-the current WAL position, and the slot (the slowest lane) as retained WAL.
+their data kept until ``pgderive drop VIEW``; :mod:`pgderive.ops.drop`), and the online rebuilds
+of ``pgderive.rebuilds``. Each lane moves its own views' checkpoints, so a slow sink shows as
+checkpoints behind the current WAL position, and the slot (the slowest lane) as retained WAL.
+
+:func:`slot_status` gathers the facts (:class:`SlotStatus`); the CLI renders them as tables, and
+:func:`status_document` turns them into one JSON-ready document (``pgderive status --json``, and
+what a daemon endpoint serves), free of any rendering library.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from cdc.lsn import format_lsn
+from cdc.redact import scrub
 from cdc.slot import SlotInfo, slot_info
 from views.check import build_views
 from views.spec import Spec
@@ -24,10 +31,12 @@ from ..runtime.retry import one_line
 from ..runtime.sinks import open_sinks
 from ..runtime.waiting import waiting
 from ..state.deadletters import DeadLetterStore
+from ..state.rebuilds import Rebuild, RebuildStore
 from ..state.registry import RETIRED, ViewEntry, ViewRegistry
 from ..state.slots import SlotState, StateStore
+from .drop import describe
 
-__all__ = ["SlotStatus", "ViewStatus", "IdleSlot", "slot_status", "idle_slots"]
+__all__ = ["SlotStatus", "ViewStatus", "IdleSlot", "slot_status", "idle_slots", "status_document"]
 
 log = logging.getLogger("pgderive.status")
 
@@ -87,6 +96,8 @@ class SlotStatus:
         retired: the slot's retired views that the spec no longer declares (view registry,
             :class:`~pgderive.state.registry.ViewRegistry`): not maintained, data kept in the
             sink until ``pgderive drop VIEW``; by name.
+        rebuilds: the slot's online rebuilds (``pgderive.rebuilds``, every row: unfinished,
+            done, failed), by view; None when they could not be read.
     """
 
     slot: str
@@ -96,6 +107,7 @@ class SlotStatus:
     views: list[ViewStatus] = field(default_factory=list)
     idle: list[IdleSlot] = field(default_factory=list)
     retired: list[ViewEntry] = field(default_factory=list)
+    rebuilds: list[Rebuild] | None = field(default_factory=list)
 
     @property
     def word(self) -> str:
@@ -152,7 +164,15 @@ def slot_status(spec: Spec) -> SlotStatus:
     except psycopg.Error as e:  # still show the rest
         log.warning("cannot read the view registry: %s", one_line(e))
         retired = []
-    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle, retired=retired)
+    rstore = RebuildStore(dsn)
+    try:
+        rebuilds: list[Rebuild] | None = rstore.all(spec.source.slot)
+    except psycopg.Error as e:  # still show the rest
+        log.warning("cannot read the online rebuilds: %s", one_line(e))
+        rebuilds = None
+    finally:
+        rstore.close()
+    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle, retired=retired, rebuilds=rebuilds)
     sinks = open_sinks(spec, views, prepare=False)  # read-only: a sink down is shown per view
     failed: set[str] = set()
     try:
@@ -203,3 +223,104 @@ def idle_slots(conn: psycopg.Connection, slot: str) -> list[IdleSlot]:
             ORDER BY 2 DESC, 1""", (sorted(names),)).fetchall()
     return [IdleSlot(name, int(size), sql.SQL("SELECT pg_drop_replication_slot({})").format(
         sql.Literal(name)).as_string(conn)) for name, size in rows]
+
+
+def _lsn(value: int | None) -> str | None:
+    return None if value is None else format_lsn(value)
+
+
+def _text(value: str | None) -> str | None:
+    """Free text from the source or a sink (an error, a reason): secrets scrubbed
+    (:func:`cdc.redact.scrub`: registered secrets, URL passwords, ``password=`` pairs)."""
+    return None if value is None else scrub(value)
+
+
+def status_document(st: SlotStatus) -> dict[str, object]:
+    """``st`` as one JSON-ready document: the facts ``pgderive status`` shows as tables.
+
+    Only str, int, float, bool, None, lists and dicts; every key is always present (None where
+    a fact is unknown or does not apply). LSNs are text ``"X/Y"`` (hex, as Postgres prints a
+    ``pg_lsn``), sizes ``*_bytes`` (int), durations ``*_seconds`` and rates ``*_per_s`` (float),
+    timestamps ISO 8601 with their UTC offset. No connection string or sink URL appears; free
+    text (errors, reasons) is scrubbed of secrets. Keys:
+
+    * ``slot``: ``name``; ``exists`` (the slot is in ``pg_replication_slots``); ``active``
+      (a client reads it); ``active_pid`` (the walsender's pid, int or None);
+      ``confirmed_lsn``, ``restart_lsn``, ``current_wal_lsn`` (text or None);
+      ``lag_bytes`` (WAL written since the confirmed LSN); ``lag_seconds`` (the walsender's
+      ``flush_lag`` while a daemon streams, else None); ``retained_wal_bytes`` (WAL kept for
+      the slot, from its restart LSN); ``status`` (:attr:`SlotStatus.word`: ``none``,
+      ``absent``, ``bootstrapping``, ``streaming``, ``inactive``, ``inactive (bootstrap not
+      finished)``); ``consistent_point_lsn`` (pgderive's record of the bootstrap snapshot).
+    * ``views``: one object per view of the spec, in spec order: ``name``, ``table``, ``sink``
+      (its name in the YAML), ``records`` (live records in the sink, None when the sink could
+      not be asked), ``checkpoint_lsn`` (text, None when the sink holds none),
+      ``checkpoint_behind_bytes`` (WAL from the checkpoint to the current position), ``state``
+      (``streaming``/``bootstrapping``/``inactive…`` as the slot, or ``not bootstrapped``),
+      ``dead_letters`` (int, None when they could not be counted), ``error`` (why the sink
+      could not be asked, e.g. ``ConnectionError``, else None).
+    * ``rebuilds``: the online rebuilds (``pgderive.rebuilds``), None when they could not be
+      read: ``view``, ``phase`` (``requested``, ``loading``, ``catching_up``, ``switching``,
+      ``done``, ``failed``, ``cancelled``), ``active`` (not finished), ``reason``,
+      ``consistent_point_lsn``, ``rows`` (loaded so far), ``rows_total_estimate`` (None:
+      unknown), ``rows_per_s``, ``eta_seconds`` (while loading, at the rate so far),
+      ``attempts``, ``error``, ``requested_at``, ``updated_at``.
+    * ``retired_views``: views removed from the YAML whose data is kept: ``view``, ``sink``,
+      ``layout`` (e.g. ``sink search, OpenSearch alias 'branches'``), ``index`` (OpenSearch
+      alias or None), ``key_shape`` and ``format`` (Redis, else None), ``drop_command``.
+    * ``idle_slots``: pgderive's slots no client reads that retain WAL, largest first:
+      ``slot``, ``retained_wal_bytes``, ``drop_sql``.
+    """
+    info = st.info
+    slot: dict[str, object] = {
+        "name": st.slot,
+        "exists": info is not None,
+        "active": bool(info is not None and info.active),
+        "active_pid": None if info is None else info.active_pid,
+        "confirmed_lsn": None if info is None else _lsn(info.confirmed_flush_lsn),
+        "restart_lsn": None if info is None else _lsn(info.restart_lsn),
+        "current_wal_lsn": None if info is None else _lsn(info.current_wal_lsn),
+        "lag_bytes": None if info is None else info.lag_bytes,
+        "lag_seconds": st.lag_s,
+        "retained_wal_bytes": None if info is None else info.retained_bytes,
+        "status": st.word,
+        "consistent_point_lsn": None if st.state is None else _lsn(st.state.consistent_point),
+    }
+    views: list[dict[str, object]] = [{
+        "name": v.name,
+        "table": v.table,
+        "sink": v.sink,
+        "records": v.records,
+        "checkpoint_lsn": _lsn(v.checkpoint),
+        "checkpoint_behind_bytes": st.behind(v.checkpoint),
+        "state": v.state,
+        "dead_letters": v.dead_letters,
+        "error": _text(v.error),
+    } for v in st.views]
+    rebuilds: list[dict[str, object]] | None = None if st.rebuilds is None else [{
+        "view": r.view,
+        "phase": r.status,
+        "active": r.active,
+        "reason": _text(r.reason),
+        "consistent_point_lsn": _lsn(r.consistent_point),
+        "rows": r.rows_done,
+        "rows_total_estimate": r.rows_total,
+        "rows_per_s": r.rows_per_s,
+        "eta_seconds": r.eta_seconds,
+        "attempts": r.attempts,
+        "error": _text(r.error),
+        "requested_at": r.requested_at.isoformat(),
+        "updated_at": r.updated_at.isoformat(),
+    } for r in st.rebuilds]
+    retired: list[dict[str, object]] = [{
+        "view": e.view,
+        "sink": e.sink,
+        "layout": describe(e),
+        "index": e.target.index,
+        "key_shape": e.target.key_shape,
+        "format": None if e.target.index is not None else (e.target.format or "hash"),
+        "drop_command": f"pgderive drop {e.view}",
+    } for e in st.retired]
+    idle: list[dict[str, object]] = [
+        {"slot": i.slot, "retained_wal_bytes": i.retained_bytes, "drop_sql": i.drop_sql} for i in st.idle]
+    return {"slot": slot, "views": views, "rebuilds": rebuilds, "retired_views": retired, "idle_slots": idle}

@@ -205,8 +205,15 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
         click.echo(f"error: --http: {e}", err=True)
         sys.exit(2)
     settings = HttpSettings(host, port, spec.http.stall_seconds, spec.http.ready_lag_seconds)
+
+    def status() -> dict[str, object]:
+        # The facts of `pgderive status` (source, sinks, pgderive's tables), on the endpoint's
+        # thread, at most every 2 s (HttpEndpoint caches them).
+        from ..ops.status import slot_status, status_document
+        return status_document(slot_status(spec))
+
     try:
-        endpoint = HttpEndpoint(engine, settings)
+        endpoint = HttpEndpoint(engine, settings, status=status)
     except OSError as e:
         if explicit:
             _fail(f"cannot serve HTTP on {listen}: {e.strerror or e} (set http.listen, or --http off)")

@@ -101,11 +101,17 @@ def render_page(status: Mapping[str, object], samples: Sequence[object], every: 
         parts.append(f'<p class="bad">source: {_e(slot.get("source_error"))}</p>')
     parts.append(f"<p>changes/s over the last {window} {sparkline(tx_rates)} "
                  f"<span class=muted>now {tx_rates[-1] if tx_rates else 0:.0f}/s</span></p>")
+    # Records and checkpoints come from `pgderive status` (the sinks), when it could be asked.
+    facts = status.get("status")
+    in_sinks: dict[str, Mapping[str, object]] = {}
+    if isinstance(facts, Mapping) and isinstance(facts.get("views"), list):
+        in_sinks = {str(f.get("name")): f for f in facts["views"] if isinstance(f, Mapping)}
     parts.append("<h2>Views</h2><table><tr><th class=l>view</th><th class=l>sink</th><th>lag s</th><th>ops</th>"
-                 "<th>dead letters</th><th class=l>load</th></tr>")
+                 "<th>dead letters</th><th>records</th><th>checkpoint</th><th class=l>load</th></tr>")
     for v in views:
         if not isinstance(v, Mapping):
             continue
+        fact = in_sinks.get(str(v.get("name")), {})
         load = v.get("load")
         load_text = "—"
         if isinstance(load, Mapping):
@@ -114,7 +120,8 @@ def render_page(status: Mapping[str, object], samples: Sequence[object], every: 
         dead = v.get("dead_letters") or 0
         parts += ["<tr><td class=l>", _e(v.get("name")), "</td><td class=l>", _e(v.get("sink")), "</td><td>",
                   _e(v.get("lag_seconds")), "</td><td>", _e(v.get("ops")), f'</td><td class="{"bad" if dead else ""}">',
-                  _e(dead), "</td><td class=l>", _e(load_text), "</td></tr>"]
+                  _e(dead), "</td><td>", _e(fact.get("records")), "</td><td>", _e(fact.get("checkpoint_lsn")),
+                  "</td><td class=l>", _e(load_text), "</td></tr>"]
     parts.append("</table><h2>Sinks</h2><table><tr><th class=l>sink</th><th class=l>type</th><th>lag s</th>"
                  "<th>p50 ms</th><th>p99 ms</th><th>ops</th><th>retries</th><th>errors</th>"
                  "<th class=l>ops/s</th></tr>")

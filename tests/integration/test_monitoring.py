@@ -143,8 +143,13 @@ scrape_configs:
     proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: get(url + "/-/ready")[0] == 200 if proc.poll() is None else
-               pytest.fail((tmp_path / "prometheus.log").read_text()[-2000:]), 60, what="prometheus")
+    try:
+        wait_until(lambda: get(url + "/-/ready")[0] == 200 if proc.poll() is None else
+                   pytest.fail((tmp_path / "prometheus.log").read_text()[-2000:]), 60, what="prometheus")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
     return proc, url
 
 
@@ -159,7 +164,11 @@ def test_prometheus_scrapes_the_daemon_under_pgbench(env, tmp_path: Path) -> Non
     e = env()
     e.start()
     prom, purl = prometheus(tmp_path, f"127.0.0.1:{e.port}")
-    bench = e.pgbench(25)
+    try:
+        bench = e.pgbench(25)
+    except BaseException:
+        prom.kill()
+        raise
     try:
         # Prometheus sees the daemon up, changes flowing and a finite lag quantile.
         def flowing() -> bool:
@@ -188,9 +197,9 @@ def test_prometheus_scrapes_the_daemon_under_pgbench(env, tmp_path: Path) -> Non
                      "process_cpu_seconds_total", "pgderive_build_info"):
             assert name in text, name
     finally:
-        bench.wait(60)
         prom.terminate()
         prom.wait(30)
+        bench.wait(60)
     assert_views_equal(e.config)
     # Nothing served or logged carries the source's password.
     for path in ("/metrics", "/status", "/", "/healthz", "/readyz"):

@@ -215,8 +215,9 @@ class SlotReader:
         assert row is not None
         consistent_point = parse_lsn(row[1])
         self.confirmed_lsn = consistent_point
+        # extra: the context fields of pgderive's JSON log lines (pgderive.runtime.logs.FIELDS)
         log.info("created slot %s at consistent point %s (snapshot %s)",
-                 self.slot, row[1], row[2])
+                 self.slot, row[1], row[2], extra={"lsn": consistent_point})
         return consistent_point, row[2]
 
     def drop_slot(self) -> None:
@@ -242,7 +243,8 @@ class SlotReader:
         self.received_lsn = max(self.received_lsn, start_lsn)
         self.confirmed_lsn = max(self.confirmed_lsn, start_lsn)
         self._last_status = time.monotonic()
-        log.info("streaming slot %s from %s", self.slot, format_lsn(start_lsn) if start_lsn else "its confirmed position")
+        log.info("streaming slot %s from %s", self.slot, format_lsn(start_lsn) if start_lsn else "its confirmed position",
+                 extra={"lsn": start_lsn} if start_lsn else None)
 
     def close(self) -> None:
         if self.conn is not None:

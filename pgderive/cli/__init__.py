@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn, TypeVar
 
 import click
 import psycopg
@@ -29,7 +29,7 @@ from cdc.redact import register_secrets, scrub
 
 from views.spec import Spec, SpecError, load_spec
 
-from ..runtime.logs import configure_logging, debugging
+from ..runtime.logs import LOG_FORMATS, configure_logging, debugging
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -40,12 +40,22 @@ if TYPE_CHECKING:
     from ..http.server import HttpEndpoint
 
 log = logging.getLogger("pgderive")
+_F = TypeVar("_F", bound=Callable[..., object])
 # Not a terminal (a pipe, a log): wide enough that no table wraps a view name or an LSN.
 _console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
-def _setup_logging(level: str) -> None:
-    configure_logging(getattr(logging, level.upper(), logging.INFO))
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    configure_logging(getattr(logging, level.upper(), logging.INFO), fmt.lower())
+
+
+def _log_format_option(envvar: str | None, default: str | None) -> Callable[[_F], _F]:
+    """``--log-format text|json``: the root group's (default ``$PGDERIVE_LOG_FORMAT``, else
+    text) and ``run``'s (overrides it when given)."""
+    return click.option("--log-format", envvar=envvar, default=default, show_default=default is not None,
+                        type=click.Choice(LOG_FORMATS, case_sensitive=False),
+                        help="Log lines as text, or as one JSON object per line (keys time, level, logger, "
+                             "message, and view, sink, lsn, xid, table where they apply).")
 
 
 class _Group(click.Group):
@@ -112,9 +122,10 @@ config_option = click.option("-c", "--config", envvar="PGDERIVE_CONFIG", default
 @click.group(cls=_Group)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-def main(log_level: str) -> None:
+@_log_format_option("PGDERIVE_LOG_FORMAT", "text")
+def main(log_level: str, log_format: str) -> None:
     """pgderive: keep Redis and OpenSearch views in sync with PostgreSQL (wal2json slot)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
 
 
 def _fail(e: BaseException | str) -> NoReturn:
@@ -133,8 +144,12 @@ def _fail(e: BaseException | str) -> NoReturn:
               help="Serve /metrics, /healthz, /readyz, /status and the status page here "
                    "(default: $PGDERIVE_HTTP, else the YAML's http.listen, else 127.0.0.1:9187; "
                    "port 0: any free port).")
-def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str | None) -> None:
+@_log_format_option(None, None)
+def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str | None,
+        log_format: str | None) -> None:
     """Run the daemon: bootstrap on first run, then stream. SIGTERM/SIGINT stop after a flush."""
+    if log_format is not None:  # `run --log-format`, after the group's option
+        configure_logging(logging.getLogger().level, log_format.lower())
     from views.derive import DerivationError
 
     from ..runtime.coordinator import Engine

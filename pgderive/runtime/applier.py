@@ -60,7 +60,8 @@ class Applier:
         self._atomic = isinstance(sink, AtomicCheckpoint)
 
     def _call(self, what: str, fn: Callable[[], T], retry: bool) -> T:
-        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop, self.on_retry) if retry else fn()
+        return with_retry(f"sink {self.name} {what}".rstrip(), fn, self.stop, self.on_retry,
+                          fields={"sink": self.name}) if retry else fn()
 
     def apply(self, batch: Batch, *, retry: bool = True) -> dict[str, int]:
         """Apply the batch's generation steps (:meth:`step`), then its Ops, record its dead letters, advance the views' checkpoints to

@@ -284,7 +284,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         sink = sinks[v.sink]
         assert isinstance(sink, WireLoad)  # wire_query() returned a query only for such a sink
         log.info("snapshot of %s%s at %s for view %s (wire load: encoded by Postgres)", v.table, part,
-                 format_lsn(version), v.name)
+                 format_lsn(version), v.name, extra={"view": v.name, "table": v.table, "sink": v.sink, "lsn": version})
 
         def attempt() -> tuple[int, float]:
             conn.execute("SAVEPOINT pgderive_wire")  # a failed COPY must not abort the snapshot
@@ -301,12 +301,14 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             halted.set()
             return Interrupted(f"snapshot of {v.table}{part} for view {v.name} interrupted after {rows} rows")
         try:
-            records, secs = retried(f"sink {sink.name} (snapshot of {v.name})", attempt)
+            records, secs = retried(f"sink {sink.name} (snapshot of {v.name})", attempt,
+                                    {"view": v.name, "table": v.table, "sink": sink.name})
         except SinkError as e:
             if e.retryable:
                 raise
             log.warning("%s; loading view %s row by row instead%s", one_line(e), v.name,
-                        " (every key range, once the other tasks ended)" if task.key_range is not None else "")
+                        " (every key range, once the other tasks ended)" if task.key_range is not None else "",
+                        extra={"view": v.name, "table": v.table, "sink": v.sink})
             return False
         with stats_lock:
             stats.rows[v.table] = stats.rows.get(v.table, 0) + records
@@ -314,13 +316,15 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             stats.records[v.name] = stats.records.get(v.name, 0) + records
             stats.sink_seconds[v.name] = stats.sink_seconds.get(v.name, 0.0) + secs
         log.info("snapshot of %s%s for view %s done: %d rows in %.1f s (%.0f rows/s, wire load)", v.table,
-                 part, v.name, records, secs, records / secs if secs else 0.0)
+                 part, v.name, records, secs, records / secs if secs else 0.0,
+                 extra={"view": v.name, "table": v.table, "sink": v.sink})
         return True
 
-    def retried(what: str, fn: Callable[[], Any]) -> Any:
-        """``fn()`` through :func:`with_retry`; :class:`Interrupted` if a stop ends the retries."""
+    def retried(what: str, fn: Callable[[], Any], fields: Mapping[str, object] | None = None) -> Any:
+        """``fn()`` through :func:`with_retry` (``fields``: its retry lines' log context);
+        :class:`Interrupted` if a stop ends the retries."""
         try:
-            return with_retry(what, fn, halt)
+            return with_retry(what, fn, halt, fields=fields)
         except SinkError:
             if halt.is_set():
                 raise Interrupted(f"snapshot stopped while retrying {what}") from None
@@ -336,6 +340,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         with ThreadPoolExecutor(max_workers=max(1, nsinks), thread_name_prefix="pgderive-load") as pool:
             in_flight: list[tuple[View, Future[list[Rejected]]]] = []
             table, t0, last_log, rows = None, 0.0, 0.0, 0
+            names = ""  # the current table's views, comma-separated (the log lines' "view" field)
 
             def table_done() -> None:
                 settle(in_flight)
@@ -347,7 +352,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                     stats.rows[table] = stats.rows.get(table, 0) + rows
                     stats.seconds[table] = stats.seconds.get(table, 0.0) + secs
                 log.info("snapshot of %s%s done: %d rows in %.1f s (%.0f rows/s)", table, part, rows, secs,
-                         rows / secs if secs else 0.0)
+                         rows / secs if secs else 0.0, extra={"view": names, "table": table})
 
             # A table's time starts when its first chunk is asked for: an aggregate view's chunk
             # arrives only after all its rows were read and folded into groups.
@@ -357,9 +362,11 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                 if chunk.table != table:
                     table_done()
                     table, t0, rows = chunk.table, asked, 0
+                    names = ",".join(v.name for v in chunk.views)
                     last_log = t0
                     log.info("snapshot of %s%s at %s for view(s) %s", table, part, format_lsn(version),
-                             ", ".join(v.name for v in chunk.views))
+                             ", ".join(v.name for v in chunk.views),
+                             extra={"view": names, "table": table, "lsn": version})
                 if stopping():
                     halted.set()
                     raise Interrupted(f"snapshot of {table}{part} interrupted after {rows} rows")
@@ -376,7 +383,8 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
                     report(v.name, task, rows)
                 now = time.monotonic()
                 if now - last_log >= 5:
-                    log.info("snapshot of %s%s: %d rows, %.0f rows/s", table, part, rows, rows / (now - t0))
+                    log.info("snapshot of %s%s: %d rows, %.0f rows/s", table, part, rows, rows / (now - t0),
+                             extra={"view": names, "table": table})
                     last_log = now
                 asked = now
             table_done()
@@ -435,7 +443,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
             for key in [k for k in done if k[0] in refused]:
                 del done[key]
         log.warning("loading view(s) %s row by row: a sink refused the wire load of a key range",
-                    ", ".join(sorted(refused)))
+                    ", ".join(sorted(refused)), extra={"view": ",".join(sorted(refused))})
         run(again)
     if not commit:
         return stats
@@ -524,7 +532,8 @@ def _split(conn: psycopg.Connection, v: View, concurrency: int, split_rows: int)
     if len(ranges) < 2:
         return [None]
     log.info("snapshot of %s (about %.0f rows) split into %d key ranges of %s in %.2f s: %s", v.table,
-             estimate, len(ranges), pk[0], time.monotonic() - t0, "; ".join(str(r) for r in ranges))
+             estimate, len(ranges), pk[0], time.monotonic() - t0, "; ".join(str(r) for r in ranges),
+             extra={"view": v.name, "table": v.table})
     return list(ranges)
 
 

@@ -52,7 +52,8 @@ def advance_checkpoints(sink: Sink, views: Sequence[str], previous: int, lsn: in
     """
     def advance() -> list[str]:
         return sink.advance_checkpoint(views, previous, lsn)
-    lost = with_retry(f"sink {sink.name} checkpoint", advance, stop, on_retry) if retry else advance()
+    lost = with_retry(f"sink {sink.name} checkpoint", advance, stop, on_retry,
+                      fields={"sink": sink.name, "lsn": lsn}) if retry else advance()
     if lost:
         raise SinkDataLoss.behind(sink.name, lost, previous)
 

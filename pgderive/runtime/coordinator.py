@@ -49,6 +49,7 @@ from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
+from .logs import log_format
 from .observed import LoadProgress, SourceWatch
 from .online import OnlineRebuild
 from .preflight import check_privileges, preflight, raise_for
@@ -272,7 +273,8 @@ class Engine:
                 # interrupted bootstrap instead of looking like a vanished slot.
                 self.state.set(self.slot, "bootstrapping", 0, self._fingerprints())
                 if info is not None:
-                    log.warning("--resnapshot: dropping slot %s", self.slot)
+                    log.warning("--resnapshot: dropping slot %s", self.slot,
+                                extra={"lsn": info.confirmed_flush_lsn})
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
                 info = state = None
             if info is None:
@@ -302,17 +304,19 @@ class Engine:
         lost = lost_views([v for v in self.views if v.name in state.views], self.sinks, self.slot, confirmed)
         if lost:
             log.warning("sink data of view(s) %s is missing or behind the slot (sink restarted "
-                        "without its data?); rebuilding them first", ", ".join(v.name for v in lost))
+                        "without its data?); rebuilding them first", ", ".join(v.name for v in lost),
+                        extra={"view": ",".join(v.name for v in lost), "lsn": confirmed})
             self._blocking(None)
             self._rebuild(lost)
         if added:
             self._start_checkpoints(added, confirmed)
         for name in fresh:
             why = "new view" if name not in state.views else "definition changed"
-            log.warning("view %s: %s since the last run; rebuilding it online while the others stream", name, why)
+            log.warning("view %s: %s since the last run; rebuilding it online while the others stream", name, why,
+                        extra={"view": name})
             self.rebuild_store.request(self.slot, name, why)
         log.info("resuming slot %s from its confirmed position %s", self.slot,
-                 format_lsn(info.confirmed_flush_lsn or 0))
+                 format_lsn(info.confirmed_flush_lsn or 0), extra={"lsn": info.confirmed_flush_lsn or 0})
         return 0
 
     def _bootstrap(self) -> int | None:
@@ -368,8 +372,10 @@ class Engine:
         self.known = dict(fps)
         cancelled = self.rebuild_store.cancel_all(self.slot, "a bootstrap loaded every view")
         if cancelled:
-            log.info("online rebuild(s) of %s cancelled: the bootstrap loaded every view", ", ".join(cancelled))
-        log.info("bootstrap done at consistent point %s", format_lsn(consistent_point))
+            log.info("online rebuild(s) of %s cancelled: the bootstrap loaded every view", ", ".join(cancelled),
+                     extra={"view": ",".join(cancelled)})
+        log.info("bootstrap done at consistent point %s", format_lsn(consistent_point),
+                 extra={"lsn": consistent_point})
         return consistent_point
 
     def _abandon_bootstrap(self, cause: BaseException, created: bool = True,
@@ -492,7 +498,7 @@ class Engine:
                 log.info("%s", e)
                 break
         self.phase = "stopping"
-        log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn))
+        log.info("stopped at confirmed LSN %s", format_lsn(reader.confirmed_lsn), extra={"lsn": reader.confirmed_lsn})
 
     def _check_slot(self) -> SlotInfo:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -510,7 +516,8 @@ class Engine:
 
     def _recorder(self) -> DeadLetterRecorder:
         return DeadLetterRecorder(self.dsn, self.slot, {v.name: v.table for v in self.views},
-                                  max_bytes=self.spec.dead_letters.max_bytes, store=self.dead_letters)
+                                  max_bytes=self.spec.dead_letters.max_bytes, store=self.dead_letters,
+                                  sinks={v.name: v.sink for v in self.views})
 
     def _process_lanes(self) -> set[str]:
         """The sinks whose lanes run in a process of their own (ARCHITECTURE.md, "Lanes"):
@@ -526,7 +533,7 @@ class Engine:
         assert self.deployment is not None
         return {name: LaneProcessSpec(name, SinkOpener.of(self.spec, name, self.views, self.deployment),
                                       record=self._recorder(), log_level=logging.getLogger().getEffectiveLevel(),
-                                      secrets=tuple(registered_secrets()))
+                                      log_format=log_format(), secrets=tuple(registered_secrets()))
                 for name in sorted(self._process_lanes())}
 
     def _views_by_sink(self) -> dict[str, list[str]]:
@@ -644,7 +651,7 @@ class Engine:
             if (r := self.rebuild_store.get(self.slot, name)) is not None and r.active:
                 self.rebuild_store.finish(self.slot, name, "cancelled", "the view was removed")
             log.warning("view %s is no longer in the configuration: it is not maintained any more; its data "
-                        "stays in its sink until `pgderive drop %s`", name, name)
+                        "stays in its sink until `pgderive drop %s`", name, name, extra={"view": name})
 
     def _register(self, views: Sequence[View]) -> None:
         """Record the views this daemon maintains, with their layout, in ``pgderive.views``

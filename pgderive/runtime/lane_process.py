@@ -45,7 +45,7 @@ from sinks.base import Sink
 
 from .applier import Applier, DeadLetterSink
 from .batch import Batch
-from .logs import configure_logging
+from .logs import LogFormat, configure_logging
 from .saturation import SaturationMonitor
 from .stats import LaneStats, Stats
 
@@ -81,6 +81,8 @@ class LaneProcessSpec:
         record: stores dead letters from the process (picklable, e.g.
             :class:`~pgderive.runtime.recording.DeadLetterRecorder`); None: dropped.
         log_level: the daemon's :mod:`logging` level.
+        log_format: the daemon's log format (``"text"`` or ``"json"``,
+            :data:`~pgderive.runtime.logs.LOG_FORMATS`).
         secrets: values to scrub from the process's log lines
             (:func:`cdc.redact.registered_secrets` of the daemon).
     """
@@ -89,6 +91,7 @@ class LaneProcessSpec:
     open_sink: Callable[[], Sink]
     record: DeadLetterSink | None = None
     log_level: int = logging.INFO
+    log_format: LogFormat = "text"
     secrets: tuple[str, ...] = ()
 
 
@@ -214,7 +217,7 @@ class ProcessLane:
         self._receiver.join(timeout)
         if self._receiver.is_alive():
             log.warning("sink %s: its lane's process did not stop within %g s; killing it",
-                        self.name, timeout)
+                        self.name, timeout, extra={"sink": self.name})
             self._process.kill()
             self._receiver.join(5.0)
         self._conn.close()
@@ -337,7 +340,7 @@ def _lane_process_main(spec: LaneProcessSpec, views: list[str], acked_lsn: int, 
     except OSError:
         pass
     register_secrets(spec.secrets)
-    configure_logging(spec.log_level)
+    configure_logging(spec.log_level, spec.log_format)
     try:
         sink = spec.open_sink()
     except BaseException as e:
@@ -363,7 +366,7 @@ def _lane_process_main(spec: LaneProcessSpec, views: list[str], acked_lsn: int, 
                 else:
                     applier.checkpoint(message[1], retry=message[2])
             except BaseException as e:
-                log.debug("sink %s: lane process error", spec.name, exc_info=True)
+                log.debug("sink %s: lane process error", spec.name, exc_info=True, extra={"sink": spec.name})
                 conn.send(("error", _portable(e)))
             else:
                 conn.send(("done", applier.acked_lsn, time.monotonic() - started, rejected))

@@ -186,7 +186,8 @@ class Lane:
         except SinkError as e:
             if not e.retryable:
                 raise
-            log.warning("sink %s: direct apply failed (%s); retrying on its lane", self.name, one_line(e))
+            log.warning("sink %s: direct apply failed (%s); retrying on its lane", self.name, one_line(e),
+                        extra={"sink": self.name})
             self.lane_stats.failed(retried=True)
             return False
         return True

@@ -172,6 +172,11 @@ class OnlineRebuild:
         self.halt.set()
 
     # -- the thread ------------------------------------------------------------------------------
+    @property
+    def _fields(self) -> dict[str, object]:
+        """The log context of this rebuild's lines (:data:`pgderive.runtime.logs.FIELDS`)."""
+        return {"view": self.view.name, "sink": self.view.sink, "table": self.view.table}
+
     def _stopping(self) -> bool:
         return self.halt.is_set() or self.host.stop.is_set()
 
@@ -180,28 +185,30 @@ class OnlineRebuild:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 self.store.start(slot, name)
-                log.info("online rebuild of view %s (%s), attempt %d", name, self.reason, attempt)
+                log.info("online rebuild of view %s (%s), attempt %d", name, self.reason, attempt, extra=self._fields)
                 x = self._attempt()
             except StartOver as e:
-                log.warning("online rebuild of view %s starts over: %s", name, e)
+                log.warning("online rebuild of view %s starts over: %s", name, e, extra=self._fields)
                 continue
             except Interrupted as e:
-                log.info("online rebuild of view %s stopped (%s); the next start does it again", name, e)
+                log.info("online rebuild of view %s stopped (%s); the next start does it again", name, e,
+                         extra=self._fields)
                 self.outcome = "stopped"
                 return
             except BaseException as e:  # recorded: an operator reads it in `pgderive status`
                 if self._stopping():
                     log.info("online rebuild of view %s stopped (%s); the next start does it again",
-                             name, one_line(e))
+                             name, one_line(e), extra=self._fields)
                     self.outcome = "stopped"
                     return
                 log.error("online rebuild of view %s failed: %s", name, one_line(e),
-                          exc_info=log.isEnabledFor(logging.DEBUG))
+                          exc_info=log.isEnabledFor(logging.DEBUG), extra=self._fields)
                 self._finish("failed", one_line(e))
                 return
             self.host.rebuilt(self.view, x)
             self._finish("done", None)
-            log.info("online rebuild of view %s done: live at %s", name, format_lsn(x))
+            log.info("online rebuild of view %s done: live at %s", name, format_lsn(x),
+                     extra={**self._fields, "lsn": x})
             return
         self._finish("failed", f"started over {MAX_ATTEMPTS} times")
 
@@ -210,7 +217,8 @@ class OnlineRebuild:
         try:
             self.store.finish(self.host.slot, self.view.name, status, error)
         except psycopg.Error as e:
-            log.warning("could not record the end of the rebuild of view %s: %s", self.view.name, one_line(e))
+            log.warning("could not record the end of the rebuild of view %s: %s", self.view.name, one_line(e),
+                        extra=self._fields)
 
     def _attempt(self) -> int:
         """One attempt; returns the consistent point the view is live at."""
@@ -228,7 +236,7 @@ class OnlineRebuild:
                 stale = self._retry("discard_unserved", lambda: sink.discard_unserved(view.name))
                 if stale:
                     log.info("view %s: deleted generation(s) %s left by an unfinished load", view.name,
-                             ", ".join(stale))
+                             ", ".join(stale), extra=self._fields)
             if aggregates is not None and state is not None:
                 aggregates.reset(state)  # what an unfinished attempt left
             with psycopg.connect(self.dsn, autocommit=True, application_name="pgderive-rebuild") as conn:
@@ -271,7 +279,8 @@ class OnlineRebuild:
                     aggregates.close()
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        return with_retry(f"sink {self.view.sink} ({what} of {self.view.name})", fn, self.halt)
+        return with_retry(f"sink {self.view.sink} ({what} of {self.view.name})", fn, self.halt,
+                          fields={"sink": self.view.sink, "view": self.view.name, "table": self.view.table})
 
     def _step(self, step: GenerationStep, epoch: int | None = None) -> int:
         """File ``step`` and wait until the lane's sink applied it; returns the stream's epoch.
@@ -324,7 +333,7 @@ class OnlineRebuild:
                 sink.abort_generation(view.name, generation)
         except Exception as e:  # the next attempt's discard_unserved deletes it
             log.warning("view %s: could not delete generation %s (%s); the next rebuild does", view.name,
-                        generation, one_line(e))
+                        generation, one_line(e), extra=self._fields)
 
     def _load(self, sink: Sink, generation: str, aggregates: AggregateStore | None, state: str | None) -> int:
         """Phase 2: a snapshot at X from a TEMPORARY slot, loaded into ``generation`` (an
@@ -340,7 +349,7 @@ class OnlineRebuild:
             self.store.progress(slot, view.name, status="loading", consistent_point=x, rows_total=total)
             _injected_pause("loading", self.halt)
             log.info("online rebuild of view %s: snapshot at %s, about %s rows", view.name, format_lsn(x),
-                     total if total is not None else "?")
+                     total if total is not None else "?", extra={**self._fields, "lsn": x})
             t0 = last = time.monotonic()
 
             def progress(_view: str, rows: int) -> None:
@@ -352,11 +361,13 @@ class OnlineRebuild:
                 last = now
                 rate = rows / (now - t0) if now > t0 else None
                 eta = f", ETA {(total - rows) / rate:.0f} s" if rate and total and total > rows else ""
-                log.info("online rebuild of view %s: %d rows, %.0f rows/s%s", view.name, rows, rate or 0.0, eta)
+                log.info("online rebuild of view %s: %d rows, %.0f rows/s%s", view.name, rows, rate or 0.0, eta,
+                         extra=self._fields)
                 try:
                     self.store.progress(slot, view.name, rows_done=rows, rows_per_s=rate)
                 except psycopg.Error as e:
-                    log.debug("progress of the rebuild of %s not recorded: %s", view.name, one_line(e))
+                    log.debug("progress of the rebuild of %s not recorded: %s", view.name, one_line(e),
+                              extra=self._fields)
 
             with snapshot_connection(self.dsn, snapshot) as conn:
                 if aggregates is not None and state is not None:
@@ -370,7 +381,8 @@ class OnlineRebuild:
             secs = time.monotonic() - t0
             self.rows = rows
             self.store.progress(slot, view.name, rows_done=rows, rows_per_s=rows / secs if secs > 0 else None)
-            log.info("online rebuild of view %s: loaded %d rows in %.1f s", view.name, rows, secs)
+            log.info("online rebuild of view %s: loaded %d rows in %.1f s", view.name, rows, secs,
+                     extra=self._fields)
             return x
         finally:
             reader.close()  # the temporary slot goes with its connection

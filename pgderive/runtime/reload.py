@@ -41,7 +41,8 @@ def reload_views(dsn: str, slot: str, views: Sequence[View], sinks: Mapping[str,
         reader.connect()
         consistent_point, snapshot = reader.create_slot(temporary=True)
         log.info("rebuilding view(s) %s from a snapshot at %s", ", ".join(v.name for v in views),
-                 format_lsn(consistent_point))
+                 format_lsn(consistent_point),
+                 extra={"view": ",".join(v.name for v in views), "lsn": consistent_point})
         with snapshot_connection(dsn, snapshot) as conn:
             stats = load_snapshot(conn, views, sinks, consistent_point, aggregates=aggregates, stop=stop,
                                   concurrency=concurrency, split_rows=split_rows,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, Mapping, Protocol, TypeVar
 
 from sinks.base import SinkError
 
@@ -75,10 +75,13 @@ class AnyOf:
 
 
 def with_retry(what: str, fn: Callable[[], T], stop: StopFlag,
-               on_retry: Callable[[SinkError], None] | None = None) -> T:
+               on_retry: Callable[[SinkError], None] | None = None, *,
+               fields: Mapping[str, object] | None = None) -> T:
     """``fn()``, retrying retryable :class:`SinkError` with :class:`Backoff` until ``stop``.
 
-    ``what`` names the call in the warning logged before each retry; ``on_retry`` is called
+    ``what`` names the call in the warning logged before each retry; ``fields`` are that
+    warning's context (``{"sink": name, "view": name}``: :data:`pgderive.runtime.logs.FIELDS`,
+    written by the JSON log format); ``on_retry`` is called
     with the error before each retry (the lanes count them for ``/metrics``). Raises the
     :class:`SinkError` if it is not retryable, or if ``stop`` is set meanwhile.
     """
@@ -92,5 +95,5 @@ def with_retry(what: str, fn: Callable[[], T], stop: StopFlag,
             if on_retry is not None:
                 on_retry(e)
             delay = backoff.next()
-            log.warning("%s failed (%s); retrying in %.1f s", what, one_line(e), delay)
+            log.warning("%s failed (%s); retrying in %.1f s", what, one_line(e), delay, extra=fields)
             stop.wait(delay)

@@ -43,4 +43,5 @@ class SaturationMonitor:
                         "(%d ops, %.0f ops/s; %s spent %.1f s applying); its views lag, and once its "
                         "next batch is full the slot is read only as fast as it acknowledges "
                         "(backpressure; Postgres retains WAL meanwhile)",
-                        slowest, 100 * busy / span, span, n, n / span, slowest, per_sink[slowest])
+                        slowest, 100 * busy / span, span, n, n / span, slowest, per_sink[slowest],
+                        extra={"sink": slowest})

@@ -67,7 +67,8 @@ def prepare_sinks(sinks: Mapping[str, Sink], views: Sequence[View]) -> None:
             adopted = sink.adopt_legacy(mine)
             if adopted:
                 log.info("sink %s: adopted the bookkeeping of view(s) %s written before it was "
-                         "namespaced by its deployment", name, ", ".join(adopted))
+                         "namespaced by its deployment", name, ", ".join(adopted),
+                         extra={"sink": name, "view": ",".join(adopted)})
         if isinstance(sink, Claims):
             sink.claim(mine)
 

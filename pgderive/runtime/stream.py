@@ -232,7 +232,8 @@ class Stream:
         if not done:
             late = [lane.name for lane in self.lanes if not lane.idle]
             log.warning("stopping: sink(s) %s did not acknowledge within %g s; their unacknowledged"
-                        " changes replay on the next start", ", ".join(late), self.stop_grace)
+                        " changes replay on the next start", ", ".join(late), self.stop_grace,
+                        extra={"sink": ",".join(late)})
 
     def drain(self, timeout: float | None = None) -> bool:
         """Apply everything read so far and wait until every lane acknowledged it: True. With
@@ -269,7 +270,7 @@ class Stream:
                     self.truncated[v.name] = version
                 emptied = [v for v in emptied if v.name not in self.held]
                 if emptied:
-                    self._truncate(emptied, version)
+                    self._truncate(emptied, version, tx.xid)
                     touched.update(v.sink for v in emptied)
                 for v in views:
                     if v.tree is not None and v.table != change.table and v.name not in self.held:
@@ -389,10 +390,11 @@ class Stream:
         if batch.nbytes >= self.limits.batch_bytes:
             self.lanes.submit(view.sink, batch.take_ops())
 
-    def _truncate(self, views: list[View], version: int) -> None:
+    def _truncate(self, views: list[View], version: int, xid: int | None = None) -> None:
         """TRUNCATE barrier: pending Ops of the emptied views are dropped (the TRUNCATE removes
         them anyway), the rest of each affected lane's batch is handed over with the TRUNCATEs
-        after its Ops; later Ops go into the next batch."""
+        after its Ops; later Ops go into the next batch. ``version``: the transaction's commit
+        LSN (int); ``xid``: its id (for the log line), if known."""
         for v in views:
             self.pending[v.sink].drop_view(v.name)
         self._resolve()
@@ -407,7 +409,8 @@ class Stream:
             self._handed[name] = time.monotonic()
             self.lanes.submit(name, batch)
         for v in views:
-            log.info("TRUNCATE of %s empties view %s at %s", v.table, v.name, format_lsn(version))
+            log.info("TRUNCATE of %s empties view %s at %s", v.table, v.name, format_lsn(version),
+                     extra={"view": v.name, "table": v.table, "sink": v.sink, "lsn": version, "xid": xid})
 
     # -- handing batches to lanes ----------------------------------------------------------------
     def _has_work(self, lane: SinkLane, now: float) -> bool:
@@ -442,7 +445,8 @@ class Stream:
             try:
                 self._step(step)
             except Exception as e:  # the rebuild fails; the stream goes on
-                log.error("generation step %s of view %s failed: %s", step.kind, step.view, one_line(e))
+                log.error("generation step %s of view %s failed: %s", step.kind, step.view, one_line(e),
+                          extra={"view": step.view, "sink": sink, "lsn": step.version})
                 reply.settle(f"{step.kind} failed: {one_line(e)}")
                 continue
             self.pending[sink].steps.append(step)
@@ -474,7 +478,7 @@ class Stream:
             groups = self.aggregates.all_groups(view.name, view.aggregation)
             self._emit(view, *view.group_ops(groups, [], version), version)
             log.info("view %s: rebuilt state live, %d groups written at %s", view.name, len(groups),
-                     format_lsn(version))
+                     format_lsn(version), extra={"view": view.name, "sink": view.sink, "lsn": version})
 
     def _hand_over(self) -> bool:
         """Give every idle lane with work its batch; True if any got one."""
@@ -535,6 +539,7 @@ class Stream:
             except SinkError as e:
                 if not e.retryable:
                     raise
-                log.warning("idle checkpoint of sink %s at %s skipped: %s", lane.name, format_lsn(lsn), one_line(e))
+                log.warning("idle checkpoint of sink %s at %s skipped: %s", lane.name, format_lsn(lsn), one_line(e),
+                            extra={"sink": lane.name, "lsn": lsn})
                 return False
         return True

@@ -131,7 +131,8 @@ def load_wire(conn: psycopg.Connection[Any], view: View, sink: WireLoad, query: 
                     now = time.monotonic()
                     if now - last_log >= 5:
                         log.info("snapshot of %s%s for view %s: %d rows, %.0f rows/s (wire load)",
-                                 view.table, part, view.name, sent, sent / (now - t0))
+                                 view.table, part, view.name, sent, sent / (now - t0),
+                                 extra={"view": view.name, "table": view.table, "sink": view.sink})
                         last_log = now
         if chunk:
             yield chunk

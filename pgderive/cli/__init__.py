@@ -224,8 +224,9 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
     def status() -> dict[str, object]:
         # The facts of `pgderive status` (source, sinks, pgderive's tables), on the endpoint's
         # thread, at most every 2 s (HttpEndpoint caches them).
+        # engine.spec: the views of the last reload, not those of the start.
         from ..ops.status import slot_status, status_document
-        return status_document(slot_status(spec))
+        return status_document(slot_status(engine.spec))
 
     try:
         endpoint = HttpEndpoint(engine, settings, status=status)

@@ -102,6 +102,18 @@ def test_store_lineage_dot_renders_with_graphviz(db: Store, tmp_path: Path) -> N
     assert len(data) > 50_000 and width > 500 and height > 1000, (len(data), width, height)
 
 
+def test_lineage_without_a_source_exits_1(tmp_path: Path) -> None:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PGDERIVE_STORE_DSN": f"postgresql://postgres@127.0.0.1:{port}/store?connect_timeout=3"}
+    out = subprocess.run([sys.executable, "-m", "pgderive.cli", "lineage", "-c", str(CONFIG)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.startswith("error: cannot read the source catalog"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 LEAK = """
   lin_order_search:
     table: orders

@@ -3,13 +3,15 @@ the widget store's catalog facts stand in for check_source's."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pgderive.ops.lineage import lineage_document, render_dot, render_json, render_text
-from tests.support import ROOT
 from views.lineage import UNDECLARED, analyze
 from views.spec import load_spec, parse_spec
 
 from .store_catalog import CATALOG
+
+ROOT = Path(__file__).resolve().parents[2]
 
 HEAD = """
 source: {dsn: "postgresql://x@127.0.0.1/store", slot: s}

@@ -204,8 +204,9 @@ case "$cmd" in
     # (the integ-test distribution has no security plugin); openssl makes the test's CA.
     # prometheus (and its promtool) scrapes a daemon in tests/integration/test_monitoring.py,
     # started by the test on a free port; chromium renders the status page there.
+    # graphviz: `dot` renders `pgderive lineage --format dot` (tests/integration/test_lineage.py).
     apt_install postgresql-15 postgresql-15-wal2json redis-server \
-      openjdk-17-jre-headless curl unzip haproxy openssl prometheus chromium
+      openjdk-17-jre-headless curl unzip haproxy openssl prometheus chromium graphviz
     ensure_user
     pg_up
     redis_up

@@ -16,9 +16,11 @@ from cdc.catalog import PLUGIN, RELKIND, TableInfo, probe_plugin, relation, tabl
 
 from .aggregate import AggregateError
 from .derive import View, load_function
+from .policy import policy_problems
 from .spec import IncludeSpec, Spec, ViewSpec
+from .spec.models import COLUMN_RE
 
-__all__ = ["check_source", "build_views"]
+__all__ = ["check_source", "build_views", "catalog_facts"]
 
 
 def _unknown(column: str, info: TableInfo) -> str:
@@ -148,7 +150,9 @@ def check_source(spec: Spec, conn: psycopg.Connection) -> dict[str, TableInfo]:
     each view's table exists and is an ordinary table; its key and fields name existing
     columns; its updates/deletes are identifiable (primary key or REPLICA IDENTITY FULL/USING
     INDEX) and the key columns are part of that identity; opensearch views without ``key``
-    have a primary key to default to.
+    have a primary key to default to; ``classification`` names existing columns and no view
+    copies a classified column into a sink whose ``allow`` lacks its tag
+    (:func:`views.policy.policy_problems`).
 
     Args:
         spec: a validated spec (from :func:`views.spec.load_spec`).
@@ -204,6 +208,44 @@ def _check(spec: Spec, conn: psycopg.Connection,
         problems += _view_problems(view, path, infos[view.qualified], conn)
         if view.include:
             problems += _include_problems(view.include, path, infos[view.qualified], conn, infos)
+    for column in spec.classification:  # classified tables no view reads still must exist
+        m = COLUMN_RE.match(column)
+        if m is not None and f"{m.group(1)}.{m.group(2)}" not in infos:
+            info = table_info(conn, m.group(1), m.group(2))
+            if info is not None:
+                infos[info.qualified] = info
+    problems += policy_problems(spec, infos)
+    return infos
+
+
+def _named_tables(spec: Spec) -> list[tuple[str, str]]:
+    """``(schema, name)`` of every table the spec names: views, includes at any depth, classification."""
+    found: list[tuple[str, str]] = []
+
+    def walk(includes: Mapping[str, IncludeSpec] | None) -> None:
+        for inc in (includes or {}).values():
+            found.append(tuple(inc.qualified.split(".", 1)))  # type: ignore[arg-type]
+            walk(inc.include)
+    for view in spec.views.values():
+        found.append((view.schema, view.name))
+        walk(view.include)
+    for column in spec.classification:
+        m = COLUMN_RE.match(column)
+        if m is not None:
+            found.append((m.group(1), m.group(2)))
+    return list(dict.fromkeys(found))
+
+
+def catalog_facts(spec: Spec, conn: psycopg.Connection) -> dict[str, TableInfo]:
+    """Catalog facts (``schema.name`` → :class:`TableInfo`) of every table the spec names, read
+    without checking anything (``pgderive lineage``); tables that do not exist are left out.
+
+    Raises :class:`psycopg.Error` when the catalog cannot be read."""
+    infos: dict[str, TableInfo] = {}
+    for schema, name in _named_tables(spec):
+        info = table_info(conn, schema, name)
+        if info is not None:
+            infos[info.qualified] = info
     return infos
 
 

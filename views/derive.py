@@ -185,9 +185,14 @@ class View:
 
     def _final(self, row: Row, doc: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
         """``doc`` after the view's ``derive`` function (None: not in the view); a failure is a
-        :class:`DerivationError` carrying the row's sink ``key``."""
+        :class:`DerivationError` carrying the row's sink ``key``. With ``derive_reads`` and
+        ``outputs`` declared (:mod:`views.policy`), the function receives only the declared
+        reads, and a result holding a field not in ``outputs`` is a :class:`DerivationError`."""
         if self.derive_fn is None:
             return doc
+        reads, outputs = self.spec.derive_reads, self.spec.outputs
+        if reads is not None:
+            doc = {k: doc[k] for k in reads if k in doc}
         try:
             out = self.derive_fn(doc)
         except Exception as e:  # a user function: any failure is this row's dead letter
@@ -196,6 +201,12 @@ class View:
         if out is not None and not isinstance(out, dict):
             raise DerivationError(self.name, self.table, row,
                                   f"derive {self.spec.derive} returned {type(out).__name__}, not dict or None", key)
+        if out is not None and outputs is not None:
+            extra = [k for k in out if k not in outputs]
+            if extra:
+                raise DerivationError(self.name, self.table, row,
+                                      f"derive {self.spec.derive} returned undeclared field(s) {', '.join(map(str, extra))}"
+                                      f" (outputs: {', '.join(outputs)})", key)
         return out
 
     def _key(self, row: Row) -> str:
@@ -381,6 +392,8 @@ def view_fingerprint(view: View) -> str:
                         "sink": view.sink, "target": [view.target.format, view.target.index],
                         **({"where": view.spec.where} if view.spec.where else {}),
                         **({"derive": view.spec.derive} if view.spec.derive else {}),
+                        **({"derive_io": [view.spec.derive_reads, view.spec.outputs]}
+                           if view.spec.derive_reads is not None else {}),
                         **({"include": view.spec.model_dump(include={"include"})} if view.spec.include else {}),
                         # "state" 2: group states in pgderive.agg_groups (a view stored before them rebuilds)
                         **({"group": [view.spec.group_by, view.spec.aggregate], "state": 2}

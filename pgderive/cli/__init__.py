@@ -3,7 +3,7 @@
 Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``),
 ``status``, ``rebuild VIEW`` (online through the running daemon, or ``--offline``), ``reload``,
 ``drop VIEW`` (a retired view's data, :mod:`pgderive.ops.drop`), ``verify VIEW [--repair]``
-(:mod:`pgderive.ops.verify`), ``dead-letters list|retry|discard`` (rows a view could not derive,
+(:mod:`pgderive.ops.verify`), ``lineage [--format text|json|dot]`` (:mod:`pgderive.ops.lineage`), ``dead-letters list|retry|discard`` (rows a view could not derive,
 see :mod:`pgderive.state.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
 1 operational error (message on stderr), 2 usage or configuration error.
@@ -754,6 +754,30 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
                 final = second
         equal = equal and final.equal
     sys.exit(0 if equal else 1)
+
+
+@main.command()
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot"]), default="text", show_default=True,
+              help="text: a table per view; json: a stable document; dot: a Graphviz digraph (dot -Tpng).")
+def lineage(config: str, fmt: str) -> None:
+    """Which source columns flow into which sink keys and fields, through which view and how
+    (projection, rename, key, include, where, group_by, aggregate, derive), with their
+    classification: from the YAML and the source catalog only, no sink contacted. Flows the
+    policy refuses are marked. Exit code 0, 1 when the source cannot be read, 2 for a bad file."""
+    from views.check import catalog_facts
+    from views.lineage import analyze
+
+    from ..ops.lineage import render_dot, render_json, render_text
+
+    spec = _load(config)
+    try:
+        with psycopg.connect(spec.source.conninfo(), autocommit=True) as conn:
+            infos = catalog_facts(spec, conn)
+    except psycopg.Error as e:
+        _fail(f"cannot read the source catalog {spec.source.redacted_dsn()}: {e}")
+    render = {"text": render_text, "json": render_json, "dot": render_dot}[fmt]
+    click.echo(render(analyze(spec, infos), spec), nl=False)
 
 
 @main.group("dead-letters")

@@ -764,8 +764,10 @@ class Engine:
                       one_line(e))
             return f"refused: cannot read the source catalog: {one_line(e)}"
         if plan.empty:
-            log.info("reload: no view changed")
-            return "ok: no view changed"
+            if plan.policy_changed:  # nothing to rebuild: the new policy passed build_views
+                self.spec = plan.spec
+            log.info("reload: %s", plan.summary())
+            return f"ok: {plan.summary()}"
         self._reload_applied.clear()
         self._reload_pending = plan
         self._cycle.set()

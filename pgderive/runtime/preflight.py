@@ -8,6 +8,11 @@ the sinks are asked with a read-only call, Postgres with catalog queries and the
 functions (Postgres manual, "System Information Functions and Operators", "Access Privilege
 Inquiry Functions").
 
+The classification policy (no view copies a classified column into a sink that does not
+``allow`` its tag, :mod:`views.policy`) is not checked here but by
+:func:`views.check.check_source`, which both ``validate`` and ``run`` call before this module:
+one function, the same messages.
+
 What is checked (every problem is collected, none stops the others):
 
 * **Sinks** (:meth:`sinks.base.Sink.check`): each sink a view uses is reachable and accepts the

@@ -53,3 +53,36 @@ def test_a_change_outside_views_is_refused(edit):
     new, new_views = bound(BASE.replace(*edit))
     with pytest.raises(ReloadRefused, match="only views can change without a restart"):
         plan_reload(old, new, views, new_views)
+
+
+def test_the_classification_policy_may_change_on_reload():
+    # classification and a sink's allow are taken (build_views has checked the new file's
+    # policy before plan_reload sees it); nothing is rebuilt, the summary says so.
+    old, views = bound(BASE)
+    text = BASE.replace("cache: {type: redis}", "cache: {type: redis, allow: [pii]}").replace(
+        "views:", "classification: {public.t.v: pii}\nviews:")
+    new, new_views = bound(text)
+    plan = plan_reload(old, new, views, new_views)
+    assert plan.empty and plan.policy_changed
+    assert plan.summary() == "no view changed; classification policy changed"
+    assert plan.spec.classification == {"public.t.v": ["pii"]}
+    # the same file again: no policy change
+    assert not plan_reload(new, bound(text)[0], new_views, bound(text)[1]).policy_changed
+
+
+def test_a_sink_change_besides_allow_is_still_refused():
+    old, views = bound(BASE)
+    new, new_views = bound(BASE.replace("cache: {type: redis}",
+                                        'cache: {type: redis, allow: [pii], url: "redis://127.0.0.1:6390/0"}'))
+    with pytest.raises(ReloadRefused, match=r"section\(s\) sinks changed"):
+        plan_reload(old, new, views, new_views)
+
+
+def test_a_reload_that_breaks_the_policy_is_refused_before_planning():
+    # The daemon binds the new file with build_views, which runs views.policy: a tightened
+    # policy under a running view never reaches plan_reload.
+    from views.policy import policy_problems
+
+    text = BASE.replace("views:", "classification: {public.t.v: pii}\nviews:")
+    new = parse_spec(text)
+    assert [p for p, _ in policy_problems(new, {"public.t": T})] == ["views.a.fields[1]"]

@@ -234,7 +234,7 @@ def test_str_of_spec_error_is_file_line_path_message() -> None:
                           " (double-quote mixed-case names: 'public.\"Orders\"')")),
     ('  v: {table: t, sink: cache, key: "{a}", colour: red}',
      ("views.v.colour", 6, "unknown key 'colour' (allowed: table, sink, key, fields, format,"
-                           " index, where, derive, include, group_by, aggregate)")),
+                           " index, where, derive, include, group_by, aggregate, derive_reads, outputs)")),
     ('  v: {table: 3, sink: cache, key: "{a}"}',
      ("views.v.table", 6, "must be a string, got a number")),
     ('  v: [table, t]',
@@ -301,11 +301,12 @@ def test_colliding_keys_and_indexes_across_views() -> None:
       ("sinks.c", 5, "must be a mapping, got a number"),
       ("sinks.d.url", 6, "must be a redis://, rediss:// or unix:// URL"),
       ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url, ca_certs, client_cert, client_key,"
-                                 " verify_certs, lane)"),
+                                 " verify_certs, lane, allow)"),
       ("sinks.e.hosts", 7, "must list at least one host, e.g. [\"http://127.0.0.1:9201\"]"),
       ("sinks.f.hosts[0]", 8, "must be an http:// or https:// URL"),
       ("sinks.g.hosts", 9, "must be a list, got a string"),
-      ("extra", 11, "unknown key 'extra' (allowed: source, sinks, views, dead_letters, bootstrap, http)")]),
+      ("extra", 11, "unknown key 'extra' (allowed: source, sinks, views, dead_letters, bootstrap, http,"
+                        " classification)")]),
     ("source: x\nsinks: []\nviews: {}\n",
      [("source", 1, "must be a mapping, got a string"),
       ("sinks", 2, "must be a mapping, got a list"),

@@ -30,7 +30,7 @@ __all__ = [
     "LaneMode", "BootstrapSpec", "HttpSpec", "HTTP_LISTEN",
     "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
-    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
+    "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "TAG_RE", "COLUMN_RE", "Tags", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
 ]
 
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -194,6 +194,31 @@ def _check_file(v: str | None) -> str | None:
     return v
 
 
+#: A classification tag: a word such as ``pii`` or ``secret`` (README, "Provenance and governance").
+TAG_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+def _check_tags(v: Any) -> Any:
+    """A tag or a list of tags (``pii`` or ``[pii, secret]``) → the list, without repeats."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list):
+        raise _fail(f"must be a tag (e.g. pii) or a list of tags, got {_kind(v)}")
+    for i, tag in enumerate(items):
+        sub = f"[{i}]" if isinstance(v, list) else ""
+        if not isinstance(tag, str) or not TAG_RE.match(tag):
+            shown = repr(tag) if isinstance(tag, str) else _kind(tag)
+            raise _fail(f"invalid tag {shown}: use a lowercase word such as pii or secret"
+                        " (letters, digits, '_', '-')", sub)
+    return list(dict.fromkeys(items))
+
+
+#: ``allow:`` of a sink and each value of ``classification:``: tags, one or a list.
+Tags = Annotated[list[str], BeforeValidator(_check_tags)]
+
+#: A classified column: ``schema.table.column`` (unquoted names, as in the catalog).
+COLUMN_RE = re.compile(r"^([^.\s]+)\.([^.\s]+)\.([^.\s]+)$")
+
+
 #: TLS file options of both sink kinds: an existing, readable file (or omitted).
 TlsFile = Annotated[Union[str, None], AfterValidator(_check_file)]
 
@@ -229,6 +254,8 @@ class RedisSinkSpec(BaseModel):
         verify_certs: verify the server's certificate chain and host name (default true;
             false encrypts without knowing who answers).
         lane: where the daemon applies this sink's batches (:data:`LaneMode`).
+        allow: classification tags (:attr:`Spec.classification`) whose columns views may copy
+            into this sink (default none: no classified column; :mod:`views.policy`).
     """
 
     model_config = _STRICT
@@ -239,6 +266,7 @@ class RedisSinkSpec(BaseModel):
     client_key: TlsFile = None
     verify_certs: bool = True
     lane: LaneMode = "auto"
+    allow: Tags = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod
@@ -273,6 +301,8 @@ class OpenSearchSinkSpec(BaseModel):
             ${OPENSEARCH_PASSWORD}``. Never logged. Sent over plain ``http://`` hosts with a
             warning.
         lane: where the daemon applies this sink's batches (:data:`LaneMode`).
+        allow: classification tags whose columns views may copy into this sink (as
+            :class:`RedisSinkSpec`).
     """
 
     model_config = _STRICT
@@ -286,6 +316,7 @@ class OpenSearchSinkSpec(BaseModel):
     username: str | None = None
     password: str | None = Field(None, repr=False)
     lane: LaneMode = "auto"
+    allow: Tags = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _tls(self) -> "OpenSearchSinkSpec":
@@ -527,6 +558,11 @@ class ViewSpec(BaseModel):
             (:mod:`views.aggregate`), keyed by a template over these columns.
         aggregate: output name → ``count(*)``, ``count(col)``, ``sum(col)``, ``min(col)``,
             ``max(col)`` or ``avg(col)``; ``col`` a root column or ``include_name.field``.
+        derive_reads: with ``derive``: the record's fields the function reads (output names;
+            ``include.field`` or an include's name for nested values). A declaration for the
+            classification policy (:mod:`views.policy`), which cannot read Python code.
+        outputs: with ``derive``: the fields the function returns; for the policy they carry
+            the tags of every declared read. ``derive_reads`` and ``outputs`` go together.
     """
 
     model_config = _STRICT
@@ -541,6 +577,8 @@ class ViewSpec(BaseModel):
     include: dict[str, IncludeSpec] | None = None
     group_by: list[str] | None = None
     aggregate: dict[str, str] | None = None
+    derive_reads: list[str] | None = None
+    outputs: list[str] | None = None
 
     _schema: str = PrivateAttr("")
     _name: str = PrivateAttr("")
@@ -599,6 +637,10 @@ class ViewSpec(BaseModel):
             raise ValueError("group_by and aggregate go together")
         if self.aggregate is not None and self.fields is not None:
             raise ValueError("an aggregate view has no fields: its records are the group_by columns and the aggregates")
+        if (self.derive_reads is None) != (self.outputs is None):
+            raise ValueError("derive_reads and outputs go together (the fields a derive function reads and returns)")
+        if self.derive_reads is not None and self.derive is None:
+            raise ValueError("derive_reads and outputs declare a derive function: add derive or remove them")
 
     @property
     def schema(self) -> str:  # type: ignore[override]  # shadows the deprecated BaseModel.schema()
@@ -763,7 +805,9 @@ class HttpSpec(BaseModel):
 
 class Spec(BaseModel):
     """The whole file: ``source``, ``sinks`` (by name), ``views`` (by name) and the optional
-    ``dead_letters`` settings (:class:`DeadLettersSpec`).
+    ``dead_letters`` settings (:class:`DeadLettersSpec`) and ``classification``
+    (``schema.table.column`` → list of tags such as ``pii``; checked against the sinks'
+    ``allow`` by :func:`views.policy.policy_problems`).
 
     Build it with :func:`load_spec` / :func:`parse_spec`, which also run the cross checks (view
     names, sink references, per-sink-type options) and fill defaults (redis ``format: hash``).
@@ -778,6 +822,15 @@ class Spec(BaseModel):
     dead_letters: DeadLettersSpec = Field(default_factory=DeadLettersSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     http: HttpSpec = Field(default_factory=HttpSpec)
+    classification: dict[str, Tags] = Field(default_factory=dict)
+
+    @field_validator("classification")
+    @classmethod
+    def _classification(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for column in v:
+            if not COLUMN_RE.match(column):
+                raise _fail(f"expected schema.table.column, got {column!r}", f".{column}")
+        return v
 
     _filename: str = PrivateAttr("<string>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)

@@ -23,10 +23,28 @@ from .changes import Row
 from .values import converter, to_text
 
 __all__ = ["snapshot_connection", "read_table", "read_rows", "output_text", "KeyRange", "key_ranges",
-           "row_estimate", "SPLIT_TYPES"]
+           "row_estimate", "snapshot_version", "SPLIT_TYPES"]
 
 #: Types (``format_type`` names) of a primary-key column a table may be split on.
 SPLIT_TYPES = frozenset({"smallint", "integer", "bigint"})
+
+
+def snapshot_version(consistent_point: int) -> int:
+    """The version (int LSN) of the state a snapshot exported at ``consistent_point`` shows:
+    ``consistent_point - 1``, for writes that may race with the stream (ARCHITECTURE.md,
+    rule 1).
+
+    The snapshot holds every commit whose commit record starts before the consistent point; the
+    slot streams every commit whose commit record starts at or after it (Postgres'
+    ``SnapBuildXactNeedsSkip``: skipped when the record's start < ``start_decoding_at``). A commit
+    record may start *exactly* at the consistent point: measured here under two writers, the
+    first streamed commit of 22 of 300 new slots had commit LSN == consistent point. Its Ops carry
+    that version, and sinks re-apply an equal version, so a snapshot row written at the
+    consistent point after that commit's Op would undo it. At ``consistent_point - 1`` the
+    snapshot row loses to every streamed commit whatever the order of the two writes, and still
+    wins over every commit the snapshot holds (commit LSN <= ``consistent_point - 1``).
+    """
+    return consistent_point - 1
 
 
 @contextmanager

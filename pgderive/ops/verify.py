@@ -75,7 +75,7 @@ import psycopg
 from cdc.changes import Transaction
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.slot import Keepalive, SlotReader, slot_info
-from cdc.snapshot import snapshot_connection
+from cdc.snapshot import snapshot_connection, snapshot_version
 from sinks.base import Doc, Op, Refreshable, Sink
 from views.check import build_views
 from views.derive import View
@@ -346,7 +346,7 @@ class _Verifier:
                  aux: psycopg.Connection, repair: bool) -> None:
         self.view, self.sink, self.x, self.result = view, sink, x, result
         self.changes, self.aux, self.repair = changes, aux, repair
-        self.version = x - 1  # the snapshot state's own version (see the module docstring)
+        self.version = snapshot_version(x)  # X - 1: see the module docstring
         self.expected: set[int] = set()
         self.pending: list[tuple[str, Op, dict[str, Any] | None, dict[str, Any]]] = []
         self.fixes: list[Op] = []

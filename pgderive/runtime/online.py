@@ -11,16 +11,17 @@ One :class:`OnlineRebuild` per view, on a thread of the daemon, in phases record
    definition, only there: the live generation keeps serving what it had). The rebuild waits
    until the lane's sink applied that step.
 2. **loading** — a TEMPORARY slot created with an exported snapshot gives a snapshot at a known
-   LSN X, later than the follow step; the view is loaded at version X into the new generation,
-   with progress (rows, rows/s, ETA) in ``pgderive.rebuilds`` and the log. Writes for commits
-   after X that the stream makes meanwhile carry higher versions and win (rule 2); delete
+   LSN X, later than the follow step; the view is loaded at version X - 1
+   (:func:`cdc.snapshot.snapshot_version`) into the new generation, with progress (rows, rows/s,
+   ETA) in ``pgderive.rebuilds`` and the log. Writes for commits at or after X that the stream
+   makes meanwhile carry higher versions and win (rule 2); delete
    tombstones are kept while the generation loads, so no snapshot row resurrects a row deleted
    after X.
 3. **catching_up** — wait until the view's lane acknowledged X (the stream has passed the
    snapshot).
 4. **switching** — OpenSearch: a *commit* step moves the alias to the new index in one
    ``_aliases`` call at an exact point of the stream and deletes the old one. Redis (records
-   shared by every generation): the records older than X, which the snapshot did not hold, are
+   shared by every generation): the records older than X - 1, which the snapshot did not hold, are
    deleted by the compare-and-set sweep. A TRUNCATE of the view after X makes the rebuild start
    over (the generation holds rows it removed).
 
@@ -43,7 +44,7 @@ from psycopg import sql
 
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.slot import SlotReader
-from cdc.snapshot import snapshot_connection
+from cdc.snapshot import snapshot_connection, snapshot_version
 from sinks.base import LiveGenerations, Sink
 from views.derive import View
 
@@ -265,7 +266,9 @@ class OnlineRebuild:
                 truncated = self.host.truncated.get(view.name, 0)
                 if truncated > x:
                     raise StartOver(f"a TRUNCATE emptied it at {format_lsn(truncated)}, after the snapshot")
-                self._retry("commit_generation", lambda: sink.commit_generation(view.name, begun, x))
+                # The snapshot's records are at X - 1: the sweep deletes what is older.
+                self._retry("commit_generation",
+                            lambda: sink.commit_generation(view.name, begun, snapshot_version(x)))
             generation = None  # live now: nothing to abort
             _injected_pause("switched", self.halt)
             return x
@@ -369,11 +372,14 @@ class OnlineRebuild:
                     log.debug("progress of the rebuild of %s not recorded: %s", view.name, one_line(e),
                               extra=self._fields)
 
+            # Snapshot rows go in at X - 1, not X: the stream, writing G meanwhile, may hold a
+            # commit at exactly X that the snapshot lacks (cdc.snapshot.snapshot_version).
+            version = snapshot_version(x)
             with snapshot_connection(self.dsn, snapshot) as conn:
                 if aggregates is not None and state is not None:
-                    rows = self._load_state(conn, aggregates, state, x, progress)
+                    rows = self._load_state(conn, aggregates, state, version, progress)
                 else:
-                    stats = load_snapshot(conn, [view], {view.sink: sink}, x, stop=self.halt,
+                    stats = load_snapshot(conn, [view], {view.sink: sink}, version, stop=self.halt,
                                           should_stop=self.host.stop.is_set, generations={view.name: generation},
                                           commit=False, live=True, progress=progress,
                                           on_dead_letters=self.host.record_dead_letters)
@@ -387,9 +393,9 @@ class OnlineRebuild:
         finally:
             reader.close()  # the temporary slot goes with its connection
 
-    def _load_state(self, conn: psycopg.Connection[Any], aggregates: AggregateStore, state: str, x: int,
+    def _load_state(self, conn: psycopg.Connection[Any], aggregates: AggregateStore, state: str, version: int,
                     progress: Callable[[str, int], None]) -> int:
-        """An aggregate view's snapshot: its rows' contributions at version ``x`` into the
+        """An aggregate view's snapshot: its rows' contributions at ``version`` (X - 1) into the
         rebuilt ``state`` (:meth:`~pgderive.state.aggregates.AggregateStore.load_newer`: the
         stream feeds it meanwhile, newer contributions kept). Returns the rows read."""
         view, tree, agg = self.view, self.view.tree, self.view.aggregation
@@ -405,7 +411,7 @@ class OnlineRebuild:
                     yield tree.row_identity(row), row
                 seen += len(chunk)
                 progress(view.name, seen)
-        return aggregates.load_newer(state, agg, contributions(), x)
+        return aggregates.load_newer(state, agg, contributions(), version)
 
     def _estimate(self) -> int | None:
         """The planner's row estimate of the view's table (``pg_class.reltuples``; None when the

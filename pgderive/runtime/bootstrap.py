@@ -426,6 +426,7 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         return retried(f"sink {sinks[v.sink].name} (new generation of {v.name})",
                        lambda: sinks[v.sink].begin_generation(v.name, version))
 
+    started = time.monotonic()
     given = generations or {}
     begun = {v.name: given[v.name] if v.name in given else begin(v) for v in views}
     parallel = concurrency > 1 and connect is not None
@@ -445,6 +446,10 @@ def load_snapshot(conn: psycopg.Connection, views: Sequence[View], sinks: Mappin
         log.warning("loading view(s) %s row by row: a sink refused the wire load of a key range",
                     ", ".join(sorted(refused)), extra={"view": ",".join(sorted(refused))})
         run(again)
+    secs = time.monotonic() - started
+    for v in views:  # one line per view, whatever its key ranges and tasks
+        log.info("snapshot of view %s done: %d records in %.1f s", v.name, stats.records.get(v.name, 0), secs,
+                 extra={"view": v.name, "table": v.table, "sink": v.sink, "lsn": version})
     if not commit:
         return stats
     for v in views:

@@ -433,6 +433,9 @@ def test_statement_timeout_spares_the_bootstrap_copy(tmp_path: Path) -> None:
         code, _ = terminate(proc, within=10)
         out = log.read_text()
         assert code == 0, out[-3000:]
-        assert "300000 rows in" in out and "statement timeout" not in out
+        # One line per view whether or not the table was split into key ranges (it is when the
+        # planner's estimate, present once autovacuum analyzed the table, exceeds split_rows).
+        assert re.search(r"snapshot of view \S+ done: 300000 records in", out), out[-3000:]
+        assert "statement timeout" not in out
     finally:
         src.close()

@@ -67,10 +67,11 @@ CREATE TABLE IF NOT EXISTS pgderive.agg_groups (
 );
 """
 STATE_TABLES = ["agg_groups", "agg_rows", "dead_letters", "slot_state"]  # the old DDL's tables
-ALL_TABLES = ["agg_groups", "agg_rows", "agg_touched", "dead_letters", "rebuilds", "schema_version", "slot_state",
-              "views"]
+ALL_TABLES = ["agg_groups", "agg_rows", "agg_touched", "commits", "dead_letters", "rebuilds", "schema_version",
+              "slot_state", "views"]
 EXPECTED_VERSIONS = [(1, "slot_state"), (2, "dead_letters"), (3, "aggregates"), (4, "agg_touched"),
-                     (5, "dead_letter_rows"), (6, "rebuilds"), (7, "view_registry")]
+                     (5, "dead_letter_rows"), (6, "rebuilds"), (7, "view_registry"),
+                     (8, "commits")]
 
 
 @pytest.fixture
@@ -119,7 +120,7 @@ def shape(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
 
 def test_shipped_migrations_are_numbered_without_gaps() -> None:
     assert [(m.version, m.name) for m in schema.migrations()] == EXPECTED_VERSIONS
-    assert latest_version() == 7
+    assert latest_version() == 8
 
 
 def test_fresh_database_gets_every_table_and_the_latest_version(dsn: str) -> None:
@@ -140,7 +141,7 @@ def test_migrations_build_exactly_the_old_ddl(dsn: str) -> None:
         with connect(old_dsn) as conn:
             for ddl in (OLD_SLOT_STATE, OLD_DEAD_LETTERS, OLD_AGGREGATES):
                 conn.execute(ddl)
-            for m in schema.migrations()[4:]:  # 0005 alters dead_letters; 0006, 0007 add tables
+            for m in schema.migrations()[4:]:  # 0005 alters dead_letters; 0006-0008 add tables
                 conn.execute(m.sql)
         with connect(dsn) as conn:
             migrate(conn)

@@ -2,9 +2,10 @@
 for it now, read in one snapshot (ARCHITECTURE.md, "Explain").
 
 :func:`read_source` opens a ``REPEATABLE READ READ ONLY`` transaction whose first statement
-reads ``pg_current_wal_insert_lsn()``: the snapshot is taken as that statement starts, so every
-commit visible in it has its commit record before that LSN (S). Everything else is read in the
-same snapshot:
+reads ``pg_current_wal_lsn()``: the snapshot is taken as that statement starts, and a commit is
+visible only once its commit record is written (flushed, with ``synchronous_commit`` on), so
+every commit visible in the snapshot ends at or before that LSN (S), and a slot confirmed at S
+has had all of them applied. Everything else is read in the same snapshot:
 
 * the root rows whose key columns render the key (:func:`views.keys.parse_key`), whether or
   not they satisfy the view's ``where`` (that is reported), with their ``xmin`` and, when
@@ -101,7 +102,7 @@ class SourceRead:
     """What one snapshot of the source says about one key.
 
     Attributes:
-        lsn: S, ``pg_current_wal_insert_lsn()`` when the snapshot was taken (int LSN).
+        lsn: S, ``pg_current_wal_lsn()`` when the snapshot was taken (int LSN).
         expected: the document the view derives for the key now (model values); None when the
             view holds no record for it (no row, ``where`` false, ``derive`` returned None, or
             no group).
@@ -159,7 +160,7 @@ def read_source(dsn: str, view: View, key: str, candidates: Sequence[dict[str, s
     with psycopg.connect(dsn, application_name="pgderive-explain") as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
-        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text, "
+        row = conn.execute("SELECT pg_current_wal_lsn()::text, "
                            "current_setting('track_commit_timestamp')").fetchone()
         assert row is not None
         out = SourceRead(parse_lsn(row[0]))
@@ -274,7 +275,7 @@ def _included(conn: psycopg.Connection, nodes: Sequence[IncludeNode], parent: di
             out.truncated = True
             return
         ident = _identity(node.info)
-        names = dict.fromkeys([*ident, *node.fields.values(), *(c.parent_col for c in node.children)])
+        names = dict.fromkeys([*ident, *node.fields.values(), node.col, *(c.parent_col for c in node.children)])
         columns = [(c, node.info.columns[c]) for c in names if c in node.info.columns]
         want = 1 if not node.many else (node.limit or MAX_INCLUDED)
         take = min(want, budget[0])

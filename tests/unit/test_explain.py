@@ -272,3 +272,17 @@ def test_explain_endpoint_serves_the_document_404_unknown_view_400_bad_key() -> 
         assert calls[-1][2] == 10.0 or calls[-1][1] == "boom"
     finally:
         ep.close()
+
+
+def test_a_version_is_traced_to_the_stream_a_snapshot_load_or_nothing() -> None:
+    from pgderive.ops.explain import _origin
+
+    commit = Commit(0x500, 9, dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc))
+    assert _origin(0x500, commit, 0x100, None)[0] == "stream"
+    assert _origin(0x100, None, 0x100, 0x300) == ("bootstrap", "a snapshot load: the bootstrap at the slot's "
+                                                              "consistent point 0/100")
+    origin, note = _origin(0x2FF, None, 0x100, 0x300)  # online rebuilds load at X - 1
+    assert origin == "rebuild" and "0/300" in note
+    assert _origin(0x300, None, 0x100, 0x300) == ("unknown", "not recorded (older than provenance retention, "
+                                                             "or provenance off)")
+    assert _origin(None, None, 0x100, None)[0] is None

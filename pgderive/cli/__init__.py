@@ -800,7 +800,10 @@ def explain(config: str, view: str, key: str, wait: float, as_json: bool) -> Non
         click.echo(orjson.dumps(explanation_document(result),
                                 option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
     else:
-        _console.print(render_explanation(result))
+        # Into a pipe the report takes $COLUMNS when set (make demo-store passes its own width).
+        columns = os.environ.get("COLUMNS", "")
+        wide = not _console.is_terminal and columns.isdigit()
+        (Console(width=int(columns)) if wide else _console).print(render_explanation(result))
     sys.exit(result.exit_code)
 
 

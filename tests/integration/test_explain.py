@@ -216,8 +216,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+BOTH = """
+  P_both: {table: customers, sink: [cache, search], key: "P_:c:{id}", index: Pidx_cust, fields: [name]}
+"""
+
+
 def test_tampered_records_are_different_with_their_fields_and_http_explain(scenario) -> None:
-    s = scenario(SCHEMA, VIEWS)
+    s = scenario(SCHEMA, VIEWS + BOTH)
     port = _free_port()
     s.daemon = Daemon(s.config, s.log, "--http", f"127.0.0.1:{port}").start()
     wait_until(lambda: streaming(s.dsn, s.slot), 120, what="bootstrap")
@@ -263,4 +268,17 @@ def test_tampered_records_are_different_with_their_fields_and_http_explain(scena
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(f"{base}?{query}", timeout=60)
             assert e.value.code == code and "error" in json.loads(e.value.read())
+        # a view kept in two sinks: name one copy
+        rc, _, err = explain(s, name(s, "both"), key(s, "c:3"))
+        assert rc == 2 and "kept in several sinks" in err, err
+        rc, doc, _ = explain(s, name(s, "both") + "@search", key(s, "c:3"))
+        assert rc == 0 and doc["verify"]["status"] == "equal" and doc["sink"]["name"] == "search"
+        assert doc["record"]["doc"] == {"name": "Customer 3"}
     assert s.daemon.alive()
+    # the daemon stopped: a change it has not applied is pending, not different
+    assert s.daemon.stop() == 0
+    s.sql("UPDATE orders SET total = 7 WHERE id = 160")
+    rc, doc, _ = explain(s, name(s, "plain"), key(s, "o:160"), "--wait", "1")
+    assert rc == 1 and doc["verify"]["status"] == "pending", doc["verify"]
+    assert doc["verify"]["note"].startswith("newer commits not applied yet (slot ") and "not running" in doc["verify"]["note"]
+    assert doc["verify"]["differences"] == [] and doc["verify"]["expected"]["total"] == "7"

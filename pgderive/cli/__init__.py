@@ -141,7 +141,7 @@ def _fail(e: BaseException | str) -> NoReturn:
 @click.option("--stats-file", type=click.Path(dir_okay=False),
               help="Write a JSON summary (changes, ops, lag percentiles) here every 2 s.")
 @click.option("--http", "http_listen", metavar="HOST:PORT|off", envvar="PGDERIVE_HTTP",
-              help="Serve /metrics, /healthz, /readyz, /status and the status page here "
+              help="Serve /metrics, /healthz, /readyz, /status, /explain and the status page here "
                    "(default: $PGDERIVE_HTTP, else the YAML's http.listen, else 127.0.0.1:9187; "
                    "port 0: any free port).")
 @_log_format_option(None, None)

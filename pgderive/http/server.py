@@ -150,7 +150,8 @@ class HttpEndpoint:
         self._sample()
         self._thread.start()
         self._sampler.start()
-        log.info("serving /metrics, /healthz, /readyz, /status and the status page on %s", self.url)
+        log.info("serving /metrics, /healthz, /readyz, /status%s and the status page on %s",
+                 ", /explain" if self._explain is not None else "", self.url)
 
     def close(self) -> None:
         """Stop serving; requests in progress end with the process (their threads are daemons)."""

@@ -282,3 +282,20 @@ def test_tampered_records_are_different_with_their_fields_and_http_explain(scena
     assert rc == 1 and doc["verify"]["status"] == "pending", doc["verify"]
     assert doc["verify"]["note"].startswith("newer commits not applied yet (slot ") and "not running" in doc["verify"]["note"]
     assert doc["verify"]["differences"] == [] and doc["verify"]["expected"]["total"] == "7"
+
+
+def test_commit_time_of_xmin_is_none_not_an_error_when_postgres_cannot_tell(pg_dsn) -> None:
+    """track_commit_timestamp off (this cluster's setting), a bootstrap xid: no time, and the
+    snapshot transaction goes on (the failed call ran in a savepoint)."""
+    from pgderive.ops.explain_source import _commit_time
+
+    with psycopg.connect(pg_dsn) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        track = conn.execute("SELECT current_setting('track_commit_timestamp')").fetchone()[0]
+        xid = int(conn.execute("SELECT pg_current_xact_id()::xid::text").fetchone()[0])
+        got = _commit_time(conn, xid - 1)
+        if track == "off":
+            assert got is None
+        assert _commit_time(conn, 2) is None  # FrozenTransactionId
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.rollback()

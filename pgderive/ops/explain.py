@@ -12,7 +12,8 @@ For one key of one view it gathers:
 2. **The source rows** it is derived from (:mod:`pgderive.ops.explain_source`): the root row
    (with its ``xmin`` and, where Postgres tracks it, that transaction's commit time), every
    included row by include path, or an aggregate's group with its contributions in
-   ``pgderive.agg_rows``.
+   ``pgderive.agg_rows``. A column the YAML's ``classification`` tags shows
+   ``<classified: TAGS>`` instead of its value (:func:`mask_classified`).
 3. **The definition and generation**: the view's fingerprint as the sink's data was completed
    under (``pgderive.slot_state``), as registered (``pgderive.views``) and as the YAML says now;
    the OpenSearch index behind the alias holding the document (:class:`~sinks.base.Locates`),
@@ -41,8 +42,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import psycopg
 
@@ -60,11 +61,11 @@ from ..state.provenance import Commit, CommitStore
 from ..state.rebuilds import RebuildStore
 from ..state.registry import ViewRegistry
 from ..state.slots import StateStore
-from .explain_source import SourceRead, read_source
+from .explain_source import SourceRead, SourceRow, read_source
 
 __all__ = ["Explanation", "Verdict", "FieldDiff", "Stored", "ExplainUsageError", "UnknownView", "BadKey",
-           "explain", "explain_view", "settle", "explanation_document", "field_diffs", "DOCUMENT_VERSION",
-           "DEFAULT_WAIT"]
+           "explain", "explain_view", "settle", "explanation_document", "field_diffs", "mask_classified",
+           "classified_marker", "DOCUMENT_VERSION", "DEFAULT_WAIT"]
 
 #: ``version`` of :func:`explanation_document`'s shape; raised when a key changes meaning.
 DOCUMENT_VERSION = 1
@@ -305,6 +306,28 @@ def settle(read_source_now: Callable[[], SourceRead], read_stored: Callable[[], 
                                             f"was compared ({rounds} rounds, last source at {format_lsn(src.lsn)})")
 
 
+def classified_marker(tags: Sequence[str]) -> str:
+    """What ``pgderive explain`` shows instead of a classified column's source value."""
+    return f"<classified: {', '.join(tags)}>"
+
+
+def mask_classified(rows: Sequence[SourceRow], classification: Mapping[str, Sequence[str]]) -> list[SourceRow]:
+    """``rows`` with the value of every column ``classification`` tags (``schema.table.column``
+    → tags, the YAML's ``classification:``) replaced by :func:`classified_marker`: explain
+    prints source values a sink never received (a ``where`` or join column, a column of a row
+    the sink does not allow), and serves them on ``/explain``, so a classified one is never
+    shown. The record and the expected record are what the sink holds (or would hold) and stay
+    as they are."""
+    if not classification:
+        return list(rows)
+    out = []
+    for r in rows:
+        values = {c: (classified_marker(classification[f"{r.table}.{c}"]) if f"{r.table}.{c}" in classification
+                      else v) for c, v in r.values.items()}
+        out.append(replace(r, values=values) if values != r.values else r)
+    return out
+
+
 def _origin(version: int | None, commit: Commit | None, bootstrap: int | None,
             rebuild: int | None) -> tuple[str | None, str]:
     if version is None:
@@ -338,6 +361,7 @@ def explain_view(spec: Spec, view: View, sink: Sink, key: str, *, wait: float = 
         src, stored, verdict = settle(source, lambda: _read_stored(sink, view.name, key),
                                       lambda doc: sink.stored_form(view.name, doc),
                                       lambda target, deadline: _confirmed(aux, slot, target, deadline), wait)
+    src.rows = mask_classified(src.rows, spec.classification)
     out = Explanation(view.name, key, view.sink, spec.sinks[view.sink].type, view.table, _shape(view), stored, src, verdict,
                       fingerprint=view_fingerprint(view))
     commits = CommitStore(dsn)

@@ -286,3 +286,15 @@ def test_a_version_is_traced_to_the_stream_a_snapshot_load_or_nothing() -> None:
     assert _origin(0x300, None, 0x100, 0x300) == ("unknown", "not recorded (older than provenance retention, "
                                                              "or provenance off)")
     assert _origin(None, None, 0x100, None)[0] is None
+
+
+def test_classified_source_values_are_masked_the_rest_kept() -> None:
+    from pgderive.ops.explain import mask_classified
+
+    rows = [SourceRow("", "public.orders", {"id": 1}, {"id": 1, "customer_id": 7}),
+            SourceRow("customer", "public.customers", {"id": 7}, {"id": 7, "name": "Ann", "email": "a@x"})]
+    got = mask_classified(rows, {"public.customers.name": ["pii"], "public.customers.email": ["pii", "contact"]})
+    assert got[0] is rows[0]
+    assert got[1].values == {"id": 7, "name": "<classified: pii>", "email": "<classified: pii, contact>"}
+    assert got[1].key == {"id": 7} and rows[1].values["name"] == "Ann"
+    assert mask_classified(rows, {}) == rows

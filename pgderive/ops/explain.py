@@ -57,6 +57,7 @@ from views.keys import KeyMismatch, parse_key
 from views.spec import Spec
 
 from ..runtime.sinks import open_sinks
+from ..state.deadletters import DeadLetterRecord, DeadLetterStore
 from ..state.provenance import Commit, CommitStore
 from ..state.rebuilds import RebuildStore
 from ..state.registry import ViewRegistry
@@ -163,6 +164,8 @@ class Explanation:
         registered_fingerprint, registry_status: ``pgderive.views``' row (None: no row).
         generation: the OpenSearch index holding the record, None otherwise;
         generation_note: one line on the generation.
+        dead_letters: the key's open dead letters in ``pgderive.dead_letters``, newest first
+            (at most 5): why a record may be missing or old.
         verdict: the one-record verify.
     """
 
@@ -184,6 +187,7 @@ class Explanation:
     registry_status: str | None = None
     generation: str | None = None
     generation_note: str = ""
+    dead_letters: list[DeadLetterRecord] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -381,6 +385,8 @@ def explain_view(spec: Spec, view: View, sink: Sink, key: str, *, wait: float = 
     if state is not None:
         fp = state.views.get(view.name)
         out.written_fingerprint = fp if isinstance(fp, str) else None
+    with DeadLetterStore(dsn) as letters:
+        out.dead_letters = letters.of_key(slot, view.name, key)
     entry = ViewRegistry(dsn).get(slot, view.name)
     if entry is not None:
         out.registered_fingerprint, out.registry_status = entry.fingerprint, entry.status
@@ -433,7 +439,7 @@ def explanation_document(e: Explanation) -> dict[str, Any]:
     ``record`` {found, doc, version, tombstone}, ``provenance`` {lsn, xid, committed_at,
     origin, note}, ``sources`` [{path, table, key, values, xmin, xmin_committed_at, in_view}],
     ``sources_truncated``, ``commit_timestamps`` (why xmin has no time, or null),
-    ``underivable``, ``group`` ({values, source_rows, state_rows, has_state, sample [{key,
+    ``underivable``, ``dead_letters`` [{id, lsn, error, created_at}], ``group`` ({values, source_rows, state_rows, has_state, sample [{key,
     version}]} or null), ``definition`` {fingerprint, written_fingerprint,
     registered_fingerprint, registry_status, current}, ``generation`` {index, note},
     ``verify`` {status, snapshot_lsn, confirmed_lsn, rounds, waited_seconds, expected,
@@ -461,6 +467,8 @@ def explanation_document(e: Explanation) -> dict[str, Any]:
         "sources_truncated": src.truncated,
         "commit_timestamps": src.commit_ts_note,
         "underivable": src.underivable,
+        "dead_letters": [{"id": d.id, "lsn": format_lsn(d.commit_lsn), "error": d.error,
+                          "created_at": d.created_at.isoformat()} for d in e.dead_letters],
         "group": group,
         "definition": {"fingerprint": e.fingerprint, "written_fingerprint": e.written_fingerprint,
                        "registered_fingerprint": e.registered_fingerprint, "registry_status": e.registry_status,

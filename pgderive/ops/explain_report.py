@@ -120,6 +120,10 @@ def render_explanation(e: Explanation) -> Group:
                                    for k, ver in g.state.sample)
                 line += f", e.g. {sample}"
         parts.append(Text(line))
+    for letter in e.dead_letters:
+        parts.append(Text(f"dead letter {letter.id} of this key at {format_lsn(letter.commit_lsn)}: "
+                          f"{short_value(letter.error, 200)}"
+                          " (pgderive dead-letters list)", style="yellow"))
     if src.underivable:
         parts.append(Text(f"the view cannot derive this row (a dead letter): {src.underivable}", style="yellow"))
 

@@ -26,6 +26,7 @@ import redis
 from opensearchpy import OpenSearch
 
 from cdc.lsn import format_lsn, parse_lsn
+from pgderive.state.deadletters import DeadLetter, DeadLetterStore
 from pgderive.state.provenance import Commit, CommitStore
 from sinks.redis import versions_key
 
@@ -245,10 +246,14 @@ def test_tampered_records_are_different_with_their_fields_and_http_explain(scena
         assert rc == 1 and doc["verify"]["status"] == "different"
         assert [d["field"] for d in doc["verify"]["differences"]] == ["status"]
         assert doc["verify"]["differences"][0]["sink"] == "tampered"
-        # a record deleted from Redis: missing while the source has the row
+        # a record deleted from Redis: missing while the source has the row; its dead letter named
         r.delete(key(s, "o:140"))
+        with DeadLetterStore(s.dsn) as letters:
+            letters.record(s.slot, [DeadLetter(name(s, "plain"), "public.orders", key(s, "o:140"), 0x10,
+                                               "refused for the test", {"id": 140})])
         rc, doc, _ = explain(s, name(s, "plain"), key(s, "o:140"))
         assert rc == 1 and doc["verify"]["status"] == "missing" and doc["verify"]["expected"]["total"] == "140"
+        assert [(d["lsn"], d["error"]) for d in doc["dead_letters"]] == [("0/10", "refused for the test")]
         # usage errors: exit 2, one line
         rc, _, err = explain(s, "nope", "x")
         assert rc == 2 and err.startswith("error: unknown view 'nope'"), err

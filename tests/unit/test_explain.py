@@ -188,7 +188,7 @@ def _explanation(status: str = "different") -> Explanation:
 def test_the_json_document_has_its_documented_keys_and_lsn_text() -> None:
     doc = explanation_document(_explanation())
     assert list(doc) == ["version", "view", "key", "sink", "table", "shape", "record", "provenance", "sources",
-                         "sources_truncated", "commit_timestamps", "underivable", "group", "definition",
+                         "sources_truncated", "commit_timestamps", "underivable", "dead_letters", "group", "definition",
                          "generation", "verify", "exit_code"]
     assert doc["record"] == {"found": True, "doc": {"id": 42, "status": "shipped"}, "version": "1/80",
                              "tombstone": False}
@@ -225,6 +225,18 @@ def test_the_report_names_version_transaction_rows_and_differences() -> None:
     assert 'status="[paid]"' in text  # a value with brackets is not taken as markup
     assert "(the record's transaction)" in text  # xmin 777 is the commit's xid
     assert "DIFFERENT" in text and '"shipped"' in text and '"paid"' in text
+
+
+def test_the_report_and_document_name_the_keys_dead_letters() -> None:
+    from pgderive.state.deadletters import DeadLetterRecord
+
+    e = _explanation("missing")
+    e.dead_letters = [DeadLetterRecord(12, "s", "order_cache", "public.orders", "order:42", 0x77,
+                                       "mapper_parsing_exception", None,
+                                       dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc), 0)]
+    assert "dead letter 12 of this key at 0/77" in _text(e)
+    assert explanation_document(e)["dead_letters"] == [{"id": 12, "lsn": "0/77", "error": "mapper_parsing_exception",
+                                                        "created_at": "2026-12-07T00:00:00+00:00"}]
 
 
 def test_the_report_of_an_equal_tombstone_and_a_stale_definition() -> None:

@@ -17,8 +17,7 @@ commit anyway. Its cost is measured in ``make bench`` (scenario "1-provenance").
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import psycopg
 
@@ -27,8 +26,7 @@ from .schema import migrate
 __all__ = ["Commit", "CommitStore"]
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(NamedTuple):
     """One source commit: ``lsn`` (int, the commit LSN = the version of its Ops), ``xid`` (the
     transaction id, 32-bit as wal2json reports it) and ``committed_at`` (the commit timestamp,
     timezone-aware)."""
@@ -73,17 +71,26 @@ class CommitStore:
             self._conn = None
 
     def insert(self, slot: str, commits: Sequence[Commit]) -> None:
-        """Store ``commits`` of ``slot`` in one statement; a commit stored already (a replay
-        after a crash) is kept as it is."""
+        """Store ``commits`` of ``slot`` in one statement (two when some are stored already, a
+        replay after a restart: those are kept as they are)."""
         if not commits:
             return
         lsns = [c.lsn for c in commits]
         xids = [c.xid for c in commits]
         times = [c.committed_at for c in commits]
-        self._call(True, lambda conn: conn.execute(
-            "INSERT INTO pgderive.commits (slot, lsn, xid, committed_at) "
-            "SELECT %s, * FROM unnest(%s::bigint[], %s::bigint[], %s::timestamptz[]) "
-            "ON CONFLICT (slot, lsn) DO NOTHING", (slot, lsns, xids, times)))
+        query = ("INSERT INTO pgderive.commits (slot, lsn, xid, committed_at) "
+                 "SELECT %b, * FROM unnest(%b::bigint[], %b::bigint[], %b::timestamptz[])")
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            # Binary parameters: 1.5 µs of client CPU per commit against 7.5 µs in text. A plain
+            # INSERT first (6 µs per commit in Postgres against 9 µs with ON CONFLICT, measured
+            # with 2,000 per statement); only a replay after a restart meets stored commits.
+            try:
+                conn.cursor(binary=True).execute(query, (slot, lsns, xids, times))
+            except psycopg.errors.UniqueViolation:
+                conn.cursor(binary=True).execute(query + " ON CONFLICT (slot, lsn) DO NOTHING",
+                                                 (slot, lsns, xids, times))
+        self._call(True, write)
 
     def lookup(self, slot: str, lsns: Sequence[int]) -> dict[int, Commit]:
         """The stored commits of ``slot`` at ``lsns`` (int LSNs): ``lsn → Commit``; an LSN not
@@ -101,15 +108,16 @@ class CommitStore:
         return out
 
     def prune(self, slot: str, older_than: dt.timedelta, limit: int = 100_000) -> int:
-        """Delete at most ``limit`` commits of ``slot`` committed more than ``older_than`` ago;
-        returns how many (call again while it returns ``limit``)."""
+        """Delete the commits of ``slot`` committed more than ``older_than`` ago among its
+        ``limit`` oldest by LSN (the primary key's order, which is commit order: no index on
+        the timestamp); returns how many (call again while it returns ``limit``)."""
         def delete(conn: psycopg.Connection[Any]) -> int:
             if not self._exists(conn):
                 return 0
             cur = conn.execute(
-                "DELETE FROM pgderive.commits WHERE (slot, lsn) IN (SELECT slot, lsn FROM pgderive.commits "
-                "WHERE slot = %s AND committed_at < now() - %s ORDER BY committed_at LIMIT %s)",
-                (slot, older_than, limit))
+                "DELETE FROM pgderive.commits WHERE slot = %s AND lsn IN (SELECT lsn FROM pgderive.commits "
+                "WHERE slot = %s ORDER BY lsn LIMIT %s) AND committed_at < now() - %s",
+                (slot, slot, limit, older_than))
             return cur.rowcount
         n: int = self._call(False, delete)
         return n

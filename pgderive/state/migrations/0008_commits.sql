@@ -2,7 +2,8 @@
 -- per source transaction the daemon read that changed at least one view, so that a record's
 -- version (the commit LSN) can be turned into the commit's xid and commit timestamp
 -- (`pgderive explain`). Written by the daemon in one multi-row INSERT per flush, before the slot
--- is confirmed past the transaction; rows older than `provenance.retention` are deleted.
+-- is confirmed past the transaction; rows older than `provenance.retention` are deleted (oldest
+-- LSNs first: commit LSN order is commit order, so no index on committed_at is needed).
 --   slot          the deployment's slot (deployments sharing a database keep apart)
 --   lsn           the commit LSN (int), the version the transaction's Ops carry
 --   xid           the transaction id wal2json reported ("xid" of the "B" message)
@@ -14,4 +15,3 @@ CREATE TABLE IF NOT EXISTS pgderive.commits (
     committed_at timestamptz NOT NULL,
     PRIMARY KEY (slot, lsn)
 );
-CREATE INDEX IF NOT EXISTS commits_committed_at ON pgderive.commits (slot, committed_at);

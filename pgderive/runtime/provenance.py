@@ -4,7 +4,7 @@
 
 The reading thread calls :meth:`CommitRecorder.add` once per transaction that produced work
 (O(1): an append under a lock). A thread of the recorder stores what was added every
-``flush_every`` seconds in one multi-row ``INSERT``, and once a minute deletes the commits older
+``flush_every`` seconds as one row of ``pgderive.commits``, and once a minute deletes the commits older
 than the retention. :meth:`CommitRecorder.bound` caps the position the stream confirms to the
 slot at the oldest commit not stored yet, so a crash replays (and records again) exactly what
 was not recorded: rule 3, "flush last", with the commit log as one more acknowledger. While the
@@ -187,9 +187,9 @@ class CommitRecorder:
         assert self.retention is not None
         total = 0
         while True:
-            n = self.store.prune(self.slot, self.retention)
+            n = self.store.prune(self.slot, self.retention, limit=1000)
             total += n
-            if n < 100_000:
+            if n < 1000:
                 break
         if total:
-            log.info("provenance: deleted %d commit(s) older than %s", total, self.retention)
+            log.info("provenance: deleted %d flush(es) of commits older than %s", total, self.retention)

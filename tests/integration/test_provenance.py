@@ -73,3 +73,26 @@ def test_provenance_off_records_nothing(acc: Scenario) -> None:
     _version(s, 1)
     (n,), = s.sql("SELECT count(*) FROM pgderive.commits")
     assert n == 0
+
+
+def test_lookup_finds_commits_across_overlapping_rows_and_prune_keeps_recent_ones(acc: Scenario) -> None:
+    """One row per flush; a replay after a restart stores rows overlapping earlier ones."""
+    s = acc
+    store = CommitStore(s.dsn)
+    now = dt.datetime.now(dt.timezone.utc)
+    old = now - dt.timedelta(days=3)
+    commits = [Commit(0x1000 + 8 * i, 500 + i, old if i < 50 else now) for i in range(100)]
+    store.insert(s.slot, commits[:40])
+    store.insert(s.slot, commits[40:100])
+    store.insert(s.slot, commits[30:60])   # a replay: overlaps both
+    store.insert(s.slot, commits[35:40])   # ends where the first row ends: skipped
+    store.insert("other_slot", [Commit(0x1000, 1, now)])
+    probe = [c.lsn for c in commits] + [0x1000 + 4, 0x0FF8, 0x9000]  # + not commits
+    got = store.lookup(s.slot, probe)
+    assert sorted(got) == [c.lsn for c in commits]
+    assert all(got[c.lsn].xid == c.xid for c in commits)
+    assert store.lookup("other_slot", [0x1000])[0x1000].xid == 1
+    # rows whose last commit is old go; the one holding recent commits stays whole
+    assert store.prune(s.slot, dt.timedelta(days=1)) == 1  # commits[:40]; [30:60] and [40:100] end recent
+    assert sorted(store.lookup(s.slot, probe)) == [c.lsn for c in commits[30:]]
+    store.close()

@@ -311,7 +311,8 @@ def _paired_drain(ctx: Context, tag: str, labels: tuple[str, str],
                     timing, _ = drain(daemons[label], end)
                 out.seconds[label] += timing.streaming
                 out.totals[label] += timing.total
-                step(f"{tag} {label}: {timing.streaming:.2f} s streaming, {timing.total:.2f} s from spawn")
+                step(f"{tag} {label}: {timing.streaming:.2f} s streaming, {timing.total:.2f} s from spawn; "
+                     f"{timing.cpu_note()}")
         if finish is not None:
             finish(dsn)
         return out
@@ -378,17 +379,17 @@ def scenario_1_provenance(ctx: Context) -> None:
 
     def measure(dsn: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*), pg_total_relation_size('pgderive.commits') "
-                               "FROM pgderive.commits").fetchone()
+            row = conn.execute("SELECT coalesce(sum(octet_length(lsns) / 8), 0), count(*), "
+                               "pg_total_relation_size('pgderive.commits') FROM pgderive.commits").fetchone()
         assert row is not None
-        table["commits"], table["bytes"] = int(row[0]), int(row[1])
+        table["commits"], table["rows"], table["bytes"] = int(row[0]), int(row[1]), int(row[2])
 
     r = _paired_drain(ctx, "p", ("off", "on"), configure, finish=measure)
     rate_on, rate_off = r.changes / r.seconds["on"], r.changes / r.seconds["off"]
     ratio = rate_on / rate_off
     per = table["bytes"] / table["commits"] if table.get("commits") else 0.0
-    size = (f"; pgderive.commits: {table.get('commits', 0):,} commits in {table.get('bytes', 0) / 1e6:.1f} MB "
-            f"(table + index), {per:.0f} bytes per commit")
+    size = (f"; pgderive.commits: {table.get('commits', 0):,} commits in {table.get('rows', 0):,} rows (one per "
+            f"flush), {table.get('bytes', 0) / 1e6:.2f} MB with TOAST and key, {per:.1f} bytes per commit")
     ctx.add(Row("1", "backlog drain → Redis, provenance recorded", rate_on, "changes/s", rate_off,
                 "the same drain with provenance: off", ratio, f"≥ {1 - PROVENANCE_COST:.2f}×",
                 ratio >= 1 - PROVENANCE_COST,

@@ -190,6 +190,8 @@ class Stream:
             stats.alive()
             if not self.stop.is_set():  # stopping: a lane's retry gave up because of it; see _finish
                 lanes.raise_error()
+            if self.provenance is not None and self.provenance.error is not None:
+                raise self.provenance.error
             reader.confirm(self.confirmable)
             if self._hand_over():
                 reader.confirm(self.confirmable)
@@ -339,9 +341,9 @@ class Stream:
         for batch in pending.values():
             batch.end_lsn = tx.end_lsn
         if touched and tx.commit_time is not None:
-            if self.provenance is not None:
-                self.provenance.add(version, tx.xid, tx.commit_time)
             t = tx.commit_time.timestamp()
+            if self.provenance is not None:
+                self.provenance.add(version, tx.xid, t)
             self.stats.read_lag_ms.add_one((time.time() - t) * 1000.0)
             if len(touched) == 1:
                 pending[next(iter(touched))].commit_times.append(t)
@@ -551,6 +553,8 @@ class Stream:
         if (self.resolver is not None and self.resolver.pending) or any(
                 b.has_data for b in self.pending.values()):
             return 0.002
+        if self.provenance is not None and not self.provenance.idle:
+            return 0.01  # confirm as soon as the recorder stored them
         if any(b.end_lsn > lane.acked_lsn or not lane.idle for lane, b in
                ((lane, self.pending[lane.name]) for lane in self.lanes)):
             return self.limits.checkpoint_every

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from typing import Sequence
+from array import array
 
 import psycopg
 
@@ -15,7 +15,8 @@ from pgderive.state.provenance import Commit, CommitStore
 
 from .test_stream import Harness, rows
 
-T0 = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 12, 7, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 class MemoryCommits(CommitStore):
@@ -30,13 +31,13 @@ class MemoryCommits(CommitStore):
         self.gate.set()
         self.inserts = 0
 
-    def insert(self, slot: str, commits: Sequence[Commit]) -> None:
+    def insert_packed(self, slot: str, lsns: "array[int]", xids: "array[int]", micros: "array[int]") -> None:
         self.gate.wait(10)
         if self.fail.is_set():
             raise psycopg.OperationalError("the source went away")
         self.inserts += 1
-        for c in commits:
-            self.rows.setdefault(c.lsn, c)
+        for lsn, xid, us in zip(lsns, xids, micros):
+            self.rows.setdefault(lsn, Commit(lsn, xid, EPOCH + dt.timedelta(microseconds=us)))
 
     def prune(self, slot: str, older_than: dt.timedelta, limit: int = 100_000) -> int:
         return 0
@@ -122,7 +123,20 @@ def test_close_stores_what_was_added() -> None:
     rec = CommitRecorder(store, "s", None, flush_every=5.0)
     rec.start()
     for i in range(3):
-        rec.add(0x100 + i, 700 + i, T0)
+        rec.add(0x100 + i, 700 + i, T0.timestamp())
     assert rec.bound() == 0x100
     assert rec.close(2.0) and rec.bound() is None
     assert [c.xid for c in sorted(store.rows.values(), key=lambda c: c.lsn)] == [700, 701, 702]
+    assert {c.committed_at for c in store.rows.values()} == {T0}  # microseconds kept
+
+
+def test_a_recorder_that_breaks_stops_the_stream_instead_of_holding_the_slot() -> None:
+    class Broken(MemoryCommits):
+        def insert_packed(self, slot: str, lsns: "array[int]", xids: "array[int]", micros: "array[int]") -> None:
+            raise TypeError("a bug, not a database error")
+
+    h, rec = harness(Broken(), n=3)
+    h.start()
+    h.wait(lambda: h.error is not None, "the stream to fail")
+    assert isinstance(h.error, TypeError) and rec.error is h.error
+    h.finish()

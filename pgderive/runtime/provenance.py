@@ -35,7 +35,7 @@ log = logging.getLogger("pgderive.provenance")
 
 #: Seconds between the starts of two flushes at most (under load; a commit after a quiet spell
 #: is stored at once).
-FLUSH_EVERY = 0.05
+FLUSH_EVERY = 0.02
 #: Seconds between two deletions of commits older than the retention.
 PRUNE_EVERY = 60.0
 _BACKOFF_MAX = 10.0

@@ -1,7 +1,7 @@
 -- pgderive.commits: provenance of the stream's writes (pgderive/state/provenance.py): the xid
 -- and commit timestamp of every source transaction the daemon read that changed at least one
 -- view, so that a record's version (the commit LSN) can be told as a transaction and a time
--- (`pgderive explain`). One row per flush of the recorder (at most every 50 ms under load),
+-- (`pgderive explain`). One row per flush of the recorder (at most every 20 ms under load),
 -- holding the commits it read since the previous flush, in commit LSN order, as packed arrays:
 -- a row per flush rather than per commit keeps the cost per commit to a few bytes (the values
 -- are TOASTed and compressed) and far below a microsecond of Postgres time, and packed bytes

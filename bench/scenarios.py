@@ -264,64 +264,139 @@ class Scraper(threading.Thread):
                     self.failed += 1  # the daemon is starting or stopping
 
 
-def scenario_1_http(ctx: Context) -> None:
-    """The HTTP endpoint's cost: the same Redis backlog drained by two daemons (each on a slot
-    of its own, created at the same LSN, writing views of its own), one with ``--http off``, one
-    serving HTTP and scraped every second; twice, in both orders, so neither profits from going
-    second (a warm page cache)."""
+@dataclass
+class PairedDrain:
+    """Two daemons' drains of the same backlogs (see :func:`_paired_drain`): seconds streaming
+    and from spawn per label, and the changes each drained."""
+
+    seconds: dict[str, float]
+    totals: dict[str, float]
+    changes: int
+
+
+def _paired_drain(ctx: Context, tag: str, labels: tuple[str, str],
+                  configure: Callable[[str, Path, Daemon], None],
+                  around: Callable[[str], Any] | None = None,
+                  finish: Callable[[str], None] | None = None) -> PairedDrain:
+    """The same Redis backlog drained by two daemons (each on a slot of its own, created at the
+    same LSN, writing views of its own), configured per label by ``configure(label, yaml_path,
+    daemon)`` before their bootstrap ends; twice, in both orders, so neither profits from going
+    second (a warm page cache). ``around(label)``: a context manager entered while that daemon
+    drains (e.g. a scraper). ``finish(dsn)`` runs before the scratch database is dropped."""
     s = ctx.settings
-    with scratch(ctx, "s1h", ["accounts", "tellers", "branches"]) as n, \
-            scratch(ctx, "s1hon", ["accounts", "tellers", "branches"]) as m:
+    a, b = labels
+    with scratch(ctx, f"s1{tag}", ["accounts", "tellers", "branches"]) as n, \
+            scratch(ctx, f"s1{tag}b", ["accounts", "tellers", "branches"]) as m:
         dsn = fresh_pgbench(ctx, n, s.scale)
-        work = ctx.workdir("s1h")
-        port = _free_port()
+        work = ctx.workdir(f"s1{tag}")
         daemons: dict[str, Daemon] = {}
-        for label, names in (("off", n), ("on", m)):
+        for label, names in ((a, n), (b, m)):
             cfg = write_config(work / f"pgderive-{label}.yaml", dsn=dsn, slot=n.slot(label), views=redis_views(names),
                                settings=s)
-            d = Daemon(s, cfg, dsn=dsn, slot=n.slot(label), workdir=work, name=f"pgderive-http-{label}")
+            d = Daemon(s, cfg, dsn=dsn, slot=n.slot(label), workdir=work, name=f"pgderive-{tag}-{label}")
+            configure(label, cfg, d)
             bootstrap(d)
-            if label == "on":
-                d.args = ["--http", f"127.0.0.1:{port}"]
             daemons[label] = d
         settle_redis(s)
-        seconds: dict[str, float] = {"off": 0.0, "on": 0.0}  # from the slot active to the backlog confirmed
-        totals: dict[str, float] = {"off": 0.0, "on": 0.0}  # from spawning the daemon
-        changes = 0
-        scrapes = 0
-        for order in (("off", "on"), ("on", "off")):
+        out = PairedDrain({a: 0.0, b: 0.0}, {a: 0.0, b: 0.0}, 0)
+        for order in ((a, b), (b, a)):
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("CHECKPOINT")
             step(f"backlog: pgbench -c {s.clients} -j {s.jobs} -T {s.backlog_seconds}")
             bench = pg.pgbench_run(s, n.db, seconds=s.backlog_seconds)
             end = pg.marker_lsn(dsn)
-            changes += 3 * bench.transactions
+            out.changes += 3 * bench.transactions
             for label in order:
-                scraper = Scraper(f"http://127.0.0.1:{port}") if label == "on" else None
-                if scraper is not None:
-                    scraper.start()
-                try:
+                with (around(label) if around is not None else _nothing()):
                     timing, _ = drain(daemons[label], end)
-                finally:
-                    if scraper is not None:
-                        scraper.halt.set()
-                        scraper.join()
-                        scrapes += scraper.ok
-                seconds[label] += timing.streaming
-                totals[label] += timing.total
-                step(f"HTTP {label}: {timing.streaming:.2f} s streaming, {timing.total:.2f} s from spawn")
-        if scrapes == 0:
-            raise BenchError("the scraper got no answer from the daemon's HTTP endpoint")
-        rate_on, rate_off = changes / seconds["on"], changes / seconds["off"]
-        ratio = rate_on / rate_off
-        ctx.add(Row("1", "backlog drain → Redis, HTTP endpoint scraped every 1 s", rate_on, "changes/s", rate_off,
-                    "the same drain with --http off", ratio, f"≥ {1 - HTTP_COST:.2f}×", ratio >= 1 - HTTP_COST,
-                    note=f"{changes:,} changes in two backlogs, each drained by both daemons in turn (off→on, "
-                         f"on→off): {seconds['on']:.2f} s streaming with HTTP ({scrapes} scrapes of /metrics and "
-                         f"/healthz answered) vs {seconds['off']:.2f} s without; from spawn (start-up included: "
-                         f"the endpoint's imports and socket) {totals['on']:.2f} vs {totals['off']:.2f} s",
-                    extra={"changes": changes, "on_s": seconds["on"], "off_s": seconds["off"],
-                           "on_total_s": totals["on"], "off_total_s": totals["off"], "scrapes": scrapes}))
+                out.seconds[label] += timing.streaming
+                out.totals[label] += timing.total
+                step(f"{tag} {label}: {timing.streaming:.2f} s streaming, {timing.total:.2f} s from spawn; "
+                     f"{timing.cpu_note()}")
+        if finish is not None:
+            finish(dsn)
+        return out
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def scenario_1_http(ctx: Context) -> None:
+    """The HTTP endpoint's cost (:func:`_paired_drain`): one daemon with ``--http off``, one
+    serving HTTP and scraped every second."""
+    port = _free_port()
+    scrapes = 0
+
+    def configure(label: str, cfg: Path, d: Daemon) -> None:
+        if label == "on":
+            d.args = ["--http", f"127.0.0.1:{port}"]
+
+    @contextmanager
+    def scraped(label: str) -> Iterator[None]:
+        nonlocal scrapes
+        if label != "on":
+            yield
+            return
+        scraper = Scraper(f"http://127.0.0.1:{port}")
+        scraper.start()
+        try:
+            yield
+        finally:
+            scraper.halt.set()
+            scraper.join()
+            scrapes += scraper.ok
+
+    r = _paired_drain(ctx, "h", ("off", "on"), configure, scraped)
+    if scrapes == 0:
+        raise BenchError("the scraper got no answer from the daemon's HTTP endpoint")
+    rate_on, rate_off = r.changes / r.seconds["on"], r.changes / r.seconds["off"]
+    ratio = rate_on / rate_off
+    ctx.add(Row("1", "backlog drain → Redis, HTTP endpoint scraped every 1 s", rate_on, "changes/s", rate_off,
+                "the same drain with --http off", ratio, f"≥ {1 - HTTP_COST:.2f}×", ratio >= 1 - HTTP_COST,
+                note=f"{r.changes:,} changes in two backlogs, each drained by both daemons in turn (off→on, "
+                     f"on→off): {r.seconds['on']:.2f} s streaming with HTTP ({scrapes} scrapes of /metrics and "
+                     f"/healthz answered) vs {r.seconds['off']:.2f} s without; from spawn (start-up included: "
+                     f"the endpoint's imports and socket) {r.totals['on']:.2f} vs {r.totals['off']:.2f} s",
+                extra={"changes": r.changes, "on_s": r.seconds["on"], "off_s": r.seconds["off"],
+                       "on_total_s": r.totals["on"], "off_total_s": r.totals["off"], "scrapes": scrapes}))
+
+
+#: Recording provenance (pgderive.commits) may cost at most this share of drain throughput.
+PROVENANCE_COST = 0.05
+
+
+def scenario_1_provenance(ctx: Context) -> None:
+    """The cost of provenance (:func:`_paired_drain`): one daemon with ``provenance: off``, one
+    recording every commit's xid and timestamp in ``pgderive.commits`` (the default); also the
+    table's size per recorded commit."""
+    def configure(label: str, cfg: Path, d: Daemon) -> None:
+        if label == "off":
+            cfg.write_text(cfg.read_text() + "provenance: off\n")
+
+    table: dict[str, int] = {}
+
+    def measure(dsn: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT coalesce(sum(octet_length(lsns) / 8), 0), count(*), "
+                               "pg_total_relation_size('pgderive.commits') FROM pgderive.commits").fetchone()
+        assert row is not None
+        table["commits"], table["rows"], table["bytes"] = int(row[0]), int(row[1]), int(row[2])
+
+    r = _paired_drain(ctx, "p", ("off", "on"), configure, finish=measure)
+    rate_on, rate_off = r.changes / r.seconds["on"], r.changes / r.seconds["off"]
+    ratio = rate_on / rate_off
+    per = table["bytes"] / table["commits"] if table.get("commits") else 0.0
+    size = (f"; pgderive.commits: {table.get('commits', 0):,} commits in {table.get('rows', 0):,} rows (one per "
+            f"flush), {table.get('bytes', 0) / 1e6:.2f} MB with TOAST and key, {per:.1f} bytes per commit")
+    ctx.add(Row("1", "backlog drain → Redis, provenance recorded", rate_on, "changes/s", rate_off,
+                "the same drain with provenance: off", ratio, f"≥ {1 - PROVENANCE_COST:.2f}×",
+                ratio >= 1 - PROVENANCE_COST,
+                note=f"{r.changes:,} changes in two backlogs, each drained by both daemons in turn (off→on, "
+                     f"on→off): {r.seconds['on']:.2f} s streaming with provenance vs {r.seconds['off']:.2f} s "
+                     f"without{size}",
+                extra={"changes": r.changes, "on_s": r.seconds["on"], "off_s": r.seconds["off"], **table}))
 
 
 def _free_port() -> int:
@@ -703,6 +778,7 @@ UNITS: list[tuple[str, str, str, Callable[[Context], None], Callable[[Settings],
     ("1-redis", "1", "backlog drain → Redis", scenario_1_redis, lambda s: 1 in s.scenarios),
     ("1-opensearch", "1", "backlog drain → OpenSearch", scenario_1_opensearch, lambda s: 1 in s.scenarios),
     ("1-http", "1", "HTTP endpoint cost", scenario_1_http, lambda s: 1 in s.scenarios),
+    ("1-provenance", "1", "provenance cost", scenario_1_provenance, lambda s: 1 in s.scenarios),
     ("2", "2", "live lag", scenario_2, lambda s: 2 in s.scenarios),
     ("3", "3", "snapshot", scenario_3, lambda s: 3 in s.scenarios),
     ("3-big", "3", "snapshot at the big scale", scenario_3_big, lambda s: 3 in s.scenarios and s.big_scale > 0),

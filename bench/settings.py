@@ -18,6 +18,7 @@ never overwrites the real report. An explicitly set variable always wins over bo
 | ``PGDERIVE_BENCH_PROBE_MS`` / ``_POLL_MS`` | 50 / 1 | scenario 2: probe update / Redis poll interval |
 | ``PGDERIVE_BENCH_SCALING_TX`` | 5000 (150) | scenario 5: pgbench ``-t`` (per client) of the 1x backlog |
 | ``PGDERIVE_BENCH_SCENARIOS`` | 1,2,3,4,5 | which scenarios to run |
+| ``PGDERIVE_BENCH_UNITS`` | (all) | only these parts of them, by key (e.g. ``1-http,1-provenance``; see ``bench/scenarios.py`` ``UNITS``) |
 | ``PGDERIVE_BENCH_PREFIX`` | pgdbench (pgdbenchq) | prefix of databases, slots, views, Redis keys, indices |
 | ``PGDERIVE_BENCH_REPORT`` / ``_PLOT`` | bench/report.md, bench/plot.png | outputs |
 | ``PGDERIVE_BENCH_OUT`` | bench/out (bench/out/quick) | logs, stats files, results.json |
@@ -70,6 +71,8 @@ class Settings:
     redis_url: str
     opensearch_url: str
     pg_bin: Path
+    #: Unit keys to run (``UNITS`` of :mod:`bench.scenarios`); empty: every enabled one.
+    units: frozenset[str] = frozenset()
 
     @property
     def pgderive(self) -> Path:
@@ -87,7 +90,9 @@ def load_settings() -> Settings:
     unknown = scenarios - {1, 2, 3, 4, 5}
     if unknown:
         raise SystemExit(f"PGDERIVE_BENCH_SCENARIOS: unknown scenario(s) {sorted(unknown)} (1-5)")
+    units = frozenset(u for u in _env("UNITS", "").replace(" ", "").split(",") if u)
     return Settings(
+        units=units,
         quick=quick,
         scale=_int("SCALE", 10, 1, quick),
         big_scale=_int("BIG_SCALE", 50, 0, quick),

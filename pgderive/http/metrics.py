@@ -173,6 +173,12 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily("pgderive_backpressure_seconds_total",
                                   "Time the reading loop waited for a busy sink's lane before reading on",
                                   value=stats.backpressure_s)
+        yield CounterMetricFamily("pgderive_provenance_commits_total",
+                                  "Commits whose xid and commit timestamp were stored in pgderive.commits",
+                                  value=stats.commits_recorded)
+        yield CounterMetricFamily("pgderive_provenance_failures_total",
+                                  "Failed attempts to store commits in pgderive.commits (retried)",
+                                  value=stats.commit_record_failures)
         yield GaugeMetricFamily("pgderive_read_lsn_bytes", "End LSN of the last transaction read, as a byte position",
                                 value=float(stats.read_lsn))
 

@@ -16,6 +16,7 @@ it created: the next start creates a new one (an abandoned slot would retain WAL
 """
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import os
@@ -40,6 +41,7 @@ from views.spec import Spec, SpecError
 
 from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter, DeadLetterStore
+from ..state.provenance import CommitStore
 from ..state.rebuilds import RebuildStore
 from ..state.registry import ViewRegistry, entry_of
 from ..state.slots import StateStore
@@ -53,6 +55,7 @@ from .logs import log_format
 from .observed import LoadProgress, SourceWatch
 from .online import OnlineRebuild
 from .preflight import check_privileges, preflight, raise_for
+from .provenance import CommitRecorder
 from .reconfigure import Reconfiguration, ReloadRefused, plan_reload
 from .recording import DeadLetterRecorder
 from .reload import reload_views
@@ -547,11 +550,14 @@ class Engine:
         asked to start again (a reload)."""
         lanes = Lanes(self.sinks, self._views_by_sink(), self.stop, acked_lsn=reader.confirmed_lsn,
                       record=self._recorder(), stats=self.stats, processes=self._lane_processes())
+        commits = self._commit_recorder()
         try:
+            if commits is not None:
+                commits.start()
             stream = Stream(self.views, lanes, stats=self.stats, stop=AnyOf(self.stop, self._cycle),
                             refetcher=self.refetcher, aggregates=self.aggregates, limits=self.limits,
                             on_tick=self._write_stats, open_dead_letters=self.dead_letters.open_rows(self.slot),
-                            held=self._held(), truncated=self.truncated)
+                            held=self._held(), truncated=self.truncated, provenance=commits)
             with self._lock:
                 self._epoch += 1
                 self.stream, self.lanes = stream, lanes
@@ -560,6 +566,17 @@ class Engine:
             with self._lock:
                 self.stream = self.lanes = None
             lanes.close(1.0 if self.stop.is_set() else 5.0)  # stopping: Stream waited already
+            if commits is not None:
+                commits.close(1.0 if self.stop.is_set() else 5.0)
+
+    def _commit_recorder(self) -> CommitRecorder | None:
+        """The recorder of the stream's commits (YAML ``provenance``), None when it is off."""
+        p = self.spec.provenance
+        if not p.enabled:
+            return None
+        secs = p.retention_seconds
+        return CommitRecorder(CommitStore(self.dsn), self.slot, None if secs is None else dt.timedelta(seconds=secs),
+                              stats=self.stats)
 
     # -- online rebuilds and reloads (ARCHITECTURE.md, "Online rebuild") ------------------------
     @property

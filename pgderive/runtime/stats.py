@@ -157,6 +157,9 @@ class Stats:
     read_lsn: int = 0
     beat: float = field(default_factory=time.monotonic)
     backpressure_s: float = 0.0
+    #: Commits stored in ``pgderive.commits`` and failed attempts to store them (provenance).
+    commits_recorded: int = 0
+    commit_record_failures: int = 0
     #: Observes one acknowledged batch: ``(sink, Ops, seconds)`` (the ``/metrics`` batch-size
     #: and flush-duration histograms); None: not observed.
     on_batch: Callable[[str, int, float], None] | None = None

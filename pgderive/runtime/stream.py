@@ -11,6 +11,9 @@ unwatched traffic never makes Postgres retain WAL.
 Backpressure: a busy lane whose next batch is full (``batch_ops`` Ops or ``batch_bytes``
 bytes) stops the reading; memory stays bounded by two batches per lane.
 
+Provenance (ARCHITECTURE.md, "Provenance"): each transaction that produced work is handed to the
+commit recorder, and the slot is confirmed no further than the oldest commit it has not stored.
+
 TRUNCATE is a barrier for the lane of each emptied view: the Ops before it are applied, then
 the sink drops every record of the view at or below the commit LSN, then the Ops after it.
 """
@@ -38,6 +41,7 @@ from ..state.aggregates import AggregateStore
 from ..state.deadletters import DeadLetter, identity_json
 from .batch import Batch, GenerationStep, LagToken
 from .lanes import Lanes, SinkLane
+from .provenance import CommitRecorder
 from .resolve import IncludeResolver
 from .retry import StopFlag, one_line
 from .stats import Stats
@@ -124,6 +128,9 @@ class Stream:
             taken after that step, covers what was skipped).
         truncated: view name → commit LSN of the last TRUNCATE that emptied it, kept up to date
             by the stream (shared with the daemon, across streams).
+        provenance: records the xid and commit timestamp of every transaction that produced
+            work (:class:`~pgderive.runtime.provenance.CommitRecorder`, started and closed by the
+            caller); the slot is confirmed only past commits it stored. None: not recorded.
     """
 
     def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: StopFlag,
@@ -131,8 +138,9 @@ class Stream:
                  limits: Limits = Limits(), on_tick: Callable[[], None] | None = None,
                  open_dead_letters: dict[str, set[str]] | None = None,
                  stop_grace: float = 5.0, held: set[str] | None = None,
-                 truncated: dict[str, int] | None = None) -> None:
+                 truncated: dict[str, int] | None = None, provenance: CommitRecorder | None = None) -> None:
         self.views = list(views)
+        self.provenance = provenance
         self.by_name = {v.name: v for v in self.views}
         self.position = 0  # commit LSN of the last transaction read
         self.held: set[str] = set(held or ())
@@ -182,16 +190,21 @@ class Stream:
             stats.alive()
             if not self.stop.is_set():  # stopping: a lane's retry gave up because of it; see _finish
                 lanes.raise_error()
-            reader.confirm(lanes.acked_lsn)
+            if self.provenance is not None and self.provenance.error is not None:
+                raise self.provenance.error
+            reader.confirm(self.confirmable)
             if self._hand_over():
-                reader.confirm(lanes.acked_lsn)
+                reader.confirm(self.confirmable)
             if self.stop.is_set():
                 break
             if self._blocked():
                 # Backpressure: a busy lane's next batch is full; wait for it, keep the
                 # walsender informed meanwhile.
                 t0 = time.monotonic()
-                lanes.wait_change(1.0)
+                if self.provenance is not None and self.provenance.full:
+                    self.provenance.wait_room(1.0)
+                else:
+                    lanes.wait_change(1.0)
                 stats.backpressure_s += time.monotonic() - t0
                 if self._blocked():
                     reader.send_status()
@@ -208,13 +221,21 @@ class Stream:
                     continue
                 if self.add_transaction(event):
                     break  # a batch is full: hand it over (or wait for its lane) before reading on
-            self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
+            self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, self.confirmable)
             if self.on_tick is not None:
                 self.on_tick()
         self._finish()
-        reader.confirm(lanes.acked_lsn)
+        reader.confirm(self.confirmable)
         reader.send_status()
-        self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, lanes.acked_lsn)
+        self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, self.confirmable)
+
+    @property
+    def confirmable(self) -> int:
+        """The position (int LSN) the slot may be confirmed to: what every lane acknowledged,
+        capped at the oldest commit the provenance recorder has not stored yet (rule 3)."""
+        acked = self.lanes.acked_lsn
+        bound = self.provenance.bound() if self.provenance is not None else None
+        return acked if bound is None else min(acked, bound)
 
     def _finish(self) -> None:
         """Stopping: apply what was read, waiting at most :attr:`stop_grace` seconds for the
@@ -223,7 +244,10 @@ class Stream:
         not confirmed to the slot and replay on the next start. Raises a lane's
         non-retryable error."""
         try:
+            t0 = time.monotonic()
             done = self.drain(timeout=self.stop_grace)
+            if done and self.provenance is not None:
+                self.provenance.wait_idle(max(0.0, self.stop_grace - (time.monotonic() - t0)))
         except SinkError as e:
             if not e.retryable:
                 raise
@@ -318,6 +342,8 @@ class Stream:
             batch.end_lsn = tx.end_lsn
         if touched and tx.commit_time is not None:
             t = tx.commit_time.timestamp()
+            if self.provenance is not None:
+                self.provenance.add(version, tx.xid, t)
             self.stats.read_lag_ms.add_one((time.time() - t) * 1000.0)
             if len(touched) == 1:
                 pending[next(iter(touched))].commit_times.append(t)
@@ -506,12 +532,17 @@ class Stream:
         return len(batch) >= self.limits.batch_ops or batch.nbytes >= self.limits.batch_bytes
 
     def _blocked(self) -> bool:
-        """True when a busy lane's next batch is full (the reader must wait for it)."""
+        """True when a busy lane's next batch is full, or the provenance recorder holds too
+        many commits not stored yet (the reader must wait for it)."""
+        if self.provenance is not None and self.provenance.full:
+            return True
         return any(not lane.idle and self._full(self.pending[lane.name]) for lane in self.lanes)
 
     def _quiet(self) -> bool:
         """Nothing read is unacknowledged: every lane idle and at its batch's position."""
         if self.resolver is not None and self.resolver.pending:
+            return False
+        if self.provenance is not None and not self.provenance.idle:
             return False
         return all(lane.idle and not self.pending[lane.name].has_data
                    and self.pending[lane.name].end_lsn <= lane.acked_lsn for lane in self.lanes)
@@ -522,6 +553,8 @@ class Stream:
         if (self.resolver is not None and self.resolver.pending) or any(
                 b.has_data for b in self.pending.values()):
             return 0.002
+        if self.provenance is not None and not self.provenance.idle:
+            return 0.01  # confirm as soon as the recorder stored them
         if any(b.end_lsn > lane.acked_lsn or not lane.idle for lane, b in
                ((lane, self.pending[lane.name]) for lane in self.lanes)):
             return self.limits.checkpoint_every

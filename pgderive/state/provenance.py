@@ -5,9 +5,10 @@ A record's version is the commit LSN of the transaction that last wrote it (rule
 turns that LSN into what an operator asks about — the transaction id and the commit time —
 for ``pgderive explain``. One row per source transaction that changed at least one view: wal2json
 reports both facts in its ``"B"`` message (wal2json README, "format-version 2": ``xid``,
-``timestamp``). Rows are written by :class:`pgderive.runtime.provenance.CommitRecorder`, one
-multi-row ``INSERT`` per flush, and deleted after the configured retention
-(:meth:`CommitStore.prune`).
+``timestamp``). Rows are written by :class:`pgderive.runtime.provenance.CommitRecorder`: one row
+per flush holding that flush's commits as packed parallel arrays (8-byte big-endian integers;
+see the migration, ``migrations/0008_commits.sql``, and the view ``pgderive.commit_log`` that
+shows one row per commit), deleted after the configured retention (:meth:`CommitStore.prune`).
 
 Why a table in the source, not the sinks' version entries: a sink-neutral store costs one
 statement per flush whatever the sinks are (an OpenSearch document has no place for it but
@@ -17,21 +18,43 @@ commit anyway. Its cost is measured in ``make bench`` (scenario "1-provenance").
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import Any, Sequence
+import sys
+from array import array
+from bisect import bisect_left
+from typing import Any, NamedTuple, Sequence
 
 import psycopg
 
 from .schema import migrate
 
-__all__ = ["Commit", "CommitStore"]
+__all__ = ["Commit", "CommitStore", "pack"]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+#: Rows a lookup scans past its LSN for one that starts at or before it (replays overlap at
+#: most the unconfirmed tail of a stream, a few flushes).
+_OVERLAP_ROWS = 50
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+def pack(values: "array[int]") -> bytes:
+    """``values`` (an ``array('q')``) as the table's packed form: 8 bytes each, big-endian."""
+    if sys.byteorder == "little":
+        values = array("q", values)
+        values.byteswap()
+    return values.tobytes()
+
+
+def _unpack(data: bytes) -> "array[int]":
+    out = array("q")
+    out.frombytes(data)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
+class Commit(NamedTuple):
     """One source commit: ``lsn`` (int, the commit LSN = the version of its Ops), ``xid`` (the
     transaction id, 32-bit as wal2json reports it) and ``committed_at`` (the commit timestamp,
-    timezone-aware)."""
+    timezone-aware, microsecond precision)."""
 
     lsn: int
     xid: int
@@ -73,43 +96,66 @@ class CommitStore:
             self._conn = None
 
     def insert(self, slot: str, commits: Sequence[Commit]) -> None:
-        """Store ``commits`` of ``slot`` in one statement; a commit stored already (a replay
-        after a crash) is kept as it is."""
+        """Store ``commits`` of ``slot`` (in commit LSN order) as one row (:meth:`insert_packed`)."""
         if not commits:
             return
-        lsns = [c.lsn for c in commits]
-        xids = [c.xid for c in commits]
-        times = [c.committed_at for c in commits]
+        self.insert_packed(slot, array("q", [c.lsn for c in commits]), array("q", [c.xid for c in commits]),
+                           array("q", [_micros(c.committed_at) for c in commits]))
+
+    def insert_packed(self, slot: str, lsns: "array[int]", xids: "array[int]", micros: "array[int]") -> None:
+        """Store every commit the stream read between two flushes, in commit LSN order, as one
+        row: parallel ``array('q')`` of commit LSNs, xids and commit times (microseconds since
+        the Unix epoch). A row ending at the same LSN stored already (a replay after a restart)
+        is kept as it is: it holds the same commits."""
+        if not lsns:
+            return
+        last_at = _EPOCH + dt.timedelta(microseconds=micros[-1])
         self._call(True, lambda conn: conn.execute(
-            "INSERT INTO pgderive.commits (slot, lsn, xid, committed_at) "
-            "SELECT %s, * FROM unnest(%s::bigint[], %s::bigint[], %s::timestamptz[]) "
-            "ON CONFLICT (slot, lsn) DO NOTHING", (slot, lsns, xids, times)))
+            "INSERT INTO pgderive.commits (slot, first_lsn, last_lsn, lsns, xids, commit_us, last_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (slot, last_lsn) DO NOTHING",
+            (slot, lsns[0], lsns[-1], pack(lsns), pack(xids), pack(micros), last_at)))
 
     def lookup(self, slot: str, lsns: Sequence[int]) -> dict[int, Commit]:
         """The stored commits of ``slot`` at ``lsns`` (int LSNs): ``lsn → Commit``; an LSN not
-        stored (a snapshot's version, pruned, or written with provenance off) is absent."""
+        stored (a snapshot's version, pruned, or written with provenance off) is absent. Each
+        LSN is looked up in the first row ending at or after it that starts at or before it
+        (a range scan of the primary key, at most :data:`_OVERLAP_ROWS` rows: after a restart
+        the replay's rows may start past a commit an earlier, longer row holds); a row holds
+        every commit between its first and last LSN."""
         if not lsns:
             return {}
 
         def read(conn: psycopg.Connection[Any]) -> dict[int, Commit]:
             if not self._exists(conn):
                 return {}
-            rows = conn.execute("SELECT lsn, xid, committed_at FROM pgderive.commits "
-                                "WHERE slot = %s AND lsn = ANY(%s)", (slot, list(lsns))).fetchall()
-            return {int(r[0]): Commit(int(r[0]), int(r[1]), r[2]) for r in rows}
-        out: dict[int, Commit] = self._call(False, read)
-        return out
+            rows = conn.execute(
+                "SELECT q.l, c.lsns, c.xids, c.commit_us FROM unnest(%s::bigint[]) AS q(l) "
+                "CROSS JOIN LATERAL (SELECT * FROM (SELECT first_lsn, last_lsn, lsns, xids, commit_us "
+                "  FROM pgderive.commits WHERE slot = %s AND last_lsn >= q.l ORDER BY last_lsn LIMIT %s) AS n "
+                "  WHERE n.first_lsn <= q.l ORDER BY n.last_lsn LIMIT 1) AS c",
+                (list(lsns), slot, _OVERLAP_ROWS)).fetchall()
+            out: dict[int, Commit] = {}
+            for lsn, packed_lsns, packed_xids, packed_us in rows:
+                found = _unpack(packed_lsns)
+                i = bisect_left(found, lsn)
+                if i < len(found) and found[i] == lsn:
+                    out[int(lsn)] = Commit(int(lsn), _unpack(packed_xids)[i],
+                                           _EPOCH + dt.timedelta(microseconds=_unpack(packed_us)[i]))
+            return out
+        result: dict[int, Commit] = self._call(False, read)
+        return result
 
-    def prune(self, slot: str, older_than: dt.timedelta, limit: int = 100_000) -> int:
-        """Delete at most ``limit`` commits of ``slot`` committed more than ``older_than`` ago;
-        returns how many (call again while it returns ``limit``)."""
+    def prune(self, slot: str, older_than: dt.timedelta, limit: int = 1000) -> int:
+        """Delete the rows of ``slot`` whose last commit is more than ``older_than`` old, among
+        its ``limit`` oldest (by last LSN, the primary key's order, which is commit order);
+        returns how many rows (call again while it returns ``limit``)."""
         def delete(conn: psycopg.Connection[Any]) -> int:
             if not self._exists(conn):
                 return 0
             cur = conn.execute(
-                "DELETE FROM pgderive.commits WHERE (slot, lsn) IN (SELECT slot, lsn FROM pgderive.commits "
-                "WHERE slot = %s AND committed_at < now() - %s ORDER BY committed_at LIMIT %s)",
-                (slot, older_than, limit))
+                "DELETE FROM pgderive.commits WHERE slot = %s AND last_lsn IN (SELECT last_lsn FROM "
+                "pgderive.commits WHERE slot = %s ORDER BY last_lsn LIMIT %s) AND last_at < now() - %s",
+                (slot, slot, limit, older_than))
             return cur.rowcount
         n: int = self._call(False, delete)
         return n
@@ -127,3 +173,9 @@ class CommitStore:
     def _exists(conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute("SELECT to_regclass('pgderive.commits') IS NOT NULL").fetchone()
         return row is not None and bool(row[0])
+
+
+def _micros(t: dt.datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime."""
+    delta = t - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -27,7 +27,7 @@ from views.template import KeyTemplate
 from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
-    "LaneMode", "BootstrapSpec", "HttpSpec", "HTTP_LISTEN",
+    "LaneMode", "BootstrapSpec", "HttpSpec", "HTTP_LISTEN", "ProvenanceSpec",
     "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "TAG_RE", "COLUMN_RE", "Tags", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
@@ -758,6 +758,48 @@ class BootstrapSpec(BaseModel):
         return _count(v, low, high, "rows")
 
 
+#: Default of ``provenance.retention``.
+PROVENANCE_RETENTION = "1d"
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ProvenanceSpec(BaseModel):
+    """``provenance:`` — keeping the xid and commit timestamp of every commit the stream
+    writes with, in ``pgderive.commits`` (ARCHITECTURE.md, "Provenance"; read by ``pgderive
+    explain``). ``provenance: off`` (YAML ``false`` too) records nothing.
+
+    Attributes:
+        enabled: record commits (default true).
+        retention: how long commits are kept, by commit timestamp: a number and a unit ``s``,
+            ``m``, ``h`` or ``d`` (default ``1d``; from 1 minute to 3650 days), or ``forever``.
+            A record whose last write is older shows its commit LSN only.
+    """
+
+    model_config = _STRICT
+    enabled: bool = True
+    retention: str = PROVENANCE_RETENTION
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "forever":
+            return "forever"
+        m = _DURATION_RE.match(v) if isinstance(v, str) else None
+        if m is None:
+            raise _fail(f"must be a duration such as 12h or 7d, or forever, got {v!r}")
+        secs = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if not 60 <= secs <= 3650 * 86400:
+            raise _fail(f"must be from 1m to 3650d, got {v!r}")
+        return v.strip()
+
+    @property
+    def retention_seconds(self) -> float | None:
+        """The retention in seconds; None for ``forever``."""
+        m = _DURATION_RE.match(self.retention)
+        return None if m is None else float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 #: Where the daemon's HTTP endpoint listens unless configured otherwise (DESIGN: port 9187).
 HTTP_LISTEN = "127.0.0.1:9187"
 
@@ -822,7 +864,15 @@ class Spec(BaseModel):
     dead_letters: DeadLettersSpec = Field(default_factory=DeadLettersSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     http: HttpSpec = Field(default_factory=HttpSpec)
+    provenance: ProvenanceSpec = Field(default_factory=ProvenanceSpec)
     classification: dict[str, Tags] = Field(default_factory=dict)
+
+    @field_validator("provenance", mode="before")
+    @classmethod
+    def _provenance(cls, v: Any) -> Any:
+        if v is False or (isinstance(v, str) and v.strip().lower() == "off"):
+            return {"enabled": False}
+        return v
 
     @field_validator("classification")
     @classmethod

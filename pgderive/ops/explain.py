@@ -333,7 +333,8 @@ def mask_classified(rows: Sequence[SourceRow], classification: Mapping[str, Sequ
 
 
 def _origin(version: int | None, commit: Commit | None, bootstrap: int | None,
-            rebuild: int | None) -> tuple[str | None, str]:
+            rebuild: int | None, unrecorded: str = "older than provenance retention, or provenance off"
+            ) -> tuple[str | None, str]:
     if version is None:
         return None, "the sink keeps no version for this key"
     if commit is not None:
@@ -344,7 +345,17 @@ def _origin(version: int | None, commit: Commit | None, bootstrap: int | None,
     if rebuild is not None and version == snapshot_version(rebuild):
         return "rebuild", (f"a snapshot load: the online rebuild at {format_lsn(rebuild)} "
                            f"(loaded at {format_lsn(version)} = consistent point - 1)")
-    return "unknown", "not recorded (older than provenance retention, or provenance off)"
+    return "unknown", f"not recorded ({unrecorded})"
+
+
+def _unrecorded(spec: Spec) -> str:
+    """Why a streamed version may have no commit in ``pgderive.commits``, given the YAML's
+    ``provenance`` (ARCHITECTURE.md, "Provenance")."""
+    p = spec.provenance
+    if not p.enabled:
+        return "provenance is off in this configuration"
+    return (f"older than the provenance retention ({p.retention}), or written while provenance was off; "
+            "or a snapshot load pgderive keeps no record of: an offline rebuild, verify --repair")
 
 
 def explain_view(spec: Spec, view: View, sink: Sink, key: str, *, wait: float = DEFAULT_WAIT) -> Explanation:
@@ -381,7 +392,8 @@ def explain_view(spec: Spec, view: View, sink: Sink, key: str, *, wait: float = 
         rebuilds.close()
     out.origin, out.origin_note = _origin(stored.version, out.commit,
                                           state.consistent_point if state is not None else None,
-                                          rebuild.consistent_point if rebuild is not None else None)
+                                          rebuild.consistent_point if rebuild is not None else None,
+                                          _unrecorded(spec))
     if state is not None:
         fp = state.views.get(view.name)
         out.written_fingerprint = fp if isinstance(fp, str) else None

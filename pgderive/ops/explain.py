@@ -333,13 +333,17 @@ def mask_classified(rows: Sequence[SourceRow], classification: Mapping[str, Sequ
 
 
 def _origin(version: int | None, commit: Commit | None, bootstrap: int | None,
-            rebuild: int | None, unrecorded: str = "older than provenance retention, or provenance off"
-            ) -> tuple[str | None, str]:
+            rebuild: int | None, unrecorded: str = "older than provenance retention, or provenance off",
+            batched: bool = False) -> tuple[str | None, str]:
     if version is None:
         return None, "the sink keeps no version for this key"
     if commit is not None:
-        return "stream", (f"written by the stream for transaction {commit.xid}, committed "
-                          f"{commit.committed_at.isoformat()} at {format_lsn(version)}")
+        note = (f"written by the stream for transaction {commit.xid}, committed "
+                f"{commit.committed_at.isoformat()} at {format_lsn(version)}")
+        if batched:
+            note += ("; an include or aggregate record is re-read per batch and carries the batch's newest "
+                     "commit of the view, which need not have changed one of its rows")
+        return "stream", note
     if bootstrap is not None and version == bootstrap:
         return "bootstrap", f"a snapshot load: the bootstrap at the slot's consistent point {format_lsn(version)}"
     if rebuild is not None and version == snapshot_version(rebuild):
@@ -393,7 +397,7 @@ def explain_view(spec: Spec, view: View, sink: Sink, key: str, *, wait: float = 
     out.origin, out.origin_note = _origin(stored.version, out.commit,
                                           state.consistent_point if state is not None else None,
                                           rebuild.consistent_point if rebuild is not None else None,
-                                          _unrecorded(spec))
+                                          _unrecorded(spec), batched=view.tree is not None)
     if state is not None:
         fp = state.views.get(view.name)
         out.written_fingerprint = fp if isinstance(fp, str) else None

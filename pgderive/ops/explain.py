@@ -19,7 +19,7 @@ For one key of one view it gathers:
    the OpenSearch index behind the alias holding the document (:class:`~sinks.base.Locates`),
    or for Redis the note that generations share one set of keys.
 4. **A one-record verify** (:func:`settle`): the expected record, derived from one snapshot of
-   the source taken at WAL position S (``pg_current_wal_lsn()`` in that snapshot), compared
+   the source taken at WAL position S (``pg_current_wal_flush_lsn()`` in that snapshot), compared
    with the stored one (:meth:`~sinks.base.Sink.stored_form`). When they differ, it waits up to
    ``wait`` seconds for the daemon's slot to confirm S (every commit in the snapshot then
    reached the sink, rule 3) and reads the sink again. A difference is reported only when it

@@ -2,10 +2,15 @@
 for it now, read in one snapshot (ARCHITECTURE.md, "Explain").
 
 :func:`read_source` opens a ``REPEATABLE READ READ ONLY`` transaction whose first statement
-reads ``pg_current_wal_lsn()``: the snapshot is taken as that statement starts, and a commit is
-visible only once its commit record is written (flushed, with ``synchronous_commit`` on), so
-every commit visible in the snapshot ends at or before that LSN (S), and a slot confirmed at S
-has had all of them applied. Everything else is read in the same snapshot:
+reads ``pg_current_wal_flush_lsn()``: the snapshot is taken as that statement starts, and a
+commit is visible only once its commit record is flushed (``synchronous_commit`` on), so every
+commit visible in the snapshot ends at or before that LSN (S), and a slot confirmed at S has had
+all of them applied. The flush position, not ``pg_current_wal_lsn()`` (the write position): a
+logical slot only decodes flushed WAL, and on an idle server a record written after the last
+flush (a page pruned by a read, a running-transactions record) can stay unflushed, so an idle
+daemon would never confirm the write position (measured: 56 bytes short for over 10 s). An
+asynchronous commit visible before its flush is caught by the verify's second round. Everything
+else is read in the same snapshot:
 
 * the root rows whose key columns render the key (:func:`views.keys.parse_key`), whether or
   not they satisfy the view's ``where`` (that is reported), with their ``xmin`` and, when
@@ -102,7 +107,7 @@ class SourceRead:
     """What one snapshot of the source says about one key.
 
     Attributes:
-        lsn: S, ``pg_current_wal_lsn()`` when the snapshot was taken (int LSN).
+        lsn: S, ``pg_current_wal_flush_lsn()`` when the snapshot was taken (int LSN).
         expected: the document the view derives for the key now (model values); None when the
             view holds no record for it (no row, ``where`` false, ``derive`` returned None, or
             no group).
@@ -160,7 +165,7 @@ def read_source(dsn: str, view: View, key: str, candidates: Sequence[dict[str, s
     with psycopg.connect(dsn, application_name="pgderive-explain") as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
-        row = conn.execute("SELECT pg_current_wal_lsn()::text, "
+        row = conn.execute("SELECT pg_current_wal_flush_lsn()::text, "
                            "current_setting('track_commit_timestamp')").fetchone()
         assert row is not None
         out = SourceRead(parse_lsn(row[0]))

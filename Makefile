@@ -28,7 +28,8 @@ demo: services venv
 	$(BIN)/python scripts/demo.py
 
 # The widget store (scripts/store.py, config/store.yaml): load, stream a random workload,
-# `pgderive verify` every view. PGDERIVE_STORE_SCALE / _SECONDS / _SEED override the defaults.
+# `pgderive verify` every view, then `pgderive explain` one order and one category aggregate.
+# PGDERIVE_STORE_SCALE / _SECONDS / _SEED override the defaults.
 demo-store: services venv
 	$(BIN)/python scripts/demo_store.py
 

@@ -6,13 +6,15 @@ load it at ``--scale``; start ``pgderive run -c config/store.yaml --resnapshot -
 in the background (log and stats in ``.services/demo-store/``); wait until it streams; run the
 random workload (``--seconds``, ``--seed``) while it streams; wait until the slot's
 ``confirmed_flush_lsn`` reaches ``pg_current_wal_lsn()``; run ``pgderive verify -c
-config/store.yaml VIEW`` for every view while the daemon still runs; print a table per view
-(sink, records, differences, verify's exit code, seconds) and the workload's counts; stop the
-daemon with SIGTERM and drop its replication slot (an inactive slot retains WAL) unless
-PGDERIVE_DEMO_KEEP_SLOT=1.
+config/store.yaml VIEW`` for every view while the daemon still runs; then ``pgderive explain``
+one order document (``order_cache``, an order with items, the newest) and one ``category_stats``
+aggregate record (the largest category); print a table per view (sink, records, differences,
+verify's exit code, seconds) and the workload's counts; stop the daemon with SIGTERM and drop
+its replication slot (an inactive slot retains WAL) unless PGDERIVE_DEMO_KEEP_SLOT=1; and end
+with the two explain reports.
 
-Exits 0 when every verify exited 0 and the daemon ran and stopped cleanly, 1 otherwise (with the
-tail of the daemon log), 2 when the config cannot be loaded. ``.services/demo-store/result.json``
+Exits 0 when every verify and both explains exited 0 and the daemon ran and stopped cleanly, 1
+otherwise (with the tail of the daemon log), 2 when the config cannot be loaded. ``.services/demo-store/result.json``
 holds the summary.
 
 Options default from the environment: PGDERIVE_STORE_SCALE (1), PGDERIVE_STORE_SECONDS (60),
@@ -191,6 +193,34 @@ def verify(config: Path, view: str) -> dict[str, Any]:
             "records": records, "differences": diffs, "output": output}
 
 
+def explain_examples(config: Path, dsn: str) -> list[dict[str, Any]]:
+    """``pgderive explain`` of one order document and one category aggregate: the newest order
+    that has items and a customer (likely written by the workload, so its version is a streamed
+    commit) and the category with the most products. Returns ``{view, key, exit_code, output}``
+    per explain."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        order = conn.execute("SELECT o.id FROM orders o JOIN customers c ON c.id = o.customer_id "
+                             "WHERE EXISTS (SELECT 1 FROM order_items i WHERE i.order_id = o.id) "
+                             "ORDER BY o.id DESC LIMIT 1").fetchone()
+        category = conn.execute("SELECT category_id FROM products WHERE category_id IS NOT NULL "
+                                "GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1").fetchone()
+    out = []
+    for view, key in (("order_cache", f"order:{order[0]}" if order else None),
+                      ("category_stats", f"category_stats:{category[0]}" if category else None)):
+        if key is None:
+            out.append({"view": view, "key": None, "exit_code": None, "output": f"(no row to explain for {view})"})
+            continue
+        try:
+            proc = subprocess.run([*PGDERIVE, "explain", "-c", str(config), view, key], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "COLUMNS": str(console.width)})
+            code, output = proc.returncode, proc.stdout + (proc.stderr if proc.returncode else "")
+        except subprocess.TimeoutExpired:
+            code, output = None, "(explain timed out after 120 s)"
+        out.append({"view": view, "key": key, "exit_code": code, "output": output})
+    return out
+
+
 def stop_daemon(daemon: subprocess.Popen) -> int:
     """SIGTERM (graceful: flush, confirm, exit 0); SIGKILL only if it hangs for 60 s."""
     if daemon.poll() is None:
@@ -228,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     counts: dict[str, int] = {}
     results: list[dict[str, Any]] = []
+    explained: list[dict[str, Any]] = []
     problems: list[str] = []
     daemon: subprocess.Popen | None = None
     try:
@@ -269,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
                 console.print("      " + "\n      ".join(r["output"].strip().splitlines()[-15:]))
         if daemon.poll() is not None:
             raise DemoFailed(f"pgderive exited with {daemon.returncode} during verify")
+
+        step("pgderive explain: one order document and one category aggregate (shown at the end)")
+        explained = explain_examples(args.config, dsn)
+        for e in explained:
+            console.print(f"    {e['view']} {e['key']}: exit {e['exit_code']}")
+            if e["exit_code"] != 0:
+                problems.append(f"explain {e['view']} {e['key']} exited with {e['exit_code']}")
     except DemoFailed as e:
         problems.append(str(e))
         console.print(f"[red]error: {e}[/]")
@@ -285,11 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     _report(spec, args, results, counts, stats_file)
     (OUT / "result.json").write_text(json.dumps(
         {"views": [{k: v for k, v in r.items() if k != "output"} for r in results],
+         "explained": [{k: v for k, v in e.items() if k != "output"} for e in explained],
          "workload": counts, "problems": problems}, indent=2))
+    for e in explained:
+        console.rule(f"pgderive explain -c {args.config.name} {e['view']} {e['key']}  (exit {e['exit_code']})")
+        console.out(e["output"].rstrip(), highlight=False)
     if problems:
         console.print("[bold red]FAILED:[/] " + "; ".join(problems))
         return 1
-    console.print("[bold green]OK:[/] every view verified")
+    console.print("[bold green]OK:[/] every view verified, both records explained equal")
     return 0
 
 

@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "LiveGenerations", "TlsOptions", "Doc"]
+           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "LiveGenerations", "Locates", "TlsOptions",
+           "Doc"]
 
 Doc = dict[str, Any]
 """A derived document: output field → value (values in the model of :mod:`cdc.changes`)."""
@@ -426,4 +427,17 @@ class Claims(Protocol):
         by another deployment whose view still has its bookkeeping in this sink refuses:
         :class:`SinkError` with ``retryable=False``, naming that deployment and what to do.
         A claim whose owner left no bookkeeping is taken over. Raises :class:`SinkError`."""
+        ...
+
+
+@runtime_checkable
+class Locates(Protocol):
+    """A sink whose generations are separate copies (OpenSearch: an index each) and can say
+    which one holds a record: ``pgderive explain`` names the generation a record was written
+    under (ARCHITECTURE.md, "Explain"). Use: ``isinstance(sink, Locates)``."""
+
+    def locate(self, view: str, keys: Sequence[str]) -> dict[str, str]:
+        """``key → generation id`` (OpenSearch: the index behind the view's alias) of every key
+        of ``keys`` that has a live record; keys without one are absent. Raises
+        :class:`SinkError`."""
         ...

@@ -68,7 +68,8 @@ from cdc.values import json_bare
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import Claims, LegacyLayout, LiveGenerations, Refreshable, ReservedNames, Sink, WireLoad
+    from sinks.base import (Claims, LegacyLayout, LiveGenerations, Locates, Refreshable, ReservedNames, Sink,
+                            WireLoad)
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
@@ -496,6 +497,28 @@ class OpenSearchSink:
                               "version": True, "track_total_hits": False})
                     for h in resp.get("hits", {}).get("hits", []):
                         out[h["_id"]] = (h.get("_source", {}), h.get("_version"))
+        return out
+
+    def locate(self, view: str, keys: Sequence[str]) -> dict[str, str]:
+        """``_id → index`` of the documents of ``keys`` found behind the view's alias (a
+        realtime ``mget`` returning only ``_index``): the generation each was written under
+        (:class:`~sinks.base.Locates`). Nothing when the view has no alias yet. Raises
+        :class:`SinkError`."""
+        alias = self._alias(view)
+        keys = list(keys)
+        out: dict[str, str] = {}
+        if not keys:
+            return out
+        with self._errors(f"locate {view}"):
+            if not self._client.indices.exists_alias(name=alias):
+                return out
+            for i in range(0, len(keys), self.bulk_docs):
+                resp = self._client.mget(index=alias, body={"ids": keys[i : i + self.bulk_docs]},
+                                         realtime="true", _source="false",
+                                         filter_path="docs._id,docs.found,docs._index")
+                for d in resp.get("docs", []):
+                    if d.get("found"):
+                        out[d["_id"]] = str(d["_index"])
         return out
 
     def scan_keys(self, view: str) -> Iterator[tuple[str, int | None]]:
@@ -973,6 +996,6 @@ def _reason(e: Any) -> str:
 
 if TYPE_CHECKING:
     def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames, LegacyLayout,
-                                                   Claims, LiveGenerations]:
+                                                   Claims, LiveGenerations, Locates]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink, sink, sink

@@ -3,7 +3,7 @@
 Commands: ``run`` (the daemon), ``validate``, ``init`` (an admin creates schema ``pgderive``),
 ``status``, ``rebuild VIEW`` (online through the running daemon, or ``--offline``), ``reload``,
 ``drop VIEW`` (a retired view's data, :mod:`pgderive.ops.drop`), ``verify VIEW [--repair]``
-(:mod:`pgderive.ops.verify`), ``lineage [--format text|json|dot]`` (:mod:`pgderive.ops.lineage`), ``dead-letters list|retry|discard`` (rows a view could not derive,
+(:mod:`pgderive.ops.verify`), ``explain VIEW KEY [--json]`` (:mod:`pgderive.ops.explain`), ``lineage [--format text|json|dot]`` (:mod:`pgderive.ops.lineage`), ``dead-letters list|retry|discard`` (rows a view could not derive,
 see :mod:`pgderive.state.deadletters`). Every command takes
 ``-c/--config FILE`` (default ``$PGDERIVE_CONFIG`` or ``pgderive.yaml``). Exit codes: 0 ok,
 1 operational error (message on stderr), 2 usage or configuration error.
@@ -141,7 +141,7 @@ def _fail(e: BaseException | str) -> NoReturn:
 @click.option("--stats-file", type=click.Path(dir_okay=False),
               help="Write a JSON summary (changes, ops, lag percentiles) here every 2 s.")
 @click.option("--http", "http_listen", metavar="HOST:PORT|off", envvar="PGDERIVE_HTTP",
-              help="Serve /metrics, /healthz, /readyz, /status and the status page here "
+              help="Serve /metrics, /healthz, /readyz, /status, /explain and the status page here "
                    "(default: $PGDERIVE_HTTP, else the YAML's http.listen, else 127.0.0.1:9187; "
                    "port 0: any free port).")
 @_log_format_option(None, None)
@@ -228,8 +228,13 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
         from ..ops.status import slot_status, status_document
         return status_document(slot_status(engine.spec))
 
+    def explain(view: str, key: str, wait: float) -> dict[str, object]:
+        # `pgderive explain --json` on the endpoint's thread; usage errors become 404/400.
+        from ..ops.explain import explain as explain_key, explanation_document
+        return explanation_document(explain_key(engine.spec, view, key, wait=wait))
+
     try:
-        endpoint = HttpEndpoint(engine, settings, status=status)
+        endpoint = HttpEndpoint(engine, settings, status=status, explain=explain)
     except OSError as e:
         if explicit:
             _fail(f"cannot serve HTTP on {listen}: {e.strerror or e} (set http.listen, or --http off)")
@@ -754,6 +759,52 @@ def verify(config: str, view: str, repair: bool, wait: float) -> None:
                 final = second
         equal = equal and final.equal
     sys.exit(0 if equal else 1)
+
+
+@main.command()
+@config_option
+@click.argument("view")
+@click.argument("key")
+@click.option("--wait", "wait", default=10.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Seconds to wait for a running daemon to apply the commits the source shows, when the "
+                   "record differs.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document (keys: pgderive.ops.explain.explanation_document).")
+def explain(config: str, view: str, key: str, wait: float, as_json: bool) -> None:
+    """Explain one record: the record as stored in VIEW's sink under KEY, its version (commit
+    LSN, xid, commit time), the source rows it is derived from, the view's fingerprint and
+    generation, and a one-record verify against the source now.
+
+    Exit code 0 when the record equals what the view derives (or neither has one), 1 when it
+    differs, is missing or extra, or newer commits were not applied within --wait; 2 for an
+    unknown view or a key that does not fit the view's key template."""
+    from cdc.slot import ReplicationError
+    from sinks.base import SinkError
+    from ..ops.explain import ExplainUsageError, explain as explain_key, explanation_document
+    from ..ops.explain_report import render_explanation
+
+    spec = _load(config)
+    try:
+        result = explain_key(spec, view, key, wait=wait)
+    except ExplainUsageError as e:
+        click.echo(f"error: {_one_line(str(e))}", err=True)
+        sys.exit(2)
+    except SpecError as e:
+        click.echo(scrub(str(e)), err=True)
+        sys.exit(2)
+    except (SinkError, ReplicationError, psycopg.Error) as e:
+        _fail(e)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(explanation_document(result),
+                                option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    else:
+        # Into a pipe the report takes $COLUMNS when set (make demo-store passes its own width).
+        columns = os.environ.get("COLUMNS", "")
+        wide = not _console.is_terminal and columns.isdigit()
+        (Console(width=int(columns)) if wide else _console).print(render_explanation(result))
+    sys.exit(result.exit_code)
 
 
 @main.command()

@@ -1,5 +1,6 @@
 """The daemon's HTTP endpoint (ARCHITECTURE.md, "Monitoring"): ``/metrics``, ``/healthz``,
-``/readyz``, ``/status`` and ``/``, the status page.
+``/readyz``, ``/status``, ``/explain?view=V&key=K[&wait=SECONDS]`` (``pgderive explain --json``,
+ARCHITECTURE.md, "Explain") and ``/``, the status page.
 
 A :class:`http.server.ThreadingHTTPServer` on threads of its own: a request never runs on the
 reading thread or a lane, and reads only counters the daemon keeps anyway
@@ -22,13 +23,15 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cdc.lsn import format_lsn
+from cdc.redact import scrub
 
+from ..ops.explain import DEFAULT_WAIT, ExplainUsageError
 from ..runtime.observed import Observed
 from .health import Health, assess
 from .metrics import Metrics
@@ -93,13 +96,19 @@ class HttpEndpoint:
         settings: address and health limits.
         status: returns the ``pgderive status`` facts as a JSON-ready dict (called at most every
             :data:`STATUS_MAX_AGE` seconds; may raise, the error is served instead), or None.
+        explain: ``(view, key, wait seconds)`` → the ``pgderive explain --json`` document
+            (:func:`pgderive.ops.explain.explanation_document`) for ``/explain``; raises
+            :class:`~pgderive.ops.explain.ExplainUsageError` (served as 404 for an unknown view,
+            400 for a bad key); None: ``/explain`` answers 404.
 
     Raises ``OSError`` when the address cannot be bound (e.g. ``EADDRINUSE``).
     """
 
     def __init__(self, daemon: Observed, settings: HttpSettings,
-                 status: Callable[[], Mapping[str, object]] | None = None) -> None:
+                 status: Callable[[], Mapping[str, object]] | None = None,
+                 explain: Callable[[str, str, float], Mapping[str, object]] | None = None) -> None:
         self.daemon = daemon
+        self._explain = explain
         self.settings = settings
         self.metrics = Metrics(daemon)
         self.samples: deque[Sample] = deque(maxlen=SAMPLES)
@@ -141,7 +150,8 @@ class HttpEndpoint:
         self._sample()
         self._thread.start()
         self._sampler.start()
-        log.info("serving /metrics, /healthz, /readyz, /status and the status page on %s", self.url)
+        log.info("serving /metrics, /healthz, /readyz, /status%s and the status page on %s",
+                 ", /explain" if self._explain is not None else "", self.url)
 
     def close(self) -> None:
         """Stop serving; requests in progress end with the process (their threads are daemons)."""
@@ -237,13 +247,16 @@ class HttpEndpoint:
             elif path == "/status":
                 self._reply(req, 200, "application/json",
                             orjson.dumps(self.status(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS), head)
+            elif path == "/explain" and self._explain is not None:
+                code, body = self.explain(urlsplit(req.path).query)
+                self._reply(req, code, "application/json", body, head)
             elif path == "/":
                 page = render_page(self.status(), list(self.samples), SAMPLE_EVERY)
                 self._reply(req, 200, "text/html; charset=utf-8", page.encode(), head)
             else:
                 self._reply(req, 404, "application/json",
                             orjson.dumps({"error": f"no such page: {path}",
-                                          "pages": ["/", "/metrics", "/healthz", "/readyz", "/status"]}), head)
+                                          "pages": ["/", "/metrics", "/healthz", "/readyz", "/status", "/explain"]}), head)
         except Exception as e:  # one line in the log, a 500 to the client; never a traceback
             log.warning("HTTP %s failed: %s: %s", path, type(e).__name__, " ".join(str(e).split())[:300],
                         exc_info=log.isEnabledFor(logging.DEBUG))
@@ -251,6 +264,33 @@ class HttpEndpoint:
                 self._reply(req, 500, "application/json", orjson.dumps({"error": type(e).__name__}), head)
             except OSError:
                 pass
+
+    def explain(self, query: str) -> tuple[int, bytes]:
+        """``/explain``: the status code and JSON body for the query string ``query``
+        (``view``, ``key``, optional ``wait`` in seconds, default
+        :data:`~pgderive.ops.explain.DEFAULT_WAIT`, at most 60). 200 with the document
+        whatever the verdict (its ``verify.status`` and ``exit_code`` say it); 400 for a
+        missing parameter, a bad ``wait`` or a key that does not fit the view; 404 for an unknown
+        view; 503 when the source or a sink cannot be read (``{"error": "Type: message"}``,
+        one line, no DSN)."""
+        args = parse_qs(query, keep_blank_values=True)
+        view, key = args.get("view", [None])[0], args.get("key", [None])[0]
+        if not view or key is None:
+            return 400, orjson.dumps({"error": "usage: /explain?view=VIEW&key=KEY[&wait=SECONDS]"})
+        try:
+            wait = float(args.get("wait", [str(DEFAULT_WAIT)])[0])
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= 60:
+            return 400, orjson.dumps({"error": "wait must be a number of seconds from 0 to 60"})
+        assert self._explain is not None
+        try:
+            doc = self._explain(view, key, wait)
+        except ExplainUsageError as e:
+            return e.http_status, orjson.dumps({"error": str(e)})
+        except Exception as e:  # the source or a sink: one line, as the CLI prints it
+            return 503, orjson.dumps({"error": scrub(f"{type(e).__name__}: {' '.join(str(e).split())}")[:500]})
+        return 200, orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
 
     @staticmethod
     def _reply(req: BaseHTTPRequestHandler, code: int, ctype: str, body: bytes, head: bool) -> None:

@@ -16,8 +16,10 @@ migrations ``0003_aggregates.sql`` and ``0004_agg_touched.sql``, applied by
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
+import orjson
 import psycopg
 from psycopg import sql
 
@@ -25,7 +27,7 @@ from views.aggregate import Aggregation, row_key
 
 from .schema import migrate
 
-__all__ = ["AggregateStore", "shadow_name"]
+__all__ = ["AggregateStore", "GroupMembers", "group_members", "shadow_name"]
 
 Row = tuple[Any, ...]
 #: A root's identity values: views.include.KeyTuple, a bare ``tuple`` alias that mypy --strict
@@ -268,3 +270,44 @@ class AggregateStore:
         conn = self.connection()
         with conn.transaction():
             return conn.execute(_query(agg.result_sql(False)), {"view": view}).fetchall()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMembers:
+    """What ``pgderive.agg_rows``/``agg_groups`` hold of one group of one view (``pgderive
+    explain``, ARCHITECTURE.md, "Explain").
+
+    Attributes:
+        rows: the live contributions in the group (source rows counted by its state).
+        sample: up to the asked number of them, ``(root identity texts, version)``: the
+            identity values as Postgres text in identity-column order (``None`` for NULL) and the
+            int LSN of the change that last set the contribution; highest versions first.
+        has_state: whether ``pgderive.agg_groups`` has a state for the group.
+    """
+
+    rows: int
+    sample: list[tuple[list[str | None], int]]
+    has_state: bool
+
+
+def group_members(conn: psycopg.Connection[Any], view: str, group: Sequence[tuple[int, str]],
+                  sample: int = 5) -> GroupMembers | None:
+    """The contributions of ``view``'s groups whose ``group_by`` values at the given positions
+    equal the given texts (``group``: ``(position in group_by, value as Postgres text)``; the
+    text :func:`views.aggregate.Aggregation.contribution` stores), on ``conn`` (in the caller's
+    transaction). None when schema ``pgderive`` has no aggregate state (never created; nothing
+    is created here). Raises :class:`psycopg.Error`."""
+    row = conn.execute("SELECT to_regclass('pgderive.agg_rows') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return None
+    conds = sql.SQL("").join(sql.SQL(" AND grp->>{} = {}").format(sql.Literal(i), sql.Literal(text))
+                             for i, text in group)
+    count = conn.execute(sql.SQL("SELECT count(*) FROM pgderive.agg_rows WHERE view = %s AND grp IS NOT NULL{}")
+                         .format(conds), (view,)).fetchone()
+    picked = conn.execute(sql.SQL("SELECT row_key, version FROM pgderive.agg_rows WHERE view = %s AND grp IS NOT NULL{} "
+                                  "ORDER BY version DESC, row_key LIMIT %s").format(conds), (view, sample)).fetchall()
+    state = conn.execute(sql.SQL("SELECT count(*) FROM pgderive.agg_groups WHERE view = %s{}").format(conds),
+                         (view,)).fetchone()
+    return GroupMembers(rows=int(count[0]) if count else 0,
+                        sample=[(list(orjson.loads(k)), int(v)) for k, v in picked],
+                        has_state=bool(state and state[0]))

@@ -454,6 +454,12 @@ class DeadLetterStore:
         ``limit``; with ``superseded`` the superseded ones too."""
         return self._select(slot, None, view, order=sql.SQL("id"), limit=limit, open_only=not superseded)
 
+    def of_key(self, slot: str, view: str, key: str, limit: int = 5) -> builtins.list[DeadLetterRecord]:
+        """The open dead letters of ``view`` under sink key ``key``, newest first, at most
+        ``limit`` (``pgderive explain``: why a record is missing or old). Nothing when the
+        table does not exist."""
+        return self._select(slot, None, view, order=sql.SQL("id DESC"), limit=limit, key=key)
+
     def take_for_retry(self, slot: str, ids: Sequence[int] | None = None,
                        view: str | None = None) -> builtins.list[DeadLetterRecord]:
         """The dead letters to retry, in stream order (commit LSN, then id).
@@ -465,8 +471,9 @@ class DeadLetterStore:
         return self._select(slot, ids, view, order=sql.SQL("commit_lsn, id"), limit=None)
 
     def _select(self, slot: str, ids: Sequence[int] | None, view: str | None, *,
-                order: sql.Composable, limit: int | None, open_only: bool = True) -> builtins.list[DeadLetterRecord]:
-        where, params = self._where(slot, ids, view, open_only=open_only)
+                order: sql.Composable, limit: int | None, open_only: bool = True,
+                key: str | None = None) -> builtins.list[DeadLetterRecord]:
+        where, params = self._where(slot, ids, view, open_only=open_only, key=key)
         query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(_COLUMNS, _QUALIFIED, where, order)
         if limit is not None:
             query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(int(limit)))
@@ -485,7 +492,7 @@ class DeadLetterStore:
 
     @staticmethod
     def _where(slot: str, ids: Sequence[int] | None, view: str | None, *,
-               open_only: bool = True) -> tuple[sql.Composable, builtins.list[Any]]:
+               open_only: bool = True, key: str | None = None) -> tuple[sql.Composable, builtins.list[Any]]:
         parts: builtins.list[sql.Composable] = [sql.SQL("slot = %s")]
         if open_only:
             parts.append(sql.SQL("superseded_lsn IS NULL"))
@@ -496,4 +503,7 @@ class DeadLetterStore:
         if view is not None:
             parts.append(sql.SQL("view = %s"))
             params.append(view)
+        if key is not None:
+            parts.append(sql.SQL("sink_key = %s"))
+            params.append(key)
         return sql.SQL(" AND ").join(parts), params

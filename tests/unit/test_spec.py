@@ -306,7 +306,7 @@ def test_colliding_keys_and_indexes_across_views() -> None:
       ("sinks.f.hosts[0]", 8, "must be an http:// or https:// URL"),
       ("sinks.g.hosts", 9, "must be a list, got a string"),
       ("extra", 11, "unknown key 'extra' (allowed: source, sinks, views, dead_letters, bootstrap, http,"
-                        " classification)")]),
+                        " provenance, classification)")]),
     ("source: x\nsinks: []\nviews: {}\n",
      [("source", 1, "must be a mapping, got a string"),
       ("sinks", 2, "must be a mapping, got a list"),

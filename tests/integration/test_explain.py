@@ -7,7 +7,6 @@ wrote; ``/explain`` on the daemon's HTTP endpoint."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from opensearchpy import OpenSearch
 
 from cdc.lsn import format_lsn, parse_lsn
 from pgderive.state.deadletters import DeadLetter, DeadLetterStore
-from pgderive.state.provenance import Commit, CommitStore
+from pgderive.state.provenance import CommitStore
 from sinks.redis import versions_key
 
 from ..support import OPENSEARCH_URL, REDIS_URL, ROOT, Daemon, Scenario, current_lsn, deployment, streaming, wait_until
@@ -69,9 +68,6 @@ VIEWS = """
     aggregate: {n: "count(*)", sum_total: "sum(total)"}
   P_search: {table: orders, sink: search, index: Pidx_orders, fields: [id, status, total]}
 """
-#: The lead's recorder fills pgderive.commits by itself once it is in main; until then the tests
-#: insert the commit they need (CommitStore.insert, as the recorder would).
-RECORDER = importlib.util.find_spec("pgderive.runtime.provenance") is not None
 
 
 class Writer:
@@ -193,11 +189,8 @@ def test_explain_plain_where_include_aggregate_and_opensearch_views_while_stream
             wait_until(lambda: version() > lo, 30, what="the include record rewritten")
         assert lo < version() <= hi
         store = CommitStore(s.dsn)
-        try:
-            if RECORDER:  # the daemon stores it within its flush interval (0.2 s)
-                wait_until(lambda: bool(store.lookup(s.slot, [version()])), 30, what="the commit recorded")
-            else:
-                store.insert(s.slot, [Commit(version(), int(xid), committed_at)])
+        try:  # the daemon's recorder stores it before the slot is confirmed past it
+            wait_until(lambda: bool(store.lookup(s.slot, [version()])), 30, what="the commit recorded")
         finally:
             store.close()
         rc, doc, _ = explain(s, name(s, "inc"), key(s, "oi:150"))

@@ -160,15 +160,6 @@ class CommitStore:
         n: int = self._call(False, delete)
         return n
 
-    def drop_slot(self, slot: str) -> int:
-        """Delete every commit of ``slot`` (its deployment re-snapshots or goes away)."""
-        def delete(conn: psycopg.Connection[Any]) -> int:
-            if not self._exists(conn):
-                return 0
-            return conn.execute("DELETE FROM pgderive.commits WHERE slot = %s", (slot,)).rowcount
-        n: int = self._call(False, delete)
-        return n
-
     @staticmethod
     def _exists(conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute("SELECT to_regclass('pgderive.commits') IS NOT NULL").fetchone()

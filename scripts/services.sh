@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Local services for pgderive without Docker: PostgreSQL 15 + wal2json (5433), Redis 7 (6380),
-# OpenSearch 2.x single node (9201), all bound to 127.0.0.1 with their data under .services/.
+# OpenSearch 2.x single node (9201), Apache Kafka 4.x single KRaft node (9093, its controller on
+# 9094), all bound to 127.0.0.1 with their data under .services/.
 #
 #   scripts/services.sh up      install what is missing, start what is not answering, wait
 #   scripts/services.sh down    stop the instances this script started
 #   scripts/services.sh status  one line per service
 #
+# PGDERIVE_SERVICES picks the services `up` starts (default: "postgres redis opensearch kafka"),
+# e.g. PGDERIVE_SERVICES="postgres redis opensearch" to go without Kafka.
 # Idempotent: a service already answering on its port is reused, not fought over.
-# Postgres and OpenSearch refuse to run as root, so under root they run as the system user
+# Postgres, OpenSearch and Kafka do not run as root here: under root they run as the system user
 # $PGDERIVE_SERVICE_USER (default: pgderive), created on demand.
 set -euo pipefail
 
@@ -18,6 +21,12 @@ REDIS_PORT=${REDIS_PORT:-6380}
 OS_PORT=${OS_PORT:-9201}
 OS_VERSION=${OPENSEARCH_VERSION:-2.19.1}
 OS_HEAP=${OPENSEARCH_HEAP:-768m}
+KAFKA_PORT=${KAFKA_PORT:-9093}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}
+KAFKA_VERSION=${KAFKA_VERSION:-4.4.0}
+KAFKA_HEAP=${KAFKA_HEAP:-512m}
+LOG4J_VERSION=${LOG4J_VERSION:-2.24.3}
+SERVICES=${PGDERIVE_SERVICES:-postgres redis opensearch kafka}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SERVICE_USER=${PGDERIVE_SERVICE_USER:-pgderive}
 MAVEN=${MAVEN_CENTRAL:-https://repo1.maven.org/maven2}
@@ -190,34 +199,205 @@ os_down() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Kafka: the broker's jars come from Maven Central through a throwaway pom (kafka_2.13 and its
+# runtime dependencies, plus log4j 2 as the backend of its SLF4J 1.7) copied into $home/libs; no
+# tarball. The jars are resolved again when the pom changes (KAFKA_VERSION, LOG4J_VERSION).
+kafka_ready() {
+  # A Kafka ApiVersions v0 request (correlation id 1): the broker answers once it serves
+  # requests, not merely when its port accepts connections. Expect: length, correlation id 1,
+  # error code 0.
+  local reply
+  reply=$(
+    exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT" || exit 1
+    printf '\x00\x00\x00\x0a\x00\x12\x00\x00\x00\x00\x00\x01\x00\x00' >&3
+    timeout 3 head -c 10 <&3 | od -An -v -tx1 | tr -d ' \n'
+  ) || return 1
+  [ "${reply:8:12}" = 000000010000 ]
+}
+
+kafka_install() { # home
+  local home=$1
+  mkdir -p "$home/libs" "$SVC/cache/m2"
+  cat >"$home/pom.xml.new" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by scripts/services.sh: only to resolve the Kafka broker's jars. -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.pgderive</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>$KAFKA_VERSION</version>
+  <packaging>pom</packaging>
+  <repositories><repository><id>central</id><url>$MAVEN</url></repository></repositories>
+  <pluginRepositories><pluginRepository><id>central</id><url>$MAVEN</url></pluginRepository></pluginRepositories>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$KAFKA_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$LOG4J_VERSION</version></dependency>
+  </dependencies>
+  <build><plugins><plugin>
+    <groupId>org.apache.maven.plugins</groupId><artifactId>maven-dependency-plugin</artifactId><version>3.8.1</version>
+  </plugin></plugins></build>
+</project>
+EOF
+  if [ -f "$home/libs/.complete" ] && cmp -s "$home/pom.xml.new" "$home/pom.xml"; then
+    rm -f "$home/pom.xml.new"; return 0
+  fi
+  mv "$home/pom.xml.new" "$home/pom.xml"
+  rm -f "$home/libs/.complete"
+  log "kafka $KAFKA_VERSION: resolving the broker's jars from $MAVEN"
+  rm -f "$home/libs/"*.jar
+  mvn -B -q -f "$home/pom.xml" -Dmaven.repo.local="$SVC/cache/m2" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$home/libs" >"$SVC/log/kafka-install.log" 2>&1 \
+    || die "kafka: mvn could not resolve the jars: $(tail -5 "$SVC/log/kafka-install.log")"
+  [ -f "$home/libs/kafka_2.13-$KAFKA_VERSION.jar" ] || die "kafka: kafka_2.13-$KAFKA_VERSION.jar missing in $home/libs"
+  touch "$home/libs/.complete"
+}
+
+kafka_up() {
+  if port_open "$KAFKA_PORT"; then log "kafka: reusing the server on :$KAFKA_PORT"; return 0; fi
+  local home=$SVC/kafka-$KAFKA_VERSION data=$SVC/kafka-data run=$SVC/kafka-run
+  mkdir -p "$home/config" "$data" "$run" "$SVC/log/kafka"
+  kafka_install "$home"
+  # Written on every start, so KAFKA_PORT / KAFKA_CONTROLLER_PORT overrides apply.
+  cat >"$home/config/server.properties" <<EOF
+# --- pgderive local test instance: one node that is both broker and KRaft controller ---
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$data
+num.partitions=3
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+delete.topic.enable=true
+log.retention.hours=24
+log.segment.bytes=67108864
+EOF
+  cat >"$home/config/log4j2.properties" <<EOF
+# Broker log: INFO to $SVC/log/kafka/server.log (rolled at 20 MB, 3 kept), nothing on stdout.
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $SVC/log/kafka/server.log
+appender.file.filePattern = $SVC/log/kafka/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka-request.name = kafka.request.logger
+logger.kafka-request.level = WARN
+logger.state-change.name = state.change.logger
+logger.state-change.level = WARN
+logger.controller.name = org.apache.kafka.controller
+logger.controller.level = WARN
+logger.log-cleaner.name = kafka.log.LogCleaner
+logger.log-cleaner.level = WARN
+# The full configuration dumps (some 2,000 lines a start).
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = WARN
+EOF
+  # java with the broker's classpath, heap and log configuration (also runs the storage tool).
+  mkdir -p "$home/bin"
+  cat >"$home/bin/kafka-java" <<EOF
+#!/usr/bin/env bash
+# Written by scripts/services.sh.
+here=\$(cd "\$(dirname "\$0")/.." && pwd)
+exec java -Xms$KAFKA_HEAP -Xmx$KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \\
+  -Dlog4j2.configurationFile="\$here/config/log4j2.properties" -cp "\$here/libs/*" "\$@"
+EOF
+  chmod +x "$home/bin/kafka-java"
+  [ "$(id -u)" -eq 0 ] && chown -R "$SERVICE_USER" "$home" "$data" "$run" "$SVC/log"
+  if [ ! -f "$data/meta.properties" ]; then
+    local cluster_id
+    cluster_id=$(as_user "$home/bin/kafka-java" kafka.tools.StorageTool random-uuid 2>"$SVC/log/kafka-format.log") \
+      || die "kafka: the storage tool could not make a cluster id: $(tail -5 "$SVC/log/kafka-format.log")"
+    log "kafka: formatting $data (cluster id $cluster_id)"
+    as_user "$home/bin/kafka-java" kafka.tools.StorageTool format -t "$cluster_id" -c "$home/config/server.properties" \
+      >>"$SVC/log/kafka-format.log" 2>&1 || die "kafka: formatting failed: $(tail -5 "$SVC/log/kafka-format.log")"
+  fi
+  log "kafka $KAFKA_VERSION: starting on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT, heap $KAFKA_HEAP)"
+  # setsid: the broker outlives this script's session; the pid file holds the JVM's own pid.
+  rm -f "$run/kafka.pid"
+  as_user setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' kafka-launch "$run/kafka.pid" \
+    "$home/bin/kafka-java" kafka.Kafka "$home/config/server.properties" \
+    </dev/null >>"$SVC/log/kafka-start.log" 2>&1 &
+  local i pid=
+  for ((i = 0; i < 360; i++)); do # first start of the JVM included: up to 180 s
+    if kafka_ready 2>/dev/null; then log "kafka is up"; return 0; fi
+    [ -z "$pid" ] && [ -f "$run/kafka.pid" ] && pid=$(cat "$run/kafka.pid")
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+      die "kafka exited while starting: $(tail -5 "$SVC/log/kafka-start.log" "$SVC/log/kafka/server.log" 2>/dev/null)"
+    fi
+    sleep 0.5
+  done
+  die "kafka did not answer within 180s (see logs under $SVC/log/kafka)"
+}
+
+kafka_down() {
+  local pidfile=$SVC/kafka-run/kafka.pid pid i
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    log "kafka stopped"
+  fi
+  rm -f "$pidfile"
+}
+
+# ---------------------------------------------------------------------------------------------
 status_line() { # name port check...
   local name=$1 port=$2; shift 2
   if "$@" >/dev/null 2>&1; then printf '%-11s up    127.0.0.1:%s\n' "$name" "$port"
   else printf '%-11s down  127.0.0.1:%s\n' "$name" "$port"; fi
 }
 
+want() { case " $SERVICES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 cmd=${1:-up}
 case "$cmd" in
   up)
+    for svc in $SERVICES; do
+      case "$svc" in postgres|redis|opensearch|kafka) ;; *) die "PGDERIVE_SERVICES: unknown service '$svc' (postgres redis opensearch kafka)" ;; esac
+    done
     mkdir -p "$SVC"
     # haproxy: the TLS terminator tests/integration/test_tls.py puts in front of OpenSearch
     # (the integ-test distribution has no security plugin); openssl makes the test's CA.
     # prometheus (and its promtool) scrapes a daemon in tests/integration/test_monitoring.py,
     # started by the test on a free port; chromium renders the status page there.
     # graphviz: `dot` renders `pgderive lineage --format dot` (tests/integration/test_lineage.py).
+    # maven resolves the Kafka broker's jars.
     apt_install postgresql-15 postgresql-15-wal2json redis-server \
-      openjdk-17-jre-headless curl unzip haproxy openssl prometheus chromium graphviz
+      openjdk-17-jre-headless curl unzip haproxy openssl prometheus chromium graphviz maven
     ensure_user
-    pg_up
-    redis_up
-    os_up
+    if want postgres; then pg_up; fi
+    if want redis; then redis_up; fi
+    if want opensearch; then os_up; fi
+    if want kafka; then kafka_up; fi
     ;;
   down)
-    os_down; redis_down; pg_down ;;
+    kafka_down; os_down; redis_down; pg_down ;;
   status)
     status_line postgres "$PG_PORT" pg_ready
     status_line redis "$REDIS_PORT" redis_ready
     status_line opensearch "$OS_PORT" os_ready
+    status_line kafka "$KAFKA_PORT" kafka_ready
     ;;
   *) die "usage: $0 up|down|status" ;;
 esac

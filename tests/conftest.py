@@ -27,6 +27,12 @@ def opensearch_hosts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Kafka bootstrap servers (host:port[,...]); override with PGDERIVE_TEST_KAFKA."""
+    return os.environ.get("PGDERIVE_TEST_KAFKA", "127.0.0.1:9093")
+
+
+@pytest.fixture(scope="session")
 def pg_dsn() -> str:
     """Postgres admin DSN; override with PGDERIVE_TEST_PG_DSN."""
     return os.environ.get("PGDERIVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5433/postgres")

@@ -17,7 +17,7 @@ connector", "Data change events")::
                                              #   columns with REPLICA IDENTITY FULL)
      "after": {...} | null,                  # create/update/read: the new row
      "partial": true,                        # only when "after" lacks unchanged TOAST columns
-     "source": {"connector": "pgderive", "db": "bench", "schema": "public",
+     "source": {"connector": "pgderive", "schema": "public",
                 "table": "pgbench_accounts", "view": "accounts_log",
                 "lsn": 23819080,             # commit LSN (int): the version of the change
                 "txId": 1234,                # xid; null for snapshot rows
@@ -42,7 +42,7 @@ import orjson
 
 from .changes import Change, ChangeKind, Row
 
-__all__ = ["EnvelopeOp", "Envelope", "EnvelopeError", "encode_key", "encode", "decode",
+__all__ = ["EnvelopeOp", "Envelope", "EnvelopeError", "encode_key", "envelope", "encode", "decode",
            "truncate_record", "table_topic", "DEFAULT_TOPIC_PREFIX"]
 
 #: The default ``topic_prefix`` of a Kafka sink (and of a worker's Kafka source).
@@ -98,32 +98,36 @@ def encode_key(identity: Row) -> bytes:
     return orjson.dumps(identity)
 
 
-def _source(view: str, table: str, lsn: int, xid: int | None, commit_time: datetime | None,
-            db: str, snapshot: bool) -> dict[str, Any]:
+def envelope(op: EnvelopeOp, *, view: str, table: str, lsn: int, xid: int | None,
+             commit_time: datetime | None, before: Row | None, after: Row | None,
+             partial: bool = False) -> dict[str, Any]:
+    """The message value of one change as a dict (see the module docstring); :func:`encode`
+    gives its bytes."""
     schema, _, name = table.partition(".")
     us = None if commit_time is None else int(commit_time.timestamp() * 1_000_000)
-    return {"connector": "pgderive", "db": db, "schema": schema, "table": name, "view": view,
-            "lsn": lsn, "txId": xid, "ts_ms": None if us is None else us // 1000, "ts_us": us,
-            "snapshot": snapshot}
+    doc: dict[str, Any] = {"op": op, "before": before, "after": after}
+    if partial:
+        doc["partial"] = True
+    doc["source"] = {"connector": "pgderive", "schema": schema, "table": name, "view": view,
+                     "lsn": lsn, "txId": xid, "ts_ms": None if us is None else us // 1000, "ts_us": us,
+                     "snapshot": op == "r"}
+    return doc
 
 
 def encode(op: EnvelopeOp, *, view: str, table: str, lsn: int, xid: int | None,
            commit_time: datetime | None, before: Row | None, after: Row | None,
-           partial: bool = False, db: str = "") -> bytes:
-    """The message value of one change (see the module docstring). Raises ``TypeError`` for a
-    value orjson cannot encode."""
-    doc: dict[str, Any] = {"op": op, "before": before, "after": after}
-    if partial:
-        doc["partial"] = True
-    doc["source"] = _source(view, table, lsn, xid, commit_time, db, op == "r")
-    return orjson.dumps(doc)
+           partial: bool = False) -> bytes:
+    """The message value of one change (see the module docstring), as JSON bytes. Raises
+    ``TypeError`` for a value orjson cannot encode."""
+    return orjson.dumps(envelope(op, view=view, table=table, lsn=lsn, xid=xid, commit_time=commit_time,
+                                 before=before, after=after, partial=partial))
 
 
-def truncate_record(*, view: str, table: str, lsn: int, xid: int | None,
-                    commit_time: datetime | None, db: str = "") -> bytes:
+def truncate_record(*, view: str, table: str, lsn: int, xid: int | None = None,
+                    commit_time: datetime | None = None) -> bytes:
     """The value of a TRUNCATE control record (sent with no key to every partition)."""
     return encode("t", view=view, table=table, lsn=lsn, xid=xid, commit_time=commit_time,
-                  before=None, after=None, db=db)
+                  before=None, after=None)
 
 
 def decode(value: bytes | None) -> Envelope:

@@ -115,12 +115,17 @@ class ViewTarget:
         key_shape: the view's key template with placeholders as ``{}``
             (:meth:`views.template.KeyTemplate.shape`), e.g. ``"account:{}"``; None when
             unknown. A Redis sink claims it for the deployment (:class:`Claims`).
+        topic: Kafka only: the topic of a change-log view (:mod:`views.changelog`).
+        table: Kafka only: the view's table, ``"schema.table"`` (named in TRUNCATE control
+            records).
     """
 
     view: str
     format: Literal["hash", "json"] | None = None
     index: str | None = None
     key_shape: str | None = None
+    topic: str | None = None
+    table: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -26,7 +26,9 @@ def make_sink(name: str, spec: dict[str, Any], *, deployment: str | None = None)
     or ``{"type": "opensearch", "hosts": ["http://host:port", ...]}`` (optional ``bulk_docs``,
     ``bulk_concurrency``, ``checkpoint_index``, ``username``/``password``); both take the TLS
     keys ``ca_certs``, ``client_cert``, ``client_key``, ``verify_certs``
-    (:class:`~sinks.base.TlsOptions`). ``deployment`` namespaces pgderive's own keys
+    (:class:`~sinks.base.TlsOptions`); or ``{"type": "kafka", "bootstrap_servers": "host:port"}``
+    (optional ``topic_prefix``, ``partitions``, ``replication_factor``, ``transaction_timeout``,
+    ``max_message_bytes``, ``producer``; :class:`~sinks.kafka.KafkaSink`). ``deployment`` namespaces pgderive's own keys
     and documents in the sink (:func:`cdc.catalog.deployment_id`; None: the legacy layout).
     Raises ``ValueError`` naming the sink for an unknown type or a missing/invalid setting.
     """
@@ -53,4 +55,18 @@ def make_sink(name: str, spec: dict[str, Any], *, deployment: str | None = None)
         auth = (str(user), str(password)) if user is not None and password is not None else None
         return OpenSearchSink(name, hosts, deployment=deployment, checkpoint_index=str(index),
                               tls=_tls(spec), basic_auth=auth, **kwargs)
-    raise ValueError(f"sink {name!r}: unknown sink type {kind!r} (expected 'redis' or 'opensearch')")
+    if kind == "kafka":
+        from sinks.kafka import KafkaSink
+
+        servers = spec.get("bootstrap_servers", "127.0.0.1:9093")
+        if not isinstance(servers, str) or not servers:
+            raise ValueError(f"sink {name!r}: kafka sink needs 'bootstrap_servers' (host:port,...)")
+        settings = spec.get("producer") or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"sink {name!r}: kafka 'producer' must be a mapping of librdkafka settings")
+        return KafkaSink(name, servers, deployment=deployment, topic_prefix=str(spec.get("topic_prefix", "pgderive")),
+                         partitions=int(spec.get("partitions", 3)),
+                         replication_factor=int(spec.get("replication_factor", 1)),
+                         transaction_timeout=float(spec.get("transaction_timeout", 60.0)),
+                         max_message_bytes=int(spec.get("max_message_bytes", 1_000_000)), settings=settings)
+    raise ValueError(f"sink {name!r}: unknown sink type {kind!r} (expected 'redis', 'opensearch' or 'kafka')")

@@ -21,6 +21,7 @@ from cdc.changes import Change, Row
 from sinks.base import Op, ViewTarget
 
 from .aggregate import Aggregation
+from .changelog import Publisher
 from .include import IncludeNode, IncludeTree, KeyTuple
 from .spec import IncludeSpec, ViewSpec
 from .template import KeyTemplate, TemplateError
@@ -104,6 +105,15 @@ class View:
             bad = [c for c in self.key.columns if c not in spec.group_by]
             if bad:
                 raise ValueError(f"key column(s) {', '.join(bad)} of view {name} are not in its group_by")
+        elif spec.topic_name is not None:
+            # A change log (views.changelog): keyed by the row identity, every column by default.
+            identity = info.primary_key or info.identity_columns
+            if not identity:
+                raise ValueError(f"table {info.qualified} has no primary key nor replica identity:"
+                                 " a change log needs one to key its messages (ALTER TABLE ..."
+                                 " REPLICA IDENTITY FULL, or add a primary key)")
+            self.key = KeyTemplate.from_columns(identity)
+            self.fields = output_fields(spec, info)
         else:
             self.key = resolve_key(spec, info)
             self.fields = output_fields(spec, info)
@@ -118,6 +128,9 @@ class View:
             from .where import Where
             self.where = Where(spec.where, info.columns)
         self.derive_fn = load_function(spec.derive) if spec.derive else None
+        self.publisher: Publisher | None = None
+        if spec.topic_name is not None:
+            self.publisher = Publisher(name, info.qualified, output_fields(spec, info), self.key.columns)
         self.needs_full_row = self.where is not None or self.derive_fn is not None
         where_cols = sorted(self.where.columns) if self.where is not None else []
         self.columns: tuple[str, ...] = tuple(dict.fromkeys([*self.key.columns, *self.fields.values(), *where_cols]))
@@ -131,7 +144,8 @@ class View:
                                     self.where.sql() if self.where is not None else None)
         self.tables: frozenset[str] = frozenset(self.tree.tables if self.tree else {self.table})
         self.column_types: list[tuple[str, str]] = [(c, info.columns[c]) for c in self.columns]
-        self.target = ViewTarget(view=name, format=spec.format, index=spec.index, key_shape=self.key.shape())
+        self.target = ViewTarget(view=name, format=spec.format, index=spec.index, key_shape=self.key.shape(),
+                                 topic=spec.topic_name, table=info.qualified if spec.topic_name else None)
         self._items = tuple(self.fields.items())
         self._field_columns = tuple(dict.fromkeys(self.fields.values()))
         self._columns_set = frozenset(self._field_columns)
@@ -218,6 +232,8 @@ class View:
     def row_op(self, row: Row, version: int) -> Op | None:
         """The upsert of one snapshot row at ``version`` (the consistent point); ``None`` when
         ``derive`` leaves it out. (``where`` is applied by the snapshot query.)"""
+        if self.publisher is not None:
+            return self.publisher.row_op(row, version)
         key = self._key(row)
         doc = self._final(row, self.doc(row), key)
         return None if doc is None else Op(self.name, key, version, doc)

@@ -176,6 +176,7 @@ class Stream:
         self.pending: dict[str, Batch] = {lane.name: Batch(end_lsn=lane.acked_lsn) for lane in lanes}
         self._handed: dict[str, float] = {lane.name: 0.0 for lane in lanes}
         self._touched: set[str] = set()  # lanes the current transaction produced work for
+        self._seq = 0  # numbers change-log Ops so that a batch keeps each one (views.changelog)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, reader: ChangeReader) -> None:
@@ -308,6 +309,14 @@ class Stream:
             for v in views:
                 if v.name in self.held:
                     continue
+                if v.publisher is not None:
+                    # A change log (views.changelog): every change, in stream order, never collapsed.
+                    self._seq += 1
+                    batch = pending[v.sink]
+                    for op in v.publisher.change_ops(change, tx, self._seq):
+                        batch.add(op)
+                    touched.add(v.sink)
+                    continue
                 if v.tree is not None:
                     assert self.resolver is not None
                     self.resolver.note(v, change, version, tx.xid)
@@ -418,11 +427,12 @@ class Stream:
 
     def _truncate(self, views: list[View], version: int, xid: int | None = None) -> None:
         """TRUNCATE barrier: pending Ops of the emptied views are dropped (the TRUNCATE removes
-        them anyway), the rest of each affected lane's batch is handed over with the TRUNCATEs
+        them anyway; a change log's are kept), the rest of each affected lane's batch is handed over with the TRUNCATEs
         after its Ops; later Ops go into the next batch. ``version``: the transaction's commit
         LSN (int); ``xid``: its id (for the log line), if known."""
         for v in views:
-            self.pending[v.sink].drop_view(v.name)
+            if v.publisher is None:  # a change log keeps the changes before the TRUNCATE
+                self.pending[v.sink].drop_view(v.name)
         self._resolve()
         for v in views:
             if v.aggregation is not None:

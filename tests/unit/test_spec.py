@@ -234,7 +234,7 @@ def test_str_of_spec_error_is_file_line_path_message() -> None:
                           " (double-quote mixed-case names: 'public.\"Orders\"')")),
     ('  v: {table: t, sink: cache, key: "{a}", colour: red}',
      ("views.v.colour", 6, "unknown key 'colour' (allowed: table, sink, key, fields, format,"
-                           " index, where, derive, include, group_by, aggregate, derive_reads, outputs)")),
+                           " index, topic, where, derive, include, group_by, aggregate, derive_reads, outputs)")),
     ('  v: {table: 3, sink: cache, key: "{a}"}',
      ("views.v.table", 6, "must be a string, got a number")),
     ('  v: [table, t]',
@@ -292,12 +292,12 @@ def test_colliding_keys_and_indexes_across_views() -> None:
     ("sinks: {}\nviews: {}\nsource:\n  slot: s\n",
      [("views", 2, "declare at least one view"),
       ("source.dsn", 3, "missing required key 'dsn'")]),
-    ("source: {dsn: 'host=x', slot: s}\nsinks:\n  a: {type: kafka}\n  b: {url: x}\n  c: 3\n"
+    ("source: {dsn: 'host=x', slot: s}\nsinks:\n  a: {type: kafka2}\n  b: {url: x}\n  c: 3\n"
      "  d: {type: redis, url: 'http://x', db: 1}\n  e: {type: opensearch, hosts: []}\n"
      "  f: {type: opensearch, hosts: ['ftp://h']}\n  g: {type: opensearch, hosts: 'http://h'}\n"
      "views: {v: {table: t, sink: d, key: '{a}'}}\nextra: 1\n",
-     [("sinks.a.type", 3, "unknown sink type 'kafka' (expected 'redis', 'opensearch')"),
-      ("sinks.b.type", 4, "missing required key 'type' (expected 'redis' or 'opensearch')"),
+     [("sinks.a.type", 3, "unknown sink type 'kafka2' (expected 'redis', 'opensearch', 'kafka')"),
+      ("sinks.b.type", 4, "missing required key 'type' (expected 'redis', 'opensearch' or 'kafka')"),
       ("sinks.c", 5, "must be a mapping, got a number"),
       ("sinks.d.url", 6, "must be a redis://, rediss:// or unix:// URL"),
       ("sinks.d.db", 6, "unknown key 'db' (allowed: type, url, ca_certs, client_cert, client_key,"

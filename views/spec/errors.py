@@ -112,7 +112,7 @@ def _pydantic_problems(err: ValidationError, data: Any,
         if is_key:
             loc.pop()
         # the discriminated union adds the sink type as a loc element: sinks.NAME.<type>.field
-        if len(loc) >= 3 and loc[0] == "sinks" and loc[2] in ("redis", "opensearch"):
+        if len(loc) >= 3 and loc[0] == "sinks" and loc[2] in ("redis", "opensearch", "kafka"):
             del loc[2]
         path, cur = "", data
         for part in loc:
@@ -147,7 +147,7 @@ def _pydantic_problems(err: ValidationError, data: Any,
             message = f"unknown sink type {ctx.get('tag')!r} (expected {ctx.get('expected_tags')})"
         elif kind == "union_tag_not_found":
             path += ".type"
-            message = "missing required key 'type' (expected 'redis' or 'opensearch')"
+            message = "missing required key 'type' (expected 'redis', 'opensearch' or 'kafka')"
         elif kind == "value_error":
             message = str(ctx.get("error", e["msg"]))
         else:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from .errors import SpecError, _kind, _lookup_line, _pydantic_problems
 from .interpolate import interpolate
-from .models import RedisSinkSpec, Spec, _allowed_keys, _cross_problems
+from .models import KafkaSinkSpec, RedisSinkSpec, Spec, _allowed_keys, _cross_problems
 
 __all__ = ["load_spec", "parse_spec"]
 
@@ -212,8 +212,11 @@ def parse_spec(text: str, *, filename: str = "<string>",
 
     spec._expand_sinks()
     for view in spec.views.values():
-        if isinstance(spec.sinks[view.sink_name], RedisSinkSpec) and view.format is None:
+        target = spec.sinks[view.sink_name]
+        if isinstance(target, RedisSinkSpec) and view.format is None:
             view.format = "hash"
+        if isinstance(target, KafkaSinkSpec):
+            view._topic_name = view.topic or f"{target.topic_prefix}.{view.qualified}"
     spec._filename = filename
     spec._lines = lines
     return spec

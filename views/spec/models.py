@@ -28,7 +28,7 @@ from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
     "LaneMode", "BootstrapSpec", "HttpSpec", "HTTP_LISTEN", "ProvenanceSpec",
-    "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "ViewSpec", "IncludeSpec",
+    "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "KafkaSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "TAG_RE", "COLUMN_RE", "Tags", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
 ]
@@ -38,6 +38,8 @@ VIEW_NAME_RE = re.compile(r"^[a-zA-Z0-9_]+$")
 # Lowercase, not starting with '_', '-', '+' or '.', no '\/*?"<>| ,#:'; short enough to leave
 # room for the generation suffix of the physical indices behind the alias.
 INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,199}$")
+#: A Kafka topic name (Kafka's ``Topic.validate``: 1-249 of ``[a-zA-Z0-9._-]``, not ``.``/``..``).
+TOPIC_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$")
 DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
@@ -372,7 +374,104 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
-SinkSpec = Annotated[Union[RedisSinkSpec, OpenSearchSinkSpec], Field(discriminator="type")]
+#: librdkafka settings a Kafka sink may pass through (``producer:``): connection and security
+#: options only; what pgderive's guarantees rest on (transactions, idempotence, acks) is its own.
+KAFKA_PASSTHROUGH_RE = re.compile(r"^(security\.protocol|ssl\.[a-z.]+|sasl\.[a-z.]+|client\.id|"
+                                  r"socket\.[a-z.]+|compression\.type|linger\.ms|batch\.size|"
+                                  r"message\.max\.bytes|request\.timeout\.ms)$")
+#: ``producer:`` settings whose values are secrets (never logged).
+KAFKA_SECRET_KEYS = frozenset({"sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret"})
+
+
+class KafkaSinkSpec(BaseModel):
+    """``{type: kafka, bootstrap_servers: ...}`` — an Apache Kafka cluster the daemon publishes
+    the change stream to (ARCHITECTURE.md, "Kafka"): one topic per view (by default
+    ``<topic_prefix>.<schema>.<table>``), one message per row change in the envelope of
+    :mod:`cdc.envelope`, written by a transactional producer.
+
+    Attributes:
+        bootstrap_servers: ``host:port[,host:port...]`` (librdkafka ``bootstrap.servers``).
+        topic_prefix: prefix of the default topic names (default ``pgderive``); the
+            checkpoint topic is ``<topic_prefix>._checkpoints``.
+        partitions: partitions of the topics pgderive creates (default 3, from 1 to 10000);
+            an existing topic keeps its own.
+        replication_factor: of the topics pgderive creates (default 1; use 3 in production).
+        transaction_timeout: seconds a Kafka transaction may stay open (librdkafka
+            ``transaction.timeout.ms``; default 60, from 1 to 900).
+        max_message_bytes: a change whose message is larger is refused as a dead letter
+            instead of failing the batch (default 1000000 bytes, Kafka's ``message.max.bytes``).
+        producer: further librdkafka settings, limited to connection and security ones
+            (``security.protocol``, ``ssl.*``, ``sasl.*``, ``client.id``, ``socket.*``,
+            ``compression.type``, ``linger.ms``, ``batch.size``, ``message.max.bytes``,
+            ``request.timeout.ms``); secrets such as ``sasl.password`` are never logged.
+        lane: where the daemon applies this sink's batches (:data:`LaneMode`).
+        allow: classification tags whose columns views may publish (as :class:`RedisSinkSpec`).
+    """
+
+    model_config = _STRICT
+    type: Literal["kafka"]
+    bootstrap_servers: str = "127.0.0.1:9093"
+    topic_prefix: str = "pgderive"
+    partitions: int = 3
+    replication_factor: int = 1
+    transaction_timeout: float = 60.0
+    max_message_bytes: int = 1_000_000
+    producer: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict, repr=False)
+    lane: LaneMode = "auto"
+    allow: Tags = Field(default_factory=list)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        for i, server in enumerate(v.split(",")):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise _fail(f"expected host:port[,host:port...], got {server.strip()!r}"
+                            + (f" (server {i + 1})" if "," in v else ""))
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not TOPIC_RE.match(v) or len(v) > 120:
+            raise _fail(f"invalid topic prefix {v!r}: use up to 120 letters, digits and '._-'")
+        return v
+
+    @field_validator("partitions", mode="before")
+    @classmethod
+    def _partitions(cls, v: Any) -> Any:
+        return _count(v, 1, 10_000, "partitions")
+
+    @field_validator("replication_factor", mode="before")
+    @classmethod
+    def _replicas(cls, v: Any) -> Any:
+        return _count(v, 1, 32, "replicas")
+
+    @field_validator("max_message_bytes", mode="before")
+    @classmethod
+    def _max_bytes(cls, v: Any) -> Any:
+        return _count(v, 1024, 1 << 30, "bytes", " bytes")
+
+    @field_validator("transaction_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 900:
+            raise _fail(f"must be a number of seconds from 1 to 900, got {v!r}")
+        return float(v)
+
+    @field_validator("producer")
+    @classmethod
+    def _producer(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not KAFKA_PASSTHROUGH_RE.match(key):
+                raise _fail(f"setting {key!r} is not passed through: only connection and security"
+                            " settings (security.protocol, ssl.*, sasl.*, client.id, socket.*,"
+                            " compression.type, linger.ms, batch.size, message.max.bytes,"
+                            " request.timeout.ms); pgderive owns the transactional ones", f".{key}")
+        return v
+
+
+SinkSpec = Annotated[Union[RedisSinkSpec, OpenSearchSinkSpec, KafkaSinkSpec], Field(discriminator="type")]
 
 _UNQUOTED = r"[A-Za-z_][A-Za-z0-9_$]*"
 _QUOTED = r'"(?:[^"]|"")+"'
@@ -549,6 +648,8 @@ class ViewSpec(BaseModel):
             column; see :attr:`field_map`.
         format: redis only, ``hash`` (default) or ``json``; ``None`` for opensearch views.
         index: opensearch only: the alias users query.
+        topic: kafka only: the topic the view's changes go to (default
+            ``<topic_prefix>.<schema>.<table>``; see :attr:`topic_name`).
         where: a SQL boolean expression over the table's columns; only rows for which it is
             TRUE are in the view (:mod:`views.where`).
         derive: ``package.module:function``: called with each record (dict) pgderive would
@@ -572,6 +673,7 @@ class ViewSpec(BaseModel):
     fields: Fields = None
     format: Literal["hash", "json"] | None = None
     index: str | None = None
+    topic: str | None = None
     where: str | None = None
     derive: str | None = None
     include: dict[str, IncludeSpec] | None = None
@@ -583,6 +685,14 @@ class ViewSpec(BaseModel):
     _schema: str = PrivateAttr("")
     _name: str = PrivateAttr("")
     _key_template: KeyTemplate | None = PrivateAttr(None)
+    _topic_name: str | None = PrivateAttr(None)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str | None) -> str | None:
+        if v is not None and not TOPIC_RE.match(v):
+            raise _fail(f"invalid topic name {v!r}: use 1-249 letters, digits and '._-'")
+        return v
 
     @field_validator("key")
     @classmethod
@@ -661,6 +771,13 @@ class ViewSpec(BaseModel):
     def key_template(self) -> KeyTemplate | None:
         """The parsed :attr:`key`, or ``None`` when the key defaults to the primary key."""
         return self._key_template
+
+    @property
+    def topic_name(self) -> str | None:
+        """The topic a view on a Kafka sink publishes to (its :attr:`topic`, else
+        ``<topic_prefix>.<schema>.<table>``); None for views on other sinks. Set when the spec
+        is parsed."""
+        return self._topic_name
 
     @property
     def field_map(self) -> dict[str, str] | None:
@@ -897,10 +1014,12 @@ class Spec(BaseModel):
                 continue
             self._groups[name] = []
             for sink in view.sink:
-                redis = isinstance(self.sinks[sink], RedisSinkSpec)
+                target = self.sinks[sink]
+                redis, search = isinstance(target, RedisSinkSpec), isinstance(target, OpenSearchSinkSpec)
                 views[f"{name}@{sink}"] = view.model_copy(update={
-                    "sink": sink, "index": None if redis else view.index,
-                    "format": view.format if redis else None})
+                    "sink": sink, "index": view.index if search else None,
+                    "format": view.format if redis else None,
+                    "topic": view.topic if isinstance(target, KafkaSinkSpec) else None})
                 self._groups[name].append(f"{name}@{sink}")
         self.views = views
 
@@ -930,6 +1049,9 @@ class Spec(BaseModel):
         in sink URLs (for :func:`cdc.redact.register_secrets`)."""
         out = self.source.secrets()
         for sink in self.sinks.values():
+            if isinstance(sink, KafkaSinkSpec):
+                out += [str(v) for k, v in sink.producer.items() if k in KAFKA_SECRET_KEYS and str(v)]
+                continue
             for url in [sink.url] if isinstance(sink, RedisSinkSpec) else sink.hosts:
                 out += url_secrets(url)
             if isinstance(sink, OpenSearchSinkSpec) and sink.password:
@@ -955,7 +1077,8 @@ def _allowed_keys(model_loc: tuple[Any, ...]) -> list[str]:
     elif model_loc[0] == "source" and len(model_loc) == 1:
         model = SourceSpec
     elif model_loc[0] == "sinks" and len(model_loc) == 3:
-        model = RedisSinkSpec if model_loc[2] == "redis" else OpenSearchSinkSpec
+        kinds: dict[str, type[BaseModel]] = {"redis": RedisSinkSpec, "kafka": KafkaSinkSpec}
+        model = kinds.get(str(model_loc[2]), OpenSearchSinkSpec)
     elif model_loc[0] == "views" and len(model_loc) == 2:
         model = ViewSpec
     elif model_loc[0] == "dead_letters" and len(model_loc) == 1:
@@ -1011,6 +1134,8 @@ def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks:
         problems.append((f"{path}.sink", f"unknown sink {sink!r} (declared sinks: {declared})"))
         return problems
     kind = sink_type.get(sink)
+    if view.get("topic") is not None and "kafka" not in kinds:
+        problems.append((f"{path}.topic", f"only for kafka views; sink {sink!r} is {kind}"))
     if kind == "redis":
         if view.get("index") is not None and "opensearch" not in kinds:
             problems.append((f"{path}.index", f"only for opensearch views; sink {sink!r} is"
@@ -1023,6 +1148,8 @@ def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks:
             if other != str(name):
                 problems.append((f"{path}.key", f"same key template as view {other!r} on sink"
                                                 f" {sink!r}: their keys would collide"))
+    elif kind == "kafka":
+        problems += _kafka_view_problems(view, path, sink, sinks[sink], kinds, used_keys, name)
     elif kind == "opensearch":
         if view.get("format") is not None and "redis" not in kinds:
             problems.append((f"{path}.format", f"only for redis views; sink {sink!r} is"
@@ -1035,4 +1162,42 @@ def _sink_problems(view: dict[str, Any], name: str, path: str, sink: str, sinks:
             if other != str(name):
                 problems.append((f"{path}.index", f"index {view['index']!r} is already used"
                                                   f" by view {other!r} on sink {sink!r}"))
+    return problems
+
+
+#: What a view on a Kafka sink may not have: it publishes its table's row changes as they are.
+_KAFKA_REFUSED = {
+    "key": "the message key is the row's primary key (replica identity)",
+    "where": "a change log publishes every change; filter in the consumers",
+    "derive": "a change log publishes rows as they are; derive in the workers (source: {kafka: ...})",
+    "include": "a change log publishes one table; join in the workers (source: {kafka: ...})",
+    "group_by": "a change log publishes rows; aggregate in the workers (source: {kafka: ...})",
+}
+
+
+def _kafka_view_problems(view: dict[str, Any], path: str, sink: str, sink_spec: Any, kinds: set[Any],
+                         used_keys: dict[tuple[str, str], str], name: str) -> list[tuple[str, str]]:
+    """Problems of a view on the Kafka sink ``sink``: options that do not apply, and a topic
+    another view of the sink already publishes to."""
+    problems: list[tuple[str, str]] = []
+    for key, why in _KAFKA_REFUSED.items():
+        if view.get(key) is not None and (key != "key" or kinds == {"kafka"}):
+            problems.append((f"{path}.{key}", f"not for kafka views: {why}"))
+    if view.get("format") is not None and "redis" not in kinds:
+        problems.append((f"{path}.format", f"only for redis views; sink {sink!r} is kafka"))
+    if view.get("index") is not None and "opensearch" not in kinds:
+        problems.append((f"{path}.index", f"only for opensearch views; sink {sink!r} is kafka"))
+    topic = view.get("topic")
+    table = view.get("table")
+    if topic is None and isinstance(table, str) and isinstance(sink_spec, dict):
+        try:
+            schema, tname = parse_table(table)
+        except ValueError:
+            return problems
+        topic = f"{sink_spec.get('topic_prefix', 'pgderive')}.{schema}.{tname}"
+    if isinstance(topic, str):
+        other = used_keys.setdefault((sink, "topic:" + topic), str(name))
+        if other != str(name):
+            problems.append((f"{path}.topic", f"topic {topic!r} is already published by view"
+                                              f" {other!r} on sink {sink!r}"))
     return problems

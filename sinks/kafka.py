@@ -33,7 +33,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import orjson
@@ -95,6 +95,15 @@ class _Item:
     truncate: bool = False
 
 
+@dataclass
+class _Fold:
+    """A view's topic replayed so far (:meth:`KafkaSink._fold`)."""
+
+    state: dict[str, tuple[dict[str, Any] | None, int]] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
+    truncated: int = -1  # LSN of the newest TRUNCATE read
+
+
 class KafkaSink:
     """A Kafka cluster holding one topic per change-log view (see the module docstring).
 
@@ -137,6 +146,7 @@ class KafkaSink:
         self._inflight: list[_Item] = []  # messages in the open Kafka transaction, from earlier calls
         self._ckpt: dict[str, int] | None = None  # view -> checkpoint LSN (None: not read yet)
         self._trunc: dict[str, int] = {}  # view -> LSN of the last TRUNCATE published
+        self._folds: dict[str, _Fold] = {}  # view -> its topic replayed so far (verify, tests)
         self.skipped = 0  # replayed Ops skipped as already published (below their checkpoint)
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -169,6 +179,9 @@ class KafkaSink:
         return self._admin
 
     def _new_producer(self, suffix: str) -> Producer:
+        self._ensure_topic(self.checkpoints_topic, compact=True)
+        for topic in self.topics.values():
+            self._ensure_topic(topic)
         conf = {**self._settings, "linger.ms": self._settings.get("linger.ms", 5),
                 "transactional.id": f"pgderive.{self.deployment}.{self.name}{suffix}",
                 "transaction.timeout.ms": int(self.transaction_timeout * 1000),
@@ -233,9 +246,9 @@ class KafkaSink:
             raise err from None
 
     def register(self, target: ViewTarget) -> None:
-        """Declare a change-log view; creates its topic (and the checkpoint topic) if missing.
-        Raises :class:`SinkError` (non-retryable for a view without a topic, or one that
-        names the checkpoint topic)."""
+        """Declare a change-log view; asks Kafka nothing (its topic is created, if missing, when
+        the sink first writes). Raises :class:`SinkError` (non-retryable for a view without a
+        topic, or one that names the checkpoint topic)."""
         if target.topic is None or target.table is None:
             raise SinkError(f"sink {self.name}: view {target.view} has no topic: only change-log"
                             " views (no key, format or index) go to a Kafka sink", retryable=False)
@@ -244,8 +257,6 @@ class KafkaSink:
                             " checkpoint topic", retryable=False)
         self.topics[target.view] = target.topic
         self.tables[target.view] = target.table
-        self._ensure_topic(self.checkpoints_topic, compact=True)
-        self._ensure_topic(target.topic)
 
     def _topic(self, view: str) -> str:
         try:
@@ -285,13 +296,13 @@ class KafkaSink:
             self._ckpt = self._read_checkpoints()
         return self._ckpt
 
-    def _read_all(self, topic: str) -> Iterator[Message]:
-        """Every committed message of ``topic``, partition by partition order, up to its end
-        when called."""
+    def _read_all(self, topic: str, start: dict[int, int] | None = None) -> Iterator[Message]:
+        """Every committed message of ``topic`` up to its end when called, in order within each
+        partition, from offset ``start[p]`` of partition ``p`` (default: the beginning)."""
         n = self._ensure_topic(topic, compact=topic == self.checkpoints_topic)
         consumer = self._consumer()
         try:
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(n)])
+            consumer.assign([TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING)) for p in range(n)])
             left = set(range(n))
             while left:
                 msg = consumer.poll(self.timeout)
@@ -378,7 +389,7 @@ class KafkaSink:
                 rejected.append(Rejected(op, f"message of {len(value)} bytes exceeds max_message_bytes"
                                              f" ({self.max_message_bytes})"))
                 continue
-            out.append(_Item(op.view, op.version, op.key.rpartition("@")[0].encode(), value))
+            out.append(_Item(op.view, op.version, op.key.partition("\x00")[0].encode(), value))
         for view, version in truncates:
             if version > trunc.get(view, -1):
                 record = truncate_record(view=view, table=self.tables[view], lsn=version)
@@ -525,17 +536,25 @@ class KafkaSink:
     # -- reading back (verify, tests) ---------------------------------------------------------------
     def _fold(self, view: str) -> dict[str, tuple[dict[str, Any] | None, int]]:
         """Message key → (the row after its last change, or None once deleted; the change's
-        LSN), replaying the view's topic in order per partition, TRUNCATEs included."""
-        state: dict[str, tuple[dict[str, Any] | None, int]] = {}
-        for msg in self._read_all(self._topic(view)):
+        LSN), replaying the view's topic in order per partition. A TRUNCATE control record at
+        LSN ``t`` empties what is older, and a change older than ``t`` read later (from another
+        partition) is stale. Kept between calls: each reads only what was added since."""
+        fold = self._folds.setdefault(view, _Fold())
+        state = fold.state
+        for msg in self._read_all(self._topic(view), fold.offsets):
+            fold.offsets[msg.partition() or 0] = (msg.offset() or 0) + 1
             doc = orjson.loads(msg.value() or b"null")
             if not isinstance(doc, dict):
                 continue
             lsn = int(doc["source"]["lsn"])
             if doc["op"] == "t":
-                for k, (_, v) in list(state.items()):
-                    if v <= lsn:
-                        state[k] = (None, lsn)
+                if lsn > fold.truncated:
+                    fold.truncated = lsn
+                    for k, (_, v) in list(state.items()):
+                        if v < lsn:
+                            state[k] = (None, lsn)
+                continue
+            if lsn < fold.truncated:
                 continue
             key = (msg.key() or b"").decode()
             prev = state.get(key)
@@ -563,11 +582,11 @@ class KafkaSink:
     def get(self, view: str, keys: Sequence[str], *,
             realtime: bool = True) -> dict[str, tuple[dict[str, Any] | None, int | None]]:
         """``key → (row, LSN)`` for ``keys`` (message keys; a change-log Op's key with its
-        ``@`` suffix is taken as its message key). Reads the whole topic."""
+        suffix is taken as its message key). Reads the whole topic."""
         state = self._fold(view)
         out: dict[str, tuple[dict[str, Any] | None, int | None]] = {}
         for k in keys:
-            row, lsn = state.get(k.rpartition("@")[0] if "@" in k and not k.endswith("}") else k, (None, None))
+            row, lsn = state.get(k.partition("\x00")[0], (None, None))
             out[k] = (row, lsn)
         return out
 
@@ -592,6 +611,7 @@ class KafkaSink:
             if err is None or err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise self._fail(f"delete topic {topic}", e) from None
         self._partitions.pop(topic, None)
+        self._folds.pop(view, None)
         producer = self._stream_producer()
         try:
             producer.begin_transaction()

@@ -5,8 +5,9 @@ becomes one :mod:`cdc.envelope` message, in stream order, and a snapshot row bec
 (read) message. Its Ops carry the envelope as their ``doc``; they are not collapsed per key the
 way other views' Ops are (ARCHITECTURE.md, rule 1 lets a cache keep only the last write of a
 transaction, but a change log is read by consumers that may want every change), so each Op's
-``key`` is the message key followed by ``@`` and a suffix unique within the stream
-(:func:`message_key` takes it off again).
+``key`` is the message key followed by a NUL character and a suffix unique within the stream
+(:func:`message_key` takes it off again; JSON text never holds a raw NUL). A snapshot row's Op
+key is the message key itself.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = ["Publisher", "message_key"]
 
 def message_key(op_key: str) -> str:
     """The Kafka message key (the row identity's JSON) of a change-log Op's ``key``."""
-    return op_key.rpartition("@")[0]
+    return op_key.partition("\x00")[0]
 
 
 def _json_key(identity: Row) -> str:
@@ -63,7 +64,7 @@ class Publisher:
         after, _ = self._after(row)
         doc = envelope("r", view=self.view, table=self.table, lsn=version, xid=None, commit_time=None,
                        before=None, after=after)
-        return Op(self.view, self._key(row) + "@r", version, doc)
+        return Op(self.view, self._key(row), version, doc)
 
     def change_ops(self, change: Change, tx: Transaction, seq: int) -> list[Op]:
         """The messages of one insert/update/delete of ``tx`` (its commit LSN is their
@@ -75,7 +76,7 @@ class Publisher:
             before = change.old_key or {}
             doc = envelope("d", view=view, table=table, lsn=lsn, xid=xid, commit_time=when,
                            before=before, after=None)
-            return [Op(view, f"{self._key(before)}@{seq}", lsn, doc)]
+            return [Op(view, f"{self._key(before)}\x00{seq}", lsn, doc)]
         new = change.new or {}
         after, partial = self._after(new)
         key = self._key(new)
@@ -86,8 +87,9 @@ class Publisher:
                             before=before, after=None)
             made = envelope("c", view=view, table=table, lsn=lsn, xid=xid, commit_time=when,
                             before=None, after=after, partial=partial)
-            return [Op(view, f"{self._key({**new, **old})}@{seq}d", lsn, gone), Op(view, f"{key}@{seq}", lsn, made)]
+            return [Op(view, f"{self._key({**new, **old})}\x00{seq}d", lsn, gone),
+                    Op(view, f"{key}\x00{seq}", lsn, made)]
         op: Literal["c", "u"] = "c" if change.kind == "insert" else "u"
         doc = envelope(op, view=view, table=table, lsn=lsn, xid=xid, commit_time=when,
                        before=old if op == "u" else None, after=after, partial=partial)
-        return [Op(view, f"{key}@{seq}", lsn, doc)]
+        return [Op(view, f"{key}\x00{seq}", lsn, doc)]

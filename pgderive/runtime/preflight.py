@@ -134,7 +134,9 @@ def open_spec_sinks(spec: Spec) -> tuple[dict[str, Sink], list[Problem]]:
             except ValueError as e:
                 problems.append(Problem(f"sinks.{sink_name}", str(e)))
                 continue
-        sinks[sink_name].register(ViewTarget(view=name, format=view.format, index=view.index))
+        sinks[sink_name].register(ViewTarget(view=name, format=view.format, index=view.index,
+                                             topic=view.topic_name,
+                                             table=view.qualified if view.topic_name else None))
     return sinks, problems
 
 

@@ -76,7 +76,8 @@ def entry_of(view: View, fingerprint: str) -> ViewEntry:
 def target_json(target: ViewTarget) -> dict[str, str | None]:
     """``target`` as the JSON object stored in ``pgderive.views.target``: every field, None
     when unset."""
-    return {"view": target.view, "format": target.format, "index": target.index, "key_shape": target.key_shape}
+    return {"view": target.view, "format": target.format, "index": target.index, "key_shape": target.key_shape,
+            "topic": target.topic, "table": target.table}
 
 
 def target_from_json(obj: Mapping[str, Any]) -> ViewTarget:
@@ -89,11 +90,12 @@ def target_from_json(obj: Mapping[str, Any]) -> ViewTarget:
     fmt = obj.get("format")
     if fmt not in (None, "hash", "json"):
         raise ValueError(f"stored view target of {view}: format {fmt!r} is not hash, json or null")
-    for name in ("index", "key_shape"):
+    for name in ("index", "key_shape", "topic", "table"):
         if obj.get(name) is not None and not isinstance(obj.get(name), str):
             raise ValueError(f"stored view target of {view}: {name} {obj.get(name)!r} is not text")
     return ViewTarget(view=view, format=cast(Literal["hash", "json"] | None, fmt),
-                      index=obj.get("index"), key_shape=obj.get("key_shape"))
+                      index=obj.get("index"), key_shape=obj.get("key_shape"), topic=obj.get("topic"),
+                      table=obj.get("table"))
 
 
 class ViewRegistry:

@@ -116,11 +116,15 @@ def setup(tmp_path, kafka_bootstrap):
 def fold(msgs: list[tuple[int, bytes | None, dict]]) -> dict[int, dict]:
     """id → row after replaying the change log (per partition order is all a reader gets)."""
     state: dict[int, tuple[dict | None, int]] = {}
+    truncated = -1
     for _, key, doc in msgs:
         env = decode(orjson.dumps(doc))
         if env.op == "t":
-            state = {k: v for k, v in state.items() if v[1] > env.lsn}
+            truncated = max(truncated, env.lsn)
+            state = {k: v for k, v in state.items() if v[1] >= env.lsn}
             continue
+        if env.lsn < truncated:
+            continue  # older than a TRUNCATE read from another partition
         ident = orjson.loads(key)["id"]
         prev = state.get(ident)
         if prev is not None and prev[1] > env.lsn:

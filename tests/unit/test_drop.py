@@ -106,7 +106,8 @@ def test_describe_names_the_layout() -> None:
 def test_target_json_round_trip() -> None:
     for target in (REDIS.target, SEARCH.target, ViewTarget("v")):
         assert target_from_json(target_json(target)) == target
-    assert target_json(SEARCH.target) == {"view": "gone_s", "format": None, "index": "gone", "key_shape": None}
+    assert target_json(SEARCH.target) == {"view": "gone_s", "format": None, "index": "gone", "key_shape": None,
+                                          "topic": None, "table": None}
     assert target_from_json({"view": "v", "index": "i", "later": 1}) == ViewTarget("v", index="i")
     with pytest.raises(ValueError, match="format 'xml'"):
         target_from_json({"view": "v", "format": "xml"})

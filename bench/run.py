@@ -13,6 +13,7 @@ import traceback
 import orjson
 
 from .report import Row, machine_info, now_utc, rows_to_json, write_plot, write_report
+from .kafka import UNITS as KAFKA_UNITS
 from .scenarios import UNITS, Context
 from .settings import load_settings
 
@@ -32,7 +33,7 @@ def main() -> int:
         print(f"  {k}: {v}")
     durations: dict[str, float] = {}
     failed = False
-    for key, number, title, fn, enabled in UNITS:
+    for key, number, title, fn, enabled in UNITS + KAFKA_UNITS:
         if not enabled(settings) or (settings.units and key not in settings.units):
             continue
         print(f"\n== scenario {number}: {title} ==", flush=True)

@@ -17,7 +17,7 @@ never overwrites the real report. An explicitly set variable always wins over bo
 | ``PGDERIVE_BENCH_LAG_RATE`` | 1000 | scenario 2: pgbench ``-R`` of the rate-limited level |
 | ``PGDERIVE_BENCH_PROBE_MS`` / ``_POLL_MS`` | 50 / 1 | scenario 2: probe update / Redis poll interval |
 | ``PGDERIVE_BENCH_SCALING_TX`` | 5000 (150) | scenario 5: pgbench ``-t`` (per client) of the 1x backlog |
-| ``PGDERIVE_BENCH_SCENARIOS`` | 1,2,3,4,5 | which scenarios to run |
+| ``PGDERIVE_BENCH_SCENARIOS`` | 1,2,3,4,5,7 | which scenarios to run |
 | ``PGDERIVE_BENCH_UNITS`` | (all) | only these parts of them, by key (e.g. ``1-http,1-provenance``; see ``bench/scenarios.py`` ``UNITS``) |
 | ``PGDERIVE_BENCH_PREFIX`` | pgdbench (pgdbenchq) | prefix of databases, slots, views, Redis keys, indices |
 | ``PGDERIVE_BENCH_REPORT`` / ``_PLOT`` | bench/report.md, bench/plot.png | outputs |
@@ -25,6 +25,7 @@ never overwrites the real report. An explicitly set variable always wins over bo
 | ``PGDERIVE_BENCH_PG_DSN`` | postgresql://postgres@127.0.0.1:5433/postgres | admin DSN |
 | ``PGDERIVE_BENCH_REDIS_URL`` | redis://127.0.0.1:6380/12 | Redis (its own database: clean-up scans it by key prefix, which is slow in a database holding millions of other keys) |
 | ``PGDERIVE_BENCH_OPENSEARCH_URL`` | http://127.0.0.1:9201 | OpenSearch |
+| ``PGDERIVE_BENCH_KAFKA`` | 127.0.0.1:9093 | Kafka bootstrap servers (scenario 7) |
 | ``PG_BIN`` | /usr/lib/postgresql/15/bin | pgbench, pg_recvlogical |
 """
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Settings:
     redis_url: str
     opensearch_url: str
     pg_bin: Path
+    #: Kafka bootstrap servers (scenario 7).
+    kafka: str = "127.0.0.1:9093"
     #: Unit keys to run (``UNITS`` of :mod:`bench.scenarios`); empty: every enabled one.
     units: frozenset[str] = frozenset()
 
@@ -86,10 +89,10 @@ def load_settings() -> Settings:
     """Read :class:`Settings` from the environment (see the module docstring)."""
     quick = _env("QUICK", "0").lower() not in ("0", "", "false", "no")
     out = Path(_env("OUT", str(BENCH_DIR / "out" / ("quick" if quick else "")))).resolve()
-    scenarios = frozenset(int(s) for s in _env("SCENARIOS", "1,2,3,4,5").replace(" ", "").split(",") if s)
-    unknown = scenarios - {1, 2, 3, 4, 5}
+    scenarios = frozenset(int(s) for s in _env("SCENARIOS", "1,2,3,4,5,7").replace(" ", "").split(",") if s)
+    unknown = scenarios - {1, 2, 3, 4, 5, 7}
     if unknown:
-        raise SystemExit(f"PGDERIVE_BENCH_SCENARIOS: unknown scenario(s) {sorted(unknown)} (1-5)")
+        raise SystemExit(f"PGDERIVE_BENCH_SCENARIOS: unknown scenario(s) {sorted(unknown)} (1-5, 7)")
     units = frozenset(u for u in _env("UNITS", "").replace(" ", "").split(",") if u)
     return Settings(
         units=units,
@@ -113,4 +116,5 @@ def load_settings() -> Settings:
         redis_url=_env("REDIS_URL", "redis://127.0.0.1:6380/12"),
         opensearch_url=_env("OPENSEARCH_URL", "http://127.0.0.1:9201"),
         pg_bin=Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")),
+        kafka=_env("KAFKA", "127.0.0.1:9093"),
     )

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import orjson
 from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer,
@@ -145,6 +145,7 @@ class KafkaSink:
         self._open = False  # a Kafka transaction of the stream producer is open
         self._inflight: list[_Item] = []  # messages in the open Kafka transaction, from earlier calls
         self._ckpt: dict[str, int] | None = None  # view -> checkpoint LSN (None: not read yet)
+        self._ckpt_read = 0.0  # time.monotonic() of the last read of the checkpoint topic
         self._trunc: dict[str, int] = {}  # view -> LSN of the last TRUNCATE published
         self._folds: dict[str, _Fold] = {}  # view -> its topic replayed so far (verify, tests)
         self.skipped = 0  # replayed Ops skipped as already published (below their checkpoint)
@@ -204,7 +205,8 @@ class KafkaSink:
     def _consumer(self) -> Consumer:
         return Consumer({**self._settings, "group.id": f"pgderive-reader-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+                         "enable.partition.eof": True, "auto.offset.reset": "earliest",
+                         "fetch.wait.max.ms": 10})
 
     def _ensure_topic(self, topic: str, *, compact: bool = False) -> int:
         """Create ``topic`` unless it exists; returns its partition count."""
@@ -332,8 +334,13 @@ class KafkaSink:
         return lost
 
     def read_checkpoint(self, view: str) -> int | None:
-        """The checkpoint LSN of ``view`` as committed in Kafka, or None."""
-        self._ckpt = None
+        """The checkpoint LSN of ``view`` as committed in Kafka, or None. Read from Kafka again
+        unless read within the last second or written by this instance since (its
+        transactional id fences any other writer)."""
+        if time.monotonic() - self._ckpt_read > 1.0 and self._ckpt is not None and self._producer is None:
+            self._ckpt = None
+        if self._ckpt is None:
+            self._ckpt_read = time.monotonic()
         return self._checkpoints().get(view)
 
     def apply_and_advance(self, ops: Sequence[Op], views: Sequence[str], previous: int,
@@ -643,3 +650,11 @@ class KafkaSink:
         self._admin = None
 
 
+
+
+if TYPE_CHECKING:
+    from .base import AtomicCheckpoint, ReservedNames, Sink
+
+    def _implements(sink: KafkaSink) -> tuple[Sink, AtomicCheckpoint, ReservedNames]:
+        """Never called: mypy checks here that KafkaSink implements these protocols."""
+        return sink, sink, sink

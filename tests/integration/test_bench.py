@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "pgdbenchtest"
 
 
-def test_quick_bench_reports_every_scenario(tmp_path, pg_dsn, opensearch_hosts):
+def test_quick_bench_reports_every_scenario(tmp_path, pg_dsn, opensearch_hosts, kafka_bootstrap):
     env = {**os.environ, "PGDERIVE_BENCH_QUICK": "1", "PGDERIVE_BENCH_PREFIX": PREFIX,
            "PGDERIVE_BENCH_OUT": str(tmp_path / "out"), "PGDERIVE_BENCH_REPORT": str(tmp_path / "report.md"),
            "PGDERIVE_BENCH_PLOT": str(tmp_path / "plot.png"), "PGDERIVE_BENCH_PG_DSN": pg_dsn,
-           "PGDERIVE_BENCH_OPENSEARCH_URL": opensearch_hosts[0]}
+           "PGDERIVE_BENCH_OPENSEARCH_URL": opensearch_hosts[0], "PGDERIVE_BENCH_KAFKA": kafka_bootstrap}
     env.pop("PGDERIVE_BENCH_SCENARIOS", None)
     proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -31,12 +31,12 @@ def test_quick_bench_reports_every_scenario(tmp_path, pg_dsn, opensearch_hosts):
 
     report = (tmp_path / "report.md").read_text()
     assert (tmp_path / "plot.png").stat().st_size > 10_000
-    table = [line for line in report.splitlines() if re.match(r"^\| [1-5] \|", line)]
+    table = [line for line in report.splitlines() if re.match(r"^\| [1-7] \|", line)]
     by_scenario: dict[str, list[list[str]]] = {}
     for line in table:
         cells = [c.strip() for c in line.strip("|").split(" | ")]
         by_scenario.setdefault(cells[0], []).append(cells)
-    assert sorted(by_scenario) == ["1", "2", "3", "4", "5"], report
+    assert sorted(by_scenario) == ["1", "2", "3", "4", "5", "7"], report
     for scenario, rows in by_scenario.items():
         assert any(re.fullmatch(r"[\d,.]+×", r[4]) for r in rows), f"scenario {scenario}: no numeric ratio\n{report}"
         assert all(r[6] != "**FAILED**" for r in rows), report

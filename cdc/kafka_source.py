@@ -1,0 +1,427 @@
+"""A :class:`~cdc.slot.ChangeReader` over Kafka: derivation workers (ARCHITECTURE.md, "Kafka workers").
+
+A publisher (``sinks: {type: kafka}``) writes each row change of the watched tables as a change
+envelope (:mod:`cdc.envelope`) to the topic ``<topic_prefix>.<schema>.<table>``, keyed by the
+row's identity. Workers (``source: {kafka: ...}``) join one consumer group and read the
+partitions they are assigned with :class:`KafkaReader`, which hands the runtime the same
+:class:`~cdc.changes.Transaction` events a slot does:
+
+- ``commit_lsn`` is the envelope's ``source.lsn``: the version of every Op (rule 1), exactly as
+  the slot would have given it.
+- ``end_lsn`` is a **position of the reader**, not an LSN: a counter, strictly increasing over
+  the messages this reader delivered (1, 2, 3, ...; it restarts with the process). The runtime
+  only needs positions to be monotonic: it confirms the position every sink acknowledged.
+- :meth:`KafkaReader.confirm` turns a confirmed position into offsets: per partition, the offset
+  just past the last message whose position is at or below it, committed to the group
+  (asynchronously; synchronously when partitions are revoked and at :meth:`close`). So an offset
+  is committed only after every sink acknowledged what came before it (rule 3), and a worker
+  that dies replays, on the partition's next owner, exactly what it had not confirmed.
+
+Consecutive messages of one partition that carry the same LSN (one source transaction's changes
+of one table) are delivered as one Transaction. Messages are read ``read_committed``, so a
+transactional publisher's aborted writes are never seen.
+
+A message that is not a change envelope is logged with its topic, partition and offset and
+skipped (counted in :attr:`KafkaReader.skipped`); its offset is committed like any other once
+the positions around it are confirmed. It is not a dead letter: those are per view, and such a
+message names no view's row.
+
+Rebalances: before partitions are given up (revoked), :attr:`KafkaReader.on_revoke` (set by the
+runtime) drains what was read and returns the position every sink acknowledged; the reader
+commits it synchronously and forgets the revoked partitions' positions. Whatever a drain could
+not finish within its timeout is replayed by the partition's next owner: harmless, sinks keep
+the newest version (rule 2). Lost partitions (the group moved on without us) are forgotten
+without a commit.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence, cast
+
+from confluent_kafka import KafkaError, TopicPartition
+
+from .changes import Transaction
+from .envelope import Envelope, EnvelopeError, decode
+from .slot import Keepalive, ReplicationError
+
+if TYPE_CHECKING:
+    from .slot import ChangeReader
+
+__all__ = ["KafkaReader", "KafkaMessage", "KafkaConsumer", "ConsumerFactory", "consumer_config",
+           "PartitionState"]
+
+log = logging.getLogger("cdc.kafka")
+
+#: Seconds :meth:`KafkaReader.on_revoke` may take to drain before partitions are given up.
+REVOKE_DRAIN = 10.0
+
+TP = tuple[str, int]
+"""A partition: ``(topic, partition number)``."""
+
+
+class KafkaMessage(Protocol):
+    """What the reader uses of a :class:`confluent_kafka.Message`."""
+
+    def error(self) -> KafkaError | None: ...
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def value(self) -> bytes | None: ...
+
+
+class KafkaConsumer(Protocol):
+    """What the reader uses of a :class:`confluent_kafka.Consumer` (and what a test double
+    implements: :class:`cdc.testing.FakeConsumer`)."""
+
+    def subscribe(self, topics: list[str], on_assign: Callable[[Any, list[TopicPartition]], None] = ...,
+                  on_revoke: Callable[[Any, list[TopicPartition]], None] = ...,
+                  on_lost: Callable[[Any, list[TopicPartition]], None] = ...) -> None: ...
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]: ...
+    def commit(self, message: Any = None, offsets: list[TopicPartition] | None = None,
+               asynchronous: bool = True) -> Any: ...
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float | None = None,
+                              cached: bool = False) -> tuple[int, int] | None: ...
+    def close(self) -> None: ...
+
+
+ConsumerFactory = Callable[[dict[str, Any]], KafkaConsumer]
+"""Builds a consumer from its librdkafka configuration (``confluent_kafka.Consumer``)."""
+
+
+def consumer_config(bootstrap_servers: str, group: str, *, session_timeout: float = 10.0,
+                    options: Mapping[str, str | int | float | bool] | None = None) -> dict[str, Any]:
+    """The librdkafka configuration of a worker's consumer: the group, manual commits
+    (``enable.auto.commit=false``: offsets move only through :meth:`KafkaReader.confirm`),
+    ``isolation.level=read_committed``, ``auto.offset.reset=earliest`` (a new group starts at
+    the beginning of the topics: the snapshot's ``r`` records bootstrap its views),
+    cooperative-sticky assignment (a rebalance moves only the partitions that change owner),
+    ``session_timeout`` seconds before a dead worker's partitions move, and topic metadata
+    refreshed every 5 s (a topic created after the worker started is picked up). ``options``
+    (librdkafka properties) override any of these."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": int(session_timeout * 1000),
+        "heartbeat.interval.ms": max(100, int(session_timeout * 1000) // 4),
+        "topic.metadata.refresh.interval.ms": 5000,
+        "client.id": "pgderive-worker",
+    }
+    config.update(options or {})
+    return config
+
+
+class PartitionState:
+    """The reader's bookkeeping of one assigned partition.
+
+    Attributes:
+        pending: ``(position, next offset)`` of delivered messages not confirmed yet, in order.
+        committed: the offset last committed (the next message to read after a restart), or
+            None when this reader committed none.
+        next_offset: the offset just past the last message read (None: none read yet).
+    """
+
+    __slots__ = ("pending", "committed", "next_offset")
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[int, int]] = deque()
+        self.committed: int | None = None
+        self.next_offset: int | None = None
+
+
+def _tp(p: TopicPartition) -> TP:
+    return (p.topic, p.partition)
+
+
+class KafkaReader:
+    """Reads change envelopes from the partitions a consumer group assigns (see the module
+    docstring).
+
+    Args:
+        config: the consumer's librdkafka configuration (:func:`consumer_config`).
+        topics: the topics to subscribe to (one per table the views read).
+        consumer_factory: builds the consumer (default :class:`confluent_kafka.Consumer`;
+            tests pass :class:`cdc.testing.FakeConsumer`).
+        batch_messages: at most this many messages per ``consume`` call.
+
+    Attributes:
+        confirmed_lsn: the highest position passed to :meth:`confirm` (a position, not an LSN).
+        received_lsn: the highest position delivered.
+        on_revoke: called before partitions are revoked with a timeout (seconds); applies what
+            was read and returns the position every sink acknowledged (set by the runtime).
+            None: the reader commits what was confirmed so far.
+        partitions: assigned partition → :class:`PartitionState`.
+        skipped: messages that were not change envelopes.
+        rebalances: assignments and revocations seen.
+    """
+
+    def __init__(self, config: Mapping[str, Any], topics: Sequence[str], *,
+                 consumer_factory: ConsumerFactory | None = None, batch_messages: int = 5000) -> None:
+        self.config = dict(config)
+        self.topics = sorted(set(topics))
+        self.consumer_factory = consumer_factory
+        self.batch_messages = batch_messages
+        self.confirmed_lsn = 0
+        self.received_lsn = 0
+        self.on_revoke: Callable[[float], int] | None = None
+        self.partitions: dict[TP, PartitionState] = {}
+        self.skipped = 0
+        self.rebalances = 0
+        self._consumer: KafkaConsumer | None = None
+        self._subscribed = False
+        self._position = 0
+        self._warned: set[str] = set()
+
+    # --- ChangeReader -----------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._consumer is not None
+
+    @property
+    def at_transaction_boundary(self) -> bool:
+        """Always True: every message is delivered whole."""
+        return True
+
+    @property
+    def group(self) -> str:
+        """The consumer group (``group.id``)."""
+        return str(self.config.get("group.id", ""))
+
+    def connect(self) -> None:
+        """Create the consumer (not yet subscribed). Raises :class:`ReplicationError` when the
+        configuration is refused."""
+        self.close()
+        factory = self.consumer_factory
+        if factory is None:
+            from confluent_kafka import Consumer, KafkaException
+            try:
+                self._consumer = cast(KafkaConsumer, Consumer(self.config))
+            except KafkaException as e:
+                raise ReplicationError(f"cannot create the Kafka consumer: {e}") from e
+        else:
+            self._consumer = factory(self.config)
+        self._subscribed = False
+
+    def start(self, start_lsn: int = 0) -> None:
+        """Subscribe to :attr:`topics` (``start_lsn`` is ignored: the group's committed offsets
+        say where each partition resumes). Raises :class:`ReplicationError` when not
+        connected."""
+        consumer = self._require()
+        if not self._subscribed:
+            consumer.subscribe(list(self.topics), on_assign=self._assigned, on_revoke=self._revoked,
+                               on_lost=self._lost)
+            self._subscribed = True
+
+    def read(self, max_wait: float = 1.0, max_events: int = 10_000) -> Iterator[Transaction | Keepalive]:
+        """Yield one :class:`Transaction` per run of consecutive messages of one partition with
+        one LSN, from at most ``max_events`` messages; waits up to ``max_wait`` seconds for the
+        first. Nothing read: one :class:`Keepalive` at the current position. Raises
+        :class:`ReplicationError` on a fatal consumer error."""
+        consumer = self._require()
+        messages = consumer.consume(num_messages=max(1, min(max_events, self.batch_messages)),
+                                    timeout=max_wait)
+        if not messages:
+            yield Keepalive(self._position)
+            return
+        run: list[Envelope] = []  # envelopes of the current run
+        run_key: tuple[TP, int] | None = None
+        nbytes = run_end = 0
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                self._error(err)
+                continue
+            tp = (msg.topic(), msg.partition())
+            state = self.partitions.get(tp)
+            if state is None:  # a message of a partition no longer ours (revoked meanwhile)
+                continue
+            offset = msg.offset()
+            value = msg.value()
+            state.next_offset = offset + 1
+            try:
+                env = decode(value)
+            except EnvelopeError as e:
+                self.skipped += 1
+                log.error("skipping a message of %s [%d] at offset %d that is not a change envelope: %s",
+                          tp[0], tp[1], offset, e)
+                self._advance(state, offset, merge=False)
+                continue
+            key = (tp, env.lsn)
+            if run and key != run_key:
+                yield self._transaction(run, nbytes, run_end)
+                run, nbytes = [], 0
+            self._advance(state, offset, merge=bool(run))
+            run_key, run_end = key, self._position
+            run.append(env)
+            nbytes += len(value or b"")
+        if run:
+            yield self._transaction(run, nbytes, run_end)
+
+    def confirm(self, lsn: int) -> None:
+        """Every message at or below position ``lsn`` is applied by all sinks: commit, per
+        partition, the offset just past the last such message (asynchronously)."""
+        if lsn > self.confirmed_lsn:
+            self.confirmed_lsn = lsn
+        self._commit(self.confirmed_lsn, asynchronous=True)
+
+    def send_status(self, reply: bool = False) -> None:
+        """Nothing to report: the consumer sends its own heartbeats."""
+
+    def close(self) -> None:
+        """Commit what is confirmed (synchronously), leave the group and close the consumer
+        (idempotent). Errors while closing are logged."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            self._commit(self.confirmed_lsn, asynchronous=False, consumer=consumer)
+        except Exception as e:
+            log.warning("committing offsets at close failed: %s", e)
+        try:
+            consumer.close()
+        except Exception as e:
+            log.warning("closing the Kafka consumer failed: %s", e)
+        self.partitions.clear()
+        self._subscribed = False
+
+    # --- monitoring -------------------------------------------------------------------------
+
+    def assignment(self) -> list[TP]:
+        """The partitions assigned to this reader, sorted."""
+        return sorted(self.partitions)
+
+    def lag(self) -> dict[TP, int | None]:
+        """Per assigned partition, messages between the last one read (else the committed
+        offset) and the high watermark the consumer last saw (cached: no broker round trip);
+        None when unknown."""
+        consumer = self._consumer
+        out: dict[TP, int | None] = {}
+        for tp, state in list(self.partitions.items()):
+            pos = state.next_offset if state.next_offset is not None else state.committed
+            marks = None
+            if consumer is not None:
+                try:
+                    marks = consumer.get_watermark_offsets(TopicPartition(tp[0], tp[1]), cached=True)
+                except Exception:
+                    marks = None
+            if marks is None or pos is None or marks[1] < 0:
+                out[tp] = None
+            else:
+                out[tp] = max(0, marks[1] - pos)
+        return out
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _require(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise ReplicationError("the Kafka consumer is not open")
+        return self._consumer
+
+    def _advance(self, state: PartitionState, offset: int, *, merge: bool) -> None:
+        """Give the message at ``offset`` the next position. With ``merge`` (the message
+        continues the run of the previous one: one Transaction, confirmed only as a whole)
+        the partition's last pending entry moves to it instead of a new entry."""
+        self._position += 1
+        self.received_lsn = self._position
+        if merge and state.pending and state.pending[-1][0] == self._position - 1:
+            state.pending[-1] = (self._position, offset + 1)
+        else:
+            state.pending.append((self._position, offset + 1))
+
+    def _transaction(self, run: list[Envelope], nbytes: int, end: int) -> Transaction:
+        """The Transaction of a run of envelopes whose last message has position ``end``."""
+        first = run[0]
+        return Transaction(xid=first.xid or 0, commit_lsn=first.lsn, end_lsn=end,
+                           commit_time=first.commit_time, changes=[e.change() for e in run], nbytes=nbytes)
+
+    def _offsets(self, position: int, only: set[TP] | None = None) -> list[TopicPartition]:
+        """Pop, per partition, the pending entries at or below ``position``: the offsets to
+        commit (partitions in ``only``, or all)."""
+        out: list[TopicPartition] = []
+        for tp, state in self.partitions.items():
+            if only is not None and tp not in only:
+                continue
+            offset = None
+            while state.pending and state.pending[0][0] <= position:
+                offset = state.pending.popleft()[1]
+            if offset is not None and offset != state.committed:
+                state.committed = offset
+                out.append(TopicPartition(tp[0], tp[1], offset))
+        return out
+
+    def _commit(self, position: int, *, asynchronous: bool, only: set[TP] | None = None,
+                consumer: KafkaConsumer | None = None) -> None:
+        offsets = self._offsets(position, only)
+        consumer = consumer or self._consumer
+        if not offsets or consumer is None:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except Exception as e:  # e.g. a rebalance under way: the next confirm commits again
+            for p in offsets:
+                state = self.partitions.get((p.topic, p.partition))
+                if state is not None:
+                    state.committed = None
+                    state.pending.appendleft((position, p.offset))
+            if asynchronous:
+                log.warning("committing offsets failed (%s); retried with the next confirmation", e)
+            else:
+                raise
+
+    def _assigned(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        for p in partitions:
+            self.partitions.setdefault(_tp(p), PartitionState())
+        if partitions:
+            log.info("assigned %s", ", ".join(f"{p.topic} [{p.partition}]" for p in partitions))
+
+    def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        gone = {_tp(p) for p in partitions}
+        position = self.confirmed_lsn
+        if self.on_revoke is not None:
+            try:
+                position = max(position, self.on_revoke(REVOKE_DRAIN))
+            except Exception as e:  # the next owner replays what was not acknowledged
+                log.warning("draining before a rebalance failed: %s", e)
+        self.confirmed_lsn = max(self.confirmed_lsn, position)
+        try:
+            self._commit(self.confirmed_lsn, asynchronous=False, only=gone)
+        except Exception as e:
+            log.warning("committing offsets of revoked partitions failed (%s); their next owner "
+                        "replays from the previous commit", e)
+        for tp in gone:
+            self.partitions.pop(tp, None)
+        if partitions:
+            log.info("revoked %s", ", ".join(f"{p.topic} [{p.partition}]" for p in partitions))
+
+    def _lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        for p in partitions:
+            self.partitions.pop(_tp(p), None)
+        if partitions:
+            log.warning("lost %s (the group moved on without this worker); their next owner replays "
+                        "what was not committed", ", ".join(f"{p.topic} [{p.partition}]" for p in partitions))
+
+    def _error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise ReplicationError(f"Kafka consumer failed: {err.str()}")
+        text = err.str()
+        if text not in self._warned:  # e.g. a topic that does not exist yet: once per text
+            self._warned.add(text)
+            log.warning("Kafka consumer: %s", text)
+
+
+if TYPE_CHECKING:
+    def _implements(reader: KafkaReader) -> ChangeReader:
+        """Never called: mypy checks here that KafkaReader implements :class:`ChangeReader`."""
+        return reader
+

@@ -278,6 +278,15 @@ class MemorySink:
             self._sweep(view, version + 1)
             self._journal("truncate", (), version)
 
+    def truncate_below(self, view: str, version: int) -> None:
+        """Delete the records and tombstones of ``view`` below ``version``
+        (:class:`~sinks.base.TruncatesBelow`)."""
+        self._enter("truncate_below")
+        with self._lock:
+            self._target(view)
+            self._sweep(view, version)
+            self._journal("truncate_below", (), version)
+
     def scan(self, view: str) -> Iterator[tuple[str, Doc]]:
         """``(key, doc)`` of every live record (a snapshot taken at the call; docs are copies)."""
         self._enter("scan")

@@ -532,6 +532,13 @@ class RedisSink:
         self._target(view)
         self._sweep(view, version + 1)
 
+    def truncate_below(self, view: str, version: int) -> None:
+        """Delete every record (and version entry) of ``view`` stored at a version <
+        ``version`` (int LSN), with compare-and-set in Lua (:class:`~sinks.base.TruncatesBelow`):
+        records at or above it, written before or during the sweep, stay."""
+        self._target(view)
+        self._sweep(view, version)
+
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, doc)`` for every live record: hash views give ``{field: str}``, json
         views the parsed document. Tombstones are skipped."""

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..ops.status import SlotStatus
     from ..state.rebuilds import Rebuild
     from ..runtime.coordinator import Engine
+    from ..runtime.worker import Worker
     from ..http.server import HttpEndpoint
 
 log = logging.getLogger("pgderive")
@@ -154,11 +155,12 @@ def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str 
 
     from ..runtime.coordinator import Engine
     from ..runtime.errors import EngineError, Terminated
+    from ..runtime.worker import Worker
     from sinks.base import SinkError
 
     spec = _load(config)
     stop = threading.Event()
-    engine: Engine | None = None
+    engine: Engine | Worker | None = None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -188,7 +190,10 @@ def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str 
     signal.signal(signal.SIGHUP, on_hangup)
     endpoint = None
     try:
-        engine = Engine(spec, stop=stop, stats_file=stats_file, reload_spec=reload_spec)
+        if spec.source.kafka is not None:  # a derivation worker (ARCHITECTURE.md, "Kafka workers")
+            engine = Worker(spec, stop=stop, stats_file=stats_file)
+        else:
+            engine = Engine(spec, stop=stop, stats_file=stats_file, reload_spec=reload_spec)
         endpoint = _start_http(engine, spec, http_listen)
         _run_engine(engine, resnapshot)
     except Terminated as e:
@@ -203,7 +208,7 @@ def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str 
             endpoint.close()
 
 
-def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoint | None":
+def _start_http(engine: "Engine | Worker", spec: Spec, option: str | None) -> "HttpEndpoint | None":
     """Start the daemon's HTTP endpoint (ARCHITECTURE.md, "Monitoring") where ``--http`` or
     the YAML's ``http.listen`` say, else on 127.0.0.1:9187; None for ``off``. An address that
     was asked for must bind (else exit 1 naming it); the default one, taken (e.g. by another
@@ -226,7 +231,12 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
         # thread, at most every 2 s (HttpEndpoint caches them).
         # engine.spec: the views of the last reload, not those of the start.
         from ..ops.status import slot_status, status_document
-        return status_document(slot_status(engine.spec))
+        from ..runtime.worker import Worker
+
+        doc = status_document(slot_status(engine.spec))
+        if isinstance(engine, Worker):
+            doc["kafka"] = engine.kafka_status()
+        return doc
 
     def explain(view: str, key: str, wait: float) -> dict[str, object]:
         # `pgderive explain --json` on the endpoint's thread; usage errors become 404/400.
@@ -245,7 +255,7 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
     return endpoint
 
 
-def _run_engine(engine: "Engine", resnapshot: bool) -> None:
+def _run_engine(engine: "Engine | Worker", resnapshot: bool) -> None:
     """``engine.run``; a failed preflight (nothing created) exits with its own code: 2 for
     configuration and privilege problems, 1 when a service was unreachable."""
     from ..runtime.preflight import PreflightError

@@ -208,7 +208,7 @@ def check_privileges(spec: Spec, conn: psycopg.Connection[Any]) -> list[Problem]
         role, database, superuser, replication, db_create = row
         who = f'role "{role}"'
         grantee = _ident(conn, role)
-        if not (superuser or replication):
+        if not (superuser or replication) and spec.source.kafka is None:  # a worker has no slot
             problems.append(Problem("source.dsn", f"{who} lacks the REPLICATION attribute, needed to create and "
                                                   f"read the replication slot (ALTER ROLE {grantee} REPLICATION)"))
         problems += _table_problems(spec, conn, who, grantee)

@@ -82,6 +82,7 @@ class KafkaConsumer(Protocol):
                asynchronous: bool = True) -> Any: ...
     def get_watermark_offsets(self, partition: TopicPartition, timeout: float | None = None,
                               cached: bool = False) -> tuple[int, int] | None: ...
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
     def close(self) -> None: ...
 
 
@@ -176,6 +177,8 @@ class KafkaReader:
         self._subscribed = False
         self._position = 0
         self._warned: set[str] = set()
+        self._buffer: deque[Any] = deque()  # messages consumed, not delivered yet
+        self._peeked: tuple[Any, Envelope] | None = None  # the first message of the next run
 
     # --- ChangeReader -----------------------------------------------------------------------
 
@@ -221,45 +224,63 @@ class KafkaReader:
     def read(self, max_wait: float = 1.0, max_events: int = 10_000) -> Iterator[Transaction | Keepalive]:
         """Yield one :class:`Transaction` per run of consecutive messages of one partition with
         one LSN, from at most ``max_events`` messages; waits up to ``max_wait`` seconds for the
-        first. Nothing read: one :class:`Keepalive` at the current position. Raises
+        first. Nothing read: one :class:`Keepalive` at the current position. Messages the caller
+        did not take (it stopped iterating) are kept for the next call. Raises
         :class:`ReplicationError` on a fatal consumer error."""
         consumer = self._require()
-        messages = consumer.consume(num_messages=max(1, min(max_events, self.batch_messages)),
-                                    timeout=max_wait)
-        if not messages:
-            yield Keepalive(self._position)
-            return
+        if not self._buffer and self._peeked is None:
+            self._buffer.extend(consumer.consume(num_messages=max(1, min(max_events, self.batch_messages)),
+                                                 timeout=max_wait))
+            if not self._buffer:
+                yield Keepalive(self._position)
+                return
         run: list[Envelope] = []  # envelopes of the current run
         run_key: tuple[TP, int] | None = None
-        nbytes = run_end = 0
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                self._error(err)
-                continue
+        nbytes = run_end = taken = 0
+        while taken < max_events:
+            env: Envelope | None
+            if self._peeked is not None:
+                (msg, env), self._peeked = self._peeked, None
+            elif self._buffer:
+                msg, env = self._buffer.popleft(), None
+            else:
+                break
             tp = (msg.topic(), msg.partition())
-            state = self.partitions.get(tp)
-            if state is None:  # a message of a partition no longer ours (revoked meanwhile)
-                continue
-            offset = msg.offset()
-            value = msg.value()
-            state.next_offset = offset + 1
-            try:
-                env = decode(value)
-            except EnvelopeError as e:
-                self.skipped += 1
-                log.error("skipping a message of %s [%d] at offset %d that is not a change envelope: %s",
-                          tp[0], tp[1], offset, e)
-                self._advance(state, offset, merge=False)
-                continue
+            if env is None:
+                err = msg.error()
+                if err is not None:
+                    self._error(err)
+                    continue
+                state = self.partitions.get(tp)
+                if state is None:  # a message of a partition no longer ours
+                    continue
+                try:
+                    env = decode(msg.value())
+                except EnvelopeError as e:
+                    self.skipped += 1
+                    log.error("skipping a message of %s [%d] at offset %d that is not a change envelope: %s",
+                              tp[0], tp[1], msg.offset(), e)
+                    state.next_offset = msg.offset() + 1
+                    self._advance(state, msg.offset(), merge=False)
+                    continue
             key = (tp, env.lsn)
             if run and key != run_key:
+                # The run ends here: hand it over, keeping this message for what comes next
+                # (also when the caller stops iterating now).
+                self._peeked = (msg, env)
                 yield self._transaction(run, nbytes, run_end)
                 run, nbytes = [], 0
+                continue
+            state = self.partitions.get(tp)
+            if state is None:
+                continue
+            offset = msg.offset()
+            state.next_offset = offset + 1
             self._advance(state, offset, merge=bool(run))
             run_key, run_end = key, self._position
             run.append(env)
-            nbytes += len(value or b"")
+            nbytes += len(msg.value() or b"")
+            taken += 1
         if run:
             yield self._transaction(run, nbytes, run_end)
 
@@ -288,6 +309,8 @@ class KafkaReader:
         except Exception as e:
             log.warning("closing the Kafka consumer failed: %s", e)
         self.partitions.clear()
+        self._buffer.clear()
+        self._peeked = None
         self._subscribed = False
 
     # --- monitoring -------------------------------------------------------------------------
@@ -297,13 +320,16 @@ class KafkaReader:
         return sorted(self.partitions)
 
     def lag(self) -> dict[TP, int | None]:
-        """Per assigned partition, messages between the last one read (else the committed
-        offset) and the high watermark the consumer last saw (cached: no broker round trip);
-        None when unknown."""
+        """Per assigned partition, offsets between the consumer's position (the next message
+        it reads, past transaction markers; else the last one read, else the committed
+        offset) and the high watermark it last saw (cached: no broker round trip); None when
+        unknown."""
         consumer = self._consumer
         out: dict[TP, int | None] = {}
         for tp, state in list(self.partitions.items()):
-            pos = state.next_offset if state.next_offset is not None else state.committed
+            pos = self._consumer_position(tp)
+            if pos is None:
+                pos = state.next_offset if state.next_offset is not None else state.committed
             marks = None
             if consumer is not None:
                 try:
@@ -344,12 +370,20 @@ class KafkaReader:
         """Pop, per partition, the pending entries at or below ``position``: the offsets to
         commit (partitions in ``only``, or all)."""
         out: list[TopicPartition] = []
+        idle = not self._buffer and self._peeked is None
         for tp, state in self.partitions.items():
             if only is not None and tp not in only:
                 continue
             offset = None
             while state.pending and state.pending[0][0] <= position:
                 offset = state.pending.popleft()[1]
+            if idle and not state.pending and state.next_offset is not None:
+                # Every message delivered from it is confirmed: commit the consumer's position,
+                # which is past the transaction markers after them (else the group's lag would
+                # never reach 0 on a transactional topic).
+                ahead = self._consumer_position(tp)
+                if ahead is not None and ahead > (offset or state.next_offset) and ahead != state.committed:
+                    offset = ahead
             if offset is not None and offset != state.committed:
                 state.committed = offset
                 out.append(TopicPartition(tp[0], tp[1], offset))
@@ -373,6 +407,18 @@ class KafkaReader:
                 log.warning("committing offsets failed (%s); retried with the next confirmation", e)
             else:
                 raise
+
+    def _consumer_position(self, tp: TP) -> int | None:
+        """The consumer's position in ``tp`` (the next offset it returns, past transaction
+        markers; local, no broker round trip), None when unknown."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        try:
+            (p,) = consumer.position([TopicPartition(tp[0], tp[1])])
+        except Exception:
+            return None
+        return int(p.offset) if p.offset is not None and p.offset >= 0 else None
 
     def _assigned(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self.rebalances += 1

@@ -399,6 +399,9 @@ class FakeConsumer:
             FakeConsumer built on the same ``logs``/``committed`` dicts).
         commits: every commit: ``([(topic, partition, offset), ...], asynchronous)``.
         closed: :meth:`close` was called.
+        fail_commits: make :meth:`commit` raise (``KafkaException``).
+        markers: offsets :meth:`position` adds at the end of a partition (a transactional
+            topic's commit marker: the consumer's position skips it).
     """
 
     def __init__(self, config: dict[str, Any] | None = None, *,
@@ -411,6 +414,7 @@ class FakeConsumer:
         self.topics: list[str] = []
         self.closed = False
         self.fail_commits = False
+        self.markers = 0
         self._callbacks: dict[str, Any] = {}
         self._assigned: dict[tuple[str, int], int] = {}  # partition -> next offset to read
         self._events: list[tuple[str, list[tuple[str, int]]]] = []
@@ -486,7 +490,22 @@ class FakeConsumer:
 
     def get_watermark_offsets(self, partition: Any, timeout: float | None = None,
                               cached: bool = False) -> tuple[int, int]:
-        return 0, len(self.logs.get((partition.topic, partition.partition), []))
+        return 0, len(self.logs.get((partition.topic, partition.partition), [])) + self.markers
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        """The next offset :meth:`consume` returns per partition (-1001, "invalid", when not
+        assigned), as librdkafka's ``position``: past what was consumed, plus :attr:`markers`
+        at the end of a partition (transaction markers the consumer skips)."""
+        from confluent_kafka import TopicPartition
+
+        out = []
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            at = self._assigned.get(tp, -1001)
+            if at >= 0 and at >= len(self.logs.get(tp, [])):
+                at += self.markers
+            out.append(TopicPartition(p.topic, p.partition, at))
+        return out
 
     def close(self) -> None:
         self.closed = True

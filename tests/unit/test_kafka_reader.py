@@ -242,3 +242,40 @@ def test_not_connected_raises():
     reader = KafkaReader({}, [T], consumer_factory=lambda _c: FakeConsumer())
     with pytest.raises(ReplicationError):
         reader.start()
+
+
+def test_messages_not_taken_by_the_caller_are_delivered_by_the_next_read():
+    fake = FakeConsumer()
+    fake.produce(T, 0, env("c", 10, {"id": 1}), env("c", 20, {"id": 2}), env("c", 20, {"id": 3}),
+                 env("c", 30, {"id": 4}))
+    fake.assign((T, 0))
+    reader = make(fake)
+    events = reader.read(0.0)
+    first = next(events)
+    events.close()  # the stream stopped iterating (a full batch): nothing may be lost
+    assert isinstance(first, Transaction) and first.commit_lsn == 10
+    rest = txs(reader)
+    assert [(t.commit_lsn, len(t.changes), t.end_lsn) for t in rest] == [(20, 2, 3), (30, 1, 4)]
+
+
+def test_max_events_bounds_a_read_and_keeps_the_rest():
+    fake = FakeConsumer()
+    fake.produce(T, 0, *[env("c", 10 * i, {"id": i}) for i in range(1, 6)])
+    fake.assign((T, 0))
+    reader = make(fake)
+    assert len([e for e in reader.read(0.0, max_events=2)]) == 2
+    assert [t.commit_lsn for t in txs(reader)] == [30, 40, 50]
+
+
+def test_an_idle_partition_commits_the_position_past_transaction_markers():
+    fake = FakeConsumer()
+    fake.markers = 1  # the commit marker after the last record
+    fake.produce(T, 0, env("c", 10, {"id": 1}), env("c", 20, {"id": 2}))
+    fake.assign((T, 0))
+    reader = make(fake)
+    assert len(txs(reader)) == 2
+    reader.confirm(1)
+    assert fake.committed == {(T, 0): 1}  # a message is still unconfirmed: not past it
+    reader.confirm(2)
+    assert fake.committed == {(T, 0): 3}  # everything confirmed: the consumer's position
+    assert reader.lag() == {(T, 0): 0}

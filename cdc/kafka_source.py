@@ -36,7 +36,11 @@ without a commit.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence, cast
 
 from confluent_kafka import KafkaError, TopicPartition
@@ -49,9 +53,12 @@ if TYPE_CHECKING:
     from .slot import ChangeReader
 
 __all__ = ["KafkaReader", "KafkaMessage", "KafkaConsumer", "ConsumerFactory", "consumer_config",
-           "PartitionState"]
+           "PartitionState", "GroupStatus", "PartitionLag", "group_status"]
 
 log = logging.getLogger("cdc.kafka")
+
+#: Seconds between two computations of :meth:`KafkaReader.lag`.
+LAG_EVERY = 1.0
 
 #: Seconds :meth:`KafkaReader.on_revoke` may take to drain before partitions are given up.
 REVOKE_DRAIN = 10.0
@@ -98,7 +105,8 @@ def consumer_config(bootstrap_servers: str, group: str, *, session_timeout: floa
     the beginning of the topics: the snapshot's ``r`` records bootstrap its views),
     cooperative-sticky assignment (a rebalance moves only the partitions that change owner),
     ``session_timeout`` seconds before a dead worker's partitions move, and topic metadata
-    refreshed every 5 s (a topic created after the worker started is picked up). ``options``
+    refreshed every 5 s (a topic created after the worker started is picked up), ``client.id``
+    ``pgderive-worker-<host>-<pid>`` (how ``pgderive status`` names members). ``options``
     (librdkafka properties) override any of these."""
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap_servers,
@@ -111,7 +119,7 @@ def consumer_config(bootstrap_servers: str, group: str, *, session_timeout: floa
         "session.timeout.ms": int(session_timeout * 1000),
         "heartbeat.interval.ms": max(100, int(session_timeout * 1000) // 4),
         "topic.metadata.refresh.interval.ms": 5000,
-        "client.id": "pgderive-worker",
+        "client.id": f"pgderive-worker-{socket.gethostname()}-{os.getpid()}",
     }
     config.update(options or {})
     return config
@@ -177,6 +185,9 @@ class KafkaReader:
         self._subscribed = False
         self._position = 0
         self._warned: set[str] = set()
+        self._lag: dict[TP, int | None] = {}
+        self._owned: tuple[TP, ...] = ()  # sorted partitions: replaced whole, read by other threads
+        self._lag_at = 0.0
         self._buffer: deque[Any] = deque()  # messages consumed, not delivered yet
         self._peeked: tuple[Any, Envelope] | None = None  # the first message of the next run
 
@@ -228,6 +239,7 @@ class KafkaReader:
         did not take (it stopped iterating) are kept for the next call. Raises
         :class:`ReplicationError` on a fatal consumer error."""
         consumer = self._require()
+        self._refresh_lag()
         if not self._buffer and self._peeked is None:
             self._buffer.extend(consumer.consume(num_messages=max(1, min(max_events, self.batch_messages)),
                                                  timeout=max_wait))
@@ -309,6 +321,7 @@ class KafkaReader:
         except Exception as e:
             log.warning("closing the Kafka consumer failed: %s", e)
         self.partitions.clear()
+        self._owned = ()
         self._buffer.clear()
         self._peeked = None
         self._subscribed = False
@@ -316,14 +329,27 @@ class KafkaReader:
     # --- monitoring -------------------------------------------------------------------------
 
     def assignment(self) -> list[TP]:
-        """The partitions assigned to this reader, sorted."""
-        return sorted(self.partitions)
+        """The partitions assigned to this reader, sorted (any thread)."""
+        return list(self._owned)
 
     def lag(self) -> dict[TP, int | None]:
         """Per assigned partition, offsets between the consumer's position (the next message
         it reads, past transaction markers; else the last one read, else the committed
-        offset) and the high watermark it last saw (cached: no broker round trip); None when
-        unknown."""
+        offset) and the high watermark it last saw; None when unknown. Computed on the
+        reading thread at most every :data:`LAG_EVERY` seconds (a consumer call from another
+        thread would wait for the reading thread's ``consume``): any thread may call this."""
+        lag = self._lag
+        return {tp: lag.get(tp) for tp in self._owned}
+
+    def _refresh_lag(self) -> None:
+        """Recompute :meth:`lag` (reading thread; local calls only, no broker round trip)."""
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY:
+            return
+        self._lag_at = now
+        self._lag = self._compute_lag()
+
+    def _compute_lag(self) -> dict[TP, int | None]:
         consumer = self._consumer
         out: dict[TP, int | None] = {}
         for tp, state in list(self.partitions.items()):
@@ -424,6 +450,7 @@ class KafkaReader:
         self.rebalances += 1
         for p in partitions:
             self.partitions.setdefault(_tp(p), PartitionState())
+        self._owned = tuple(sorted(self.partitions))
         if partitions:
             log.info("assigned %s", ", ".join(f"{p.topic} [{p.partition}]" for p in partitions))
 
@@ -444,6 +471,7 @@ class KafkaReader:
                         "replays from the previous commit", e)
         for tp in gone:
             self.partitions.pop(tp, None)
+        self._owned = tuple(sorted(self.partitions))
         if partitions:
             log.info("revoked %s", ", ".join(f"{p.topic} [{p.partition}]" for p in partitions))
 
@@ -451,6 +479,7 @@ class KafkaReader:
         self.rebalances += 1
         for p in partitions:
             self.partitions.pop(_tp(p), None)
+        self._owned = tuple(sorted(self.partitions))
         if partitions:
             log.warning("lost %s (the group moved on without this worker); their next owner replays "
                         "what was not committed", ", ".join(f"{p.topic} [{p.partition}]" for p in partitions))
@@ -471,3 +500,99 @@ if TYPE_CHECKING:
         """Never called: mypy checks here that KafkaReader implements :class:`ChangeReader`."""
         return reader
 
+
+
+# --- the group, as `pgderive status` sees it from outside ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """One partition of a worker group's topics.
+
+    Attributes:
+        topic, partition: which.
+        owner: the client id and host of the member it is assigned to (``"pgderive-worker@/127.0.0.1"``),
+            None when unassigned.
+        committed: the group's committed offset (the next message a new owner reads), None
+            when it committed none.
+        end: the high watermark (read_committed: the last stable offset), None if unknown.
+        lag: ``end - committed`` (``end`` with no commit: the group starts at the beginning),
+            None if unknown.
+    """
+
+    topic: str
+    partition: int
+    owner: str | None
+    committed: int | None
+    end: int | None
+    lag: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    """A consumer group of derivation workers (:func:`group_status`).
+
+    Attributes:
+        group: the group id.
+        state: the group's state as the broker reports it (``STABLE``, ``EMPTY``, ``PREPARING_REBALANCE``, …).
+        members: one ``"client_id@host"`` per member.
+        partitions: every partition of the topics, sorted.
+        error: why the broker could not be asked (then the rest is empty), else None.
+    """
+
+    group: str
+    state: str | None
+    members: list[str]
+    partitions: list[PartitionLag]
+    error: str | None = None
+
+
+def group_status(bootstrap_servers: str, group: str, topics: Sequence[str], *, timeout: float = 5.0,
+                 options: Mapping[str, Any] | None = None) -> GroupStatus:
+    """Ask the brokers about ``group``: its state and members, and for every partition of
+    ``topics`` its owner, committed offset, end offset and lag. Never raises: a broker that
+    cannot be asked gives a :class:`GroupStatus` with ``error`` set. ``options``: librdkafka
+    properties (e.g. security) as the workers' ``source.kafka.options``."""
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    base: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **(options or {})}
+    try:
+        admin = AdminClient(base)
+        meta = admin.list_topics(timeout=timeout)
+        parts = [TopicPartition(t, p) for t in sorted(topics) if t in meta.topics
+                 for p in sorted(meta.topics[t].partitions)]
+        desc = admin.describe_consumer_groups([group], request_timeout=timeout)[group].result(timeout)
+        owners: dict[TP, str] = {}
+        members = []
+        for m in desc.members:
+            who = f"{m.client_id}@{m.host}"
+            members.append(who)
+            for p in (m.assignment.topic_partitions if m.assignment else []):
+                owners[(p.topic, p.partition)] = who
+        committed: dict[TP, int] = {}
+        if parts:
+            req = [ConsumerGroupTopicPartitions(group, parts)]
+            got = admin.list_consumer_group_offsets(req, request_timeout=timeout)[group].result(timeout)
+            committed = {(p.topic, p.partition): p.offset for p in got.topic_partitions if p.offset >= 0}
+        probe = Consumer({**base, "group.id": f"{group}.status", "isolation.level": "read_committed",
+                          "enable.auto.commit": False})
+        try:
+            ends: dict[TP, int | None] = {}
+            for p in parts:
+                try:
+                    ends[_tp(p)] = probe.get_watermark_offsets(p, timeout=timeout)[1]
+                except KafkaException:
+                    ends[_tp(p)] = None
+        finally:
+            probe.close()
+    except (KafkaException, Exception) as e:
+        return GroupStatus(group, None, [], [], error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    out = []
+    for p in parts:
+        tp = _tp(p)
+        end, done = ends.get(tp), committed.get(tp)
+        lag = None if end is None else max(0, end - (done if done is not None else 0))
+        out.append(PartitionLag(tp[0], tp[1], owners.get(tp), done, end, lag))
+    state = getattr(desc.state, "name", None) or str(desc.state)
+    return GroupStatus(group, state, sorted(members), out)

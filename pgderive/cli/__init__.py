@@ -235,7 +235,7 @@ def _start_http(engine: "Engine | Worker", spec: Spec, option: str | None) -> "H
 
         doc = status_document(slot_status(engine.spec))
         if isinstance(engine, Worker):
-            doc["kafka"] = engine.kafka_status()
+            doc["worker"] = engine.kafka_status()
         return doc
 
     def explain(view: str, key: str, wait: float) -> dict[str, object]:
@@ -418,6 +418,8 @@ def _status_tables(st: "SlotStatus") -> "RenderableType":
     from rich.console import Group
 
     info = st.info
+    if st.kafka is not None:
+        return _worker_tables(st)
     t = Table(title=f"slot {escape(st.slot)}", show_header=False)
     if info is None:
         t.add_row("slot", "absent (bootstraps on the next `pgderive run`)")
@@ -464,6 +466,39 @@ def _status_tables(st: "SlotStatus") -> "RenderableType":
                        f"retired, data kept: run `pgderive drop {escape(entry.view)}`")
         tables.append(rt)
     return Group(*tables)
+
+
+def _worker_tables(st: "SlotStatus") -> "RenderableType":
+    """``pgderive status`` of derivation workers: the consumer group (state, members, per
+    partition its owner, committed offset and lag) and the views (records, dead letters; no
+    checkpoints: a worker keeps none)."""
+    from rich.console import Group
+
+    g = st.kafka
+    assert g is not None
+    t = Table(title=f"kafka group {escape(g.group)}", show_header=False)
+    if g.error is not None:
+        t.add_row("error", escape(scrub(g.error)))
+    else:
+        t.add_row("state", g.state or "?")
+        t.add_row("members", escape(", ".join(g.members)) or "none (no worker runs)")
+        lags = [p.lag for p in g.partitions]
+        t.add_row("lag", "?" if any(n is None for n in lags) else f"{sum(n for n in lags if n is not None)} messages")
+    t.add_row("state kept as", escape(st.slot))
+    pt = Table(title="partitions")
+    for col in ("topic", "partition", "owner", "committed", "end", "lag"):
+        pt.add_column(col)
+    for p in g.partitions:
+        pt.add_row(escape(p.topic), str(p.partition), escape(p.owner or "-"),
+                   "-" if p.committed is None else str(p.committed), "?" if p.end is None else str(p.end),
+                   "?" if p.lag is None else str(p.lag))
+    vt = Table(title="views")
+    for col in ("view", "table", "sink", "records", "dead letters"):
+        vt.add_column(col)
+    for v in st.views:
+        vt.add_row(v.name, v.table, v.sink, f"? ({v.error})" if v.error is not None else str(v.records),
+                   "?" if v.dead_letters is None else str(v.dead_letters))
+    return Group(t, pt, vt)
 
 
 def _watch_status(spec: Spec, every: float) -> None:

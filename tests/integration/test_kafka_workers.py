@@ -181,3 +181,54 @@ def test_offsets_are_committed_only_after_the_sink_acknowledged(world):
                    what="the offsets to be committed after the acknowledgement")
     finally:
         proxy.close()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_status_and_http_endpoint_describe_the_worker_group(world):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from ..support import ROOT, Daemon
+
+    w = world(REDIS_ONLY)
+    w.snapshot()
+    port = _free_port()
+    d = Daemon(w.config, w.tmp / "http.log", "--http", f"127.0.0.1:{port}")
+    d.start()
+    w.workers.append(d)
+    assert_views_equal(w.config, timeout=30)
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.read()
+    wait_until(lambda: w.committed() == acc_ends(w), timeout=20, what="offsets committed")
+    metrics = get("/metrics").decode()
+    assert "pgderive_" in metrics
+    assert get("/").endswith(b"</html>")  # the status page renders
+    get("/healthz")
+    get("/readyz")
+    status = json.loads(get("/status"))["status"]
+    assert status["slot"]["status"] == "kafka worker"
+    assert status["worker"]["group"] == w.group
+    assert {(p["topic"], p["partition"]) for p in status["worker"]["partitions"]} == all_partitions(w), status["worker"]
+    out = subprocess.run([sys.executable, "-m", "pgderive.cli", "status", "-c", str(w.config), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    kafka = doc["kafka"]
+    assert kafka["group"] == w.group and kafka["error"] is None and len(kafka["members"]) == 1
+    assert {(p["topic"], p["partition"]) for p in kafka["partitions"]} == all_partitions(w)
+    assert kafka["lag_total"] == 0 and all(p["owner"] for p in kafka["partitions"])
+    assert doc["views"][0]["records"] == 30
+    text = subprocess.run([sys.executable, "-m", "pgderive.cli", "status", "-c", str(w.config)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert f"kafka group {w.group}" in text.stdout and "partitions" in text.stdout

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 from sinks.base import Doc, Op, Rejected, SinkError, ViewTarget
 
 if TYPE_CHECKING:
-    from sinks.base import AtomicCheckpoint, Sink
+    from sinks.base import AtomicCheckpoint, Sink, TruncatesBelow
 
 __all__ = ["MemorySink", "MemorySinkOpener", "WRITE_METHODS"]
 
@@ -448,9 +448,9 @@ class MemorySink:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: MemorySink) -> tuple[Sink, AtomicCheckpoint]:
+    def _implements(sink: MemorySink) -> tuple[Sink, AtomicCheckpoint, TruncatesBelow]:
         """Never called: mypy checks here that MemorySink implements these protocols."""
-        return sink, sink
+        return sink, sink, sink
 
 
 @dataclass(frozen=True)

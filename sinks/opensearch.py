@@ -69,7 +69,7 @@ from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_veri
 
 if TYPE_CHECKING:
     from sinks.base import (Claims, LegacyLayout, LiveGenerations, Locates, Refreshable, ReservedNames, Sink,
-                            WireLoad)
+                            TruncatesBelow, WireLoad)
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
@@ -1013,6 +1013,6 @@ def _reason(e: Any) -> str:
 
 if TYPE_CHECKING:
     def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames, LegacyLayout,
-                                                   Claims, LiveGenerations, Locates]:
+                                                   Claims, LiveGenerations, Locates, TruncatesBelow]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink, sink, sink, sink

@@ -81,7 +81,7 @@ from cdc.lsn import version_hex
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, WireLoad
+    from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, TruncatesBelow, WireLoad
 
 __all__ = ["RedisSink", "wire_chunk", "versions_key", "checkpoint_key", "CLAIMS_KEY", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
@@ -981,6 +981,6 @@ class _ErrorMap:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout, Claims]:
+    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout, Claims, TruncatesBelow]:
         """Never called: mypy checks here that RedisSink implements these protocols."""
-        return sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink

@@ -117,10 +117,11 @@ def test_one_worker_derives_redis_and_opensearch_views_from_r_c_u_d_t(world):
 
 
 def test_two_workers_split_the_partitions_and_one_survives_the_others_kill9(world):
-    w = world(REDIS_ONLY)
+    w = world()  # a Redis view and an OpenSearch include view (acc with its notes)
     w.snapshot()
     a, b = w.worker("a"), w.worker("b")
-    wait_until(lambda: owned(w, "a") and owned(w, "b") and owned(w, "a") | owned(w, "b") == all_partitions(w),
+    both = all_partitions(w, ("public.acc", "public.note"))
+    wait_until(lambda: owned(w, "a") and owned(w, "b") and owned(w, "a") | owned(w, "b") == both,
                timeout=30, what="both workers to own partitions")
     assert not owned(w, "a") & owned(w, "b")
     assert_views_equal(w.config, timeout=30)
@@ -129,7 +130,9 @@ def test_two_workers_split_the_partitions_and_one_survives_the_others_kill9(worl
     time.sleep(1.0)
     b.kill9()  # mid-load
     writer.join(60)
-    wait_until(lambda: owned(w, "a") == all_partitions(w), timeout=30, what="the survivor to take every partition")
+    w.commit("INSERT INTO note VALUES (500, 1001, 'late'); DELETE FROM note WHERE id = 3",
+             [("c", "public.note", 500), ("d", "public.note", 3)])
+    wait_until(lambda: owned(w, "a") == both, timeout=30, what="the survivor to take every partition")
     assert_views_equal(w.config, timeout=30)
     assert a.alive()
 

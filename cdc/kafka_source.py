@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .slot import ChangeReader
 
 __all__ = ["KafkaReader", "KafkaMessage", "KafkaConsumer", "ConsumerFactory", "consumer_config",
-           "PartitionState", "GroupStatus", "PartitionLag", "group_status"]
+           "PartitionState", "GroupStatus", "PartitionLag", "group_status", "probe_brokers"]
 
 log = logging.getLogger("cdc.kafka")
 
@@ -106,7 +106,8 @@ def consumer_config(bootstrap_servers: str, group: str, *, session_timeout: floa
     cooperative-sticky assignment (a rebalance moves only the partitions that change owner),
     ``session_timeout`` seconds before a dead worker's partitions move, and topic metadata
     refreshed every 5 s (a topic created after the worker started is picked up), ``client.id``
-    ``pgderive-worker-<host>-<pid>`` (how ``pgderive status`` names members). ``options``
+    ``pgderive-worker-<host>-<pid>`` (how ``pgderive status`` names members), librdkafka's log
+    through :mod:`logging` (logger ``cdc.kafka.librdkafka``, served while reading). ``options``
     (librdkafka properties) override any of these."""
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap_servers,
@@ -120,6 +121,8 @@ def consumer_config(bootstrap_servers: str, group: str, *, session_timeout: floa
         "heartbeat.interval.ms": max(100, int(session_timeout * 1000) // 4),
         "topic.metadata.refresh.interval.ms": 5000,
         "client.id": f"pgderive-worker-{socket.gethostname()}-{os.getpid()}",
+        "logger": logging.getLogger("cdc.kafka.librdkafka"),  # not librdkafka's own stderr lines
+        "log.connection.close": False,
     }
     config.update(options or {})
     return config
@@ -556,7 +559,7 @@ def group_status(bootstrap_servers: str, group: str, topics: Sequence[str], *, t
     from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException
     from confluent_kafka.admin import AdminClient
 
-    base: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **(options or {})}
+    base: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "log_level": 0, **(options or {})}
     try:
         admin = AdminClient(base)
         meta = admin.list_topics(timeout=timeout)
@@ -586,8 +589,8 @@ def group_status(bootstrap_servers: str, group: str, topics: Sequence[str], *, t
                     ends[_tp(p)] = None
         finally:
             probe.close()
-    except (KafkaException, Exception) as e:
-        return GroupStatus(group, None, [], [], error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:  # KafkaException, a refused configuration, a timeout: shown, never raised
+        return GroupStatus(group, None, [], [], error=_kafka_text(e))
     out = []
     for p in parts:
         tp = _tp(p)
@@ -596,3 +599,25 @@ def group_status(bootstrap_servers: str, group: str, topics: Sequence[str], *, t
         out.append(PartitionLag(tp[0], tp[1], owners.get(tp), done, end, lag))
     state = getattr(desc.state, "name", None) or str(desc.state)
     return GroupStatus(group, state, sorted(members), out)
+
+
+def probe_brokers(bootstrap_servers: str, *, timeout: float = 5.0,
+                  options: Mapping[str, Any] | None = None) -> str | None:
+    """Ask the brokers for their metadata: None when they answer within ``timeout`` seconds,
+    else why not (one line, no secrets: librdkafka names brokers, not credentials)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0,  # the answer says it
+                     **(options or {})}).list_topics(timeout=timeout)
+    except (KafkaException, ValueError, TypeError) as e:  # ValueError: a refused configuration
+        return _kafka_text(e)
+    return None
+
+
+def _kafka_text(e: BaseException) -> str:
+    """One line for a confluent-kafka error: the KafkaError's own text when it carries one."""
+    err = e.args[0] if e.args else None
+    text = err.str() if isinstance(err, KafkaError) else str(e)
+    return text.splitlines()[0] if text else type(e).__name__

@@ -284,7 +284,8 @@ def _validate(spec: Spec, config: str) -> int:
     from views.check import build_views
 
     from ..runtime.waiting import waiting
-    from ..runtime.preflight import Problem, as_spec_error, check_names, check_privileges, check_sinks, open_spec_sinks
+    from ..runtime.preflight import (Problem, as_spec_error, check_kafka, check_names, check_privileges, check_sinks,
+                                     open_spec_sinks)
 
     problems: list[Problem] = []
     spec_error: SpecError | None = None
@@ -293,6 +294,7 @@ def _validate(spec: Spec, config: str) -> int:
     try:
         problems += check_sinks(sinks)
         problems += check_names(spec, sinks)
+        problems += check_kafka(spec)
     finally:
         for sink in sinks.values():
             sink.close()

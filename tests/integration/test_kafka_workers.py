@@ -235,3 +235,20 @@ def test_status_and_http_endpoint_describe_the_worker_group(world):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert text.returncode == 0, text.stderr
     assert f"kafka group {w.group}" in text.stdout and "partitions" in text.stdout
+
+
+def test_validate_and_run_refuse_unreachable_brokers_before_anything_is_created(world):
+    import subprocess
+    import sys
+
+    from ..support import ROOT
+
+    w = world(REDIS_ONLY)
+    bad = w.tmp / "bad.yaml"
+    bad.write_text(w.config.read_text().replace(w.bootstrap, "127.0.0.1:1"))
+    for command in (["validate"], ["run"]):
+        out = subprocess.run([sys.executable, "-m", "pgderive.cli", *command, "-c", str(bad)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "source.kafka.bootstrap_servers: cannot reach the Kafka brokers 127.0.0.1:1" in out.stderr + out.stdout
+    assert w.sql("SELECT to_regnamespace('pgderive') IS NULL") == [(True,)]  # nothing created

@@ -30,7 +30,7 @@ class World:
     consumer group, worker YAML and workers."""
 
     def __init__(self, tmp_path: Path, bootstrap: str, schema: str, tables: Sequence[str], views: str,
-                 *, redis_url: str = REDIS_URL, full_identity: Sequence[str] = ()) -> None:
+                 *, redis_url: str = REDIS_URL, full_identity: Sequence[str] = (), topics: bool = True) -> None:
         self.tmp = tmp_path
         self.full_identity = set(full_identity)  # tables whose deletes carry the whole old row
         self.bootstrap = bootstrap
@@ -42,8 +42,8 @@ class World:
         self.tables = list(tables)
         self.topics = [table_topic(self.prefix, t) for t in self.tables]
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
-        for f in self.admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in self.topics]).values():
-            f.result(30)
+        if topics:
+            self.create_topics()
         self.config = tmp_path / "worker.yaml"
         self._views_yaml = views
         self.write_config(redis_url)
@@ -65,6 +65,10 @@ sinks:
   search: {{type: opensearch, hosts: ["{OPENSEARCH_URL}"]}}
 views:
 """ + (views or "").replace("P_", self.p + "_").replace("Pidx", self.p.lower()))
+
+    def create_topics(self) -> None:
+        for f in self.admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in self.topics]).values():
+            f.result(30)
 
     # --- the source ------------------------------------------------------------------------
 

@@ -252,3 +252,14 @@ def test_validate_and_run_refuse_unreachable_brokers_before_anything_is_created(
         assert out.returncode == 1, out.stdout + out.stderr
         assert "source.kafka.bootstrap_servers: cannot reach the Kafka brokers 127.0.0.1:1" in out.stderr + out.stdout
     assert w.sql("SELECT to_regnamespace('pgderive') IS NULL") == [(True,)]  # nothing created
+
+
+def test_a_worker_started_before_its_topics_exist_picks_them_up(world):
+    w = world(REDIS_ONLY, topics=False)
+    d = w.worker("a")
+    time.sleep(2.0)
+    assert d.alive()
+    w.create_topics()
+    w.snapshot()
+    w.commit("UPDATE acc SET v = 'later' WHERE id = 5", [("u", "public.acc", 5)])
+    assert_views_equal(w.config, timeout=40)

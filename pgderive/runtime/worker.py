@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import orjson
 import psycopg
@@ -50,7 +50,7 @@ from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
 from .logs import log_format
-from .observed import LoadProgress, SourceWatch
+from .observed import KafkaFacts, LoadProgress, SourceWatch
 from .preflight import preflight, raise_for
 from .recording import DeadLetterRecorder
 from .retry import Backoff, one_line
@@ -265,21 +265,30 @@ class Worker:
         """None: a worker loads nothing from a snapshot (the topics' ``r`` records do it)."""
         return []
 
+    def kafka_facts(self) -> KafkaFacts:
+        """:class:`~pgderive.runtime.observed.KafkaFacts` of this worker (any thread, no I/O:
+        the reader's lag is computed on the reading thread)."""
+        reader = self.reader
+        if reader is None:
+            return KafkaFacts(self.kafka.group, [], [], 0, 0, 0)
+        return KafkaFacts(self.kafka.group, list(reader.topics),
+                          [(t, p, n) for (t, p), n in sorted(reader.lag().items())],
+                          reader.rebalances, reader.skipped, reader.confirmed_lsn)
+
     def kafka_status(self) -> dict[str, object]:
         """The worker's Kafka side for ``/status``: ``group``, ``topics``, ``partitions`` (one
         ``{"topic", "partition", "lag"}`` per assigned partition: messages behind the high
         watermark the consumer last saw, None when unknown), ``rebalances``, ``skipped``
         (messages that were not change envelopes) and ``position`` (the reader's confirmed
         position: a counter, not an LSN)."""
-        reader = self.reader
-        lag: Mapping[tuple[str, int], int | None] = reader.lag() if reader is not None else {}
+        f = self.kafka_facts()
         return {
-            "group": self.kafka.group,
-            "topics": list(reader.topics) if reader is not None else [],
-            "partitions": [{"topic": t, "partition": p, "lag": n} for (t, p), n in sorted(lag.items())],
-            "rebalances": reader.rebalances if reader is not None else 0,
-            "skipped": reader.skipped if reader is not None else 0,
-            "position": reader.confirmed_lsn if reader is not None else 0,
+            "group": f.group,
+            "topics": f.topics,
+            "partitions": [{"topic": t, "partition": p, "lag": n} for t, p, n in f.partitions],
+            "rebalances": f.rebalances,
+            "skipped": f.skipped,
+            "position": f.position,
         }
 
     def _write_stats(self, force: bool = False) -> None:

@@ -214,7 +214,10 @@ def test_status_and_http_endpoint_describe_the_worker_group(world):
             return r.read()
     wait_until(lambda: w.committed() == acc_ends(w), timeout=20, what="offsets committed")
     metrics = get("/metrics").decode()
-    assert "pgderive_" in metrics
+    assert f'pgderive_kafka_worker_info{{group="{w.group}"}} 1.0' in metrics
+    assert "pgderive_kafka_assigned_partitions 3.0" in metrics
+    wait_until(lambda: 'pgderive_kafka_partition_lag_messages{partition="0"' in get("/metrics").decode(),
+               timeout=10, what="the lag of partition 0 in /metrics")
     assert get("/").endswith(b"</html>")  # the status page renders
     get("/healthz")
     get("/readyz")

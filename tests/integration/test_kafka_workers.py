@@ -266,3 +266,23 @@ def test_a_worker_started_before_its_topics_exist_picks_them_up(world):
     w.snapshot()
     w.commit("UPDATE acc SET v = 'later' WHERE id = 5", [("u", "public.acc", 5)])
     assert_views_equal(w.config, timeout=40)
+
+
+def test_truncate_and_reload_with_two_workers_keeps_only_the_reload(world):
+    # Each worker sees the TRUNCATE on its own partitions, at its own time, while the other
+    # already writes the reload (same version) and later rows: nothing older survives, nothing
+    # newer is lost, in Redis and in OpenSearch.
+    w = world()
+    w.snapshot()
+    w.worker("a"), w.worker("b")
+    both = all_partitions(w, ("public.acc", "public.note"))
+    wait_until(lambda: owned(w, "a") and owned(w, "b") and owned(w, "a") | owned(w, "b") == both
+               and not owned(w, "a") & owned(w, "b"), timeout=30, what="both workers to own partitions")
+    load(w, 1000, 30)
+    reload = range(1, 41, 2)
+    w.commit("TRUNCATE acc; " + ";".join(f"INSERT INTO acc VALUES ({i}, 'reloaded{i}', {i})" for i in reload),
+             [("c", "public.acc", i) for i in reload], truncated=["public.acc"])
+    load(w, 3000, 30)
+    assert_views_equal(w.config, timeout=30)
+    r = redis.Redis.from_url(REDIS_URL)
+    assert not r.exists(f"{w.p}_:acc:1001") and r.hget(f"{w.p}_:acc:3", "v") == b"reloaded3"

@@ -177,7 +177,10 @@ views:
     def close(self) -> None:
         for d in self.workers:
             if d.alive():
-                d.stop()
+                try:
+                    d.stop()
+                except Exception:  # hung: kill it, cleanup goes on
+                    d.kill9()
         try:
             self.producer.flush(5)
         except Exception:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .slot import ChangeReader
 
 __all__ = ["ListReader", "Message", "Entry", "begin", "commit", "insert", "update", "delete", "truncate",
-           "logical_message", "transaction", "keepalive"]
+           "logical_message", "transaction", "keepalive", "FakeConsumer", "FakeMessage"]
 
 Message = Union[dict[str, Any], str, bytes, Keepalive]
 """One stream entry: a wal2json message (dict or JSON text) or a keepalive."""
@@ -350,3 +350,162 @@ if TYPE_CHECKING:
     def _implements(reader: ListReader) -> ChangeReader:
         """Never called: mypy checks here that ListReader implements :class:`ChangeReader`."""
         return reader
+
+
+# --- Kafka ----------------------------------------------------------------------------------
+
+
+class FakeMessage:
+    """A :class:`cdc.kafka_source.KafkaMessage`: one record of a :class:`FakeConsumer`'s log
+    (``error`` set: a consumer error event instead of a record)."""
+
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes | None,
+                 key: bytes | None = None, error: Any = None) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._value, self._key, self._error = value, key, error
+
+    def error(self) -> Any:
+        return self._error
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+
+class FakeConsumer:
+    """A :class:`cdc.kafka_source.KafkaConsumer` over in-memory partition logs, for
+    :class:`~cdc.kafka_source.KafkaReader` tests: no broker, no threads.
+
+    The test appends records with :meth:`produce` and drives the group with :meth:`assign`,
+    :meth:`revoke` and :meth:`lose`, which take effect (calling the reader's callbacks) at the
+    next :meth:`consume`, as librdkafka serves rebalance callbacks from ``poll``. An assigned
+    partition is read from its committed offset (else 0). ``consume`` returns records of the
+    assigned partitions round-robin, one per partition per turn.
+
+    Attributes:
+        logs: ``(topic, partition)`` → its records' values (offset = index).
+        committed: ``(topic, partition)`` → the committed offset (the group's, shared by every
+            FakeConsumer built on the same ``logs``/``committed`` dicts).
+        commits: every commit: ``([(topic, partition, offset), ...], asynchronous)``.
+        closed: :meth:`close` was called.
+        fail_commits: make :meth:`commit` raise (``KafkaException``).
+        markers: offsets :meth:`position` adds at the end of a partition (a transactional
+            topic's commit marker: the consumer's position skips it).
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None, *,
+                 logs: dict[tuple[str, int], list[bytes | None]] | None = None,
+                 committed: dict[tuple[str, int], int] | None = None) -> None:
+        self.config = dict(config or {})
+        self.logs = logs if logs is not None else {}
+        self.committed = committed if committed is not None else {}
+        self.commits: list[tuple[list[tuple[str, int, int]], bool]] = []
+        self.topics: list[str] = []
+        self.closed = False
+        self.fail_commits = False
+        self.markers = 0
+        self._callbacks: dict[str, Any] = {}
+        self._assigned: dict[tuple[str, int], int] = {}  # partition -> next offset to read
+        self._events: list[tuple[str, list[tuple[str, int]]]] = []
+        self._errors: list[Any] = []
+
+    # --- test hooks ---------------------------------------------------------------------------
+
+    def produce(self, topic: str, partition: int, *values: bytes | None) -> None:
+        """Append records to a partition's log."""
+        self.logs.setdefault((topic, partition), []).extend(values)
+
+    def assign(self, *partitions: tuple[str, int]) -> None:
+        """Assign partitions at the next :meth:`consume` (``on_assign``)."""
+        self._events.append(("assign", list(partitions)))
+
+    def revoke(self, *partitions: tuple[str, int]) -> None:
+        """Revoke partitions at the next :meth:`consume` (``on_revoke``)."""
+        self._events.append(("revoke", list(partitions)))
+
+    def lose(self, *partitions: tuple[str, int]) -> None:
+        """Lose partitions at the next :meth:`consume` (``on_lost``)."""
+        self._events.append(("lost", list(partitions)))
+
+    def error_event(self, error: Any) -> None:
+        """Return ``error`` (a :class:`confluent_kafka.KafkaError`) as an error event from the
+        next :meth:`consume`."""
+        self._errors.append(error)
+
+    # --- KafkaConsumer ------------------------------------------------------------------------
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None,
+                  on_lost: Any = None) -> None:
+        self.topics = list(topics)
+        self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        events, self._events = self._events, []
+        for kind, parts in events:
+            callback = self._callbacks.get(kind)
+            if kind == "assign":
+                for tp in parts:
+                    self._assigned[tp] = self.committed.get(tp, 0)
+            if callback is not None:
+                callback(self, [TopicPartition(t, p) for t, p in parts])
+            if kind != "assign":
+                for tp in parts:
+                    self._assigned.pop(tp, None)
+        out: list[Any] = [FakeMessage("", 0, -1, None, error=e) for e in self._errors]
+        self._errors = []
+        progress = True
+        while len(out) < num_messages and progress:
+            progress = False
+            for tp in sorted(self._assigned):
+                log = self.logs.get(tp, [])
+                at = self._assigned[tp]
+                if at < len(log) and len(out) < num_messages:
+                    out.append(FakeMessage(tp[0], tp[1], at, log[at]))
+                    self._assigned[tp] = at + 1
+                    progress = True
+        return out
+
+    def commit(self, message: Any = None, offsets: list[Any] | None = None,
+               asynchronous: bool = True) -> None:
+        if self.fail_commits:
+            from confluent_kafka import KafkaException
+            raise KafkaException("commit refused (test)")
+        done = [(p.topic, p.partition, p.offset) for p in offsets or []]
+        self.commits.append((done, asynchronous))
+        for t, p, o in done:
+            self.committed[(t, p)] = o
+
+    def get_watermark_offsets(self, partition: Any, timeout: float | None = None,
+                              cached: bool = False) -> tuple[int, int]:
+        return 0, len(self.logs.get((partition.topic, partition.partition), [])) + self.markers
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        """The next offset :meth:`consume` returns per partition (-1001, "invalid", when not
+        assigned), as librdkafka's ``position``: past what was consumed, plus :attr:`markers`
+        at the end of a partition (transaction markers the consumer skips)."""
+        from confluent_kafka import TopicPartition
+
+        out = []
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            at = self._assigned.get(tp, -1001)
+            if at >= 0 and at >= len(self.logs.get(tp, [])):
+                at += self.markers
+            out.append(TopicPartition(p.topic, p.partition, at))
+        return out
+
+    def close(self) -> None:
+        self.closed = True

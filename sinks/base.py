@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from psycopg import sql
 
 __all__ = ["Op", "Rejected", "ViewTarget", "Sink", "SinkError", "AtomicCheckpoint", "WireLoad",
-           "Refreshable", "ReservedNames", "LegacyLayout", "Claims", "LiveGenerations", "Locates", "TlsOptions",
+           "Refreshable", "TruncatesBelow", "ReservedNames", "LegacyLayout", "Claims", "LiveGenerations", "Locates", "TlsOptions",
            "Doc"]
 
 Doc = dict[str, Any]
@@ -392,6 +392,21 @@ class Refreshable(Protocol):
         """Make every acknowledged write of ``view`` (its live generation and any generation
         being loaded) visible to :meth:`Sink.scan`, :meth:`Sink.scan_keys` and
         :meth:`Sink.count`. Raises :class:`SinkError`."""
+        ...
+
+
+@runtime_checkable
+class TruncatesBelow(Protocol):
+    """A sink that can empty a view of everything older than a TRUNCATE without touching newer
+    records: what derivation workers need, where a TRUNCATE arrives once per partition while
+    other partitions' newer writes land in between (ARCHITECTURE.md, "Kafka workers"). Use:
+    ``isinstance(sink, TruncatesBelow)``."""
+
+    def truncate_below(self, view: str, version: int) -> None:
+        """Delete every record of ``view`` stored at a version < ``version`` (int LSN), with
+        compare-and-set against concurrent writes: records at or above ``version`` stay.
+        Idempotent, and commutes with writes at or above ``version``. Raises
+        :class:`SinkError`."""
         ...
 
 

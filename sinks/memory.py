@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 from sinks.base import Doc, Op, Rejected, SinkError, ViewTarget
 
 if TYPE_CHECKING:
-    from sinks.base import AtomicCheckpoint, Sink
+    from sinks.base import AtomicCheckpoint, Sink, TruncatesBelow
 
 __all__ = ["MemorySink", "MemorySinkOpener", "WRITE_METHODS"]
 
@@ -278,6 +278,15 @@ class MemorySink:
             self._sweep(view, version + 1)
             self._journal("truncate", (), version)
 
+    def truncate_below(self, view: str, version: int) -> None:
+        """Delete the records and tombstones of ``view`` below ``version``
+        (:class:`~sinks.base.TruncatesBelow`)."""
+        self._enter("truncate_below")
+        with self._lock:
+            self._target(view)
+            self._sweep(view, version)
+            self._journal("truncate_below", (), version)
+
     def scan(self, view: str) -> Iterator[tuple[str, Doc]]:
         """``(key, doc)`` of every live record (a snapshot taken at the call; docs are copies)."""
         self._enter("scan")
@@ -439,9 +448,9 @@ class MemorySink:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: MemorySink) -> tuple[Sink, AtomicCheckpoint]:
+    def _implements(sink: MemorySink) -> tuple[Sink, AtomicCheckpoint, TruncatesBelow]:
         """Never called: mypy checks here that MemorySink implements these protocols."""
-        return sink, sink
+        return sink, sink, sink
 
 
 @dataclass(frozen=True)

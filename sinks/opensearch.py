@@ -69,7 +69,7 @@ from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_veri
 
 if TYPE_CHECKING:
     from sinks.base import (Claims, LegacyLayout, LiveGenerations, Locates, Refreshable, ReservedNames, Sink,
-                            WireLoad)
+                            TruncatesBelow, WireLoad)
 
 __all__ = ["OpenSearchSink", "generation_index", "LOAD_GC_DELETES", "CHECKPOINT_INDEX", "checkpoint_id"]
 
@@ -448,6 +448,23 @@ class OpenSearchSink:
                 self._client.indices.delete(index=index)
         self._create_index(index, view, loading=False)
         self.commit_generation(view, index, version + 1)
+
+    def truncate_below(self, view: str, version: int) -> None:
+        """Delete every document of ``view`` stored at a version < ``version`` (int LSN)
+        (:class:`~sinks.base.TruncatesBelow`): after a refresh, a scroll of ``(_id,
+        _version)`` behind the alias, then versioned deletes at ``version - 1``
+        (``external_gte``: a document rewritten at ``version`` or later meanwhile conflicts and
+        stays). The delete leaves a tombstone for ``index.gc_deletes`` (60 s), so an older write
+        arriving meanwhile is refused. Unlike :meth:`truncate` no index is replaced, so writes
+        of other workers at or above ``version`` are never lost."""
+        self.refresh(view)
+        stale = [Op(view, key, version - 1, None) for key, ver in self.scan_keys(view)
+                 if ver is not None and ver < version]
+        if stale:
+            rejected = self.apply(stale)
+            if rejected:
+                raise SinkError(f"truncate of {view} below {version:#x}: {len(rejected)} deletes refused "
+                                f"({rejected[0].error})", retryable=True)
 
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(_id, _source)`` for every document behind the alias (nothing if none)."""
@@ -996,6 +1013,6 @@ def _reason(e: Any) -> str:
 
 if TYPE_CHECKING:
     def _implements(sink: OpenSearchSink) -> tuple[Sink, WireLoad, Refreshable, ReservedNames, LegacyLayout,
-                                                   Claims, LiveGenerations, Locates]:
+                                                   Claims, LiveGenerations, Locates, TruncatesBelow]:
         """Never called: mypy checks here that OpenSearchSink implements these protocols."""
-        return sink, sink, sink, sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink, sink, sink, sink

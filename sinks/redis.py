@@ -81,7 +81,7 @@ from cdc.lsn import version_hex
 from sinks.base import Op, Rejected, SinkError, TlsOptions, ViewTarget, tls_verify_failure
 
 if TYPE_CHECKING:
-    from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, WireLoad
+    from sinks.base import AtomicCheckpoint, Claims, LegacyLayout, Sink, TruncatesBelow, WireLoad
 
 __all__ = ["RedisSink", "wire_chunk", "versions_key", "checkpoint_key", "CLAIMS_KEY", "TOMBSTONE_SUFFIX", "WRONGTYPE_FIELD"]
 
@@ -532,6 +532,13 @@ class RedisSink:
         self._target(view)
         self._sweep(view, version + 1)
 
+    def truncate_below(self, view: str, version: int) -> None:
+        """Delete every record (and version entry) of ``view`` stored at a version <
+        ``version`` (int LSN), with compare-and-set in Lua (:class:`~sinks.base.TruncatesBelow`):
+        records at or above it, written before or during the sweep, stay."""
+        self._target(view)
+        self._sweep(view, version)
+
     def scan(self, view: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, doc)`` for every live record: hash views give ``{field: str}``, json
         views the parsed document. Tombstones are skipped."""
@@ -974,6 +981,6 @@ class _ErrorMap:
 
 
 if TYPE_CHECKING:
-    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout, Claims]:
+    def _implements(sink: RedisSink) -> tuple[Sink, AtomicCheckpoint, WireLoad, LegacyLayout, Claims, TruncatesBelow]:
         """Never called: mypy checks here that RedisSink implements these protocols."""
-        return sink, sink, sink, sink, sink
+        return sink, sink, sink, sink, sink, sink

@@ -38,6 +38,13 @@ def pg_dsn() -> str:
     return os.environ.get("PGDERIVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5433/postgres")
 
 
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Kafka bootstrap servers (scripts/services.sh: a single KRaft node, PLAINTEXT, transactions
+    enabled, 3 partitions by default); override with PGDERIVE_TEST_KAFKA."""
+    return os.environ.get("PGDERIVE_TEST_KAFKA", "127.0.0.1:9093")
+
+
 @pytest.fixture
 def scenario(tmp_path):
     made: list[Scenario] = []

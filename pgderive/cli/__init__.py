@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..ops.status import SlotStatus
     from ..state.rebuilds import Rebuild
     from ..runtime.coordinator import Engine
+    from ..runtime.worker import Worker
     from ..http.server import HttpEndpoint
 
 log = logging.getLogger("pgderive")
@@ -154,11 +155,12 @@ def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str 
 
     from ..runtime.coordinator import Engine
     from ..runtime.errors import EngineError, Terminated
+    from ..runtime.worker import Worker
     from sinks.base import SinkError
 
     spec = _load(config)
     stop = threading.Event()
-    engine: Engine | None = None
+    engine: Engine | Worker | None = None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -188,7 +190,10 @@ def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str 
     signal.signal(signal.SIGHUP, on_hangup)
     endpoint = None
     try:
-        engine = Engine(spec, stop=stop, stats_file=stats_file, reload_spec=reload_spec)
+        if spec.source.kafka is not None:  # a derivation worker (ARCHITECTURE.md, "Kafka workers")
+            engine = Worker(spec, stop=stop, stats_file=stats_file)
+        else:
+            engine = Engine(spec, stop=stop, stats_file=stats_file, reload_spec=reload_spec)
         endpoint = _start_http(engine, spec, http_listen)
         _run_engine(engine, resnapshot)
     except Terminated as e:
@@ -203,7 +208,7 @@ def run(config: str, resnapshot: bool, stats_file: str | None, http_listen: str 
             endpoint.close()
 
 
-def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoint | None":
+def _start_http(engine: "Engine | Worker", spec: Spec, option: str | None) -> "HttpEndpoint | None":
     """Start the daemon's HTTP endpoint (ARCHITECTURE.md, "Monitoring") where ``--http`` or
     the YAML's ``http.listen`` say, else on 127.0.0.1:9187; None for ``off``. An address that
     was asked for must bind (else exit 1 naming it); the default one, taken (e.g. by another
@@ -226,7 +231,12 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
         # thread, at most every 2 s (HttpEndpoint caches them).
         # engine.spec: the views of the last reload, not those of the start.
         from ..ops.status import slot_status, status_document
-        return status_document(slot_status(engine.spec))
+        from ..runtime.worker import Worker
+
+        doc = status_document(slot_status(engine.spec))
+        if isinstance(engine, Worker):
+            doc["worker"] = engine.kafka_status()
+        return doc
 
     def explain(view: str, key: str, wait: float) -> dict[str, object]:
         # `pgderive explain --json` on the endpoint's thread; usage errors become 404/400.
@@ -245,7 +255,7 @@ def _start_http(engine: "Engine", spec: Spec, option: str | None) -> "HttpEndpoi
     return endpoint
 
 
-def _run_engine(engine: "Engine", resnapshot: bool) -> None:
+def _run_engine(engine: "Engine | Worker", resnapshot: bool) -> None:
     """``engine.run``; a failed preflight (nothing created) exits with its own code: 2 for
     configuration and privilege problems, 1 when a service was unreachable."""
     from ..runtime.preflight import PreflightError
@@ -274,7 +284,8 @@ def _validate(spec: Spec, config: str) -> int:
     from views.check import build_views
 
     from ..runtime.waiting import waiting
-    from ..runtime.preflight import Problem, as_spec_error, check_names, check_privileges, check_sinks, open_spec_sinks
+    from ..runtime.preflight import (Problem, as_spec_error, check_kafka, check_names, check_privileges, check_sinks,
+                                     open_spec_sinks)
 
     problems: list[Problem] = []
     spec_error: SpecError | None = None
@@ -283,6 +294,7 @@ def _validate(spec: Spec, config: str) -> int:
     try:
         problems += check_sinks(sinks)
         problems += check_names(spec, sinks)
+        problems += check_kafka(spec)
     finally:
         for sink in sinks.values():
             sink.close()
@@ -408,6 +420,8 @@ def _status_tables(st: "SlotStatus") -> "RenderableType":
     from rich.console import Group
 
     info = st.info
+    if st.kafka is not None:
+        return _worker_tables(st)
     t = Table(title=f"slot {escape(st.slot)}", show_header=False)
     if info is None:
         t.add_row("slot", "absent (bootstraps on the next `pgderive run`)")
@@ -454,6 +468,39 @@ def _status_tables(st: "SlotStatus") -> "RenderableType":
                        f"retired, data kept: run `pgderive drop {escape(entry.view)}`")
         tables.append(rt)
     return Group(*tables)
+
+
+def _worker_tables(st: "SlotStatus") -> "RenderableType":
+    """``pgderive status`` of derivation workers: the consumer group (state, members, per
+    partition its owner, committed offset and lag) and the views (records, dead letters; no
+    checkpoints: a worker keeps none)."""
+    from rich.console import Group
+
+    g = st.kafka
+    assert g is not None
+    t = Table(title=f"kafka group {escape(g.group)}", show_header=False)
+    if g.error is not None:
+        t.add_row("error", escape(scrub(g.error)))
+    else:
+        t.add_row("state", g.state or "?")
+        t.add_row("members", escape(", ".join(g.members)) or "none (no worker runs)")
+        lags = [p.lag for p in g.partitions]
+        t.add_row("lag", "?" if any(n is None for n in lags) else f"{sum(n for n in lags if n is not None)} messages")
+    t.add_row("state kept as", escape(st.slot))
+    pt = Table(title="partitions")
+    for col in ("topic", "partition", "owner", "committed", "end", "lag"):
+        pt.add_column(col)
+    for p in g.partitions:
+        pt.add_row(escape(p.topic), str(p.partition), escape(p.owner or "-"),
+                   "-" if p.committed is None else str(p.committed), "?" if p.end is None else str(p.end),
+                   "?" if p.lag is None else str(p.lag))
+    vt = Table(title="views")
+    for col in ("view", "table", "sink", "records", "dead letters"):
+        vt.add_column(col)
+    for v in st.views:
+        vt.add_row(v.name, v.table, v.sink, f"? ({v.error})" if v.error is not None else str(v.records),
+                   "?" if v.dead_letters is None else str(v.dead_letters))
+    return Group(t, pt, vt)
 
 
 def _watch_status(spec: Spec, every: float) -> None:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, P
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..runtime.observed import PHASES, Observed
+from ..runtime.observed import PHASES, KafkaFacts, KafkaObserved, Observed
 from ..runtime.stats import LagHistogram
 from .health import sink_lags
 
@@ -84,6 +84,27 @@ def _histogram(name: str, doc: str, labels: list[str], series: list[tuple[list[s
 
 def _le(bound: float) -> str:
     return repr(float(bound))
+
+
+def _kafka_metrics(f: KafkaFacts) -> Iterator[Metric]:
+    """A derivation worker's group, assigned partitions and their lag (ARCHITECTURE.md, "Kafka workers")."""
+    worker = GaugeMetricFamily("pgderive_kafka_worker_info", "A derivation worker of this consumer group (value 1)",
+                               labels=["group"])
+    worker.add_metric([f.group], 1.0)
+    yield worker
+    yield GaugeMetricFamily("pgderive_kafka_assigned_partitions", "Partitions the group assigned to this worker",
+                            value=float(len(f.partitions)))
+    lag = GaugeMetricFamily("pgderive_kafka_partition_lag_messages",
+                            "Offsets between this worker's position and the partition's high watermark",
+                            labels=["topic", "partition"])
+    for topic, partition, n in f.partitions:
+        if n is not None:
+            lag.add_metric([topic, str(partition)], float(n))
+    yield lag
+    yield CounterMetricFamily("pgderive_kafka_rebalances_total", "Partition assignments and revocations seen",
+                              value=float(f.rebalances))
+    yield CounterMetricFamily("pgderive_kafka_skipped_messages_total",
+                              "Messages skipped because they were not change envelopes", value=float(f.skipped))
 
 
 class DaemonCollector(Collector):
@@ -194,6 +215,8 @@ class DaemonCollector(Collector):
         yield rows
         yield total
 
+        if isinstance(d, KafkaObserved):
+            yield from _kafka_metrics(d.kafka_facts())
         info_row, why = d.source.get()
         source_up = GaugeMetricFamily("pgderive_source_up",
                                       "1 when the source answered the last slot query (at most one a second)")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from cdc.envelope import table_topic
+from cdc.kafka_source import GroupStatus
 from cdc.lsn import format_lsn
 from cdc.redact import scrub
 from cdc.slot import SlotInfo, slot_info
@@ -98,6 +100,9 @@ class SlotStatus:
             sink until ``pgderive drop VIEW``; by name.
         rebuilds: the slot's online rebuilds (``pgderive.rebuilds``, every row: unfinished,
             done, failed), by view; None when they could not be read.
+        kafka: for derivation workers (``source.kafka``; :attr:`slot` then names their state,
+            no slot exists): the consumer group, its members, and per partition its owner,
+            committed offset and lag (:func:`cdc.kafka_source.group_status`); else None.
     """
 
     slot: str
@@ -108,6 +113,7 @@ class SlotStatus:
     idle: list[IdleSlot] = field(default_factory=list)
     retired: list[ViewEntry] = field(default_factory=list)
     rebuilds: list[Rebuild] | None = field(default_factory=list)
+    kafka: GroupStatus | None = None
 
     @property
     def word(self) -> str:
@@ -115,6 +121,8 @@ class SlotStatus:
         ``bootstrapping`` or ``streaming`` while a client reads the slot, ``inactive`` when
         pgderive bootstrapped it but nobody reads it now (no daemon: WAL accumulates), ``absent``
         when the record exists but the slot does not."""
+        if self.kafka is not None:
+            return "kafka worker"
         if self.state is None:
             return "none"
         if self.info is None:
@@ -172,12 +180,19 @@ def slot_status(spec: Spec) -> SlotStatus:
         rebuilds = None
     finally:
         rstore.close()
-    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle, retired=retired, rebuilds=rebuilds)
+    kafka, group = spec.source.kafka, None
+    if kafka is not None:
+        from cdc.kafka_source import group_status  # brokers are asked only for workers
+        topics = sorted({table_topic(kafka.topic_prefix, t) for v in views for t in v.tables})
+        group = group_status(kafka.bootstrap_servers, kafka.group, topics, options=kafka.options)
+    out = SlotStatus(spec.source.slot, info, lag_s, state, idle=idle, retired=retired, rebuilds=rebuilds,
+                     kafka=group)
     sinks = open_sinks(spec, views, prepare=False)  # read-only: a sink down is shown per view
     failed: set[str] = set()
     try:
         for v in views:
-            vstate = "not bootstrapped" if state is None or v.name not in state.views else out.word
+            vstate = out.word if out.kafka is not None else (
+                "not bootstrapped" if state is None or v.name not in state.views else out.word)
             records: int | None = None
             checkpoint: int | None = None
             error: str | None = None
@@ -270,6 +285,9 @@ def status_document(st: SlotStatus) -> dict[str, object]:
       alias or None), ``key_shape`` and ``format`` (Redis, else None), ``drop_command``.
     * ``idle_slots``: pgderive's slots no client reads that retain WAL, largest first:
       ``slot``, ``retained_wal_bytes``, ``drop_sql``.
+    * ``kafka``: None, or for derivation workers (``source.kafka``) the consumer group
+      (:func:`kafka_document`); ``slot.name`` then names the workers' state, and
+      ``slot.status`` is ``kafka worker``.
     """
     info = st.info
     slot: dict[str, object] = {
@@ -323,4 +341,25 @@ def status_document(st: SlotStatus) -> dict[str, object]:
     } for e in st.retired]
     idle: list[dict[str, object]] = [
         {"slot": i.slot, "retained_wal_bytes": i.retained_bytes, "drop_sql": i.drop_sql} for i in st.idle]
-    return {"slot": slot, "views": views, "rebuilds": rebuilds, "retired_views": retired, "idle_slots": idle}
+    return {"slot": slot, "views": views, "rebuilds": rebuilds, "retired_views": retired, "idle_slots": idle,
+            "kafka": None if st.kafka is None else kafka_document(st.kafka)}
+
+
+def kafka_document(g: GroupStatus) -> dict[str, object]:
+    """The ``kafka`` key of :func:`status_document` (derivation workers): ``group``, ``state``
+    (the broker's word, e.g. ``STABLE``, ``EMPTY``; None if unknown), ``members``
+    (``client_id@host``), ``partitions`` (``topic``, ``partition``, ``owner`` (a member or
+    None), ``committed_offset``, ``end_offset``, ``lag`` (messages not yet committed by the
+    group; None if unknown)), ``lag_total`` and ``error`` (why the brokers could not be asked,
+    else None)."""
+    lags = [p.lag for p in g.partitions]
+    return {
+        "group": g.group,
+        "state": g.state,
+        "members": list(g.members),
+        "partitions": [{"topic": p.topic, "partition": p.partition, "owner": p.owner,
+                        "committed_offset": p.committed, "end_offset": p.end, "lag": p.lag}
+                       for p in g.partitions],
+        "lag_total": None if any(n is None for n in lags) else sum(n for n in lags if n is not None),
+        "error": _text(g.error),
+    }

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Sequence, TypeVar
 
-from sinks.base import AtomicCheckpoint, LiveGenerations, Op, Rejected, Sink, SinkError
+from sinks.base import AtomicCheckpoint, LiveGenerations, Op, Rejected, Sink, SinkError, TruncatesBelow
 
 from ..state.deadletters import DeadLetter, Supersede
 from .batch import Batch, GenerationStep
@@ -41,6 +41,10 @@ class Applier:
             acknowledged; None: they are dropped (tests).
         on_retry: called with each retryable error before its call is retried (counted for
             ``/metrics``).
+        truncate_below: apply a batch's TRUNCATEs as ``truncate_below(view, version)``
+            (:class:`~sinks.base.TruncatesBelow`: only records older than the TRUNCATE go,
+            newer ones stay) instead of ``truncate``: derivation workers, whose TRUNCATE comes
+            once per partition (ARCHITECTURE.md, "Kafka workers").
 
     Attributes:
         acked_lsn: every transaction ending at or before it (int LSN) is applied to the sink
@@ -49,8 +53,10 @@ class Applier:
 
     def __init__(self, sink: Sink, views: Sequence[str], stop: StopFlag, *, acked_lsn: int = 0,
                  record: DeadLetterSink | None = None,
-                 on_retry: Callable[[SinkError], None] | None = None) -> None:
+                 on_retry: Callable[[SinkError], None] | None = None,
+                 truncate_below: bool = False) -> None:
         self.sink = sink
+        self.truncate_below = truncate_below
         self.name = sink.name
         self.views = list(views)
         self.stop = stop
@@ -95,7 +101,13 @@ class Applier:
         if lsn and not advanced and views:
             advance_checkpoints(sink, views, self.acked_lsn, lsn, self.stop, retry=retry, on_retry=self.on_retry)
         for view, version in batch.truncates:
-            self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
+            if self.truncate_below:
+                below = sink
+                if not isinstance(below, TruncatesBelow):
+                    raise SinkError(f"sink {self.name} cannot truncate below a version", retryable=False)
+                self._call(f"truncate of {view}", lambda: below.truncate_below(view, version), retry)
+            else:
+                self._call(f"truncate of {view}", lambda: sink.truncate(view, version), retry)
         if lsn:
             self.acked_lsn = lsn
         return dict(Counter(r.op.view for r in rejected)) if rejected else {}

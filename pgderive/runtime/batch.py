@@ -135,6 +135,21 @@ class Batch:
         for k in [k for k in self.ops if k[0] == view]:
             del self.ops[k]
 
+    def drop_older(self, view: str, version: int) -> None:
+        """Forget pending Ops of ``view`` older than ``version`` (int LSN): a TRUNCATE at
+        ``version`` read by a derivation worker, whose batches mix partitions, so Ops at or
+        above it may come from transactions after the TRUNCATE."""
+        for k in [k for k, op in self.ops.items() if k[0] == view and op.version < version]:
+            del self.ops[k]
+
+    def drop_transaction(self, view: str, version: int) -> None:
+        """Forget pending Ops of ``view`` at ``version`` (int LSN): the changes a change-log
+        view's transaction made before its own TRUNCATE, which no reader could ever see (the
+        transaction is atomic), and which a derivation worker could not tell from the changes
+        after it."""
+        for k in [k for k, op in self.ops.items() if k[0] == view and op.version == version]:
+            del self.ops[k]
+
     def take_ops(self) -> Batch:
         """A batch with no position (applying it advances no checkpoint) holding this batch's
         Ops, dead letters and supersedes, which this batch forgets."""

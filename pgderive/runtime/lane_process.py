@@ -85,6 +85,7 @@ class LaneProcessSpec:
             :data:`~pgderive.runtime.logs.LOG_FORMATS`).
         secrets: values to scrub from the process's log lines
             (:func:`cdc.redact.registered_secrets` of the daemon).
+        truncate_below: TRUNCATEs keep newer records (see :class:`~pgderive.runtime.applier.Applier`).
     """
 
     name: str
@@ -93,6 +94,7 @@ class LaneProcessSpec:
     log_level: int = logging.INFO
     log_format: LogFormat = "text"
     secrets: tuple[str, ...] = ()
+    truncate_below: bool = False
 
 
 class ProcessLane:
@@ -348,7 +350,7 @@ def _lane_process_main(spec: LaneProcessSpec, views: list[str], acked_lsn: int, 
         return
     # A retry is reported as it happens (the batch may take long to land): ("retry",).
     applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=spec.record,
-                      on_retry=lambda _e: conn.send(("retry",)))
+                      on_retry=lambda _e: conn.send(("retry",)), truncate_below=spec.truncate_below)
     try:
         conn.send(("done", applier.acked_lsn, 0.0, {}))  # opened: the lane is idle
         while True:

@@ -110,13 +110,14 @@ class Lane:
 
     def __init__(self, sink: Sink, views: Sequence[str], stop: threading.Event, *, acked_lsn: int = 0,
                  record: DeadLetterSink | None = None, stats: Stats | None = None,
-                 changed: threading.Condition | None = None) -> None:
+                 changed: threading.Condition | None = None, truncate_below: bool = False) -> None:
         self.name = sink.name
         self.views = list(views)
         self.stats = stats or Stats()
         self.lane_stats: LaneStats = self.stats.lane(self.name)
         self.applier = Applier(sink, views, stop, acked_lsn=acked_lsn, record=record,
-                               on_retry=lambda _e: self.lane_stats.failed(retried=True))
+                               on_retry=lambda _e: self.lane_stats.failed(retried=True),
+                               truncate_below=truncate_below)
         self.error: BaseException | None = None
         self.saturation = SaturationMonitor()
         # A sink whose readers see writes only after a refresh interval (OpenSearch: 1 s) loses
@@ -250,11 +251,14 @@ class Lanes:
             a :class:`~pgderive.runtime.lane_process.ProcessLane` (ARCHITECTURE.md, "Lanes":
             a sink whose client work would take the reading thread's CPU), the others a
             :class:`Lane` on a thread.
+        truncate_below: TRUNCATEs keep newer records (:class:`~pgderive.runtime.applier.Applier`;
+            a process lane takes it from its :class:`~pgderive.runtime.lane_process.LaneProcessSpec`).
     """
 
     def __init__(self, sinks: Mapping[str, Sink], views_by_sink: Mapping[str, Sequence[str]],
                  stop: threading.Event, *, acked_lsn: int = 0, record: DeadLetterSink | None = None,
-                 stats: Stats | None = None, processes: Mapping[str, LaneProcessSpec] | None = None) -> None:
+                 stats: Stats | None = None, processes: Mapping[str, LaneProcessSpec] | None = None,
+                 truncate_below: bool = False) -> None:
         self.changed = threading.Condition()
         self.by_name: dict[str, SinkLane] = {}
         try:
@@ -263,7 +267,7 @@ class Lanes:
                 spec = (processes or {}).get(name)
                 if spec is None:
                     self.by_name[name] = Lane(sink, views, stop, acked_lsn=acked_lsn, record=record,
-                                              stats=stats, changed=self.changed)
+                                              stats=stats, changed=self.changed, truncate_below=truncate_below)
                 else:
                     self.by_name[name] = ProcessLane(spec, views, stop, acked_lsn=acked_lsn,
                                                      lingers=isinstance(sink, Refreshable),

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import psycopg
 
@@ -25,7 +25,7 @@ from cdc.slot import SlotInfo, slot_info
 from .retry import one_line
 from .stats import Stats
 
-__all__ = ["Observed", "LoadProgress", "SourceWatch", "PHASES"]
+__all__ = ["Observed", "KafkaObserved", "KafkaFacts", "LoadProgress", "SourceWatch", "PHASES"]
 
 log = logging.getLogger("pgderive.http")
 
@@ -79,6 +79,38 @@ class Observed(Protocol):
 
     def loads(self) -> Sequence[LoadProgress]:
         """Snapshot loads under way (bootstrap, online rebuilds)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaFacts:
+    """A derivation worker's Kafka side (ARCHITECTURE.md, "Kafka workers").
+
+    Attributes:
+        group: the consumer group.
+        topics: the topics it subscribes to.
+        partitions: ``(topic, partition, lag)`` per assigned partition; lag in messages behind
+            the high watermark the consumer last saw, None when unknown.
+        rebalances: assignments and revocations seen.
+        skipped: messages that were not change envelopes.
+        position: the reader's confirmed position (a counter of messages, not an LSN).
+    """
+
+    group: str
+    topics: list[str]
+    partitions: list[tuple[str, int, int | None]]
+    rebalances: int
+    skipped: int
+    position: int
+
+
+@runtime_checkable
+class KafkaObserved(Protocol):
+    """A daemon that is a derivation worker (``source.kafka``): the endpoint adds its
+    :class:`KafkaFacts` to ``/metrics`` and ``/status``."""
+
+    def kafka_facts(self) -> KafkaFacts:
+        """The worker's group, assigned partitions and their lag (any thread, no I/O)."""
         ...
 
 

@@ -22,10 +22,13 @@ What is checked (every problem is collected, none stops the others):
   in that sink (:class:`sinks.base.ReservedNames`, e.g. the checkpoint index), nor could its
   generation indices (``ALIAS-g<16 hex digits>``) be one, nor may it have the form of another
   view's generation index (two views on one alias are refused by the spec already).
+* **Kafka** (derivation workers, ``source.kafka``): the brokers answer a metadata request
+  (an unreachable broker is an operational problem). Topics that do not exist yet are not a
+  problem: the publisher may create them later, and the worker picks them up.
 * **Privileges of the role** the DSN logs in as:
 
   - ``REPLICATION`` (or superuser): creating and reading a logical slot needs it (Postgres
-    manual, "Streaming Replication Protocol" and "CREATE ROLE").
+    manual, "Streaming Replication Protocol" and "CREATE ROLE"); not for a derivation worker.
   - ``USAGE`` on the schema and ``SELECT`` on every table a view reads, included tables too
     (the snapshot's ``COPY``, read-backs and include queries).
   - schema ``pgderive``: missing, it is created on the first run, which needs ``CREATE`` on the
@@ -55,7 +58,7 @@ from views.spec import IncludeSpec, Spec, SpecError
 from ..state.schema import SCHEMA, latest_version
 from .errors import EngineError
 
-__all__ = ["Problem", "PreflightError", "preflight", "check_sinks", "check_names", "check_privileges",
+__all__ = ["Problem", "PreflightError", "preflight", "check_sinks", "check_names", "check_privileges", "check_kafka",
            "view_tables", "open_spec_sinks", "raise_for", "as_spec_error"]
 
 #: Privileges a role needs on each table of schema ``pgderive`` once it is current.
@@ -194,6 +197,20 @@ def _ident(conn: psycopg.Connection[Any], *parts: str) -> str:
     return sql.Identifier(*parts).as_string(conn)
 
 
+def check_kafka(spec: Spec) -> list[Problem]:
+    """For a derivation worker (``source.kafka``): the brokers answer (5 s); nothing otherwise."""
+    kafka = spec.source.kafka
+    if kafka is None:
+        return []
+    from cdc.kafka_source import probe_brokers
+
+    why = probe_brokers(kafka.bootstrap_servers, options=kafka.options)
+    if why is None:
+        return []
+    return [Problem("source.kafka.bootstrap_servers",
+                    f"cannot reach the Kafka brokers {kafka.bootstrap_servers}: {why}", unreachable=True)]
+
+
 def check_privileges(spec: Spec, conn: psycopg.Connection[Any]) -> list[Problem]:
     """The privileges of ``conn``'s role that ``run`` needs (see the module docstring).
 
@@ -210,7 +227,7 @@ def check_privileges(spec: Spec, conn: psycopg.Connection[Any]) -> list[Problem]
         role, database, superuser, replication, db_create = row
         who = f'role "{role}"'
         grantee = _ident(conn, role)
-        if not (superuser or replication):
+        if not (superuser or replication) and spec.source.kafka is None:  # a worker has no slot
             problems.append(Problem("source.dsn", f"{who} lacks the REPLICATION attribute, needed to create and "
                                                   f"read the replication slot (ALTER ROLE {grantee} REPLICATION)"))
         problems += _table_problems(spec, conn, who, grantee)
@@ -318,6 +335,7 @@ def preflight(spec: Spec, sinks: Mapping[str, Sink] | None = None, *,
     try:
         problems += check_sinks(sinks)
         problems += check_names(spec, sinks)
+        problems += check_kafka(spec)
         if conn is None:
             with psycopg.connect(spec.source.dsn, autocommit=True, connect_timeout=10,
                                  application_name="pgderive-preflight") as c:

@@ -131,6 +131,12 @@ class Stream:
         provenance: records the xid and commit timestamp of every transaction that produced
             work (:class:`~pgderive.runtime.provenance.CommitRecorder`, started and closed by the
             caller); the slot is confirmed only past commits it stored. None: not recorded.
+        worker: the reader is a derivation worker's (:class:`cdc.kafka_source.KafkaReader`,
+            ARCHITECTURE.md, "Kafka workers"): transactions come in order per partition only,
+            and a TRUNCATE once per partition. Then a TRUNCATE at V drops only pending Ops
+            older than V (the lanes apply it with ``truncate_below``), and every change of an
+            emptied view older than the newest TRUNCATE read is skipped: the TRUNCATE removed
+            that row, whose later state (if any) has a newer version.
     """
 
     def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: StopFlag,
@@ -138,8 +144,10 @@ class Stream:
                  limits: Limits = Limits(), on_tick: Callable[[], None] | None = None,
                  open_dead_letters: dict[str, set[str]] | None = None,
                  stop_grace: float = 5.0, held: set[str] | None = None,
-                 truncated: dict[str, int] | None = None, provenance: CommitRecorder | None = None) -> None:
+                 truncated: dict[str, int] | None = None, provenance: CommitRecorder | None = None,
+                 worker: bool = False) -> None:
         self.views = list(views)
+        self.worker = worker
         self.provenance = provenance
         self.by_name = {v.name: v for v in self.views}
         self.position = 0  # commit LSN of the last transaction read
@@ -292,7 +300,7 @@ class Stream:
             if change.kind == "truncate":
                 emptied = [v for v in views if v.table == change.table]
                 for v in emptied:
-                    self.truncated[v.name] = version
+                    self.truncated[v.name] = max(version, self.truncated.get(v.name, 0)) if self.worker else version
                 emptied = [v for v in emptied if v.name not in self.held]
                 if emptied:
                     self._truncate(emptied, version, tx.xid)
@@ -309,6 +317,8 @@ class Stream:
             for v in views:
                 if v.name in self.held:
                     continue
+                if self.worker and version < self.truncated.get(v.name, 0):
+                    continue  # older than a TRUNCATE of the view read from another partition
                 if v.publisher is not None:
                     # A change log (views.changelog): every change, in stream order, never collapsed.
                     self._seq += 1
@@ -418,7 +428,10 @@ class Stream:
         touch every product), hand them to the lane at once without a position, so memory
         stays bounded by the batch size, not by the fan-out."""
         batch = self.pending[view.sink]
+        floor = self.truncated.get(view.name, 0) if self.worker else 0
         for op in ops:
+            if op.version < floor:
+                continue
             batch.add(op)
             batch.nbytes += 64 + (len(orjson.dumps(op.doc)) if op.doc is not None else 0)
         batch.dead_letters += [DeadLetter.for_view(view, e, version) for e in errors]
@@ -431,7 +444,13 @@ class Stream:
         after its Ops; later Ops go into the next batch. ``version``: the transaction's commit
         LSN (int); ``xid``: its id (for the log line), if known."""
         for v in views:
-            if v.publisher is None:  # a change log keeps the changes before the TRUNCATE
+            if self.worker:
+                self.pending[v.sink].drop_older(v.name, version)
+            elif v.publisher is not None:
+                # A change log keeps the changes of earlier transactions, and drops those of the
+                # TRUNCATE's own transaction before it (ARCHITECTURE.md, "Kafka").
+                self.pending[v.sink].drop_transaction(v.name, version)
+            else:
                 self.pending[v.sink].drop_view(v.name)
         self._resolve()
         for v in views:

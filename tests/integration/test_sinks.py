@@ -566,3 +566,16 @@ def test_advance_checkpoint_reports_lost_views(which, rsink, ossink):
     finally:
         sink.drop_view(a)
         sink.drop_view(b)
+
+
+def test_opensearch_truncate_below_keeps_newer_documents_and_refuses_older_writes(ossink, osview):
+    ossink.apply([Op(osview, "1", 10, {"v": 1}), Op(osview, "2", 20, {"v": 2}), Op(osview, "3", 30, {"v": 3})])
+    index_before = ossink.locate(osview, ["3"])["3"]
+    ossink.truncate_below(osview, 20)  # a worker's TRUNCATE at 20: the write at 20 (a reload) stays
+    ossink.refresh(osview)
+    assert dict(ossink.scan(osview)) == {"2": {"v": 2}, "3": {"v": 3}}
+    assert ossink.locate(osview, ["3"])["3"] == index_before  # no index was replaced
+    ossink.truncate_below(osview, 20)  # another partition's TRUNCATE record: idempotent
+    ossink.apply([Op(osview, "1", 15, {"v": "older than the truncate"})])  # refused by the tombstone
+    ossink.refresh(osview)
+    assert ossink.count(osview) == 2

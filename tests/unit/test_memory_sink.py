@@ -258,6 +258,15 @@ def test_truncate_drops_records_at_or_below_its_version(sink, view):
     assert sink.count(view) == 2  # nothing remembers it was truncated: the stream is ordered
 
 
+def test_truncate_below_keeps_records_at_or_above_its_version(sink, view):
+    sink.apply([Op(view, _k(view, 1), 10, {"v": 1}), Op(view, _k(view, 2), 20, {"v": 2}),
+                Op(view, _k(view, 3), 30, {"v": 3}), Op(view, _k(view, 4), 15, None)])
+    sink.truncate_below(view, 20)  # a TRUNCATE at 20 (workers): the reload at 20 stays
+    assert _state(sink, view) == _form(sink, view, {_k(view, 2): {"v": 2}, _k(view, 3): {"v": 3}})
+    sink.truncate_below(view, 20)  # another partition's TRUNCATE record: idempotent
+    assert sink.count(view) == 2
+
+
 def test_unregistered_view_is_not_retryable(sink):
     with pytest.raises(SinkError) as ei:
         sink.apply([Op("nope_" + uuid.uuid4().hex, "k", 1, {"a": 1})])

@@ -287,7 +287,7 @@ def test_colliding_keys_and_indexes_across_views() -> None:
      [("source.dsn", 1, "must be a Postgres connection string,"
                         " e.g. postgresql://user@host:5432/db"),
       ("source.port", 1, "unknown key 'port' (allowed: dsn, slot, deployment, connect_timeout,"
-                         " statement_timeout)"),
+                         " statement_timeout, kafka)"),
       ("views", 3, "declare at least one view")]),
     ("sinks: {}\nviews: {}\nsource:\n  slot: s\n",
      [("views", 2, "declare at least one view"),
@@ -528,3 +528,44 @@ def test_valid_dsns_pass() -> None:
                 "host=x password='se cret' dbname=d"):
         parse_spec(HEAD.replace('"postgresql://postgres@127.0.0.1:5433/db"', '"' + dsn + '"')
                    + '  v: {table: t, sink: cache, key: "{a}"}\n')
+
+
+KAFKA = """\
+source:
+  dsn: postgresql://postgres@127.0.0.1:5433/bench
+  kafka: {bootstrap_servers: "127.0.0.1:9093", group: pgderive-workers%s}
+sinks: {cache: {type: redis, url: "redis://127.0.0.1:6380/0"}}
+views:
+  v: {table: public.t, sink: cache, key: "t:{id}", fields: [id]}
+%s"""
+
+
+def test_kafka_source_makes_the_slot_optional_and_names_the_state_after_the_group() -> None:
+    spec = parse_spec(KAFKA % ("", ""))
+    assert spec.source.kafka is not None and spec.source.kafka.topic_prefix == "pgderive"
+    assert spec.source.slot == "kafka_pgderive_workers"
+    assert spec.source.kafka.session_timeout == 10.0
+    named = parse_spec((KAFKA % ("", "")).replace("  kafka:", "  slot: mine\n  kafka:"))
+    assert named.source.slot == "mine"
+
+
+def test_kafka_source_problems_name_their_yaml_path() -> None:
+    assert one(KAFKA % (", bogus: 1", "")) == (
+        "source.kafka.bogus", 3, "unknown key 'bogus' (allowed: bootstrap_servers, group, topic_prefix, "
+        "session_timeout, options)")
+    assert one(KAFKA % (", topic_prefix: 'a/b'", ""))[0] == "source.kafka.topic_prefix"
+    assert one(KAFKA % (", session_timeout: 0", ""))[0] == "source.kafka.session_timeout"
+    path, line, message = one(KAFKA.replace(', group: pgderive-workers%s', '%s') % ("", ""))
+    assert (path, message) == ("source.kafka.group", "missing required key 'group'")
+    no_source = "source: {dsn: 'postgresql://x@h/db'}\nsinks: {}\nviews: {v: {table: t, sink: s}}\n"
+    assert ("source.slot", 1, "missing required key 'slot' (or 'kafka', for a derivation worker)") in problems(no_source)
+
+
+def test_aggregate_views_are_refused_for_kafka_workers() -> None:
+    agg = "  a: {table: public.t, sink: cache, key: 'g:{bid}', group_by: [bid], aggregate: {n: count(*)}}\n"
+    path, line, message = one(KAFKA % ("", agg))
+    assert path == "views.a.group_by" and line == 7
+    assert "not supported with source.kafka" in message
+    # the same view is fine for a daemon reading a slot
+    parse_spec((KAFKA % ("", agg)).replace('  kafka: {bootstrap_servers: "127.0.0.1:9093", group: pgderive-workers}\n',
+                                           "  slot: s\n"))

@@ -37,7 +37,7 @@ def _streaming() -> SlotStatus:
 
 def test_slot_facts_with_units_and_lsn_text() -> None:
     doc = status_document(_streaming())
-    assert list(doc) == ["slot", "views", "rebuilds", "retired_views", "idle_slots"]
+    assert list(doc) == ["slot", "views", "rebuilds", "retired_views", "idle_slots", "kafka"]
     assert doc["slot"] == {
         "name": "s1", "exists": True, "active": True, "active_pid": 4242,
         "confirmed_lsn": "1/800", "restart_lsn": "1/0", "current_wal_lsn": "1/1000",
@@ -126,3 +126,25 @@ def test_cli_refuses_json_with_watch(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli.main, ["status", *args, "-c", str(config)])
         assert result.exit_code == 2, result.output
         assert "--json and --watch cannot be combined" in result.output
+
+
+def test_kafka_worker_group_document() -> None:
+    from cdc.kafka_source import GroupStatus, PartitionLag
+
+    group = GroupStatus("g", "STABLE", ["w1@/127.0.0.1"], [
+        PartitionLag("pgderive.public.t", 0, "w1@/127.0.0.1", 10, 12, 2),
+        PartitionLag("pgderive.public.t", 1, None, None, 5, 5)])
+    st = SlotStatus("kafka_g", None, None, None, views=[ViewStatus("a", "public.t", "cache", 3, None, "kafka worker", 0)],
+                    kafka=group)
+    assert st.word == "kafka worker"
+    doc = status_document(st)
+    assert doc["slot"]["status"] == "kafka worker"  # type: ignore[index]
+    assert doc["kafka"] == {
+        "group": "g", "state": "STABLE", "members": ["w1@/127.0.0.1"],
+        "partitions": [{"topic": "pgderive.public.t", "partition": 0, "owner": "w1@/127.0.0.1",
+                        "committed_offset": 10, "end_offset": 12, "lag": 2},
+                       {"topic": "pgderive.public.t", "partition": 1, "owner": None,
+                        "committed_offset": None, "end_offset": 5, "lag": 5}],
+        "lag_total": 7, "error": None}
+    assert status_document(_streaming())["kafka"] is None
+    cli._console.print(cli._status_tables(st))  # renders

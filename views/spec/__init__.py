@@ -20,10 +20,11 @@ from .errors import Problem, SpecError
 from .loader import load_spec, parse_spec
 from .models import (DERIVE_RE as DERIVE_RE, INDEX_RE as INDEX_RE, ORDER_RE as ORDER_RE,
                      SLOT_RE as SLOT_RE, VIEW_NAME_RE as VIEW_NAME_RE, Fields as Fields,
-                     IncludeSpec, KafkaSinkSpec, OpenSearchSinkSpec, RedisSinkSpec, SinkSpec, SourceSpec, Spec,
-                     TableName as TableName, ViewSpec, parse_table, redact_dsn as redact_dsn)
+                     IncludeSpec, KafkaSinkSpec, KafkaSourceSpec, OpenSearchSinkSpec, RedisSinkSpec, SinkSpec,
+                     SourceSpec, Spec, TableName as TableName, ViewSpec, parse_table, redact_dsn as redact_dsn)
 
 __all__ = [
-    "Spec", "SourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "KafkaSinkSpec", "ViewSpec", "IncludeSpec",
+    "Spec", "SourceSpec", "KafkaSourceSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "KafkaSinkSpec",
+    "ViewSpec", "IncludeSpec",
     "SpecError", "Problem", "load_spec", "parse_spec", "parse_table",
 ]

@@ -28,7 +28,8 @@ from .errors import SpecError, _child, _fail, _kind, _lookup_line
 
 __all__ = [
     "LaneMode", "BootstrapSpec", "HttpSpec", "HTTP_LISTEN", "ProvenanceSpec",
-    "Spec", "SourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec", "KafkaSinkSpec", "ViewSpec", "IncludeSpec",
+    "Spec", "SourceSpec", "KafkaSourceSpec", "DeadLettersSpec", "SinkSpec", "RedisSinkSpec", "OpenSearchSinkSpec",
+    "KafkaSinkSpec", "ViewSpec", "IncludeSpec",
     "parse_table", "redact_dsn", "TableName", "Fields",
     "SLOT_RE", "VIEW_NAME_RE", "INDEX_RE", "TAG_RE", "COLUMN_RE", "Tags", "ORDER_RE", "DERIVE_RE", "DEPLOYMENT_RE",
 ]
@@ -41,6 +42,8 @@ INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,199}$")
 #: A Kafka topic name (Kafka's ``Topic.validate``: 1-249 of ``[a-zA-Z0-9._-]``, not ``.``/``..``).
 TOPIC_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$")
 DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+GROUP_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
 _STRICT = ConfigDict(extra="forbid")
@@ -93,6 +96,60 @@ def _check_dsn(dsn: str) -> None:
                 raise _fail(f"{key}: {e.message()}") from None
 
 
+class KafkaSourceSpec(BaseModel):
+    """``source.kafka:`` — read row changes from Kafka as a derivation worker instead of from
+    a replication slot (ARCHITECTURE.md, "Kafka workers").
+
+    Attributes:
+        bootstrap_servers: the brokers, ``host:port[,host:port...]`` (librdkafka
+            ``bootstrap.servers``).
+        group: the consumer group the workers share (``^[A-Za-z0-9._-]{1,200}$``); the
+            partitions of the views' topics are split among its members.
+        topic_prefix: the publisher's ``topic_prefix``: a table's topic is
+            ``<topic_prefix>.<schema>.<table>`` (default ``pgderive``).
+        session_timeout: seconds without a heartbeat before the group gives a worker's
+            partitions to the others (librdkafka ``session.timeout.ms``; the broker allows 6 to
+            1800 by default). Default 10.
+        options: further librdkafka consumer properties (strings, numbers, booleans), e.g.
+            ``security.protocol``; they override pgderive's own.
+    """
+
+    model_config = _STRICT
+    bootstrap_servers: str
+    group: str
+    topic_prefix: str = "pgderive"
+    session_timeout: float = Field(10.0, ge=1, le=3600)
+    options: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        if not re.fullmatch(r"[^\s,]+(,[^\s,]+)*", v.strip()):
+            raise _fail("expected host:port, or a comma-separated list of them")
+        return v.strip()
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        if not GROUP_RE.match(v):
+            raise _fail(f"invalid group {v!r}: use 1-200 letters, digits and '._-'")
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not TOPIC_PREFIX_RE.match(v):
+            raise _fail(f"invalid topic_prefix {v!r}: use 1-200 letters, digits and '._-'")
+        return v
+
+    def state_name(self) -> str:
+        """The name of this group's pgderive state (dead letters, view registry) in the
+        source database, where a daemon uses its slot's name: ``kafka_`` and the group,
+        lowercased, other characters than letters, digits and ``_`` as ``_``, at most 63
+        characters (a valid slot name, so it can never clash with a slot's state)."""
+        return ("kafka_" + re.sub(r"[^a-z0-9_]", "_", self.group.lower()))[:63]
+
+
 class SourceSpec(BaseModel):
     """``source:`` — the Postgres database and the logical replication slot.
 
@@ -100,7 +157,11 @@ class SourceSpec(BaseModel):
         dsn: libpq connection string (URI or key=value). Never log it: use :meth:`redacted_dsn`.
             TLS: libpq's ``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey`` parameters
             (Postgres manual, "libpq: Connection Strings" and "SSL Support").
-        slot: replication slot name, ``^[a-z0-9_]{1,63}$``.
+        slot: replication slot name, ``^[a-z0-9_]{1,63}$``. Optional with ``kafka``: then it
+            only names pgderive's state in the source (no slot is created), by default
+            :meth:`KafkaSourceSpec.state_name`.
+        kafka: read changes from Kafka as a derivation worker (:class:`KafkaSourceSpec`)
+            instead of from a slot.
         deployment: optional id namespacing pgderive's bookkeeping in the sinks (default
             ``<system identifier>:<database>:<slot>``, :func:`cdc.catalog.deployment_id`); set
             it when two physical copies of one cluster (same system identifier) with the same
@@ -117,8 +178,16 @@ class SourceSpec(BaseModel):
 
     model_config = _STRICT
     dsn: str = Field(repr=False)
-    slot: str
+    slot: str = ""
     deployment: str | None = None
+
+    @model_validator(mode="after")
+    def _slot_or_kafka(self) -> "SourceSpec":
+        if not self.slot:
+            if self.kafka is None:
+                raise _fail("missing required key 'slot' (or 'kafka', for a derivation worker)", ".slot")
+            self.slot = self.kafka.state_name()
+        return self
 
     @field_validator("deployment")
     @classmethod
@@ -128,6 +197,7 @@ class SourceSpec(BaseModel):
         return v
     connect_timeout: int = Field(10, ge=0)
     statement_timeout: float = Field(30.0, ge=0)
+    kafka: KafkaSourceSpec | None = None
 
     @field_validator("dsn")
     @classmethod
@@ -1076,6 +1146,8 @@ def _allowed_keys(model_loc: tuple[Any, ...]) -> list[str]:
         model = Spec
     elif model_loc[0] == "source" and len(model_loc) == 1:
         model = SourceSpec
+    elif model_loc[:2] == ("source", "kafka") and len(model_loc) == 2:
+        model = KafkaSourceSpec
     elif model_loc[0] == "sinks" and len(model_loc) == 3:
         kinds: dict[str, type[BaseModel]] = {"redis": RedisSinkSpec, "kafka": KafkaSinkSpec}
         model = kinds.get(str(model_loc[2]), OpenSearchSinkSpec)
@@ -1103,6 +1175,8 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
         problems.append(("views", "declare at least one view"))
     sink_type = {n: s.get("type") for n, s in sinks.items() if isinstance(s, dict)}
     used_keys: dict[tuple[str, str], str] = {}
+    source = data.get("source")
+    worker = isinstance(source, dict) and source.get("kafka") is not None
     for name, view in views.items():
         path = _child("views", name, views)
         if isinstance(name, str) and not VIEW_NAME_RE.match(name):
@@ -1110,6 +1184,14 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
                                    " underscores"))
         if not isinstance(view, dict):
             continue
+        if worker and view.get("group_by") is not None:
+            # ARCHITECTURE.md, "Kafka workers": the rows of one group are in different
+            # partitions, so two workers would write one group record from states that each
+            # lack the other's newest row, and the sink keeps only the higher version.
+            problems.append((f"{path}.group_by", "aggregate views are not supported with source.kafka:"
+                             " a group's rows are spread over partitions read by different workers,"
+                             " whose group records would overwrite each other's; run this view on a"
+                             " daemon reading the slot"))
         targets = view.get("sink")
         if isinstance(targets, str):
             targets = [targets]

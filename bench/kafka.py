@@ -1,5 +1,11 @@
 """Scenario 7: the change log in Kafka (ARCHITECTURE.md, "Kafka").
 
+``7-workers``: the same published log (a pgbench snapshot and backlog) derived into Redis views
+by 1, 2 and 3 derivation workers of a fresh consumer group each (``source.kafka``), timed from
+spawning them to the group's committed offsets reaching the end of every partition; then the
+views are compared with the source. On 2 cores the curve shows the shape (and that splitting the
+partitions loses nothing), not how far it scales.
+
 ``7-publish``: a pgbench backlog published by a daemon with change-log views of accounts,
 tellers and branches on a ``type: kafka`` sink (transactional, slot confirmed after each Kafka
 commit), timed from the slot going active to the backlog confirmed; against a raw
@@ -9,6 +15,9 @@ and exactly-once cost on top of the produce calls themselves.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,9 +31,11 @@ from .daemon import Daemon
 from .pg import BenchError
 from .report import Row
 from .settings import Settings
-from .scenarios import ACCOUNTS, BRANCHES, TELLERS, Context, Names, bootstrap, drain, fresh_pgbench, scratch, step
+from .scenarios import (ACCOUNTS, BRANCHES, TELLERS, Context, Names, bootstrap, drain, fresh_pgbench, redis_views,
+                        scratch, step)
+from .stores import clean_redis, redis_client
 
-__all__ = ["scenario_7_publish", "PUBLISH_VS_RAW", "UNITS"]
+__all__ = ["scenario_7_publish", "scenario_7_workers", "PUBLISH_VS_RAW", "UNITS"]
 
 #: Target: the daemon publishes at least this share of a raw producer's message rate.
 PUBLISH_VS_RAW = 0.3
@@ -150,7 +161,139 @@ def scenario_7_publish(ctx: Context) -> None:
             _delete_topics(servers, prefix + ".")
 
 
+def _end_offsets(servers: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    """The read_committed end (last stable offset) of every partition of ``topics``."""
+    c = Consumer({"bootstrap.servers": servers, "group.id": f"bench-probe-{time.time_ns()}",
+                  "isolation.level": "read_committed"})
+    try:
+        meta = c.list_topics(timeout=10)
+        return {(t, p): c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                for t in topics for p in meta.topics[t].partitions}
+    finally:
+        c.close()
+
+
+def _committed(servers: str, group: str, parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    c = Consumer({"bootstrap.servers": servers, "group.id": group, "enable.auto.commit": False})
+    try:
+        got = c.committed([TopicPartition(t, p) for t, p in parts], timeout=10)
+        return {(tp.topic, tp.partition): tp.offset for tp in got}
+    finally:
+        c.close()
+
+
+def _worker_config(path: Path, *, dsn: str, servers: str, prefix: str, group: str, names: Names,
+                   redis_url: str) -> Path:
+    doc = {"source": {"dsn": dsn, "kafka": {"bootstrap_servers": servers, "group": group, "topic_prefix": prefix}},
+           "sinks": {"cache": {"type": "redis", "url": redis_url}}, "views": redis_views(names),
+           "http": {"listen": "off"}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _accounts_match(ctx: Context, dsn: str, names: Names) -> tuple[int, int]:
+    """(accounts whose Redis record differs from Postgres or is missing, accounts checked)."""
+    import psycopg
+    r = redis_client(ctx.settings)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT aid, abalance FROM pgbench_accounts").fetchall()
+    bad = 0
+    pipe = r.pipeline(transaction=False)
+    for aid, _ in rows:
+        pipe.hget(f"{names.redis_prefix}account:{aid}", "abalance")
+    for (aid, bal), got in zip(rows, pipe.execute()):
+        if got is None or int(got) != bal:
+            bad += 1
+    return bad, len(rows)
+
+
+def scenario_7_workers(ctx: Context) -> None:
+    """1, 2 and 3 derivation workers on the same published log (see the module docstring)."""
+    s = ctx.settings
+    servers = s.kafka
+    scale = 1 if s.quick else max(1, s.scale // 5)
+    counts = (1, 2, 3)
+    with scratch(ctx, "s7w", []) as n:
+        prefix = n.db
+        _delete_topics(servers, prefix + ".")
+        groups: list[str] = []
+        try:
+            dsn = fresh_pgbench(ctx, n, scale)
+            work = ctx.workdir("s7w")
+            cfg = _config(work / "publisher.yaml", dsn=dsn, slot=n.slot(), servers=servers, prefix=prefix, names=n)
+            publisher = Daemon(s, cfg, dsn=dsn, slot=n.slot(), workdir=work, name="publisher")
+            bootstrap(publisher)
+            step(f"backlog: pgbench -c {s.clients} -j {s.jobs} -T {s.backlog_seconds}")
+            bench = pg.pgbench_run(s, n.db, seconds=s.backlog_seconds)
+            end = pg.marker_lsn(dsn)
+            drain(publisher, end)
+            topics = [f"{prefix}.{t}" for t in (ACCOUNTS, TELLERS, BRANCHES)]
+            ends = _end_offsets(servers, topics)
+            messages = len(read_stream_messages(servers, topics)) + scale * 100_110
+            step(f"published: {messages:,} messages (snapshot + {bench.transactions:,} pgbench tx)")
+            curve: list[tuple[int, float]] = []
+            for count in counts:
+                wn = Names(s.prefix, f"s7w{count}")
+                clean_redis(redis_client(s), wn.redis_prefix, [wn.view(v) for v in ("accounts", "tellers", "branches")])
+                group = f"{prefix}-g{count}-{time.time_ns()}"
+                groups.append(group)
+                wcfg = _worker_config(work / f"worker{count}.yaml", dsn=dsn, servers=servers, prefix=prefix,
+                                      group=group, names=wn, redis_url=s.redis_url)
+                t0 = time.monotonic()
+                procs = [subprocess.Popen([str(s.pgderive), "run", "-c", str(wcfg)],
+                                          stdout=open(work / f"worker{count}-{i}.log", "wb"), stderr=subprocess.STDOUT)
+                         for i in range(count)]
+                try:
+                    deadline = t0 + 600
+                    while True:
+                        done = _committed(servers, group, list(ends))
+                        if all(done.get(k, -1) >= v for k, v in ends.items() if v > 0):
+                            break
+                        if any(p.poll() is not None for p in procs):
+                            raise BenchError(f"a worker of {count} exited (see {work}/worker{count}-*.log)")
+                        if time.monotonic() > deadline:
+                            raise BenchError(f"{count} worker(s) did not finish in 600 s")
+                        time.sleep(0.2)
+                    seconds = time.monotonic() - t0
+                finally:
+                    for p in procs:
+                        p.send_signal(signal.SIGTERM)
+                    for p in procs:
+                        try:
+                            p.wait(30)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                bad, checked = _accounts_match(ctx, dsn, wn)
+                if bad:
+                    raise BenchError(f"{count} worker(s): {bad:,} of {checked:,} accounts differ from Postgres")
+                curve.append((count, messages / seconds))
+                step(f"{count} worker(s): {seconds:.2f} s, {messages / seconds:,.0f} messages/s;"
+                     f" {checked:,} accounts equal to Postgres")
+                clean_redis(redis_client(s), wn.redis_prefix, [wn.view(v) for v in ("accounts", "tellers", "branches")])
+            base = curve[0][1]
+            for count, rate in curve[1:]:
+                ctx.add(Row("7", f"derivation workers from Kafka: {count} vs 1", rate, "messages/s", base,
+                            "1 worker, same log", rate / base, "—", None,
+                            note=f"{messages:,} messages (a scale-{scale} snapshot as op r and a {s.backlog_seconds} s"
+                                 f" pgbench backlog) derived into 3 Redis views by a fresh consumer group of {count}"
+                                 f" worker(s), timed from spawn (interpreter start, group join) to every partition"
+                                 f" committed; accounts equal to Postgres after each run. Curve (workers: messages/s):"
+                                 f" {', '.join(f'{c}: {r:,.0f}' for c, r in curve)}; {os.cpu_count()} CPU(s)",
+                            extra={"curve": curve, "messages": messages}))
+            ctx.shared["workers"] = curve
+        finally:
+            _delete_topics(servers, prefix + ".")
+            admin = AdminClient({"bootstrap.servers": servers})
+            if groups:
+                for f in admin.delete_consumer_groups(groups).values():
+                    try:
+                        f.result(30)
+                    except Exception:  # noqa: BLE001 - best effort: a group already gone
+                        pass
+
+
 #: Scenario 7's units, run after :data:`bench.scenarios.UNITS` (same shape).
 UNITS: list[tuple[str, str, str, Callable[[Context], None], Callable[[Settings], bool]]] = [
     ("7-publish", "7", "Kafka publish", scenario_7_publish, lambda s: 7 in s.scenarios),
+    ("7-workers", "7", "Kafka derivation workers", scenario_7_workers, lambda s: 7 in s.scenarios),
 ]

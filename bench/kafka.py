@@ -11,7 +11,8 @@ tellers and branches on a ``type: kafka`` sink (transactional, slot confirmed af
 commit), timed from the slot going active to the backlog confirmed; against a raw
 ``confluent-kafka`` producer (idempotent, ``acks=all``, no transactions) sending the very same
 messages, read back from the topics, to a scratch topic. The ratio is what decoding, deriving
-and exactly-once cost on top of the produce calls themselves.
+and exactly-once cost on top of the produce calls themselves; it is reported without a target
+(the daemon's side is scenario 1's slot drain plus one Kafka transaction per batch).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -35,10 +37,8 @@ from .scenarios import (ACCOUNTS, BRANCHES, TELLERS, Context, Names, bootstrap, 
                         scratch, step)
 from .stores import clean_redis, redis_client
 
-__all__ = ["scenario_7_publish", "scenario_7_workers", "PUBLISH_VS_RAW", "UNITS"]
+__all__ = ["scenario_7_publish", "scenario_7_workers", "UNITS"]
 
-#: Target: the daemon publishes at least this share of a raw producer's message rate.
-PUBLISH_VS_RAW = 0.3
 
 
 def _config(path: Path, *, dsn: str, slot: str, servers: str, prefix: str, names: Names) -> Path:
@@ -147,8 +147,7 @@ def scenario_7_publish(ctx: Context) -> None:
             ratio = rate / raw_rate
             size = sum(len(v) for _, _, v in msgs) / len(msgs)
             ctx.add(Row("7", "backlog publish → Kafka (3 change-log views, transactional)", rate, "changes/s",
-                        raw_rate, "raw confluent-kafka producer, same messages", ratio, f"≥ {PUBLISH_VS_RAW}×",
-                        ratio >= PUBLISH_VS_RAW,
+                        raw_rate, "raw confluent-kafka producer, same messages", ratio, "—", None,
                         note=f"{changes:,} changes from {bench.transactions:,} pgbench tx, every one in the topics"
                              f" exactly once (read back, read_committed); {size:.0f} bytes per message; pgderive "
                              f"{timing.streaming:.2f} s from the slot active to the backlog confirmed (WAL decoding,"
@@ -232,6 +231,7 @@ def scenario_7_workers(ctx: Context) -> None:
             messages = len(read_stream_messages(servers, topics)) + scale * 100_110
             step(f"published: {messages:,} messages (snapshot + {bench.transactions:,} pgbench tx)")
             curve: list[tuple[int, float]] = []
+            cpus: list[float] = []
             for count in counts:
                 wn = Names(s.prefix, f"s7w{count}")
                 clean_redis(redis_client(s), wn.redis_prefix, [wn.view(v) for v in ("accounts", "tellers", "branches")])
@@ -255,6 +255,9 @@ def scenario_7_workers(ctx: Context) -> None:
                             raise BenchError(f"{count} worker(s) did not finish in 600 s")
                         time.sleep(0.2)
                     seconds = time.monotonic() - t0
+                    cpu = sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in procs)
+                    rebalances = sum((work / f"worker{count}-{i}.log").read_text(errors="replace").count("assigned ")
+                                     for i in range(count))
                 finally:
                     for p in procs:
                         p.send_signal(signal.SIGTERM)
@@ -267,8 +270,9 @@ def scenario_7_workers(ctx: Context) -> None:
                 if bad:
                     raise BenchError(f"{count} worker(s): {bad:,} of {checked:,} accounts differ from Postgres")
                 curve.append((count, messages / seconds))
-                step(f"{count} worker(s): {seconds:.2f} s, {messages / seconds:,.0f} messages/s;"
-                     f" {checked:,} accounts equal to Postgres")
+                cpus.append(cpu)
+                step(f"{count} worker(s): {seconds:.2f} s, {messages / seconds:,.0f} messages/s, {cpu:.1f} CPU s,"
+                     f" {rebalances} assignment(s); {checked:,} accounts equal to Postgres")
                 clean_redis(redis_client(s), wn.redis_prefix, [wn.view(v) for v in ("accounts", "tellers", "branches")])
             base = curve[0][1]
             for count, rate in curve[1:]:
@@ -278,8 +282,10 @@ def scenario_7_workers(ctx: Context) -> None:
                                  f" pgbench backlog) derived into 3 Redis views by a fresh consumer group of {count}"
                                  f" worker(s), timed from spawn (interpreter start, group join) to every partition"
                                  f" committed; accounts equal to Postgres after each run. Curve (workers: messages/s):"
-                                 f" {', '.join(f'{c}: {r:,.0f}' for c, r in curve)}; {os.cpu_count()} CPU(s)",
-                            extra={"curve": curve, "messages": messages}))
+                                 f" {', '.join(f'{c}: {r:,.0f}' for c, r in curve)}; workers' CPU seconds"
+                                 f" {', '.join(f'{c:.1f}' for c in cpus)}; {os.cpu_count()} CPU(s) shared with"
+                                 " Postgres, Kafka and Redis",
+                            extra={"curve": curve, "messages": messages, "cpu_s": cpus}))
             ctx.shared["workers"] = curve
         finally:
             _delete_topics(servers, prefix + ".")

@@ -218,7 +218,7 @@ class KafkaReader:
         if factory is None:
             from confluent_kafka import Consumer, KafkaException
             try:
-                self._consumer = cast(KafkaConsumer, Consumer(self.config))
+                self._consumer = cast(KafkaConsumer, Consumer({**self.config, "on_commit": self._on_commit}))
             except KafkaException as e:
                 raise ReplicationError(f"cannot create the Kafka consumer: {e}") from e
         else:
@@ -436,6 +436,26 @@ class KafkaReader:
                 log.warning("committing offsets failed (%s); retried with the next confirmation", e)
             else:
                 raise
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's report of an offset commit (served by ``consume`` on the reading
+        thread). An asynchronous commit that failed (e.g. during a rebalance) is filed again,
+        so the next :meth:`confirm` repeats it: otherwise a partition read to its end would
+        keep its older committed offset, and its next owner would replay (harmless) and the
+        group's lag would never reach 0."""
+        for p in partitions:
+            if err is None and p.error is None:
+                continue
+            state = self.partitions.get(_tp(p))
+            if state is None or p.offset is None or p.offset < 0:
+                continue
+            if state.committed == p.offset:
+                state.committed = None
+            if not state.pending or state.pending[0][1] > p.offset:
+                state.pending.appendleft((0, p.offset))
+            why = err if err is not None else p.error
+            log.warning("committing offset %d of %s [%d] failed (%s); committing it again", p.offset,
+                        p.topic, p.partition, why.str() if why is not None else "unknown error")
 
     def _consumer_position(self, tp: TP) -> int | None:
         """The consumer's position in ``tp`` (the next offset it returns, past transaction

@@ -282,3 +282,26 @@ def test_an_idle_partition_commits_the_position_past_transaction_markers():
     reader.confirm(2)
     assert fake.committed == {(T, 0): 3}  # everything confirmed: the consumer's position
     assert reader._compute_lag() == {(T, 0): 0}
+
+
+def test_an_async_commit_the_broker_refused_is_committed_again():
+    """librdkafka reports an asynchronous commit's failure later, through ``on_commit`` (e.g.
+    "Specified group generation id is not valid" during a rebalance): the offset is filed again
+    and the next confirmation commits it; one the broker accepted is not repeated."""
+    from confluent_kafka import TopicPartition
+
+    fake = FakeConsumer()
+    fake.produce(T, 0, env("c", 10, {"id": 1}), env("c", 20, {"id": 2}))
+    fake.assign((T, 0))
+    reader = make(fake)
+    assert len(txs(reader)) == 2
+    reader.confirm(2)
+    assert fake.committed == {(T, 0): 2}
+    fake.committed.clear()  # the broker did not take it
+    reader._on_commit(KafkaError(KafkaError.ILLEGAL_GENERATION, "generation"), [TopicPartition(T, 0, 2)])
+    n = len(fake.commits)
+    reader.confirm(2)
+    assert fake.committed == {(T, 0): 2} and len(fake.commits) == n + 1
+    reader._on_commit(None, [TopicPartition(T, 0, 2)])  # a success changes nothing
+    reader.confirm(2)
+    assert len(fake.commits) == n + 1

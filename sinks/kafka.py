@@ -133,7 +133,10 @@ class KafkaSink:
         self.transaction_timeout = transaction_timeout
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
-        self._settings: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **(settings or {})}
+        # librdkafka's own log lines go to Python logging (not its stderr lines).
+        self._settings: dict[str, Any] = {"bootstrap.servers": bootstrap_servers,
+                                          "logger": logging.getLogger("pgderive.sinks.kafka.librdkafka"),
+                                          "log.connection.close": False, **(settings or {})}
         self.checkpoints_topic = checkpoint_topic(topic_prefix)
         self.topics: dict[str, str] = {}  # view -> topic
         self.tables: dict[str, str] = {}  # view -> "schema.table"
@@ -330,7 +333,7 @@ class KafkaSink:
         views whose checkpoint was missing or behind ``previous`` (left untouched)."""
         ckpt = self._checkpoints()
         lost = [v for v in views if ckpt.get(v, -1) < previous]
-        self._publish([], [v for v in views if v not in lost and ckpt[v] < lsn], lsn)
+        self._publish([], [v for v in views if v not in lost and ckpt.get(v, -1) < lsn], lsn)
         return lost
 
     def read_checkpoint(self, view: str) -> int | None:
@@ -349,7 +352,7 @@ class KafkaSink:
         transaction (see :class:`~sinks.base.AtomicCheckpoint`)."""
         ckpt = self._checkpoints()
         lost = [v for v in views if ckpt.get(v, -1) < previous]
-        rejected = self._publish(ops, [v for v in views if v not in lost and ckpt[v] < lsn], lsn)
+        rejected = self._publish(ops, [v for v in views if v not in lost and ckpt.get(v, -1) < lsn], lsn)
         return rejected, lost
 
     def apply(self, ops: Sequence[Op]) -> list[Rejected]:

@@ -252,3 +252,40 @@ def test_exactly_once_into_kafka_across_kill_9(setup):
     assert len(uncommitted) > len(msgs)
     assert "published before the restart" in setup.daemon.output()
     assert setup.daemon.output().count("Traceback") == 0
+
+
+def test_a_second_producer_of_the_same_deployment_fences_the_first(kafka_bootstrap):
+    """Two sink instances with one deployment and sink name share a transactional id: the one
+    that starts second fences the first, whose next publication fails for good (a SinkError
+    that is not retryable) instead of writing beside it."""
+    from sinks.base import Op, SinkError, ViewTarget
+    from sinks.kafka import KafkaSink
+
+    prefix = unique("kf")
+    target = ViewTarget("v", topic=f"{prefix}.public.t", table="public.t")
+    first = KafkaSink("log", kafka_bootstrap, deployment=f"dep-{prefix}", topic_prefix=prefix)
+    second = KafkaSink("log", kafka_bootstrap, deployment=f"dep-{prefix}", topic_prefix=prefix)
+    try:
+        for s in (first, second):
+            s.register(target)
+        def op(seq: int, lsn: int) -> Op:
+            return Op("v", f'{{"id":1}}\x00{seq}', lsn, {"op": "u", "after": {"id": 1}, "source": {"lsn": lsn}})
+
+        assert first.apply_and_advance([op(1, 10)], ["v"], -1, 20) == ([], [])
+        assert second.read_checkpoint("v") == 20  # its init_transactions fenced the first
+        with pytest.raises(SinkError) as e:
+            first.apply_and_advance([op(2, 30)], ["v"], 20, 40)
+        assert not e.value.retryable and "fenced" in str(e.value)
+        assert second.apply_and_advance([op(2, 30)], ["v"], 20, 40) == ([], [])
+        assert second.read_checkpoint("v") == 40
+        msgs = read_topic(kafka_bootstrap, f"{prefix}.public.t")
+        assert [orjson.loads(v)["source"]["lsn"] for _, _, v in msgs] == [10, 30]
+    finally:
+        first.close()
+        second.close()
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        for f in admin.delete_topics([f"{prefix}.public.t", f"{prefix}._checkpoints"]).values():
+            try:
+                f.result(10)
+            except Exception:  # noqa: BLE001 - best effort
+                pass

@@ -33,8 +33,7 @@ from cdc.lsn import format_lsn
 from cdc.refetch import RowRefetcher
 from cdc.slot import ReplicationError, SlotInfo, SlotReader, slot_info
 from cdc.snapshot import row_estimate, snapshot_connection
-from cdc.redact import registered_secrets
-from sinks.base import LiveGenerations, Refreshable, Sink
+from sinks.base import LiveGenerations, Sink
 from views.check import build_views
 from views.derive import View, view_fingerprint
 from views.spec import Spec, SpecError
@@ -51,7 +50,6 @@ from .checkpoints import SinkDataLoss, lost_views
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
-from .logs import log_format
 from .observed import LoadProgress, SourceWatch
 from .online import OnlineRebuild
 from .preflight import check_privileges, preflight, raise_for
@@ -60,7 +58,8 @@ from .reconfigure import Reconfiguration, ReloadRefused, plan_reload
 from .recording import DeadLetterRecorder
 from .reload import reload_views
 from .retry import AnyOf, Backoff, one_line
-from .sinks import SinkOpener, deployment_of, open_sinks, prepare_sinks
+from .sinks import (SinkOpener, deployment_of, lane_process_specs, open_sinks, prepare_sinks, process_lanes, sink_types,
+                    sinks_views)
 from .stats import Stats
 from .stream import Limits, StepReply, Stream, row_refetcher
 from .waiting import waiting
@@ -523,21 +522,13 @@ class Engine:
                                   sinks={v.name: v.sink for v in self.views})
 
     def _process_lanes(self) -> set[str]:
-        """The sinks whose lanes run in a process of their own (ARCHITECTURE.md, "Lanes"):
-        ``lane: process``, or ``lane: auto`` (the default) for a sink that lingers
-        (:class:`~sinks.base.Refreshable`: OpenSearch) while the daemon writes to another sink
-        as well. Alone, a sink has no other lane to take CPU time from."""
-        return {name for name, sink in self.sinks.items()
-                if self.spec.sinks[name].lane == "process" or (
-                    self.spec.sinks[name].lane == "auto" and len(self.sinks) > 1 and isinstance(sink, Refreshable))}
+        """The sinks whose lanes run in a process of their own (:func:`~pgderive.runtime.sinks.process_lanes`)."""
+        return process_lanes(self.spec, self.sinks)
 
     def _lane_processes(self) -> dict[str, LaneProcessSpec]:
         """How each of :meth:`_process_lanes` opens its sink in its process."""
         assert self.deployment is not None
-        return {name: LaneProcessSpec(name, SinkOpener.of(self.spec, name, self.views, self.deployment),
-                                      record=self._recorder(), log_level=logging.getLogger().getEffectiveLevel(),
-                                      log_format=log_format(), secrets=tuple(registered_secrets()))
-                for name in sorted(self._process_lanes())}
+        return lane_process_specs(self.spec, self.sinks, self.views, self.deployment, self._recorder())
 
     def _views_by_sink(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = defaultdict(list)
@@ -608,14 +599,11 @@ class Engine:
     # -- Observed (the HTTP endpoint; pgderive.runtime.observed) --------------------------------
     def sinks_views(self) -> dict[str, list[str]]:
         """Sink name → names of the views it serves (every configured sink, even without views)."""
-        out: dict[str, list[str]] = {name: [] for name in self.spec.sinks}
-        for v in list(self.views):
-            out.setdefault(v.sink, []).append(v.name)
-        return out
+        return sinks_views(self.spec, self.views)
 
     def sink_types(self) -> dict[str, str]:
-        """Sink name → its type from the YAML (``redis``, ``opensearch``)."""
-        return {name: s.type for name, s in self.spec.sinks.items()}
+        """Sink name → its type from the YAML."""
+        return sink_types(self.spec)
 
     def loads(self) -> list[LoadProgress]:
         """The bootstrap's loads (while it runs) and the online rebuilds under way."""

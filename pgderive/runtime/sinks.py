@@ -8,10 +8,15 @@ from typing import Any, Mapping, Sequence
 import psycopg
 
 from cdc.catalog import deployment_id
-from sinks.base import Claims, LegacyLayout, Sink, ViewTarget
+from cdc.redact import registered_secrets
+from sinks.base import Claims, LegacyLayout, Refreshable, Sink, ViewTarget
 from sinks.factory import make_sink
 from views.derive import View
 from views.spec import Spec
+
+from .applier import DeadLetterSink
+from .lane_process import LaneProcessSpec
+from .logs import log_format
 
 __all__ = ["open_sinks", "prepare_sinks", "deployment_of", "SinkOpener"]
 
@@ -109,3 +114,37 @@ class SinkOpener:
             sink.close()
             raise
         return sink
+
+
+def process_lanes(spec: Spec, sinks: Mapping[str, Sink]) -> set[str]:
+    """The sinks whose lanes run in a process of their own (ARCHITECTURE.md, "Lanes"):
+    ``lane: process``, or ``lane: auto`` (the default) for a sink that lingers
+    (:class:`~sinks.base.Refreshable`: OpenSearch) while the daemon writes to another sink as
+    well. Alone, a sink has no other lane to take CPU time from."""
+    return {name for name, sink in sinks.items()
+            if spec.sinks[name].lane == "process" or (
+                spec.sinks[name].lane == "auto" and len(sinks) > 1 and isinstance(sink, Refreshable))}
+
+
+def lane_process_specs(spec: Spec, sinks: Mapping[str, Sink], views: Sequence[View], deployment: str,
+                       record: DeadLetterSink | None, *, truncate_below: bool = False) -> dict[str, LaneProcessSpec]:
+    """How each sink of :func:`process_lanes` opens its sink in its process (by sink name),
+    with this process's log level, log format and secrets; ``truncate_below`` for derivation
+    workers (:class:`~pgderive.runtime.applier.Applier`)."""
+    return {name: LaneProcessSpec(name, SinkOpener.of(spec, name, views, deployment), record=record,
+                                  log_level=logging.getLogger().getEffectiveLevel(), log_format=log_format(),
+                                  secrets=tuple(registered_secrets()), truncate_below=truncate_below)
+            for name in sorted(process_lanes(spec, sinks))}
+
+
+def sinks_views(spec: Spec, views: Sequence[View]) -> dict[str, list[str]]:
+    """Sink name → names of the views it serves (every configured sink, even without views)."""
+    out: dict[str, list[str]] = {name: [] for name in spec.sinks}
+    for v in list(views):
+        out.setdefault(v.sink, []).append(v.name)
+    return out
+
+
+def sink_types(spec: Spec) -> dict[str, str]:
+    """Sink name → its type from the YAML (``redis``, ``opensearch``, ``kafka``)."""
+    return {name: s.type for name, s in spec.sinks.items()}

@@ -34,10 +34,9 @@ import psycopg
 
 from cdc.envelope import table_topic
 from cdc.kafka_source import KafkaReader, consumer_config
-from cdc.redact import registered_secrets
 from cdc.refetch import RowRefetcher
 from cdc.slot import ReplicationError
-from sinks.base import Refreshable, Sink, TruncatesBelow
+from sinks.base import Sink, TruncatesBelow
 from views.check import build_views
 from views.derive import View, view_fingerprint
 from views.spec import KafkaSourceSpec, Spec
@@ -49,12 +48,11 @@ from ..state.slots import StateStore
 from .errors import EngineError, Terminated
 from .lane_process import LaneProcessSpec
 from .lanes import Lanes
-from .logs import log_format
 from .observed import KafkaFacts, LoadProgress, SourceWatch
 from .preflight import preflight, raise_for
 from .recording import DeadLetterRecorder
 from .retry import Backoff, one_line
-from .sinks import SinkOpener, deployment_of, open_sinks, prepare_sinks
+from .sinks import deployment_of, lane_process_specs, open_sinks, prepare_sinks, sink_types, sinks_views
 from .stats import Stats
 from .stream import Limits, Stream, row_refetcher
 
@@ -237,29 +235,20 @@ class Worker:
                                   sinks={v.name: v.sink for v in self.views})
 
     def _lane_processes(self) -> dict[str, LaneProcessSpec]:
-        """As the slot daemon: an OpenSearch lane runs in a process of its own beside another
-        sink (``lane: auto``), or with ``lane: process`` (ARCHITECTURE.md, "Lanes")."""
+        """As the slot daemon (:func:`~pgderive.runtime.sinks.process_lanes`), with TRUNCATEs
+        that keep newer records (ARCHITECTURE.md, "Kafka workers")."""
         assert self.deployment is not None
-        names = {name for name, sink in self.sinks.items()
-                 if self.spec.sinks[name].lane == "process" or (
-                     self.spec.sinks[name].lane == "auto" and len(self.sinks) > 1 and isinstance(sink, Refreshable))}
-        return {name: LaneProcessSpec(name, SinkOpener.of(self.spec, name, self.views, self.deployment),
-                                      record=self._recorder(), log_level=logging.getLogger().getEffectiveLevel(),
-                                      log_format=log_format(), secrets=tuple(registered_secrets()),
-                                      truncate_below=True)
-                for name in sorted(names)}
+        return lane_process_specs(self.spec, self.sinks, self.views, self.deployment, self._recorder(),
+                                  truncate_below=True)
 
     # -- Observed (the HTTP endpoint) ----------------------------------------------------------
     def sinks_views(self) -> dict[str, list[str]]:
         """Sink name → names of the views it serves."""
-        out: dict[str, list[str]] = {name: [] for name in self.spec.sinks}
-        for v in list(self.views):
-            out.setdefault(v.sink, []).append(v.name)
-        return out
+        return sinks_views(self.spec, self.views)
 
     def sink_types(self) -> dict[str, str]:
         """Sink name → its type from the YAML."""
-        return {name: s.type for name, s in self.spec.sinks.items()}
+        return sink_types(self.spec)
 
     def loads(self) -> list[LoadProgress]:
         """None: a worker loads nothing from a snapshot (the topics' ``r`` records do it)."""

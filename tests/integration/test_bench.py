@@ -26,7 +26,7 @@ def test_quick_bench_reports_every_scenario(tmp_path, pg_dsn, opensearch_hosts, 
            "PGDERIVE_BENCH_OPENSEARCH_URL": opensearch_hosts[0], "PGDERIVE_BENCH_KAFKA": kafka_bootstrap}
     env.pop("PGDERIVE_BENCH_SCENARIOS", None)
     proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
 
     report = (tmp_path / "report.md").read_text()

@@ -22,6 +22,7 @@ SCENARIO_TITLES = {
     "3": "Snapshot",
     "4": "Memory",
     "5": "Scaling curve",
+    "6": "Peers",
 }
 
 

@@ -56,6 +56,8 @@ PEERS_DIR = ROOT / ".services" / "peers"
 MB = 1 << 20
 #: Seconds to wait for documents to match Postgres after a drain, a DELETE or a TRUNCATE.
 SETTLE_S = 30.0
+#: Seconds a tool may take for its initial load (pgsync: ~6,000 rows/s here).
+LOAD_TIMEOUT_S = 900.0
 #: Rows deleted to see what a tool does with a DELETE.
 DELETED_AIDS = (2, 3, 4)
 #: Redis database of pgsync's queue (its keys are named after its slot).
@@ -481,6 +483,7 @@ class Result:
     drain_s: float | None = None
     drain_share: float = 0.0  # share of the backlog's WAL confirmed when the wait ended
     waited_s: float = 0.0
+    match_s: float | None = None  # seconds from spawn until sum(abalance) matched (checked every 1 s)
     peak_rss: int = 0
     cpu_load: float = 0.0
     cpu_drain: float = 0.0
@@ -562,7 +565,7 @@ def _drop_stray_tmp_slot(s: Settings, db: str) -> None:
 
 
 def _load(tool: Tool, client: OpenSearch, res: Result) -> None:
-    timeout = tool.settings.peers_timeout
+    timeout = LOAD_TIMEOUT_S
     t0 = time.monotonic()
     proc = tool.start_load()
 
@@ -586,20 +589,31 @@ def _load(tool: Tool, client: OpenSearch, res: Result) -> None:
 
 def _backlog_and_drain(tool: Tool, client: OpenSearch, res: Result) -> None:
     s = tool.settings
+    with psycopg.connect(tool.dsn, autocommit=True) as conn:
+        # Every backlog starts right after a checkpoint, so each pays the same full-page writes
+        # (without it one tool's backlog measured 221 MB of WAL, another's 25 MB).
+        conn.execute("CHECKPOINT")
     start = confirmed_lsn(tool.dsn, tool.slot)
     bench = pg.pgbench_run(s, tool.db, seconds=s.backlog_seconds)
     end = pg.marker_lsn(tool.dsn)
     res.changes = bench.transactions
+    _, target_sum = pg_totals(tool.dsn, tool.table)
+    field_name = tool.sum_field(client)
     step(f"{tool.name}: backlog {bench.transactions:,} account changes ({bench.tps:,.0f} tps), "
          f"{(end - start) / MB:.0f} MB of WAL; draining")
     settle_opensearch(client)
     t0 = time.monotonic()
     proc = tool.start_stream()
     tool.stream = proc
-    last = start
+    last, next_sum = start, t0 + 1.0
 
     def confirmed() -> bool:
-        nonlocal last
+        nonlocal last, next_sum
+        now = time.monotonic()
+        if res.match_s is None and now >= next_sum:  # once a second: do the documents match yet?
+            next_sum = now + 1.0
+            if doc_sum(client, tool.index, field_name) == target_sum:
+                res.match_s = now - t0
         last = confirmed_lsn(tool.dsn, tool.slot)
         if last >= end:
             return True
@@ -614,9 +628,11 @@ def _backlog_and_drain(tool: Tool, client: OpenSearch, res: Result) -> None:
         res.drain_s = res.waited_s
     res.cpu_drain = proc.cpu()
     res.peak_rss = max(res.peak_rss, proc.peak_rss())
+    matched = (f"; documents matched Postgres' sum(abalance) after {res.match_s:.0f} s" if res.match_s is not None
+               else "")
     step(f"{tool.name}: " + (f"confirmed the backlog's end in {res.drain_s:.1f} s" if reached else
                              f"confirmed {res.drain_share:.1%} of the backlog's WAL in {res.waited_s:.0f} s (cap)")
-         + f", CPU {res.cpu_drain:.1f} s")
+         + f", CPU {res.cpu_drain:.1f} s{matched}")
 
 
 def _check_docs(tool: Tool, client: OpenSearch, res: Result) -> None:
@@ -714,7 +730,10 @@ def _peer_rows(ctx: Any, ours: Result, theirs: Result) -> None:
                      f"{peer} {theirs.load_s:.1f} s; CPU pgderive {ours.cpu_load:.1f} s, {peer} {theirs.cpu_load:.1f} s"))
     dr, pdr = ours.drain_rate, theirs.drain_rate
     capped = "" if theirs.drain_s else (f"; {peer} did NOT reach the backlog's end: {theirs.drain_share:.1%} of its "
-                                       f"WAL confirmed after {theirs.waited_s:.0f} s (cap), its rate is of that part")
+                                       f"WAL confirmed after {theirs.waited_s:.0f} s (cap)"
+                                       + (", its rate is of that part" if theirs.drain_share > 0 else ""))
+    if theirs.match_s is not None:
+        capped += f"; {peer}'s documents matched Postgres' sum(abalance) {theirs.match_s:.0f} s after its spawn"
     ctx.add(Row("6", f"backlog drain → OpenSearch vs {peer}", dr, "changes/s", pdr, peer,
                 dr / pdr if dr and pdr else None,
                 note=f"pgbench -T {ctx.settings.backlog_seconds} backlog written while each tool was stopped "

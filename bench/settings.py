@@ -20,7 +20,7 @@ never overwrites the real report. An explicitly set variable always wins over bo
 | ``PGDERIVE_BENCH_SCALING_TX`` | 5000 (150) | scenario 5: pgbench ``-t`` (per client) of the 1x backlog |
 | ``PGDERIVE_BENCH_SCENARIOS`` | 1,2,3,4,5,6 | which scenarios to run |
 | ``PGDERIVE_BENCH_PEERS`` | pgstream,pgsync (empty) | scenario 6: the peers run beside pgderive (installed by ``scripts/peers.sh``); empty = pgderive alone |
-| ``PGDERIVE_BENCH_PEERS_TIMEOUT`` | 300 (60) | scenario 6: seconds a tool may take for its initial load, and for its backlog drain before the share it reached is reported |
+| ``PGDERIVE_BENCH_PEERS_TIMEOUT`` | 180 (60) | scenario 6: seconds a tool may take to drain the backlog before the share it reached is reported |
 | ``PGDERIVE_BENCH_UNITS`` | (all) | only these parts of them, by key (e.g. ``1-http,1-provenance``; see ``bench/scenarios.py`` ``UNITS``) |
 | ``PGDERIVE_BENCH_PREFIX`` | pgdbench (pgdbenchq) | prefix of databases, slots, views, Redis keys, indices |
 | ``PGDERIVE_BENCH_REPORT`` / ``_PLOT`` | bench/report.md, bench/plot.png | outputs |
@@ -76,8 +76,8 @@ class Settings:
     pg_bin: Path
     #: Scenario 6: the peers run beside pgderive, in order (``pgstream``, ``pgsync``).
     peers: tuple[str, ...] = ()
-    #: Scenario 6: seconds a tool may take for its initial load / its backlog drain.
-    peers_timeout: float = 300.0
+    #: Scenario 6: seconds a tool may take to drain the backlog (then its share is reported).
+    peers_timeout: float = 180.0
     #: Unit keys to run (``UNITS`` of :mod:`bench.scenarios`); empty: every enabled one.
     units: frozenset[str] = frozenset()
 
@@ -130,7 +130,7 @@ def load_settings() -> Settings:
         scaling_tx=_int("SCALING_TX", 5000, 150, quick),
         scenarios=scenarios,
         peers=peers,
-        peers_timeout=float(_int("PEERS_TIMEOUT", 300, 60, quick)),
+        peers_timeout=float(_int("PEERS_TIMEOUT", 180, 60, quick)),
         prefix=_env("PREFIX", "pgdbenchq" if quick else "pgdbench"),
         report=Path(_env("REPORT", str(out / "report.md" if quick else BENCH_DIR / "report.md"))).resolve(),
         plot=Path(_env("PLOT", str(out / "plot.png" if quick else BENCH_DIR / "plot.png"))).resolve(),

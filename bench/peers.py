@@ -6,12 +6,16 @@ own slot(s) and its own index (``<prefix>-peers-<tool>…``), and runs alone (on
 1. **Initial load** of ``pgbench_accounts`` into OpenSearch, timed from spawning the tool until
    ``_count`` of its index equals the table's rows (polled every 0.25 s; start-up, slot creation
    and the index refresh included, the same for every tool); the tool is then stopped.
-2. **Backlog**: ``pgbench -n -c C -j J -T BACKLOG_SECONDS`` (builtin TPC-B-like: one
+2. **Backlog**: a ``CHECKPOINT`` (every backlog pays the same full-page writes), then
+   ``pgbench -n -c C -j J -T BACKLOG_SECONDS`` (builtin TPC-B-like: one
    ``pgbench_accounts`` update per transaction) while the tool is stopped, closed by a marker
    (:func:`bench.pg.marker_lsn`: ``pg_current_wal_insert_lsn()`` = L, then one no-op account
    update); the tool is started again and timed from spawn until its slot's
    ``confirmed_flush_lsn`` >= L, capped at ``PGDERIVE_BENCH_PEERS_TIMEOUT`` seconds (then the
-   share of the backlog's WAL it confirmed is reported).
+   share of the backlog's WAL it confirmed is reported). Meanwhile, once a second, the first
+   time OpenSearch's ``sum(abalance)`` equals Postgres' is noted (pgsync re-reads the rows
+   changed since its checkpoint from the table at start-up, so its documents can be right long
+   before its slot is drained).
 3. **Correctness**: OpenSearch's document count and ``sum(abalance)`` against Postgres' (waited
    for up to 30 s, the refresh interval and a tool's batch timeout); then a DELETE of 3 rows
    (are their documents gone within 30 s?) and last a TRUNCATE (is the index emptied within
@@ -259,6 +263,10 @@ class Tool:
         """Spawn the process that makes the initial load."""
         raise NotImplementedError
 
+    def progress(self) -> str:
+        """What the tool says about its drain's progress ("" if nothing)."""
+        return ""
+
     def finish_load(self, proc: Proc) -> None:
         """After the load is visible: stop the tool (default) or wait for its exit."""
         proc.stop()
@@ -456,6 +464,18 @@ class PgsyncTool(Tool):
         if proc.wait(120) is None:
             proc.stop()
 
+    def progress(self) -> str:
+        """The last ``done/total`` of its slot replay's progress bar in the stream log."""
+        try:
+            text = (self.work / "pgsync-stream.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        found = re.findall(r"WAL \S+ \[[=\-]*\]\s*([\d,]+)/([\d,]+)", text)
+        if not found:
+            return ""
+        done, total = found[-1]
+        return f"its slot replay had decoded {done} of {total} changes (every table's rows, test_decoding)"
+
     def start_stream(self) -> Proc:
         return self.spawn(PeerProc([self._bin("pgsync"), "--config", str(self.work / "schema.json"), "--daemon"],
                                    self.work / "pgsync-stream.log", env=self.env(), cwd=self.work))
@@ -491,6 +511,7 @@ class Result:
     pg_rows: int = 0
     docs_sum: int | None = None
     pg_sum: int = 0
+    progress: str = ""  # the tool's own word on its drain when it was stopped
     delete: str = "not tried"
     truncate: str = "not tried"
     notes: list[str] = field(default_factory=list)
@@ -676,7 +697,9 @@ def _delete_and_truncate(tool: Tool, client: OpenSearch, res: Result) -> None:
     else:
         res.truncate = f"index NOT emptied within {SETTLE_S:.0f} s ({doc_count(client, tool.index):,} documents left)"
     proc.stop()
-    step(f"{tool.name}: DELETE: {res.delete}; TRUNCATE: {res.truncate}")
+    res.progress = tool.progress()
+    step(f"{tool.name}: DELETE: {res.delete}; TRUNCATE: {res.truncate}"
+         + (f"; {res.progress}" if res.progress else ""))
 
 
 def _last_error(log: str) -> str:
@@ -732,6 +755,8 @@ def _peer_rows(ctx: Any, ours: Result, theirs: Result) -> None:
     capped = "" if theirs.drain_s else (f"; {peer} did NOT reach the backlog's end: {theirs.drain_share:.1%} of its "
                                        f"WAL confirmed after {theirs.waited_s:.0f} s (cap)"
                                        + (", its rate is of that part" if theirs.drain_share > 0 else ""))
+    if theirs.progress:
+        capped += f"; when stopped {theirs.progress}"
     if theirs.match_s is not None:
         capped += f"; {peer}'s documents matched Postgres' sum(abalance) {theirs.match_s:.0f} s after its spawn"
     ctx.add(Row("6", f"backlog drain → OpenSearch vs {peer}", dr, "changes/s", pdr, peer,

@@ -35,11 +35,12 @@ import re
 import signal
 import subprocess
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit
+from typing import Any, Callable, ClassVar, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
@@ -56,7 +57,7 @@ from .stores import clean_opensearch, opensearch_client, settle_opensearch
 __all__ = ["scenario_6", "PEERS_SCRIPT", "PEERS_DIR"]
 
 PEERS_SCRIPT = ROOT / "scripts" / "peers.sh"
-PEERS_DIR = ROOT / ".services" / "peers"
+PEERS_DIR = Path(os.environ.get("PGDERIVE_PEERS_DIR") or ROOT / ".services" / "peers")  # as scripts/peers.sh
 MB = 1 << 20
 #: Seconds to wait for documents to match Postgres after a drain, a DELETE or a TRUNCATE.
 SETTLE_S = 30.0
@@ -234,6 +235,8 @@ class Tool:
     index_prefix: str
     work: Path
     table: str = "pgbench_accounts"  # as the builtin pgbench script sees it
+    #: Its load process ends by itself (pgsync's one-shot run).
+    exits_after_load: ClassVar[bool] = False
     procs: list[Proc] = field(default_factory=list)
     stream: Proc | None = None  # the streaming process, once started
 
@@ -417,6 +420,8 @@ class PgsyncTool(Tool):
     a one-shot ``pgsync`` for the initial load (it exits when done), ``pgsync --daemon`` for the
     stream."""
 
+    exits_after_load: ClassVar[bool] = True
+
     @property
     def index(self) -> str:
         return self.index_prefix.rstrip("-")
@@ -470,11 +475,12 @@ class PgsyncTool(Tool):
             text = (self.work / "pgsync-stream.log").read_text(errors="replace")
         except OSError:
             return ""
-        found = re.findall(r"WAL \S+ \[[=\-]*\]\s*([\d,]+)/([\d,]+)", text)
+        found = [(int(t.replace(",", "")), int(d.replace(",", "")))
+                 for d, t in re.findall(r"WAL \S+ \[[=\-]*\]\s*([\d,]+)/([\d,]+)", text)]
         if not found:
             return ""
-        done, total = found[-1]
-        return f"its slot replay had decoded {done} of {total} changes (every table's rows, test_decoding)"
+        total, done = max(found)  # the backlog's replay: the biggest of its pulls, the furthest point
+        return f"its slot replay had decoded {done:,} of {total:,} changes (every table's rows, test_decoding)"
 
     def start_stream(self) -> Proc:
         return self.spawn(PeerProc([self._bin("pgsync"), "--config", str(self.work / "schema.json"), "--daemon"],
@@ -482,7 +488,8 @@ class PgsyncTool(Tool):
 
     def clean(self) -> None:
         super().clean()
-        r = redis.Redis.from_url(self.settings.redis_url, db=PGSYNC_REDIS_DB)
+        # The URL's database would win over a ``db=`` argument: name database 9 in the URL.
+        r = redis.Redis.from_url(urlunsplit(urlsplit(self.settings.redis_url)._replace(path=f"/{PGSYNC_REDIS_DB}")))
         keys = list(r.scan_iter(match=f"queue:{self.slot}*", count=1000))
         if keys:
             r.unlink(*keys)
@@ -562,8 +569,9 @@ def _cleanup(s: Settings, tool: Tool) -> Iterator[None]:
     """Drop the tool's database (its slots with it), indices, Redis keys; stop its processes."""
     def clean() -> None:
         tool.clean()
+        # Every slot of the database goes first: the tool's, and pgsync's ``_tmp_`` (created and
+        # dropped at each of its starts) if one of its starts was killed in between.
         pg.drop_database(s, tool.db)
-        _drop_stray_tmp_slot(s, tool.db)
         clean_opensearch(opensearch_client(s), tool.index_prefix.rstrip("-"), [f"{tool.db}_accounts"])
 
     clean()
@@ -571,18 +579,6 @@ def _cleanup(s: Settings, tool: Tool) -> Iterator[None]:
         yield
     finally:
         clean()
-
-
-def _drop_stray_tmp_slot(s: Settings, db: str) -> None:
-    """pgsync creates and drops a slot ``_tmp_`` at every start; if it was killed in between, drop
-    it, but only when it belongs to our database (other users' pgsync may use the same name)."""
-    with psycopg.connect(s.pg_dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '_tmp_' "
-                           "AND database = %s", (db,)).fetchone()
-        if row is not None:
-            if row[0]:
-                conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
-            conn.execute("SELECT pg_drop_replication_slot('_tmp_')")
 
 
 def _load(tool: Tool, client: OpenSearch, res: Result) -> None:
@@ -593,7 +589,7 @@ def _load(tool: Tool, client: OpenSearch, res: Result) -> None:
     def loaded() -> bool:
         if doc_count(client, tool.index) >= res.rows:
             return True
-        if not proc.alive() and not isinstance(tool, PgsyncTool):
+        if not proc.alive() and not tool.exits_after_load:
             raise BenchError(f"{tool.name} exited during the initial load:\n{proc.tail()}")
         return False
 
@@ -733,8 +729,9 @@ def scenario_6(ctx: Any) -> None:
             continue
         try:
             theirs = run_tool(ctx, peer)
-        except (BenchError, OSError, subprocess.SubprocessError, psycopg.Error) as e:
-            ctx.add(Row("6", f"vs {peer}", error=f"{peer} did not run: {e}"))
+        except Exception as e:  # noqa: BLE001 - a peer that does not run gets a FAILED row, the run goes on
+            (s.out / f"error-6-{peer}.txt").write_text(traceback.format_exc())
+            ctx.add(Row("6", f"vs {peer}", error=f"{peer} did not run: {type(e).__name__}: {e}"))
             continue
         _peer_rows(ctx, ours, theirs)
         _correctness_row(ctx, theirs)

@@ -214,8 +214,8 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   marker gives its end L (as in scenario 1); the tool is started again and timed from spawn
   until its slot's `confirmed_flush_lsn` >= L, capped at `PGDERIVE_BENCH_PEERS_TIMEOUT`
   seconds (then the share of the backlog's WAL it confirmed is reported, and its rate is of
-  that share); the first time `sum(abalance)` in OpenSearch equals Postgres' is noted (checked
-  every 1 s). Afterwards: document count and `sum(abalance)` against Postgres (waited for up to
+  that share); the first time `sum(abalance)` in OpenSearch equals Postgres' is noted (a
+  refresh and a sum aggregation every 1 s, the same for every tool). Afterwards: document count and `sum(abalance)` against Postgres (waited for up to
   30 s), a DELETE of 3 rows (documents gone within 30 s?) and last a TRUNCATE (index emptied
   within 30 s? the tool still running?). Peak RSS (process and children, every 50 ms) and CPU
   seconds cover load and drain. Ratios are pgderive / peer; each tool ran its own backlog of

@@ -365,7 +365,7 @@ class PgstreamTool(Tool):
             conn.execute(f'CREATE SCHEMA "{self.schema}"')
             for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"):
                 conn.execute(f'ALTER TABLE public.{t} SET SCHEMA "{self.schema}"')
-            conn.execute(f'ALTER DATABASE {self.db} SET search_path = "{self.schema}", public')
+            conn.execute(f'ALTER DATABASE "{self.db}" SET search_path = "{self.schema}", public')
         url = self._pg_url()
         out = subprocess.run([str(self.binary), "init", "--postgres-url", url, "--replication-slot", self.slot,
                               "--with-injector"], capture_output=True, text=True, timeout=120, cwd=self.work)
@@ -390,8 +390,8 @@ class PgstreamTool(Tool):
         doc = {
             "source": {"postgres": {
                 "url": url, "mode": "snapshot_and_replication",
-                # The schema goes through pg_dump into the WAL pipeline (no target Postgres), where
-                # the search processor turns it into the index mapping; then the data.
+                # Mode full needs a schema snapshot: pg_dump into the WAL pipeline (no target
+                # Postgres); it reaches the search processor as an empty diff (class docstring).
                 "snapshot": {"mode": "full", "tables": [table],
                              "schema": {"pgdump_pgrestore": {"clean_target_db": False}},
                              "recorder": {"repeatable_snapshots": False, "postgres_url": url}},

@@ -22,6 +22,7 @@ SCENARIO_TITLES = {
     "3": "Snapshot",
     "4": "Memory",
     "5": "Scaling curve",
+    "6": "Peers",
 }
 
 
@@ -202,6 +203,25 @@ created, the bench waits for the Redis AOF rewrite the bootstrap earned and runs
   (per client); time is measured from the slot becoming active (start-up excluded, it is in
   the notes) to the marker confirmed; `pg_recvlogical` drains the same backlog on its own slot
   as a reference. Linearity = throughput at 4× / throughput at 1× (1.0 = perfectly linear).
+* **6. Peers.** pgderive, pgstream v1.3.1 and pgsync 7.3.0 (installed by `scripts/peers.sh`
+  from the Go module proxy and PyPI under `.services/peers/`; `PGDERIVE_BENCH_PEERS` picks
+  them, quick mode runs pgderive alone) each get a database of their own (`pgbench -i -s
+  SCALE`), their own slots and index (`<prefix>-peers-<tool>…`) and run one at a time. Initial
+  load of `pgbench_accounts` (fields aid, bid, abalance): timed from spawning the tool until
+  `_count` of its index equals the table's rows (polled every 0.25 s; start-up, slot creation
+  and the 1 s refresh included for every tool; pgsync: `bootstrap` untimed, then a one-shot
+  `pgsync`). The tool is stopped; `pgbench -n -c C -j J -T SECONDS` writes the backlog; a
+  marker gives its end L (as in scenario 1); the tool is started again and timed from spawn
+  until its slot's `confirmed_flush_lsn` >= L, capped at `PGDERIVE_BENCH_PEERS_TIMEOUT`
+  seconds (then the share of the backlog's WAL it confirmed is reported, and its rate is of
+  that share); the first time `sum(abalance)` in OpenSearch equals Postgres' is noted (a
+  refresh and a sum aggregation every 1 s, the same for every tool). Afterwards: document count and `sum(abalance)` against Postgres (waited for up to
+  30 s), a DELETE of 3 rows (documents gone within 30 s?) and last a TRUNCATE (index emptied
+  within 30 s? the tool still running?). Peak RSS (process and children, every 50 ms) and CPU
+  seconds cover load and drain. Ratios are pgderive / peer; each tool ran its own backlog of
+  the same length, so rates are compared, not times. pgstream's request size is set to
+  pgderive's (2,000 documents / 16 MiB, 1 s batch timeout); its index is created beforehand
+  (see `bench/peers.py` for why). A peer that fails to install or run gets a FAILED row.
 * **CPU notes** (where the time went): pgderive's CPU (process and children, psutil, every
   50 ms) over the measured interval; for drains also the lifetime CPU of the walsender serving
   its slot (the decoding work) and the Redis / OpenSearch server processes' CPU meanwhile (all
@@ -225,7 +245,8 @@ def write_report(path: Path, rows: list[Row], meta: dict[str, Any], plot: Path |
                  + (f" (+ snapshot at scale {settings.big_scale})" if settings.big_scale else "")
                  + f", pgbench -c {settings.clients} -j {settings.jobs}, backlog -T {settings.backlog_seconds}, "
                  f"live lag -T {settings.lag_seconds} (saturation and -R {settings.lag_rate}), "
-                 f"scaling -t {settings.scaling_tx}×1/2/4 per client.")
+                 f"scaling -t {settings.scaling_tx}×1/2/4 per client, "
+                 f"peers: {', '.join(settings.peers) or 'none (pgderive alone)'}.")
     lines.append("")
     lines += ["## Results", "",
               "| # | measurement | pgderive | baseline | ratio | target | result | notes |",

@@ -1,11 +1,13 @@
 """Entry point: run the enabled scenarios, then write the report, the plot and results.json.
 
 A scenario that fails prints its error, gets a FAILED row, and the run goes on; the exit code
-is 1 if anything failed (a missed target is not a failure), 0 otherwise.
+is 1 if anything failed (a missed target is not a failure), 0 otherwise. SIGTERM ends the run
+like Ctrl-C: the running scenario's clean-up (databases, slots, indices, processes) still runs.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -20,8 +22,14 @@ from .settings import load_settings
 __all__ = ["main"]
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C (``finally`` blocks clean up), exit 128 + signal."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     """Run the benchmark with the environment's settings; returns the exit code."""
+    signal.signal(signal.SIGTERM, _terminated)
     settings = load_settings()
     settings.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(settings)

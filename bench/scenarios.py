@@ -1,4 +1,5 @@
-"""The five benchmark scenarios (see ``report.METHOD`` for what each measures and how).
+"""The six benchmark scenarios; scenario 6, the peers, is in :mod:`bench.peers` (see
+``report.METHOD`` for what each measures and how).
 
 Each ``scenario_*`` function takes the run's :class:`Context`, builds its own database, slots,
 Redis keys and OpenSearch indices (all named after :class:`Names`), adds its rows with
@@ -23,6 +24,7 @@ from . import pg
 from .cpu import ServiceCpu, cpu_breakdown
 from .daemon import Daemon, Drain, write_config
 from .pg import BenchError
+from .peers import scenario_6
 from .probe import PROBE_DDL, DecodeWatcher, ProbeWriter, RedisPoller, lags_ms, percentile
 from .report import Row, format_row
 from .settings import Settings
@@ -784,4 +786,5 @@ UNITS: list[tuple[str, str, str, Callable[[Context], None], Callable[[Settings],
     ("3-big", "3", "snapshot at the big scale", scenario_3_big, lambda s: 3 in s.scenarios and s.big_scale > 0),
     ("4", "4", "memory", scenario_4, lambda s: 4 in s.scenarios),
     ("5", "5", "scaling curve", scenario_5, lambda s: 5 in s.scenarios),
+    ("6", "6", "peers", scenario_6, lambda s: 6 in s.scenarios),
 ]

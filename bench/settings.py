@@ -1,9 +1,10 @@
 """Benchmark settings, all overridable from the environment (``PGDERIVE_BENCH_*``).
 
-Defaults are the full run of ``make bench`` (about 11 minutes on a 2-core machine, of which
-the snapshot at scale 50 takes about 5; ``PGDERIVE_BENCH_BIG_SCALE=0`` skips it);
+Defaults are the full run of ``make bench`` (about 20 minutes on a 2-core machine, of which
+the snapshot at scale 50 takes about 5 and the peers of scenario 6 about 8;
+``PGDERIVE_BENCH_BIG_SCALE=0`` and ``PGDERIVE_BENCH_PEERS=`` skip them);
 ``PGDERIVE_BENCH_QUICK=1`` switches every default to a smoke-test size (pgbench scale 1, a few
-seconds per workload, under 2 minutes) that writes its report under ``bench/out/quick/`` so it
+seconds per workload, scenario 6 with pgderive alone, under 3 minutes) that writes its report under ``bench/out/quick/`` so it
 never overwrites the real report. An explicitly set variable always wins over both.
 
 | variable | default (quick) | meaning |
@@ -17,7 +18,9 @@ never overwrites the real report. An explicitly set variable always wins over bo
 | ``PGDERIVE_BENCH_LAG_RATE`` | 1000 | scenario 2: pgbench ``-R`` of the rate-limited level |
 | ``PGDERIVE_BENCH_PROBE_MS`` / ``_POLL_MS`` | 50 / 1 | scenario 2: probe update / Redis poll interval |
 | ``PGDERIVE_BENCH_SCALING_TX`` | 5000 (150) | scenario 5: pgbench ``-t`` (per client) of the 1x backlog |
-| ``PGDERIVE_BENCH_SCENARIOS`` | 1,2,3,4,5,7 | which scenarios to run |
+| ``PGDERIVE_BENCH_SCENARIOS`` | 1,2,3,4,5,6,7 | which scenarios to run |
+| ``PGDERIVE_BENCH_PEERS`` | pgstream,pgsync (empty) | scenario 6: the peers run beside pgderive (installed by ``scripts/peers.sh``); empty = pgderive alone |
+| ``PGDERIVE_BENCH_PEERS_TIMEOUT`` | 180 (60) | scenario 6: seconds a tool may take to drain the backlog before the share it reached is reported |
 | ``PGDERIVE_BENCH_UNITS`` | (all) | only these parts of them, by key (e.g. ``1-http,1-provenance``; see ``bench/scenarios.py`` ``UNITS``) |
 | ``PGDERIVE_BENCH_PREFIX`` | pgdbench (pgdbenchq) | prefix of databases, slots, views, Redis keys, indices |
 | ``PGDERIVE_BENCH_REPORT`` / ``_PLOT`` | bench/report.md, bench/plot.png | outputs |
@@ -74,6 +77,10 @@ class Settings:
     pg_bin: Path
     #: Kafka bootstrap servers (scenario 7).
     kafka: str = "127.0.0.1:9093"
+    #: Scenario 6: the peers run beside pgderive, in order (``pgstream``, ``pgsync``).
+    peers: tuple[str, ...] = ()
+    #: Scenario 6: seconds a tool may take to drain the backlog (then its share is reported).
+    peers_timeout: float = 180.0
     #: Unit keys to run (``UNITS`` of :mod:`bench.scenarios`); empty: every enabled one.
     units: frozenset[str] = frozenset()
 
@@ -85,14 +92,31 @@ class Settings:
         return Path(sys.executable).with_name("pgderive")
 
 
+KNOWN_PEERS = ("pgstream", "pgsync")
+
+
+def _peers(quick: bool) -> tuple[str, ...]:
+    """``PGDERIVE_BENCH_PEERS`` (comma list; set but empty = none), checked against
+    :data:`KNOWN_PEERS`; default both, none in quick mode."""
+    raw = os.environ.get("PGDERIVE_BENCH_PEERS")
+    if raw is None:
+        raw = "" if quick else ",".join(KNOWN_PEERS)
+    peers = tuple(p for p in raw.replace(" ", "").split(",") if p)
+    unknown = sorted(set(peers) - set(KNOWN_PEERS))
+    if unknown:
+        raise SystemExit(f"PGDERIVE_BENCH_PEERS: unknown peer(s) {unknown} ({', '.join(KNOWN_PEERS)})")
+    return tuple(dict.fromkeys(peers))
+
+
 def load_settings() -> Settings:
     """Read :class:`Settings` from the environment (see the module docstring)."""
     quick = _env("QUICK", "0").lower() not in ("0", "", "false", "no")
     out = Path(_env("OUT", str(BENCH_DIR / "out" / ("quick" if quick else "")))).resolve()
-    scenarios = frozenset(int(s) for s in _env("SCENARIOS", "1,2,3,4,5,7").replace(" ", "").split(",") if s)
-    unknown = scenarios - {1, 2, 3, 4, 5, 7}
+    scenarios = frozenset(int(s) for s in _env("SCENARIOS", "1,2,3,4,5,6,7").replace(" ", "").split(",") if s)
+    unknown = scenarios - {1, 2, 3, 4, 5, 6, 7}
     if unknown:
-        raise SystemExit(f"PGDERIVE_BENCH_SCENARIOS: unknown scenario(s) {sorted(unknown)} (1-5, 7)")
+        raise SystemExit(f"PGDERIVE_BENCH_SCENARIOS: unknown scenario(s) {sorted(unknown)} (1-7)")
+    peers = _peers(quick)
     units = frozenset(u for u in _env("UNITS", "").replace(" ", "").split(",") if u)
     return Settings(
         units=units,
@@ -108,6 +132,8 @@ def load_settings() -> Settings:
         poll_interval_ms=float(_env("POLL_MS", "1")),
         scaling_tx=_int("SCALING_TX", 5000, 150, quick),
         scenarios=scenarios,
+        peers=peers,
+        peers_timeout=float(_int("PEERS_TIMEOUT", 180, 60, quick)),
         prefix=_env("PREFIX", "pgdbenchq" if quick else "pgdbench"),
         report=Path(_env("REPORT", str(out / "report.md" if quick else BENCH_DIR / "report.md"))).resolve(),
         plot=Path(_env("PLOT", str(out / "plot.png" if quick else BENCH_DIR / "plot.png"))).resolve(),

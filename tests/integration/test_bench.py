@@ -1,6 +1,7 @@
 """`make bench` end to end in quick mode (PGDERIVE_BENCH_QUICK=1: pgbench scale 1, a few
-seconds per workload): every scenario produces rows with numeric ratios, the report and the
-plot are written, nothing is left behind (slots, databases)."""
+seconds per workload; scenario 6 runs pgderive alone, no peers): every scenario produces rows
+with numeric ratios, the report and the plot are written, nothing is left behind (slots,
+databases)."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ def test_quick_bench_reports_every_scenario(tmp_path, pg_dsn, opensearch_hosts, 
            "PGDERIVE_BENCH_PLOT": str(tmp_path / "plot.png"), "PGDERIVE_BENCH_PG_DSN": pg_dsn,
            "PGDERIVE_BENCH_OPENSEARCH_URL": opensearch_hosts[0], "PGDERIVE_BENCH_KAFKA": kafka_bootstrap}
     env.pop("PGDERIVE_BENCH_SCENARIOS", None)
+    env.pop("PGDERIVE_BENCH_PEERS", None)
     proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
@@ -36,7 +38,7 @@ def test_quick_bench_reports_every_scenario(tmp_path, pg_dsn, opensearch_hosts, 
     for line in table:
         cells = [c.strip() for c in line.strip("|").split(" | ")]
         by_scenario.setdefault(cells[0], []).append(cells)
-    assert sorted(by_scenario) == ["1", "2", "3", "4", "5", "7"], report
+    assert sorted(by_scenario) == ["1", "2", "3", "4", "5", "6", "7"], report
     for scenario, rows in by_scenario.items():
         assert any(re.fullmatch(r"[\d,.]+×", r[4]) for r in rows), f"scenario {scenario}: no numeric ratio\n{report}"
         assert all(r[6] != "**FAILED**" for r in rows), report

@@ -546,8 +546,12 @@ def test_make_sink(redis_url, opensearch_hosts):
     assert isinstance(o, OpenSearchSink) and o.name == "search"
     r.close()
     o.close()
-    with pytest.raises(ValueError, match="'weird'.*'kafka'"):
-        make_sink("weird", {"type": "kafka"})
+    from sinks.kafka import KafkaSink
+    k = make_sink("log", {"type": "kafka", "bootstrap_servers": "127.0.0.1:9093", "topic_prefix": "t"})
+    assert isinstance(k, KafkaSink) and k.name == "log" and k.checkpoints_topic == "t._checkpoints"
+    k.close()
+    with pytest.raises(ValueError, match="'weird'.*'pulsar'.*expected 'redis', 'opensearch' or 'kafka'"):
+        make_sink("weird", {"type": "pulsar"})
 
 
 @pytest.mark.parametrize("which", ["redis", "opensearch"])

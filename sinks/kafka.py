@@ -200,9 +200,14 @@ class KafkaSink:
         return p
 
     def _stream_producer(self) -> Producer:
+        """The stream's transactional producer, made on first use: its ``init_transactions``
+        aborts what a killed predecessor left open (and fences it), so the checkpoints are read
+        again afterwards. Only writers call this: a reader (``status``, ``verify``) that made
+        one would fence the running daemon."""
         if self._producer is None:
             self._producer = self._new_producer("")
             self._open = False
+            self._ckpt = None
         return self._producer
 
     def _consumer(self) -> Consumer:
@@ -211,8 +216,9 @@ class KafkaSink:
                          "enable.partition.eof": True, "auto.offset.reset": "earliest",
                          "fetch.wait.max.ms": 10})
 
-    def _ensure_topic(self, topic: str, *, compact: bool = False) -> int:
-        """Create ``topic`` unless it exists; returns its partition count."""
+    def _ensure_topic(self, topic: str, *, compact: bool = False, create: bool = True) -> int:
+        """Create ``topic`` unless it exists (only with ``create``); returns its partition
+        count, 0 for a missing topic not created."""
         if topic in self._partitions:
             return self._partitions[topic]
         admin = self._admin_client()
@@ -220,6 +226,8 @@ class KafkaSink:
         # auto.create.topics.enable create it with its defaults.
         meta = self._call("list topics", lambda: admin.list_topics(timeout=self.timeout))
         found = meta.topics.get(topic)
+        if (found is None or found.error is not None) and not create:
+            return 0
         if found is None or found.error is not None:
             config = {"cleanup.policy": "compact", "segment.ms": "60000",
                       "min.cleanable.dirty.ratio": "0.1"} if compact else {}
@@ -275,8 +283,7 @@ class KafkaSink:
 
     def _read_checkpoints(self) -> dict[str, int]:
         """Fold the checkpoint topic (read committed) into view → LSN; also fills the TRUNCATE
-        checkpoints."""
-        self._ensure_topic(self.checkpoints_topic, compact=True)
+        checkpoints. A missing topic holds none (it is not created here)."""
         prefix = f"{self.deployment}|".encode()
         found: dict[str, int] = {}
         trunc: dict[str, int] = {}
@@ -294,17 +301,23 @@ class KafkaSink:
         self._trunc = trunc
         return found
 
-    def _checkpoints(self) -> dict[str, int]:
+    def _checkpoints(self, *, write: bool = True) -> dict[str, int]:
+        """view → checkpoint LSN. A writer (``write``) makes its producer first, which aborts
+        what a killed predecessor left open: a ``read_committed`` read stops at an open
+        transaction, so checkpoints committed after it are read only then."""
+        if write:
+            self._stream_producer()
         if self._ckpt is None:
-            if self._producer is None:
-                self._stream_producer()  # aborts what a killed predecessor left open first
+            self._ckpt_read = time.monotonic()
             self._ckpt = self._read_checkpoints()
         return self._ckpt
 
     def _read_all(self, topic: str, start: dict[int, int] | None = None) -> Iterator[Message]:
         """Every committed message of ``topic`` up to its end when called, in order within each
         partition, from offset ``start[p]`` of partition ``p`` (default: the beginning)."""
-        n = self._ensure_topic(topic, compact=topic == self.checkpoints_topic)
+        n = self._ensure_topic(topic, compact=topic == self.checkpoints_topic, create=False)
+        if not n:
+            return
         consumer = self._consumer()
         try:
             consumer.assign([TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING)) for p in range(n)])
@@ -340,11 +353,9 @@ class KafkaSink:
         """The checkpoint LSN of ``view`` as committed in Kafka, or None. Read from Kafka again
         unless read within the last second or written by this instance since (its
         transactional id fences any other writer)."""
-        if time.monotonic() - self._ckpt_read > 1.0 and self._ckpt is not None and self._producer is None:
+        if time.monotonic() - self._ckpt_read > 1.0 and self._producer is None:
             self._ckpt = None
-        if self._ckpt is None:
-            self._ckpt_read = time.monotonic()
-        return self._checkpoints().get(view)
+        return self._checkpoints(write=False).get(view)
 
     def apply_and_advance(self, ops: Sequence[Op], views: Sequence[str], previous: int,
                           lsn: int) -> tuple[list[Rejected], list[str]]:

@@ -272,7 +272,8 @@ def test_a_second_producer_of_the_same_deployment_fences_the_first(kafka_bootstr
             return Op("v", f'{{"id":1}}\x00{seq}', lsn, {"op": "u", "after": {"id": 1}, "source": {"lsn": lsn}})
 
         assert first.apply_and_advance([op(1, 10)], ["v"], -1, 20) == ([], [])
-        assert second.read_checkpoint("v") == 20  # its init_transactions fenced the first
+        second.write_checkpoint(["v"], 20)  # a write: its producer's init_transactions fences the first
+        assert second.read_checkpoint("v") == 20
         with pytest.raises(SinkError) as e:
             first.apply_and_advance([op(2, 30)], ["v"], 20, 40)
         assert not e.value.retryable and "fenced" in str(e.value)
@@ -285,6 +286,44 @@ def test_a_second_producer_of_the_same_deployment_fences_the_first(kafka_bootstr
         second.close()
         admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
         for f in admin.delete_topics([f"{prefix}.public.t", f"{prefix}._checkpoints"]).values():
+            try:
+                f.result(10)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+
+def test_reading_a_deployments_checkpoints_and_topics_does_not_fence_its_writer(kafka_bootstrap):
+    """``pgderive status``, ``verify`` and ``explain`` open the sink beside the running daemon
+    and read checkpoints and topics: that must not make a producer (its init_transactions would
+    fence the daemon's), nor create topics."""
+    from sinks.base import Op, ViewTarget
+    from sinks.kafka import KafkaSink
+
+    prefix = unique("kr")
+    topic = f"{prefix}.public.t"
+    target = ViewTarget("v", topic=topic, table="public.t")
+    writer = KafkaSink("log", kafka_bootstrap, deployment=f"dep-{prefix}", topic_prefix=prefix)
+    reader = KafkaSink("log", kafka_bootstrap, deployment=f"dep-{prefix}", topic_prefix=prefix)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    try:
+        for s in (writer, reader):
+            s.register(target)
+        assert reader.read_checkpoint("v") is None and reader.count("v") == 0
+        assert not {topic, f"{prefix}._checkpoints"} & set(admin.list_topics(timeout=10).topics)  # nothing made
+
+        def op(seq: int, lsn: int) -> Op:
+            return Op("v", f'{{"id":{seq}}}\x00{seq}', lsn, {"op": "c", "after": {"id": seq}, "source": {"lsn": lsn}})
+
+        assert writer.apply_and_advance([op(1, 10)], ["v"], -1, 20) == ([], [])
+        time.sleep(1.1)  # past the reader's one-second cache
+        assert reader.read_checkpoint("v") == 20 and reader.count("v") == 1
+        assert writer.apply_and_advance([op(2, 30)], ["v"], 20, 40) == ([], [])  # not fenced
+        time.sleep(1.1)
+        assert reader.read_checkpoint("v") == 40 and reader.count("v") == 2
+    finally:
+        writer.close()
+        reader.close()
+        for f in admin.delete_topics([topic, f"{prefix}._checkpoints"]).values():
             try:
                 f.result(10)
             except Exception:  # noqa: BLE001 - best effort

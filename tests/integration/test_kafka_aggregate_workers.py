@@ -1,0 +1,150 @@
+"""Aggregate views (``group_by`` + ``aggregate``) derived by two workers of one consumer group
+on the real broker, Postgres, Redis and OpenSearch (ARCHITECTURE.md, "Kafka workers"). The rows
+of every group are spread over all partitions (messages are keyed by the row's own id), so both
+workers move every group concurrently; every group record must end equal to a fresh
+``GROUP BY`` of the source (``pgderive verify``'s diff) after concurrent writers, rows moving
+between groups, deletes that empty groups, a ``kill -9`` of one worker mid-load and TRUNCATEs."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import redis
+
+from ..kafka_support import World
+from ..support import REDIS_URL, assert_views_equal, wait_until
+from .test_kafka_workers import all_partitions, owned
+
+pytestmark = pytest.mark.slow
+
+GROUPS = 6
+SCHEMA = f"""
+CREATE TABLE sale (id int PRIMARY KEY, grp int NOT NULL, n int, price numeric(8,2), w float8);
+INSERT INTO sale SELECT i, i % {GROUPS}, i, (i % 7) * 1.25, i * 0.5 FROM generate_series(1, 60) i;
+"""
+TABLES = ["public.sale"]
+VIEWS = """
+  P_by_grp:
+    table: sale
+    sink: cache
+    key: "P_:grp:{grp}"
+    group_by: [grp]
+    aggregate: {cnt: "count(*)", total: "sum(n)", counted: "count(n)", top: "max(n)", low: "min(price)",
+                avg_price: "avg(price)"}
+  P_by_grp_search:
+    table: sale
+    sink: search
+    index: Pidx_grp
+    group_by: [grp]
+    aggregate: {cnt: "count(*)", total: "sum(n)", wsum: "sum(w)"}
+"""
+
+
+@pytest.fixture
+def world(tmp_path, kafka_bootstrap):
+    made: list[World] = []
+
+    def make() -> World:
+        w = World(tmp_path, kafka_bootstrap, SCHEMA, TABLES, VIEWS)
+        made.append(w)
+        return w
+    yield make
+    for w in made:
+        w.close()
+
+
+def two_workers(w: World) -> None:
+    """Start workers a and b and wait until they split the partitions."""
+    w.worker("a"), w.worker("b")
+    every = all_partitions(w, ("public.sale",))
+    wait_until(lambda: owned(w, "a") and owned(w, "b") and owned(w, "a") | owned(w, "b") == every
+               and not owned(w, "a") & owned(w, "b"), timeout=30, what="both workers to own partitions")
+
+
+def writer(w: World, seed: int, ids: range, rounds: int, pause: float) -> None:
+    """``rounds`` transactions of inserts (ids from ``ids``), updates of ``n`` and of ``grp``
+    (a row moving between groups) and deletes, a few rows each, each published after its
+    commit. Rows of one transaction fall on every partition."""
+    rnd = random.Random(seed)
+    live = set(rnd.sample(range(1, 61), 20)) if seed % 2 else set()  # writers share no row
+    fresh = iter(ids)
+    for _ in range(rounds):
+        time.sleep(pause)
+        stmts, changes = [], []
+        for _ in range(rnd.randint(1, 4)):
+            kind = rnd.random()
+            if kind < 0.4 or not live:
+                i = next(fresh)
+                live.add(i)
+                stmts.append(f"INSERT INTO sale VALUES ({i}, {rnd.randrange(GROUPS)}, {rnd.randint(-5, 50)}, "
+                             f"{rnd.randint(0, 900) / 4}, {rnd.randint(0, 400) / 4})")  # w: exact in float8
+                changes.append(("c", "public.sale", i))
+                continue
+            i = rnd.choice(sorted(live))
+            if any(c[2] == i for c in changes):
+                continue  # one change per row and transaction, as the publisher would send it
+            if kind < 0.65:
+                stmts.append(f"UPDATE sale SET n = n + {rnd.randint(1, 9)} WHERE id = {i}")
+                changes.append(("u", "public.sale", i))
+            elif kind < 0.85:
+                stmts.append(f"UPDATE sale SET grp = {rnd.randrange(GROUPS)}, w = w + 1 WHERE id = {i}")
+                changes.append(("u", "public.sale", i))
+            else:
+                live.discard(i)
+                stmts.append(f"DELETE FROM sale WHERE id = {i}")
+                changes.append(("d", "public.sale", i))
+        if stmts:
+            w.commit(";".join(stmts), changes)
+
+
+def load(w: World, rounds: int, pause: float) -> None:
+    """Two writers side by side (their commits interleave in LSN order across partitions)."""
+    threads = [threading.Thread(target=writer, args=(w, seed, range(1000 * seed, 1000 * seed + 900), rounds, pause))
+               for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
+def test_two_workers_keep_aggregate_views_exact_across_a_kill9(world):
+    w = world()
+    w.snapshot()
+    two_workers(w)
+    assert_views_equal(w.config, timeout=45)
+    loader = threading.Thread(target=load, args=(w, 120, 0.03))  # ~5-8 s
+    loader.start()
+    time.sleep(1.5)
+    w.workers[1].kill9()  # mid-load: its partitions replay on the survivor
+    loader.join(120)
+    # an emptied group (deleted from the sinks) that comes back
+    w.commit(f"DELETE FROM sale WHERE grp = {GROUPS - 1}",
+             [("d", "public.sale", i) for (i,) in w.sql(f"SELECT id FROM sale WHERE grp = {GROUPS - 1}") or []])
+    wait_until(lambda: owned(w, "a") == all_partitions(w, ("public.sale",)), timeout=30,
+               what="the survivor to take every partition")
+    assert_views_equal(w.config, timeout=45)
+    r = redis.Redis.from_url(REDIS_URL)
+    assert not r.exists(f"{w.p}_:grp:{GROUPS - 1}")
+    w.commit(f"INSERT INTO sale VALUES (5000, {GROUPS - 1}, 3, 1.50, 0.25)", [("c", "public.sale", 5000)])
+    w.worker("c")  # a fresh member joins: a rebalance while the view is current
+    load(w, 30, 0.02)
+    assert_views_equal(w.config, timeout=45)
+    assert r.hget(f"{w.p}_:grp:0", "cnt") == str(w.sql("SELECT count(*) FROM sale WHERE grp = 0")[0][0]).encode()
+    assert w.workers[0].alive() and w.workers[2].alive()
+
+
+def test_truncate_and_reload_of_an_aggregated_table_with_two_workers(world):
+    # Each worker reads the TRUNCATE on its own partitions, at its own time, while the other
+    # already moves the groups by the reload and later rows: the groups end exactly as the
+    # source's, in Redis and OpenSearch.
+    w = world()
+    w.snapshot()
+    two_workers(w)
+    load(w, 30, 0.0)
+    reload = range(1, 41, 3)
+    w.commit("TRUNCATE sale; " + ";".join(f"INSERT INTO sale VALUES ({i}, {i % 3}, {i}, 2.50, 1)" for i in reload),
+             [("c", "public.sale", i) for i in reload], truncated=["public.sale"])
+    load(w, 30, 0.0)
+    assert_views_equal(w.config, timeout=45)

@@ -32,7 +32,9 @@ with the version that produced it (``pgderive.agg_rows``) and each group's aggre
 The transaction commits before the sink is written; a crash in between replays the batch, whose
 contributions are then skipped (no delta) but whose groups' current states are written again.
 Records of groups carry the batch's version (commit LSN), so the sinks' compare-and-set keeps
-them in order. Rows come from the same query as ``include`` views (:mod:`views.include`,
+them in order. Derivation workers, several of which move one group, write each group at a
+version of its own that grows with every move instead
+(:meth:`pgderive.state.aggregates.AggregateStore.apply_worker`, ARCHITECTURE.md, "Kafka workers"). Rows come from the same query as ``include`` views (:mod:`views.include`,
 ``where`` pushed down), so a group can aggregate columns of many-to-one includes
 (``sum(inventory.stock)``).
 

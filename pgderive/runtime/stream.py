@@ -136,7 +136,10 @@ class Stream:
             and a TRUNCATE once per partition. Then a TRUNCATE at V drops only pending Ops
             older than V (the lanes apply it with ``truncate_below``), and every change of an
             emptied view older than the newest TRUNCATE read is skipped: the TRUNCATE removed
-            that row, whose later state (if any) has a newer version.
+            that row, whose later state (if any) has a newer version. Aggregate views move their
+            groups under per-group locks and write them at per-group versions
+            (:meth:`AggregateStore.apply_worker`); their TRUNCATE rewrites every group
+            (:meth:`AggregateStore.truncate_worker`).
     """
 
     def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: StopFlag,

@@ -63,7 +63,7 @@ def two_workers(w: World) -> None:
                and not owned(w, "a") & owned(w, "b"), timeout=30, what="both workers to own partitions")
 
 
-def writer(w: World, seed: int, ids: range, rounds: int, pause: float) -> None:
+def writer(w: World, seed: int, ids: range, rounds: int, pause: float, existing: bool) -> None:
     """``rounds`` transactions of inserts (ids from ``ids``), updates of ``n`` and of ``grp``
     (a row moving between groups) and deletes, a few rows each, each published after its
     commit. Rows of one transaction fall on every partition."""
@@ -99,14 +99,23 @@ def writer(w: World, seed: int, ids: range, rounds: int, pause: float) -> None:
             w.commit(";".join(stmts), changes)
 
 
-def load(w: World, rounds: int, pause: float) -> None:
-    """Two writers side by side (their commits interleave in LSN order across partitions)."""
-    threads = [threading.Thread(target=writer, args=(w, seed, range(1000 * seed, 1000 * seed + 900), rounds, pause))
-               for seed in (1, 2)]
+def load(w: World, rounds: int, pause: float, ids: int = 1000, existing: bool = True) -> None:
+    """Two writers side by side (their commits interleave in LSN order across partitions),
+    inserting ids from ``ids`` on (writer 1) and ``ids + 1000`` on (writer 2). A writer's
+    error fails the test."""
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            writer(w, seed, range(ids + 1000 * (seed - 1), ids + 1000 * (seed - 1) + 900), rounds, pause, existing)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    assert not errors, errors
 
 
 def test_two_workers_keep_aggregate_views_exact_across_a_kill9(world):
@@ -114,11 +123,20 @@ def test_two_workers_keep_aggregate_views_exact_across_a_kill9(world):
     w.snapshot()
     two_workers(w)
     assert_views_equal(w.config, timeout=45)
-    loader = threading.Thread(target=load, args=(w, 120, 0.03))  # ~5-8 s
+    failed: list[BaseException] = []
+
+    def loading() -> None:
+        try:
+            load(w, 120, 0.03)  # ~5-8 s
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+    loader = threading.Thread(target=loading)
     loader.start()
     time.sleep(1.5)
+    assert loader.is_alive()
     w.workers[1].kill9()  # mid-load: its partitions replay on the survivor
     loader.join(120)
+    assert not failed, failed
     # an emptied group (deleted from the sinks) that comes back
     w.commit(f"DELETE FROM sale WHERE grp = {GROUPS - 1}",
              [("d", "public.sale", i) for (i,) in w.sql(f"SELECT id FROM sale WHERE grp = {GROUPS - 1}") or []])
@@ -127,9 +145,9 @@ def test_two_workers_keep_aggregate_views_exact_across_a_kill9(world):
     assert_views_equal(w.config, timeout=45)
     r = redis.Redis.from_url(REDIS_URL)
     assert not r.exists(f"{w.p}_:grp:{GROUPS - 1}")
-    w.commit(f"INSERT INTO sale VALUES (5000, {GROUPS - 1}, 3, 1.50, 0.25)", [("c", "public.sale", 5000)])
+    w.commit(f"INSERT INTO sale VALUES (9000, {GROUPS - 1}, 3, 1.50, 0.25)", [("c", "public.sale", 9000)])
     w.worker("c")  # a fresh member joins: a rebalance while the view is current
-    load(w, 30, 0.02)
+    load(w, 30, 0.02, ids=5000, existing=False)
     assert_views_equal(w.config, timeout=45)
     assert r.hget(f"{w.p}_:grp:0", "cnt") == str(w.sql("SELECT count(*) FROM sale WHERE grp = 0")[0][0]).encode()
     assert w.workers[0].alive() and w.workers[2].alive()
@@ -146,5 +164,5 @@ def test_truncate_and_reload_of_an_aggregated_table_with_two_workers(world):
     reload = range(1, 41, 3)
     w.commit("TRUNCATE sale; " + ";".join(f"INSERT INTO sale VALUES ({i}, {i % 3}, {i}, 2.50, 1)" for i in reload),
              [("c", "public.sale", i) for i in reload], truncated=["public.sale"])
-    load(w, 30, 0.0)
+    load(w, 30, 0.0, ids=5000, existing=False)
     assert_views_equal(w.config, timeout=45)

@@ -9,11 +9,17 @@ from __future__ import annotations
 import random
 import threading
 import time
+import zlib
 
+import psycopg
 import pytest
 import redis
 
-from ..kafka_support import World
+from cdc.lsn import parse_lsn
+
+from cdc.envelope import encode_key
+
+from ..kafka_support import PARTITIONS, World
 from ..support import REDIS_URL, assert_views_equal, wait_until
 from .test_kafka_workers import all_partitions, owned
 
@@ -166,3 +172,49 @@ def test_truncate_and_reload_of_an_aggregated_table_with_two_workers(world):
              [("c", "public.sale", i) for i in reload], truncated=["public.sale"])
     load(w, 30, 0.0, ids=5000, existing=False)
     assert_views_equal(w.config, timeout=45)
+
+
+def _commit_unpublished(w: World, statement: str) -> tuple[int, int]:
+    """Run ``statement`` in a transaction of its own without publishing it: ``(commit LSN, xid)``."""
+    with psycopg.connect(w.dsn) as conn:
+        xid = conn.execute("SELECT txid_current() % 4294967296").fetchone()[0]
+        conn.execute(statement)
+        conn.commit()
+        lsn = parse_lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+    return lsn, int(xid)
+
+
+def _partition(i: int) -> int:
+    """The partition of row ``i``'s messages: librdkafka's default partitioner for keyed
+    messages (``consistent_random``: CRC-32 of the key modulo the partition count)."""
+    key = encode_key({"id": i})
+    return zlib.crc32(key if isinstance(key, bytes) else key.encode()) % PARTITIONS
+
+
+def test_a_group_change_read_after_a_newer_one_still_lands(world):
+    # Rows x and y of group 0 sit on partitions of different workers. The change of x commits
+    # first (LSN 1), the change of y later (LSN 2), but y's is read first (x's consumer is
+    # behind): group 0 is written from a state with the new y and the old x. Then x's change is
+    # read, on the other worker, and group 0 is written again, now complete. With the change's
+    # LSN as the version that write (LSN 1 < LSN 2) is refused by the sinks and the group stays
+    # without it; with the group's own version it lands.
+    w = world()
+    w.snapshot()
+    two_workers(w)
+    assert_views_equal(w.config, timeout=45)
+    topic = w.topics[0]
+    of_a = {p for t, p in owned(w, "a") if t == topic}
+    x = next(i for i in range(6, 61, GROUPS) if _partition(i) in of_a)
+    y = next(i for i in range(6, 61, GROUPS) if _partition(i) not in of_a)
+    (total,) = w.sql("SELECT sum(n) FROM sale WHERE grp = 0")[0]
+    lsn1, xid1 = _commit_unpublished(w, f"UPDATE sale SET n = n + 100 WHERE id = {x}")
+    lsn2, xid2 = _commit_unpublished(w, f"UPDATE sale SET n = n + 1000 WHERE id = {y}")
+    assert lsn1 < lsn2
+    rows = {("public.sale", i): w.sql(f"SELECT to_jsonb(s) FROM sale s WHERE id = {i}")[0][0] for i in (x, y)}
+    r = redis.Redis.from_url(REDIS_URL)
+    w.publish(lsn2, xid2, [("u", "public.sale", y)], rows)
+    wait_until(lambda: r.hget(f"{w.p}_:grp:0", "total") == str(total + 1000).encode(), timeout=30,
+               what="group 0 to have y's change only")
+    w.publish(lsn1, xid1, [("u", "public.sale", x)], rows)
+    assert_views_equal(w.config, timeout=30)
+    assert r.hget(f"{w.p}_:grp:0", "total") == str(total + 1100).encode()

@@ -258,3 +258,25 @@ def test_two_workers_moving_the_same_groups_concurrently_end_exact():
         for s in stores:
             s.close()
         drop_database(name)
+
+
+@pytest.mark.xfail(strict=True, reason="slot daemon: AggregateStore.truncate tombstones at V, so a row the "
+                   "TRUNCATE's own transaction inserts again (same key, version V) is taken for a replay and "
+                   "left out; truncate_worker tombstones at V - 1. Not changed here (daemon behaviour kept).")
+def test_a_row_reinserted_in_the_truncates_transaction_counts():
+    name = unique("aggreins")
+    dsn = create_database(name)
+    store = AggregateStore(dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE s (id int PRIMARY KEY, g int)")
+            info = table_info(conn, "public", "s")
+            assert info is not None
+        agg = Aggregation(["g"], {"n": "count(*)"}, info, [])
+        store.apply("v", agg, [((1,), 100, {"id": 1, "g": 1})])
+        store.truncate("v", agg, 200)  # TRUNCATE s; INSERT INTO s VALUES (1, 1) -- one transaction
+        store.apply("v", agg, [((1,), 200, {"id": 1, "g": 1})])
+        assert store.all_groups("v", agg) == [('["1"]', "1")]
+    finally:
+        store.close()
+        drop_database(name)

@@ -51,6 +51,7 @@ class World:
         self.producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": self.prefix,
                                   "linger.ms": 0})
         self.producer.init_transactions(30)
+        self._publishing = threading.Lock()  # one Kafka transaction at a time (writer threads)
         self.workers: list[Daemon] = []
 
     def write_config(self, redis_url: str) -> None:
@@ -118,6 +119,11 @@ views:
         now = time.time()
         from datetime import datetime, timezone
         when = datetime.fromtimestamp(now, tz=timezone.utc)
+        with self._publishing:
+            self._publish(lsn, xid, changes, rows, truncated, when)
+
+    def _publish(self, lsn: int, xid: int | None, changes: Sequence[Change], rows: dict[tuple[str, int], Any],
+                 truncated: Iterable[str], when: Any) -> None:
         p = self.producer
         p.begin_transaction()
         for t in truncated:

@@ -32,7 +32,9 @@ with the version that produced it (``pgderive.agg_rows``) and each group's aggre
 The transaction commits before the sink is written; a crash in between replays the batch, whose
 contributions are then skipped (no delta) but whose groups' current states are written again.
 Records of groups carry the batch's version (commit LSN), so the sinks' compare-and-set keeps
-them in order. Rows come from the same query as ``include`` views (:mod:`views.include`,
+them in order. Derivation workers, several of which move one group, write each group at a
+version of its own that grows with every move instead
+(:meth:`pgderive.state.aggregates.AggregateStore.apply_worker`, ARCHITECTURE.md, "Kafka workers"). Rows come from the same query as ``include`` views (:mod:`views.include`,
 ``where`` pushed down), so a group can aggregate columns of many-to-one includes
 (``sum(inventory.stock)``).
 
@@ -56,7 +58,7 @@ from cdc.values import converter, to_text
 
 from .include import IncludeNode, KeyTuple
 
-__all__ = ["Aggregation", "Measure", "AggregateError", "parse_measure", "row_key"]
+__all__ = ["Aggregation", "Measure", "AggregateError", "group_text", "parse_measure", "row_key"]
 
 AGG_RE = re.compile(r"^\s*(count|sum|min|max|avg)\s*\(\s*(\*|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)\s*\)\s*$",
                     re.IGNORECASE)
@@ -399,3 +401,11 @@ class Aggregation:
 def row_key(key: KeyTuple) -> str:
     """The stored form of a root identity tuple."""
     return orjson.dumps([to_text(v) for v in key]).decode()
+
+
+def group_text(grp: str) -> str:
+    """One spelling of a group's JSON text (``pgderive.agg_rows.grp``): jsonb prints ``["a", 1]``,
+    :meth:`Aggregation.contribution` ``["a",1]``; both become the compact form. What derivation
+    workers key a group's lock and record version by (:mod:`pgderive.state.aggregates`).
+    Raises :class:`orjson.JSONDecodeError` for a text that is not JSON."""
+    return orjson.dumps(orjson.loads(grp)).decode()

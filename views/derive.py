@@ -20,7 +20,7 @@ from cdc.catalog import TableInfo
 from cdc.changes import Change, Row
 from sinks.base import Op, ViewTarget
 
-from .aggregate import Aggregation
+from .aggregate import Aggregation, group_text
 from .changelog import Publisher
 from .include import IncludeNode, IncludeTree, KeyTuple
 from .spec import IncludeSpec, ViewSpec
@@ -239,27 +239,34 @@ class View:
         return None if doc is None else Op(self.name, key, version, doc)
 
     def group_ops(self, rows: Sequence[Sequence[Any]], touched: list[str],
-                  version: int) -> tuple[list[Op], list["DerivationError"]]:
+                  version: int, versions: Mapping[str, int] | None = None
+                  ) -> tuple[list[Op], list["DerivationError"]]:
         """Ops of an aggregate view from :meth:`pgderive.state.aggregates.AggregateStore.apply`'s result:
-        an upsert per group with rows, a delete per touched group without."""
+        an upsert per group with rows, a delete per touched group without, at ``version``;
+        ``versions`` (a derivation worker's, by :func:`views.aggregate.group_text`): each
+        group's own version instead, ``version`` for a group not in it."""
         agg = self.aggregation
         assert agg is not None
         ops: list[Op] = []
         errors: list[DerivationError] = []
         seen: set[tuple[Any, ...]] = set()  # compared parsed: jsonb and orjson print arrays differently
+
+        def at(grp: str) -> int:
+            return version if versions is None else versions.get(group_text(grp), version)
+
         for grp, *texts in rows:
             seen.add(tuple(orjson.loads(grp)))
             group, doc = agg.group_record(grp, texts)
             try:
                 key = self._key(group)
-                ops.append(Op(self.name, key, version, self._final(group, doc, key)))
+                ops.append(Op(self.name, key, at(grp), self._final(group, doc, key)))
             except DerivationError as e:
                 errors.append(e)
         for grp in touched:
             if tuple(orjson.loads(grp)) not in seen:
                 group, _ = agg.group_record(grp, [])
                 try:
-                    ops.append(Op(self.name, self._key(group), version, None))
+                    ops.append(Op(self.name, self._key(group), at(grp), None))
                 except DerivationError as e:
                     errors.append(e)
         return ops, errors

@@ -36,9 +36,14 @@ class IncludeResolver:
         views: the daemon's views (only those with a ``tree`` are handled here).
         refetcher: reads the source under a snapshot that sees given transactions.
         aggregates: the aggregate state store.
+        worker: a derivation worker's (ARCHITECTURE.md, "Kafka workers"): aggregate views move
+            their groups with :meth:`AggregateStore.apply_worker`, under per-group locks, and
+            each group's Ops carry the group's own version from it.
     """
 
-    def __init__(self, views: Sequence[View], refetcher: RowRefetcher, aggregates: AggregateStore) -> None:
+    def __init__(self, views: Sequence[View], refetcher: RowRefetcher, aggregates: AggregateStore,
+                 worker: bool = False) -> None:
+        self.worker = worker
         self.by_name = {v.name: v for v in views}
         self.refetcher = refetcher
         self.aggregates = aggregates
@@ -113,6 +118,10 @@ class IncludeResolver:
                         self.aggregates.apply(shadow[0], view.aggregation, items, lock=True)
                         if shadow[1]:
                             continue
+                    if self.worker:
+                        moved = self.aggregates.apply_worker(view.name, view.aggregation, items)
+                        emit(view, *view.group_ops(moved.rows, moved.touched, version, moved.versions), version)
+                        continue
                     result, touched = self.aggregates.apply(view.name, view.aggregation, items)
                     emit(view, *view.group_ops(result, touched, version), version)
                 else:

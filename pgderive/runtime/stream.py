@@ -136,7 +136,10 @@ class Stream:
             and a TRUNCATE once per partition. Then a TRUNCATE at V drops only pending Ops
             older than V (the lanes apply it with ``truncate_below``), and every change of an
             emptied view older than the newest TRUNCATE read is skipped: the TRUNCATE removed
-            that row, whose later state (if any) has a newer version.
+            that row, whose later state (if any) has a newer version. Aggregate views move their
+            groups under per-group locks and write them at per-group versions
+            (:meth:`AggregateStore.apply_worker`); their TRUNCATE rewrites every group
+            (:meth:`AggregateStore.truncate_worker`).
     """
 
     def __init__(self, views: Sequence[View], lanes: Lanes, *, stats: Stats, stop: StopFlag,
@@ -180,7 +183,7 @@ class Stream:
         if tree_views:
             if refetcher is None or aggregates is None:
                 raise ValueError("include/aggregate views need a refetcher and an aggregate store")
-            self.resolver = IncludeResolver(tree_views, refetcher, aggregates)
+            self.resolver = IncludeResolver(tree_views, refetcher, aggregates, worker=worker)
         self.pending: dict[str, Batch] = {lane.name: Batch(end_lsn=lane.acked_lsn) for lane in lanes}
         self._handed: dict[str, float] = {lane.name: 0.0 for lane in lanes}
         self._touched: set[str] = set()  # lanes the current transaction produced work for
@@ -456,7 +459,13 @@ class Stream:
         for v in views:
             if v.aggregation is not None:
                 assert self.aggregates is not None
-                self.aggregates.truncate(v.name, v.aggregation, version)
+                if self.worker:
+                    # Every group is written again at a version at or above the TRUNCATE's, so
+                    # truncate_below leaves it (ARCHITECTURE.md, "Kafka workers").
+                    moved = self.aggregates.truncate_worker(v.name, v.aggregation, version)
+                    self._emit(v, *v.group_ops(moved.rows, moved.touched, version, moved.versions), version)
+                else:
+                    self.aggregates.truncate(v.name, v.aggregation, version)
         for name in dict.fromkeys(v.sink for v in views):
             batch = self.pending[name]
             batch.truncates += [(v.name, version) for v in views if v.sink == name]

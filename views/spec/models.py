@@ -1175,8 +1175,6 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
         problems.append(("views", "declare at least one view"))
     sink_type = {n: s.get("type") for n, s in sinks.items() if isinstance(s, dict)}
     used_keys: dict[tuple[str, str], str] = {}
-    source = data.get("source")
-    worker = isinstance(source, dict) and source.get("kafka") is not None
     for name, view in views.items():
         path = _child("views", name, views)
         if isinstance(name, str) and not VIEW_NAME_RE.match(name):
@@ -1184,14 +1182,6 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
                                    " underscores"))
         if not isinstance(view, dict):
             continue
-        if worker and view.get("group_by") is not None:
-            # ARCHITECTURE.md, "Kafka workers": the rows of one group are in different
-            # partitions, so two workers would write one group record from states that each
-            # lack the other's newest row, and the sink keeps only the higher version.
-            problems.append((f"{path}.group_by", "aggregate views are not supported with source.kafka:"
-                             " a group's rows are spread over partitions read by different workers,"
-                             " whose group records would overwrite each other's; run this view on a"
-                             " daemon reading the slot"))
         targets = view.get("sink")
         if isinstance(targets, str):
             targets = [targets]

@@ -351,7 +351,7 @@ def test_sigterm_while_reconnecting_to_a_silent_postgres(src: Source, tmp_path: 
         assert proc.poll() is None, log.read_text()[-3000:]
         wait_until(lambda: "streaming slot" in log.read_text(), 30, what="streaming")
         proxy.go_silent()
-        wait_until(lambda: "still reconnecting to the source" in log.read_text(), 30, what="the waiting line")
+        wait_until(lambda: "still reconnecting to the source" in log.read_text(), 60, what="the waiting line")
         code, secs = terminate(proc, within=5)
     finally:
         proxy.close()
